@@ -1,0 +1,66 @@
+"""convkern: convolution kernels with PyTorch semantics on NumPy arrays.
+
+    import numpy as np, convkern as ck
+    x = np.random.rand(8, 3, 32, 32).astype(np.float32)
+    w = np.random.rand(16, 3, 3, 3).astype(np.float32)
+    y = ck.relu(ck.conv2d(x, w, padding=1))       # (8, 16, 32, 32)
+    p = ck.max_pool2d(y, 2)                        # (8, 16, 16, 16)
+
+The ops mirror ``torch.nn.functional`` (conv2d, max_pool2d, avg_pool2d, relu)
+and have explicit ``*_backward`` twins. ``convkern.backends()`` lists the
+backends and why any is unavailable.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from .backend import BackendInfo, BackendUnavailableError, use_backend
+from .backend import backends as _backend_list
+from .functional import (avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d,
+                         max_pool2d_backward, relu, relu_backward)
+from .geometry import ConvGeometry, PoolGeometry, conv2d_geometry, pool2d_geometry
+
+__version__ = "0.1.0"
+
+
+def backends() -> List[BackendInfo]:
+    """Each backend with whether it is available here and, if not, why."""
+    return _backend_list()
+
+
+def _cpu_module():
+    from .backend import cpp
+
+    ok, reason = cpp.available()
+    if not ok:
+        raise BackendUnavailableError(reason)
+    return cpp._cpu
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the C++ kernels use (n <= 0 restores the default: OMP_NUM_THREADS or all cores)."""
+    _cpu_module().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_cpu_module().num_threads())
+
+
+def simd_level() -> str:
+    """The SIMD level the C++ kernels run at: 'scalar', 'avx2' or 'avx512'."""
+    return str(_cpu_module().simd_level())
+
+
+def set_simd_level(level: str) -> None:
+    """Force a SIMD level ('scalar', 'avx2', 'avx512'); the CPU must support it.
+    The environment variable CONVKERN_SIMD does the same at start-up."""
+    _cpu_module().set_simd_level(level)
+
+
+__all__ = [
+    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "relu", "relu_backward", "backends", "use_backend", "BackendInfo", "BackendUnavailableError",
+    "ConvGeometry", "PoolGeometry", "conv2d_geometry", "pool2d_geometry", "set_num_threads",
+    "get_num_threads", "simd_level", "set_simd_level", "__version__",
+]

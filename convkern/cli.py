@@ -1,0 +1,109 @@
+"""The ``convkern`` command: info and verify."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+
+def _build_config() -> dict:
+    try:
+        cfg = importlib.import_module("convkern._build_config")
+    except ImportError:
+        return {}
+    return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
+
+
+def cuda_status() -> dict:
+    """What the CUDA module says about this machine (never raises)."""
+    try:
+        cuda = importlib.import_module("convkern._cuda")
+    except ImportError as exc:
+        built = _build_config().get("cuda_built")
+        why = "not built (no CUDA compiler at build time)" if built is False else f"not importable: {exc}"
+        return {"module": False, "reason": why, "devices": []}
+    n = cuda.device_count()
+    devices = [cuda.device_info(i) for i in range(n)]
+    return {"module": True, "reason": "" if n else cuda.unavailable_reason(), "devices": devices,
+            "runtime": cuda.runtime_version(), "driver": cuda.driver_version()}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import convkern
+
+    print(f"convkern {convkern.__version__}  (Python {platform.python_version()}, NumPy {np.__version__}, "
+          f"{platform.machine()})")
+    cfg = _build_config()
+    if cfg:
+        print("build: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())))
+    try:
+        from .backend import cpp
+
+        if cpp._cpu is not None:
+            bi = cpp._cpu.build_info()
+            print(f"SIMD: {bi['simd_active']} in use (CPU supports up to {bi['simd_best']}; compiled: "
+                  f"{', '.join(bi['simd_compiled'])}; CONVKERN_SIMD=scalar|avx2|avx512 forces one)")
+            print(f"threads: {bi['num_threads']} (OpenMP {bi['openmp']}; OMP_NUM_THREADS or "
+                  f"convkern.set_num_threads change it)")
+    except ImportError:
+        pass
+    print("backends:")
+    for b in convkern.backends():
+        print(f"  {b}")
+    cs = cuda_status()
+    if not cs["module"]:
+        print(f"CUDA: module {cs['reason']}")
+    elif not cs["devices"]:
+        print(f"CUDA: module built, no usable device ({cs['reason']})")
+    else:
+        print(f"CUDA: runtime {cs['runtime']}, driver {cs['driver']}")
+        for i, d in enumerate(cs["devices"]):
+            cc = ".".join(map(str, d["compute_capability"]))
+            print(f"  device {i}: {d['name']} (sm_{cc.replace('.', '')}, {d['multiprocessors']} SMs, "
+                  f"{d['total_memory'] / 2**30:.1f} GiB)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import TOLERANCE, verify
+
+    names = args.backends.split(",") if args.backends else None
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % (2**32))
+    results = verify(names, count=args.count, seed=seed, dtypes=tuple(args.dtypes.split(",")))
+    print(f"convkern verify: {args.count} random problems per op, seed {seed}; "
+          f"relative error ||out - ref|| / ||ref|| against the float64 reference")
+    print(f"{'backend':<10} {'op':<34} {'dtype':<8} {'cases':>5} {'max rel err':>12} {'tol':>8}  result")
+    failed = 0
+    for r in results:
+        ok = r.passed
+        failed += not ok
+        print(f"{r.backend:<10} {r.op:<34} {r.dtype:<8} {r.cases:>5} {r.worst:>12.3g} "
+              f"{TOLERANCE[r.dtype]:>8.0e}  {'ok' if ok else 'FAIL'}")
+        for f in r.failures[:3]:
+            print(f"    {f}")
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="convkern", description="convolution kernels: info and checks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="version, build, SIMD level, threads, backends, CUDA devices")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("verify", help="check every available backend against the float64 reference")
+    p.add_argument("--backends", help="comma-separated backend names (default: all available)")
+    p.add_argument("--count", type=int, default=20, help="random problems per op and dtype (default 20)")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh each run, printed)")
+    p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
+    p.set_defaults(func=cmd_verify)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The public ops, with ``torch.nn.functional``'s signatures and semantics on
+NumPy arrays (and anything exposing ``__dlpack__`` or the array interface,
+taken without a copy where possible).
+
+Each function checks its arguments through :mod:`convkern.geometry`, makes the
+arrays C-contiguous in a native float dtype, picks a backend and dispatches.
+Shapes: input (N, C, H, W) or unbatched (C, H, W); weight (K, C/groups, R, S).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import backend as _backends
+from .geometry import (ConvGeometry, IntPair, Padding, PoolGeometry, check_divisor, conv2d_geometry,
+                       pool2d_geometry)
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ALGOS = ("auto", "direct", "im2col")
+
+
+def _device_of(a) -> str:
+    if isinstance(a, np.ndarray):
+        return "cpu"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cuda"
+    if hasattr(a, "__dlpack_device__"):
+        kind = a.__dlpack_device__()[0]
+        return "cpu" if int(kind) == 1 else "cuda"
+    return "cpu"
+
+
+def _as_array(a, name: str, op: str):
+    """(array, device) for a NumPy array, a GPU array, or a DLPack/array-interface object."""
+    if isinstance(a, np.ndarray):
+        return a, "cpu"
+    device = _device_of(a)
+    if device == "cuda":
+        # GPU arrays are handed to a GPU backend as they are; selection says
+        # which (or why there is none).
+        return a, "cuda"
+    if hasattr(a, "__dlpack__"):
+        try:
+            return np.from_dlpack(a), "cpu"
+        except (TypeError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"{op}: {name} could not be taken as an array via DLPack: {exc}") from exc
+    if hasattr(a, "__array_interface__") or hasattr(a, "__array__"):
+        return np.asarray(a), "cpu"
+    raise TypeError(f"{op}: {name} must be an array (NumPy, CuPy or DLPack), got {type(a).__name__}")
+
+
+def _float_dtype(a, name: str, op: str) -> np.dtype:
+    dt = np.dtype(a.dtype)
+    native = dt.newbyteorder("=")
+    if native not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {dt}; supported dtypes are float32 and float64")
+    return native
+
+
+def _prepare(op: str, named: Sequence[Tuple[str, object]]):
+    """Arrays as C-contiguous native-endian floats of one dtype on one device.
+    Returns (arrays, device, dtype). None entries stay None."""
+    arrays, device, dtype, first = [], None, None, None
+    for name, value in named:
+        if value is None:
+            arrays.append(None)
+            continue
+        arr, dev = _as_array(value, name, op)
+        dt = _float_dtype(arr, name, op)
+        if device is None:
+            device, dtype, first = dev, dt, name
+        elif dev != device:
+            raise ValueError(f"{op}: {name} is on {dev} but {first} is on {device}; move them to one device")
+        elif dt != dtype:
+            raise TypeError(f"{op}: {name} has dtype {dt} but {first} has dtype {dtype}; use one dtype")
+        arrays.append(arr)
+    if device == "cpu":
+        arrays = [None if a is None else np.ascontiguousarray(a, dtype=dtype) for a in arrays]
+    return arrays, device, dtype
+
+
+def _check_algo(algo: str) -> str:
+    if algo not in _ALGOS:
+        raise ValueError(f"algo must be one of {', '.join(map(repr, _ALGOS))}, got {algo!r}")
+    return algo
+
+
+def _check_shape(arr, expected, name: str, op: str, unbatched: bool):
+    shape = tuple(arr.shape)
+    want = tuple(expected[1:]) if unbatched else tuple(expected)
+    if shape != want:
+        raise ValueError(f"{op}: {name} must have shape {want}, got {shape}")
+    return arr.reshape(expected)
+
+
+def _unbatch(a, unbatched: bool):
+    return a[0] if (unbatched and a is not None) else a
+
+
+# ---------------------------------------------------------------- conv2d
+
+
+def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+           groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None):
+    """2-D cross-correlation, like ``torch.nn.functional.conv2d``.
+
+    input (N, C, H, W) or (C, H, W); weight (K, C/groups, R, S); bias (K,) or None.
+    padding: int, (ph, pw), "valid" or "same" (stride 1 only; the odd pixel goes
+    bottom/right). Returns (N, K, Ho, Wo) (or (K, Ho, Wo)) with
+    Ho = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1.
+    algo: "direct", "im2col" or "auto" (the backend's rule).
+    """
+    (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
+    g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
+    algo = _check_algo(algo)
+    impl = _backends.select(device, backend)
+    if g.N == 0:
+        return _unbatch(np.zeros(g.output_shape, dtype=dtype), g.unbatched)
+    y = impl.conv2d_forward(x.reshape(g.input_shape), w, b, g, algo)
+    return _unbatch(y, g.unbatched)
+
+
+def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Padding = 0,
+                    dilation: IntPair = 1, groups: int = 1, *, needs=(True, True, True), algo: str = "auto",
+                    backend: Optional[str] = None):
+    """Gradients of conv2d: (grad_input, grad_weight, grad_bias), each None
+    unless asked for in `needs` (input, weight, bias).
+
+    grad_output has conv2d's output shape; grad_input input's, grad_weight
+    weight's, grad_bias (K,).
+    """
+    if len(tuple(needs)) != 3:
+        raise ValueError(f"conv2d_backward: needs must be three booleans (input, weight, bias), got {needs!r}")
+    needs = tuple(bool(n) for n in needs)
+    (gy, x, w), device, dtype = _prepare("conv2d_backward", [("grad_output", grad_output), ("input", input),
+                                                             ("weight", weight)])
+    g = conv2d_geometry(x.shape, w.shape, None, stride, padding, dilation, groups)
+    gy = _check_shape(gy, g.output_shape, "grad_output", "conv2d_backward", g.unbatched)
+    algo = _check_algo(algo)
+    impl = _backends.select(device, backend)
+    if not any(needs):
+        return None, None, None
+    if g.N == 0:
+        gx = np.zeros(g.input_shape, dtype) if needs[0] else None
+        gw = np.zeros(g.weight_shape, dtype) if needs[1] else None
+        gb = np.zeros((g.K,), dtype) if needs[2] else None
+    else:
+        gx, gw, gb = impl.conv2d_backward(gy, x.reshape(g.input_shape), w, g, algo, needs)
+    return _unbatch(gx, g.unbatched), gw, gb
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+               dilation: IntPair = 1, ceil_mode: bool = False, return_indices: bool = False, *,
+               backend: Optional[str] = None):
+    """Max pooling, like ``torch.nn.functional.max_pool2d``.
+
+    Padding counts as -inf and must be at most kernel_size/2; NaN propagates;
+    ties keep the first position; indices (int64, with the output's shape) are
+    h*W + w within each (n, c) plane. Returns out, or (out, indices).
+    """
+    (x,), device, dtype = _prepare("max_pool2d", [("input", input)])
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
+    impl = _backends.select(device, backend)
+    if g.N == 0:
+        y, ind = np.zeros(g.output_shape, dtype), np.zeros(g.output_shape, np.int64)
+    else:
+        y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g)
+    y, ind = _unbatch(y, g.unbatched), _unbatch(ind, g.unbatched)
+    return (y, ind) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                        padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False, *,
+                        backend: Optional[str] = None):
+    """Gradient of max_pool2d w.r.t. its input: each output's gradient goes to
+    the position its index names. Returns an array shaped like input."""
+    (gy, x), device, dtype = _prepare("max_pool2d_backward", [("grad_output", grad_output), ("input", input)])
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_backward")
+    gy = _check_shape(gy, g.output_shape, "grad_output", "max_pool2d_backward", g.unbatched)
+    ind, _ = _as_array(indices, "indices", "max_pool2d_backward")
+    if np.dtype(ind.dtype).kind not in "iu":
+        raise TypeError(f"max_pool2d_backward: indices must be an integer array, got dtype {ind.dtype}")
+    ind = _check_shape(np.ascontiguousarray(ind, dtype=np.int64), g.output_shape, "indices",
+                       "max_pool2d_backward", g.unbatched)
+    impl = _backends.select(device, backend)
+    if g.N == 0:
+        return _unbatch(np.zeros(g.input_shape, dtype), g.unbatched)
+    return _unbatch(impl.max_pool2d_backward(gy, ind, g), g.unbatched)
+
+
+def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: Optional[int] = None,
+               *, backend: Optional[str] = None):
+    """Average pooling, like ``torch.nn.functional.avg_pool2d``.
+
+    The divisor is divisor_override if given, else the window size clipped to
+    the padded input (count_include_pad=True) or to the real input (False).
+    """
+    (x,), device, dtype = _prepare("avg_pool2d", [("input", input)])
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
+    div = check_divisor(divisor_override)
+    impl = _backends.select(device, backend)
+    if g.N == 0:
+        return _unbatch(np.zeros(g.output_shape, dtype), g.unbatched)
+    y = impl.avg_pool2d_forward(x.reshape(g.input_shape), g, bool(count_include_pad), div)
+    return _unbatch(y, g.unbatched)
+
+
+def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                        padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                        divisor_override: Optional[int] = None, *, backend: Optional[str] = None):
+    """Gradient of avg_pool2d w.r.t. its input (shaped like input)."""
+    (gy, x), device, dtype = _prepare("avg_pool2d_backward", [("grad_output", grad_output), ("input", input)])
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d_backward")
+    gy = _check_shape(gy, g.output_shape, "grad_output", "avg_pool2d_backward", g.unbatched)
+    div = check_divisor(divisor_override)
+    impl = _backends.select(device, backend)
+    if g.N == 0:
+        return _unbatch(np.zeros(g.input_shape, dtype), g.unbatched)
+    return _unbatch(impl.avg_pool2d_backward(gy, g, bool(count_include_pad), div), g.unbatched)
+
+
+# ---------------------------------------------------------------- relu
+
+
+def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
+    """max(input, 0) elementwise, any shape; NaN stays NaN. With inplace=True
+    the result is written into `input` (which must be a writeable array of
+    float32/float64) and `input` is returned."""
+    (x,), device, dtype = _prepare("relu", [("input", input)])
+    impl = _backends.select(device, backend)
+    y = impl.relu_forward(x)
+    if inplace:
+        if not isinstance(input, np.ndarray) or not input.flags.writeable:
+            raise ValueError("relu: inplace=True needs a writeable NumPy array")
+        input[...] = y
+        return input
+    return y
+
+
+def relu_backward(grad_output, input, *, backend: Optional[str] = None):
+    """grad_output where input > 0 (or is NaN), else 0."""
+    (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)])
+    if gy.shape != x.shape:
+        raise ValueError(f"relu_backward: grad_output shape {gy.shape} differs from input shape {x.shape}")
+    impl = _backends.select(device, backend)
+    return impl.relu_backward(gy, x)
+
+
+__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+           "avg_pool2d_backward", "relu", "relu_backward", "ConvGeometry", "PoolGeometry"]

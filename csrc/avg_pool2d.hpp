@@ -1,0 +1,64 @@
+// avg_pool2d with PyTorch's divisor rules: the window is clipped to the padded
+// input for count_include_pad, to the real input otherwise; divisor_override
+// replaces both. A window with no real input averages to 0.
+
+struct AvgWindow {
+    idx h0, h1, w0, w1;  // clipped to the input
+    idx divisor;         // 0: empty window
+};
+
+inline AvgWindow avg_window(idx ho, idx wo, const PoolShape& p) {
+    idx h0 = ho * p.sh - p.ph, w0 = wo * p.sw - p.pw;
+    idx h1 = imin(h0 + p.kh, p.H + p.ph), w1 = imin(w0 + p.kw, p.W + p.pw);
+    const idx pool_size = (h1 - h0) * (w1 - w0);
+    h0 = imax(h0, 0);
+    w0 = imax(w0, 0);
+    h1 = imin(h1, p.H);
+    w1 = imin(w1, p.W);
+    AvgWindow a{h0, h1, w0, w1, 0};
+    if (h0 >= h1 || w0 >= w1) return a;
+    if (p.divisor_override)
+        a.divisor = p.divisor_override;
+    else if (p.count_include_pad)
+        a.divisor = pool_size;
+    else
+        a.divisor = (h1 - h0) * (w1 - w0);
+    return a;
+}
+
+template <class T>
+void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
+    const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+#pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
+    for (idx t = 0; t < p.planes; ++t) {
+        const T* xp = x + t * HW;
+        T* yp = y + t * P;
+        for (idx ho = 0; ho < p.Ho; ++ho)
+            for (idx wo = 0; wo < p.Wo; ++wo) {
+                const AvgWindow a = avg_window(ho, wo, p);
+                T sum = 0;
+                for (idx h = a.h0; h < a.h1; ++h)
+                    for (idx w = a.w0; w < a.w1; ++w) sum += xp[h * p.W + w];
+                yp[ho * p.Wo + wo] = a.divisor ? sum / static_cast<T>(a.divisor) : T(0);
+            }
+    }
+}
+
+template <class T>
+void avg_pool2d_backward(const T* gy, T* gx, const PoolShape& p) {
+    const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+#pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
+    for (idx t = 0; t < p.planes; ++t) {
+        T* gp = gx + t * HW;
+        const T* g = gy + t * P;
+        for (idx i = 0; i < HW; ++i) gp[i] = T(0);
+        for (idx ho = 0; ho < p.Ho; ++ho)
+            for (idx wo = 0; wo < p.Wo; ++wo) {
+                const AvgWindow a = avg_window(ho, wo, p);
+                if (!a.divisor) continue;
+                const T v = g[ho * p.Wo + wo] / static_cast<T>(a.divisor);
+                for (idx h = a.h0; h < a.h1; ++h)
+                    for (idx w = a.w0; w < a.w1; ++w) gp[h * p.W + w] += v;
+            }
+    }
+}

@@ -1,0 +1,373 @@
+// pybind11 bindings for convkern._cpu. All Python-object handling lives here:
+// dtype/contiguity/shape checks, output allocation, GIL release around the
+// kernel. The Python layer (convkern/functional.py) has already validated the
+// arguments and computed the geometry; these checks are the last line of
+// defence against a buffer overrun, not the user-facing error messages.
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common.hpp"
+
+namespace py = pybind11;
+using convkern::ConvShape;
+using convkern::idx;
+using convkern::PoolShape;
+
+namespace {
+
+enum class DType { f32, f64 };
+
+DType dtype_of(const py::array& a, const char* name) {
+    const py::dtype dt = a.dtype();
+    const bool native = dt.byteorder() == '=' || dt.byteorder() == '<' || dt.byteorder() == '|';
+    if (native && dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
+    if (native && dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
+    throw py::type_error(std::string(name) + ": expected float32 or float64, got " +
+                         py::str(a.dtype()).cast<std::string>());
+}
+
+void require(const py::array& a, const char* name, DType dt, idx numel) {
+    if (dtype_of(a, name) != dt) throw py::type_error(std::string(name) + ": dtype differs from the input's");
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+    if (a.size() != numel)
+        throw py::value_error(std::string(name) + ": has " + std::to_string(a.size()) + " elements, geometry needs " +
+                              std::to_string(numel));
+}
+
+template <class T>
+const convkern::OpTable<T>& ops() {
+    if constexpr (std::is_same<T, float>::value)
+        return convkern::active_kernels().f32;
+    else
+        return convkern::active_kernels().f64;
+}
+
+ConvShape conv_shape(const std::array<idx, 16>& g) {
+    ConvShape s{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]};
+    for (idx v : g)
+        if (v < 0) throw py::value_error("conv geometry: negative entry");
+    if (s.G <= 0 || s.C % s.G || s.K % s.G || s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0)
+        throw py::value_error("conv geometry: invalid groups/stride/dilation");
+    return s;
+}
+
+PoolShape pool_shape(const std::array<idx, 13>& g, bool count_include_pad, idx divisor_override) {
+    PoolShape p{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                count_include_pad, divisor_override};
+    for (idx v : g)
+        if (v < 0) throw py::value_error("pool geometry: negative entry");
+    if (p.kh <= 0 || p.kw <= 0 || p.sh <= 0 || p.sw <= 0 || p.dh <= 0 || p.dw <= 0)
+        throw py::value_error("pool geometry: invalid kernel/stride/dilation");
+    return p;
+}
+
+template <class T>
+py::array_t<T> empty(std::vector<idx> shape) {
+    return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+template <class T>
+const T* cptr(const py::array& a) {
+    return static_cast<const T*>(a.data());
+}
+template <class T>
+T* mptr(py::array& a) {
+    return static_cast<T*>(a.mutable_data());
+}
+
+bool use_im2col(const std::string& algo) {
+    if (algo == "im2col") return true;
+    if (algo == "direct") return false;
+    throw py::value_error("algo must be 'direct' or 'im2col', got '" + algo + "'");
+}
+
+template <class T>
+py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
+                           bool im2col) {
+    DType dt = dtype_of(x, "x");
+    require(x, "x", dt, s.N * s.C * s.H * s.W);
+    require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
+    py::array barr;
+    const T* bp = nullptr;
+    if (!b.is_none()) {
+        barr = py::reinterpret_borrow<py::array>(b);
+        require(barr, "bias", dt, s.K);
+        bp = cptr<T>(barr);
+    }
+    py::array y = empty<T>({s.N, s.K, s.Ho, s.Wo});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = mptr<T>(y);
+    {
+        py::gil_scoped_release nogil;
+        auto& o = ops<T>();
+        (im2col ? o.conv2d_forward_im2col : o.conv2d_forward_direct)(xp, wp, bp, yp, s);
+    }
+    return y;
+}
+
+py::array conv2d_forward(const py::array& x, const py::array& w, const py::object& b,
+                         const std::array<idx, 16>& geom, const std::string& algo) {
+    ConvShape s = conv_shape(geom);
+    bool im2col = use_im2col(algo);
+    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, im2col);
+    return conv2d_forward_t<double>(x, w, b, s, im2col);
+}
+
+template <class T>
+py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::array& w, const ConvShape& s,
+                            bool im2col, bool need_gx, bool need_gw, bool need_gb) {
+    DType dt = dtype_of(gy, "grad_output");
+    require(gy, "grad_output", dt, s.N * s.K * s.Ho * s.Wo);
+    require(x, "x", dt, s.N * s.C * s.H * s.W);
+    require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
+    py::object gx = py::none(), gw = py::none(), gb = py::none();
+    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
+    if (need_gx) {
+        py::array a = empty<T>({s.N, s.C, s.H, s.W});
+        gxp = mptr<T>(a);
+        gx = a;
+    }
+    if (need_gw) {
+        py::array a = empty<T>({s.K, s.C / s.G, s.R, s.S});
+        gwp = mptr<T>(a);
+        gw = a;
+    }
+    if (need_gb) {
+        py::array a = empty<T>({s.K});
+        gbp = mptr<T>(a);
+        gb = a;
+    }
+    const T* gyp = cptr<T>(gy);
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    {
+        py::gil_scoped_release nogil;
+        auto& o = ops<T>();
+        (im2col ? o.conv2d_backward_im2col : o.conv2d_backward_direct)(gyp, xp, wp, gxp, gwp, gbp, s);
+    }
+    return py::make_tuple(gx, gw, gb);
+}
+
+py::tuple conv2d_backward(const py::array& gy, const py::array& x, const py::array& w,
+                          const std::array<idx, 16>& geom, const std::string& algo, bool need_gx, bool need_gw,
+                          bool need_gb) {
+    ConvShape s = conv_shape(geom);
+    bool im2col = use_im2col(algo);
+    if (dtype_of(gy, "grad_output") == DType::f32)
+        return conv2d_backward_t<float>(gy, x, w, s, im2col, need_gx, need_gw, need_gb);
+    return conv2d_backward_t<double>(gy, x, w, s, im2col, need_gx, need_gw, need_gb);
+}
+
+template <class T>
+py::tuple max_pool2d_forward_t(const py::array& x, const PoolShape& p) {
+    DType dt = dtype_of(x, "x");
+    require(x, "x", dt, p.planes * p.H * p.W);
+    py::array y = empty<T>({p.planes, p.Ho, p.Wo});
+    py::array ind = py::array_t<std::int64_t>(std::vector<py::ssize_t>{p.planes, p.Ho, p.Wo});
+    const T* xp = cptr<T>(x);
+    T* yp = mptr<T>(y);
+    auto* ip = static_cast<std::int64_t*>(ind.mutable_data());
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().max_pool2d_forward(xp, yp, ip, p);
+    }
+    return py::make_tuple(y, ind);
+}
+
+py::tuple max_pool2d_forward(const py::array& x, const std::array<idx, 13>& geom) {
+    PoolShape p = pool_shape(geom, true, 0);
+    if (dtype_of(x, "x") == DType::f32) return max_pool2d_forward_t<float>(x, p);
+    return max_pool2d_forward_t<double>(x, p);
+}
+
+template <class T>
+py::array max_pool2d_backward_t(const py::array& gy, const py::array& ind, const PoolShape& p) {
+    DType dt = dtype_of(gy, "grad_output");
+    require(gy, "grad_output", dt, p.planes * p.Ho * p.Wo);
+    if (ind.dtype().kind() != 'i' || ind.dtype().itemsize() != 8) throw py::type_error("indices: expected int64");
+    if (!(ind.flags() & py::array::c_style)) throw py::value_error("indices: must be C-contiguous");
+    if (ind.size() != gy.size()) throw py::value_error("indices: must have grad_output's shape");
+    py::array gx = empty<T>({p.planes, p.H, p.W});
+    const T* gyp = cptr<T>(gy);
+    const auto* ip = static_cast<const std::int64_t*>(ind.data());
+    T* gxp = mptr<T>(gx);
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = ops<T>().max_pool2d_backward(gyp, ip, gxp, p);
+    }
+    if (!ok)
+        throw py::value_error("indices: an index lies outside its (H*W = " + std::to_string(p.H * p.W) +
+                              ") input plane");
+    return gx;
+}
+
+py::array max_pool2d_backward(const py::array& gy, const py::array& ind, const std::array<idx, 13>& geom) {
+    PoolShape p = pool_shape(geom, true, 0);
+    if (dtype_of(gy, "grad_output") == DType::f32) return max_pool2d_backward_t<float>(gy, ind, p);
+    return max_pool2d_backward_t<double>(gy, ind, p);
+}
+
+template <class T>
+py::array avg_pool2d_forward_t(const py::array& x, const PoolShape& p) {
+    require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W);
+    py::array y = empty<T>({p.planes, p.Ho, p.Wo});
+    const T* xp = cptr<T>(x);
+    T* yp = mptr<T>(y);
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().avg_pool2d_forward(xp, yp, p);
+    }
+    return y;
+}
+
+py::array avg_pool2d_forward(const py::array& x, const std::array<idx, 13>& geom, bool count_include_pad,
+                             idx divisor_override) {
+    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+    if (dtype_of(x, "x") == DType::f32) return avg_pool2d_forward_t<float>(x, p);
+    return avg_pool2d_forward_t<double>(x, p);
+}
+
+template <class T>
+py::array avg_pool2d_backward_t(const py::array& gy, const PoolShape& p) {
+    require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo);
+    py::array gx = empty<T>({p.planes, p.H, p.W});
+    const T* gyp = cptr<T>(gy);
+    T* gxp = mptr<T>(gx);
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().avg_pool2d_backward(gyp, gxp, p);
+    }
+    return gx;
+}
+
+py::array avg_pool2d_backward(const py::array& gy, const std::array<idx, 13>& geom, bool count_include_pad,
+                              idx divisor_override) {
+    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+    if (dtype_of(gy, "grad_output") == DType::f32) return avg_pool2d_backward_t<float>(gy, p);
+    return avg_pool2d_backward_t<double>(gy, p);
+}
+
+template <class T>
+py::array relu_forward_t(const py::array& x) {
+    require(x, "x", dtype_of(x, "x"), x.size());
+    py::array y = py::array(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const T* xp = cptr<T>(x);
+    T* yp = mptr<T>(y);
+    idx n = x.size();
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().relu_forward(xp, yp, n);
+    }
+    return y;
+}
+
+py::array relu_forward(const py::array& x) {
+    if (dtype_of(x, "x") == DType::f32) return relu_forward_t<float>(x);
+    return relu_forward_t<double>(x);
+}
+
+template <class T>
+py::array relu_backward_t(const py::array& gy, const py::array& x) {
+    DType dt = dtype_of(x, "x");
+    require(x, "x", dt, x.size());
+    require(gy, "grad_output", dt, x.size());
+    py::array gx = py::array(x.dtype(), std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const T* gyp = cptr<T>(gy);
+    const T* xp = cptr<T>(x);
+    T* gxp = mptr<T>(gx);
+    idx n = x.size();
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().relu_backward(gyp, xp, gxp, n);
+    }
+    return gx;
+}
+
+py::array relu_backward(const py::array& gy, const py::array& x) {
+    if (dtype_of(x, "x") == DType::f32) return relu_backward_t<float>(gy, x);
+    return relu_backward_t<double>(gy, x);
+}
+
+template <class T>
+py::array gemm_t(const py::array& a, const py::array& b) {
+    if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0))
+        throw py::value_error("gemm: need A (M, K) and B (K, N)");
+    DType dt = dtype_of(a, "A");
+    idx M = a.shape(0), K = a.shape(1), N = b.shape(1);
+    require(a, "A", dt, M * K);
+    require(b, "B", dt, K * N);
+    py::array c = empty<T>({M, N});
+    const T* ap = cptr<T>(a);
+    const T* bp = cptr<T>(b);
+    T* cp = mptr<T>(c);
+    {
+        py::gil_scoped_release nogil;
+        ops<T>().gemm(M, N, K, ap, K, 1, bp, N, 1, cp, N, false);
+    }
+    return c;
+}
+
+py::array gemm(const py::array& a, const py::array& b) {
+    if (dtype_of(a, "A") == DType::f32) return gemm_t<float>(a, b);
+    return gemm_t<double>(a, b);
+}
+
+convkern::SimdLevel parse_simd(const std::string& s) {
+    if (s == "scalar") return convkern::SimdLevel::scalar;
+    if (s == "avx2") return convkern::SimdLevel::avx2;
+    if (s == "avx512") return convkern::SimdLevel::avx512;
+    throw py::value_error("SIMD level must be 'scalar', 'avx2' or 'avx512', got '" + s + "'");
+}
+
+py::dict build_info() {
+    py::dict d;
+    d["simd_best"] = convkern::simd_level_name(convkern::cpu_best_simd_level());
+    d["simd_active"] = convkern::simd_level_name(convkern::active_simd_level());
+    d["simd_compiled"] = py::make_tuple("scalar", "avx2", "avx512");
+    d["openmp"] = _OPENMP;
+    d["num_threads"] = convkern::num_threads();
+#if defined(__VERSION__)
+    d["compiler"] = __VERSION__;
+#endif
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "convkern C++ CPU kernels (float32/float64, NCHW, C-contiguous)";
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const std::invalid_argument& e) {
+            PyErr_SetString(PyExc_ValueError, e.what());
+        }
+    });
+    m.def("build_info", &build_info);
+    m.def("simd_level", [] { return std::string(convkern::simd_level_name(convkern::active_simd_level())); });
+    m.def("set_simd_level", [](const std::string& s) { convkern::set_simd_level(parse_simd(s)); });
+    m.def("num_threads", &convkern::num_threads);
+    m.def("set_num_threads", &convkern::set_num_threads);
+    m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("geom"),
+          py::arg("algo"));
+    m.def("conv2d_backward", &conv2d_backward, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
+          py::arg("geom"), py::arg("algo"), py::arg("need_input"), py::arg("need_weight"), py::arg("need_bias"));
+    m.def("max_pool2d_forward", &max_pool2d_forward, py::arg("x"), py::arg("geom"));
+    m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("grad_output"), py::arg("indices"), py::arg("geom"));
+    m.def("avg_pool2d_forward", &avg_pool2d_forward, py::arg("x"), py::arg("geom"), py::arg("count_include_pad"),
+          py::arg("divisor_override"));
+    m.def("avg_pool2d_backward", &avg_pool2d_backward, py::arg("grad_output"), py::arg("geom"),
+          py::arg("count_include_pad"), py::arg("divisor_override"));
+    m.def("relu_forward", &relu_forward, py::arg("x"));
+    m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));
+    m.def("gemm", &gemm, py::arg("a"), py::arg("b"), "C = A @ B with the packed GEMM (2-D, C-contiguous)");
+}

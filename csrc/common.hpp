@@ -1,0 +1,85 @@
+// Shared declarations for the CPU kernels: problem descriptors, the per-ISA
+// kernel table, and the runtime services (threads, workspace) that live in
+// the baseline-compiled translation unit.
+//
+// Kernels take raw pointers to C-contiguous NCHW data plus a descriptor; all
+// Python-object handling stays in bindings.cpp.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace convkern {
+
+using idx = std::int64_t;  // 64-bit everywhere: products of sizes overflow int32
+
+// conv2d geometry. Padding is given as top/left only: bottom/right padding is
+// implied by Ho/Wo (positions past H/W read as zero), which is how "same" with
+// an odd total pad works without a separate code path.
+struct ConvShape {
+    idx N, C, H, W;    // input
+    idx K, R, S;       // weight (K, C/G, R, S)
+    idx G;             // groups
+    idx sh, sw;        // stride
+    idx ph, pw;        // top/left padding
+    idx dh, dw;        // dilation
+    idx Ho, Wo;        // output size
+};
+
+// pooling geometry; planes = N*C, each pooled independently.
+struct PoolShape {
+    idx planes, H, W;
+    idx kh, kw, sh, sw, ph, pw, dh, dw;
+    idx Ho, Wo;
+    bool count_include_pad;
+    idx divisor_override;  // 0: none
+};
+
+template <class T>
+struct OpTable {
+    void (*conv2d_forward_direct)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
+    void (*conv2d_forward_im2col)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
+    // gx/gw/gb may be null: that gradient is not computed.
+    void (*conv2d_backward_direct)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
+    void (*conv2d_backward_im2col)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
+    void (*max_pool2d_forward)(const T* x, T* y, std::int64_t* ind, const PoolShape&);
+    // returns false if an index lies outside its plane (nothing is written for it)
+    bool (*max_pool2d_backward)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&);
+    void (*avg_pool2d_forward)(const T* x, T* y, const PoolShape&);
+    void (*avg_pool2d_backward)(const T* gy, T* gx, const PoolShape&);
+    void (*relu_forward)(const T* x, T* y, idx n);
+    void (*relu_backward)(const T* gy, const T* x, T* gx, idx n);
+    // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.
+    void (*gemm)(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb,
+                 T* C, idx ldc, bool accumulate);
+};
+
+struct KernelTable {
+    const char* isa;
+    OpTable<float> f32;
+    OpTable<double> f64;
+};
+
+// One table per compiled ISA level (kernels_isa.cpp, built once per level).
+const KernelTable& kernel_table_scalar();
+const KernelTable& kernel_table_avx2();
+const KernelTable& kernel_table_avx512();
+
+// ---- runtime services (runtime.cpp, baseline ISA) ----
+enum class SimdLevel { scalar = 0, avx2 = 1, avx512 = 2 };
+SimdLevel cpu_best_simd_level();          // what this CPU supports
+SimdLevel active_simd_level();            // what is in use (CONVKERN_SIMD may lower it)
+void set_simd_level(SimdLevel level);     // throws std::invalid_argument if unsupported
+const KernelTable& active_kernels();
+const char* simd_level_name(SimdLevel level);
+
+int num_threads();
+void set_num_threads(int n);  // n <= 0 restores the default (OMP_NUM_THREADS or all cores)
+
+// Per-calling-thread scratch memory, reused across calls so large buffers are
+// not page-faulted in again each time. Returns 64-byte aligned storage of at
+// least `bytes`; contents are undefined. Throws std::bad_alloc. Call it outside
+// OpenMP regions and carve per-thread slices from it. `slot` lets one call hold
+// two independent buffers.
+void* workspace(std::size_t bytes, int slot);
+
+}  // namespace convkern

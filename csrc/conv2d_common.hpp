@@ -1,0 +1,32 @@
+// Pieces shared by both conv2d algorithms.
+
+// y[n, k, :] += bias[k] over every output plane.
+template <class T>
+void add_bias(T* y, const T* b, const ConvShape& s) {
+    idx P = s.Ho * s.Wo;
+    idx planes = s.N * s.K;
+#pragma omp parallel for num_threads(threads_for(planes)) schedule(static)
+    for (idx t = 0; t < planes; ++t) {
+        T bv = b[t % s.K];
+        T* p = y + t * P;
+        for (idx i = 0; i < P; ++i) p[i] += bv;
+    }
+}
+
+// gb[k] = sum over n, ho, wo of gy[n, k, ho, wo]; accumulated in double so the
+// float32 result does not drift with N*Ho*Wo.
+template <class T>
+void bias_grad(const T* gy, T* gb, const ConvShape& s) {
+    idx P = s.Ho * s.Wo;
+#pragma omp parallel for num_threads(threads_for(s.K)) schedule(static)
+    for (idx k = 0; k < s.K; ++k) {
+        double acc = 0.0;
+        for (idx n = 0; n < s.N; ++n) {
+            const T* p = gy + (n * s.K + k) * P;
+            T part = 0;
+            for (idx i = 0; i < P; ++i) part += p[i];
+            acc += part;
+        }
+        gb[k] = static_cast<T>(acc);
+    }
+}

@@ -1,0 +1,143 @@
+// Packed, cache-blocked GEMM: C(M,N) = A(M,K) * B(K,N) [+ C].
+//
+// BLIS-style loop nest: B is packed into KC x NR column panels, A into MC x KC
+// blocks of MR-row panels, and an MR x NR register-tiled micro-kernel written
+// with GCC vector extensions does the arithmetic, so the same source becomes
+// SSE2, AVX2+FMA or AVX-512 code depending on how this TU is compiled.
+// A and B are read through (row stride, column stride) pairs, so transposed
+// operands cost nothing extra: packing absorbs the layout.
+//
+// Determinism: each C element is reduced over K in a fixed order (KC blocks in
+// sequence), whatever the thread count, so results are bit-identical across
+// thread counts.
+
+template <class T>
+struct GemmBlocking {
+    typedef typename Vec<T>::type V;
+    static constexpr int L = CK_VEC_BYTES / sizeof(T);  // lanes per vector
+    static constexpr int MR = 6;
+    static constexpr int NR = 2 * L;
+    static constexpr idx KC = 256;
+    static constexpr idx MC = MR * 24;
+    static constexpr idx NC = NR * 96;
+    // elements of packing workspace one gemm_blocked call needs
+    static constexpr idx pack_elems = MC * KC + KC * NC + 64;
+};
+
+// Ap: panels of MR rows, k-major inside a panel; rows past mc are zero.
+template <class T>
+inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) {
+    constexpr int MR = GemmBlocking<T>::MR;
+    for (idx k = 0; k < kc; ++k) {
+        idx i = 0;
+        for (; i < rows; ++i) Ap[k * MR + i] = A[i * rsa + k * csa];
+        for (; i < MR; ++i) Ap[k * MR + i] = T(0);
+    }
+}
+
+// Bp: panels of NR columns, k-major inside a panel; columns past nc are zero.
+template <class T>
+inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) {
+    constexpr int NR = GemmBlocking<T>::NR;
+    if (csb == 1 && cols == NR) {
+        for (idx k = 0; k < kc; ++k) std::memcpy(Bp + k * NR, B + k * rsb, NR * sizeof(T));
+        return;
+    }
+    for (idx k = 0; k < kc; ++k) {
+        idx j = 0;
+        for (; j < cols; ++j) Bp[k * NR + j] = B[k * rsb + j * csb];
+        for (; j < NR; ++j) Bp[k * NR + j] = T(0);
+    }
+}
+
+template <class T>
+inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
+                       bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    typedef typename GB::V V;
+    constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
+    V c[MR][2] = {};
+    for (idx k = 0; k < kc; ++k) {
+        V b0 = vload<V>(Bp), b1 = vload<V>(Bp + L);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+            T a = Ap[i];
+            c[i][0] += a * b0;
+            c[i][1] += a * b1;
+        }
+        Ap += MR;
+        Bp += NR;
+    }
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; ++i) {
+            T* row = C + i * ldc;
+            if (accumulate) {
+                c[i][0] += vload<V>(row);
+                c[i][1] += vload<V>(row + L);
+            }
+            vstore(row, c[i][0]);
+            vstore(row + L, c[i][1]);
+        }
+        return;
+    }
+    alignas(64) T tile[MR * NR];
+    for (int i = 0; i < MR; ++i) {
+        vstore(tile + i * NR, c[i][0]);
+        vstore(tile + i * NR + L, c[i][1]);
+    }
+    for (idx i = 0; i < mr; ++i)
+        for (idx j = 0; j < nr; ++j)
+            C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+}
+
+// `pack` must hold GemmBlocking<T>::pack_elems elements, 64-byte aligned.
+// parallel=false when called from inside an OpenMP region.
+template <class T>
+void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
+                  bool accumulate, T* pack, bool parallel) {
+    typedef GemmBlocking<T> GB;
+    constexpr int MR = GB::MR, NR = GB::NR;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (!accumulate)
+            for (idx i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(T));
+        return;
+    }
+    T* Ap = pack;
+    T* Bp = pack + GB::MC * GB::KC;
+    int nt = parallel ? num_threads() : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    for (idx jc = 0; jc < N; jc += GB::NC) {
+        idx nc = imin(GB::NC, N - jc);
+        idx npanels = (nc + NR - 1) / NR;
+        for (idx pc = 0; pc < K; pc += GB::KC) {
+            idx kc = imin(GB::KC, K - pc);
+            bool acc = accumulate || pc > 0;
+#pragma omp for schedule(static)
+            for (idx jp = 0; jp < npanels; ++jp)
+                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
+                             Bp + jp * NR * kc);
+            for (idx ic = 0; ic < M; ic += GB::MC) {
+                idx mc = imin(GB::MC, M - ic);
+                idx mpanels = (mc + MR - 1) / MR;
+#pragma omp for schedule(static)
+                for (idx ip = 0; ip < mpanels; ++ip)
+                    pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
+                                 Ap + ip * MR * kc);
+#pragma omp for schedule(static)
+                for (idx t = 0; t < npanels * mpanels; ++t) {
+                    idx jp = t / mpanels, ip = t % mpanels;
+                    gemm_micro(kc, Ap + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
+                               ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
+                }
+            }
+        }
+    }
+}
+
+template <class T>
+void gemm(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
+          bool accumulate) {
+    T* pack = static_cast<T*>(workspace(GemmBlocking<T>::pack_elems * sizeof(T), 1));
+    gemm_blocked(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, true);
+}

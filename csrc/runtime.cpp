@@ -1,0 +1,138 @@
+// Runtime services compiled for the baseline ISA: CPU feature detection and
+// kernel-table selection, the thread count, and per-thread workspaces.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include <omp.h>
+
+#include "common.hpp"
+
+namespace convkern {
+
+namespace {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+
+SimdLevel parse_level(const char* s) {
+    std::string v(s);
+    if (v == "scalar") return SimdLevel::scalar;
+    if (v == "avx2") return SimdLevel::avx2;
+    if (v == "avx512") return SimdLevel::avx512;
+    throw std::invalid_argument("CONVKERN_SIMD must be one of scalar, avx2, avx512; got '" + v + "'");
+}
+
+SimdLevel initial_level() {
+    SimdLevel best = cpu_best_simd_level();
+    const char* env = std::getenv("CONVKERN_SIMD");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
+    SimdLevel want = parse_level(env);
+    if (static_cast<int>(want) > static_cast<int>(best))
+        throw std::invalid_argument(std::string("CONVKERN_SIMD=") + env + " but this CPU supports at most " +
+                                    simd_level_name(best));
+    return want;
+}
+
+std::atomic<int> g_level{-1};
+std::atomic<int> g_threads{0};
+
+}  // namespace
+
+const char* simd_level_name(SimdLevel level) {
+    switch (level) {
+        case SimdLevel::avx512: return "avx512";
+        case SimdLevel::avx2: return "avx2";
+        default: return "scalar";
+    }
+}
+
+SimdLevel cpu_best_simd_level() {
+    if (cpu_has_avx512()) return SimdLevel::avx512;
+    if (cpu_has_avx2()) return SimdLevel::avx2;
+    return SimdLevel::scalar;
+}
+
+SimdLevel active_simd_level() {
+    int v = g_level.load(std::memory_order_relaxed);
+    if (v < 0) {
+        v = static_cast<int>(initial_level());
+        g_level.store(v, std::memory_order_relaxed);
+    }
+    return static_cast<SimdLevel>(v);
+}
+
+void set_simd_level(SimdLevel level) {
+    if (static_cast<int>(level) > static_cast<int>(cpu_best_simd_level()))
+        throw std::invalid_argument(std::string("SIMD level ") + simd_level_name(level) +
+                                    " is not supported by this CPU (best: " +
+                                    simd_level_name(cpu_best_simd_level()) + ")");
+    g_level.store(static_cast<int>(level), std::memory_order_relaxed);
+}
+
+const KernelTable& active_kernels() {
+    switch (active_simd_level()) {
+        case SimdLevel::avx512: return kernel_table_avx512();
+        case SimdLevel::avx2: return kernel_table_avx2();
+        default: return kernel_table_scalar();
+    }
+}
+
+int num_threads() {
+    int n = g_threads.load(std::memory_order_relaxed);
+    // omp_get_max_threads() reflects OMP_NUM_THREADS for the initial thread.
+    return n > 0 ? n : omp_get_max_threads();
+}
+
+void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+namespace {
+struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+};
+struct Buffer {
+    std::unique_ptr<void, FreeDeleter> ptr;
+    std::size_t size = 0;
+};
+constexpr int kSlots = 4;
+}  // namespace
+
+void* workspace(std::size_t bytes, int slot) {
+    if (slot < 0 || slot >= kSlots) throw std::out_of_range("workspace slot");
+    thread_local Buffer buffers[kSlots];
+    Buffer& b = buffers[slot];
+    if (bytes == 0) bytes = 64;
+    if (b.size < bytes) {
+        b.ptr.reset();
+        b.size = 0;
+        std::size_t rounded = (bytes + 63) / 64 * 64;
+        void* p = std::aligned_alloc(64, rounded);
+        if (p == nullptr) throw std::bad_alloc();
+        b.ptr.reset(p);
+        b.size = rounded;
+    }
+    return b.ptr.get();
+}
+
+}  // namespace convkern

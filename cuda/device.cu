@@ -1,0 +1,78 @@
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "device.cuh"
+
+namespace convkern::cuda {
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+    if (status != cudaSuccess)
+        throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(status) + ": " +
+                                 cudaGetErrorString(status));
+}
+
+// out is (n,)
+__global__ void iota_kernel(int* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) out[i] = i;
+}
+
+}  // namespace
+
+int device_count(std::string* why) {
+    int n = 0;
+    cudaError_t status = cudaGetDeviceCount(&n);
+    if (status != cudaSuccess) {
+        if (why) *why = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+        cudaGetLastError();  // clear the sticky-free error so later calls start clean
+        return 0;
+    }
+    if (n == 0 && why) *why = "no CUDA device visible";
+    return n;
+}
+
+DeviceInfo device_info(int device) {
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    DeviceInfo info;
+    info.name = prop.name;
+    info.major = prop.major;
+    info.minor = prop.minor;
+    info.total_memory = prop.totalGlobalMem;
+    info.multiprocessors = prop.multiProcessorCount;
+    return info;
+}
+
+int runtime_version() {
+    int v = 0;
+    check(cudaRuntimeGetVersion(&v), "cudaRuntimeGetVersion");
+    return v;
+}
+
+int driver_version() {
+    int v = 0;
+    if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
+    return v;
+}
+
+void selftest_iota(int* host_out, int n) {
+    std::string why;
+    if (device_count(&why) == 0) throw std::runtime_error("no CUDA device: " + why);
+    int* dev = nullptr;
+    check(cudaMalloc(&dev, sizeof(int) * (n > 0 ? n : 1)), "cudaMalloc");
+    try {
+        iota_kernel<<<(n + 255) / 256 > 0 ? (n + 255) / 256 : 1, 256>>>(dev, n);
+        check(cudaGetLastError(), "iota_kernel launch");
+        check(cudaDeviceSynchronize(), "iota_kernel");
+        check(cudaMemcpy(host_out, dev, sizeof(int) * n, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    } catch (...) {
+        cudaFree(dev);
+        throw;
+    }
+    check(cudaFree(dev), "cudaFree");
+}
+
+}  // namespace convkern::cuda

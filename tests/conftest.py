@@ -1,0 +1,35 @@
+"""Shared fixtures: every test that takes `backend` runs once per registered
+backend (skipped, with the reason, where one is unavailable) and every test
+that takes `dtype` once per supported dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convkern
+
+BACKENDS = [b.name for b in convkern.backends()]
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    info = {b.name: b for b in convkern.backends()}[request.param]
+    if not info.available:
+        pytest.skip(f"backend {info.name} unavailable: {info.reason}")
+    return info.name
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """Fresh random data each run; the seed is printed on failure."""
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    request.node.user_properties.append(("seed", seed))
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)

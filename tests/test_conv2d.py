@@ -1,0 +1,186 @@
+"""conv2d forward and backward on every backend and algorithm against the
+float64 reference: random shapes (hypothesis) and the awkward cases by name."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import convkern
+from helpers import assert_close, randn
+
+ALGOS = ["direct", "im2col", "auto"]
+
+
+def check_conv(backend, algo, dtype, rng, x_shape, w_shape, bias=True, make_view=None, **kw):
+    x = randn(rng, x_shape, dtype)
+    w = randn(rng, w_shape, dtype)
+    b = randn(rng, (w_shape[0],), dtype) if bias else None
+    if make_view is not None:
+        x = make_view(x)
+    ref = convkern.conv2d(x, w, b, **kw, backend="reference")
+    out = convkern.conv2d(x, w, b, **kw, algo=algo, backend=backend)
+    assert_close(out, ref, dtype, f"forward {x.shape} {w_shape} {kw}")
+    gy = randn(rng, ref.shape, dtype)
+    got = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
+    want = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+    for name, o, r in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        assert_close(o, r, dtype, f"{name} {x.shape} {w_shape} {kw}")
+    assert got[0].shape == x.shape and got[1].shape == w.shape
+
+
+AWKWARD = {
+    "plain_3x3": ((2, 3, 8, 8), (4, 3, 3, 3), dict(padding=1)),
+    "stride_gt_kernel": ((2, 3, 13, 11), (5, 3, 2, 2), dict(stride=3)),
+    "stride_per_axis": ((1, 2, 12, 9), (3, 2, 3, 2), dict(stride=(2, 3), padding=(1, 0))),
+    "dilation": ((2, 4, 15, 14), (3, 4, 3, 3), dict(dilation=2, padding=2)),
+    "dilation_per_axis": ((1, 3, 16, 11), (2, 3, 3, 2), dict(dilation=(3, 1), padding=(0, 1))),
+    "groups": ((2, 6, 9, 9), (9, 2, 3, 3), dict(groups=3, padding=1)),
+    "depthwise": ((2, 5, 11, 10), (5, 1, 3, 3), dict(groups=5, padding=1)),
+    "depthwise_multiplier": ((1, 4, 7, 9), (8, 1, 5, 3), dict(groups=4, padding=(2, 1))),
+    "one_by_one_image": ((3, 4, 1, 1), (6, 4, 1, 1), {}),
+    "one_by_one_image_padded": ((2, 3, 1, 1), (2, 3, 3, 3), dict(padding=1)),
+    "pointwise": ((2, 16, 7, 5), (8, 16, 1, 1), {}),
+    "pointwise_strided": ((2, 8, 9, 7), (4, 8, 1, 1), dict(stride=2)),
+    "batch_1_prime_sizes": ((1, 7, 13, 17), (11, 7, 5, 3), dict(padding=(2, 1))),
+    "non_square_kernel": ((2, 3, 10, 12), (4, 3, 1, 5), dict(padding=(0, 2))),
+    "asymmetric_padding": ((2, 3, 9, 10), (4, 3, 3, 3), dict(padding=(0, 3))),
+    "same_odd_kernel": ((2, 3, 9, 8), (4, 3, 3, 5), dict(padding="same")),
+    "same_even_kernel": ((2, 3, 9, 8), (4, 3, 4, 2), dict(padding="same")),
+    "same_dilated": ((1, 2, 10, 9), (3, 2, 2, 3), dict(padding="same", dilation=(3, 2))),
+    "valid": ((2, 3, 9, 8), (4, 3, 3, 5), dict(padding="valid")),
+    "padding_larger_than_kernel": ((1, 2, 4, 5), (3, 2, 2, 2), dict(padding=3)),
+    "kernel_equals_input": ((2, 3, 5, 4), (7, 3, 5, 4), {}),
+    "gemm_tile_edges": ((2, 5, 9, 7), (13, 5, 3, 3), dict(padding=1)),
+    "wide_output": ((1, 3, 4, 70), (2, 3, 3, 3), dict(padding=1)),
+}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case", list(AWKWARD), ids=list(AWKWARD))
+def test_awkward_shapes(backend, algo, dtype, rng, case):
+    x_shape, w_shape, kw = AWKWARD[case]
+    check_conv(backend, algo, dtype, rng, x_shape, w_shape, **kw)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_no_bias(backend, algo, dtype, rng):
+    check_conv(backend, algo, dtype, rng, (2, 3, 7, 7), (4, 3, 3, 3), bias=False, padding=1)
+
+
+VIEWS = {
+    "sliced": lambda a: a[:, :, 1:-1:2, ::3],
+    "transposed_hw": lambda a: a.transpose(0, 1, 3, 2),
+    "channels_last_view": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+    "negative_strides": lambda a: a[::-1, :, ::-1, :],
+    "fortran_order": lambda a: np.asfortranarray(a),
+}
+
+
+@pytest.mark.parametrize("view", list(VIEWS), ids=list(VIEWS))
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_non_contiguous_input(backend, algo, dtype, rng, view):
+    check_conv(backend, algo, dtype, rng, (2, 3, 12, 13), (4, 3, 3, 2), make_view=VIEWS[view], padding=1)
+
+
+def test_non_contiguous_weight_and_grad(backend, dtype, rng):
+    x = randn(rng, (2, 3, 8, 9), dtype)
+    w = randn(rng, (3, 4, 3, 3), dtype).transpose(1, 0, 2, 3)  # (4, 3, 3, 3) view
+    ref = convkern.conv2d(x, np.ascontiguousarray(w), padding=1, backend="reference")
+    assert_close(convkern.conv2d(x, w, padding=1, backend=backend), ref, dtype, "strided weight")
+    gy = randn(rng, ref.shape[::-1], dtype).transpose(3, 2, 1, 0)
+    got = convkern.conv2d_backward(gy, x, w, padding=1, backend=backend)
+    want = convkern.conv2d_backward(np.ascontiguousarray(gy), x, np.ascontiguousarray(w), padding=1,
+                                    backend="reference")
+    for o, r in zip(got, want):
+        assert_close(o, r, dtype, "strided grad_output")
+
+
+def test_unbatched_input(backend, dtype, rng):
+    x = randn(rng, (3, 9, 8), dtype)
+    w = randn(rng, (5, 3, 3, 3), dtype)
+    out = convkern.conv2d(x, w, padding=1, backend=backend)
+    assert out.shape == (5, 9, 8)
+    assert_close(out, convkern.conv2d(x[None], w, padding=1, backend="reference")[0], dtype, "unbatched")
+    gy = randn(rng, out.shape, dtype)
+    gx, gw, gb = convkern.conv2d_backward(gy, x, w, padding=1, backend=backend)
+    assert gx.shape == x.shape
+    want = convkern.conv2d_backward(gy[None], x[None], w, padding=1, backend="reference")
+    assert_close(gx, want[0][0], dtype, "unbatched grad_input")
+    assert_close(gw, want[1], dtype, "unbatched grad_weight")
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, False, False), (True, False, True)])
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_backward_computes_only_what_is_needed(backend, algo, rng, needs):
+    x = randn(rng, (2, 3, 6, 6), np.float64)
+    w = randn(rng, (4, 3, 3, 3), np.float64)
+    gy = randn(rng, (2, 4, 6, 6), np.float64)
+    got = convkern.conv2d_backward(gy, x, w, padding=1, needs=needs, algo=algo, backend=backend)
+    full = convkern.conv2d_backward(gy, x, w, padding=1, backend="reference")
+    for need, o, r in zip(needs, got, full):
+        if need:
+            assert_close(o, r, np.float64)
+        else:
+            assert o is None
+
+
+def test_empty_batch(backend, dtype, rng):
+    x = np.empty((0, 3, 8, 8), dtype)
+    w = randn(rng, (4, 3, 3, 3), dtype)
+    y = convkern.conv2d(x, w, padding=1, backend=backend)
+    assert y.shape == (0, 4, 8, 8) and y.dtype == dtype
+    gx, gw, gb = convkern.conv2d_backward(np.empty((0, 4, 8, 8), dtype), x, w, padding=1, backend=backend)
+    assert gx.shape == x.shape and np.all(gw == 0) and np.all(gb == 0)
+
+
+@st.composite
+def conv_problems(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and draw(st.booleans())
+    cg = 1 if depthwise else draw(st.integers(1, 4))
+    kg = draw(st.integers(1, 4))
+    R, S = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    H = max(1, dh * (R - 1) + 1 - 2 * ph) + draw(st.integers(0, 9))
+    W = max(1, dw * (S - 1) + 1 - 2 * pw) + draw(st.integers(0, 9))
+    N = draw(st.integers(1, 3))
+    return ((N, cg * groups, H, W), (kg * groups, cg, R, S),
+            dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups),
+            draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=conv_problems())
+def test_random_problems(backend, algo, dtype, problem):
+    x_shape, w_shape, kw, bias, seed = problem
+    check_conv(backend, algo, dtype, np.random.default_rng(seed), x_shape, w_shape, bias=bias, **kw)
+
+
+def test_seed_worked_example(backend):
+    """The teaching text's example: a 6x6 image, the 1/-1 3x3 filter, and the
+    feature map 155/-155/310 it derives by hand, then ReLU."""
+    image = np.array([[255, 255, 255, 255, 255, 255],
+                      [255, 255, 100, 255, 255, 255],
+                      [255, 100, 100, 100, 255, 255],
+                      [100, 100, 100, 100, 100, 255],
+                      [255, 255, 255, 255, 255, 255],
+                      [255, 255, 255, 255, 255, 255]], dtype=np.float32)
+    kernel = np.array([[1, -1, 1], [-1, 0, -1], [1, -1, 1]], dtype=np.float32)
+    feature_map = np.array([[155, -155, 155, -155],
+                            [-155, 310, -155, 155],
+                            [310, 155, 310, 0],
+                            [-155, -155, -155, 0]], dtype=np.float32)
+    for algo in ("direct", "im2col"):
+        out = convkern.conv2d(image[None, None], kernel[None, None], algo=algo, backend=backend)
+        np.testing.assert_array_equal(out[0, 0], feature_map)
+        # the text pads the 4x4 map back to 6x6 with zeros, then applies ReLU
+        padded = convkern.conv2d(image[None], kernel[None, None], padding=1, algo=algo, backend=backend)[0]
+        np.testing.assert_array_equal(padded[1:-1, 1:-1], feature_map)
+        activated = convkern.relu(np.pad(out[0, 0], 1), backend=backend)
+        np.testing.assert_array_equal(activated, np.pad(np.maximum(feature_map, 0), 1))
+        assert activated[2, 2] == 310 and activated[1, 2] == 0
