@@ -13,8 +13,8 @@ void add_bias(T* y, const T* b, const ConvShape& s) {
     }
 }
 
-// gb[k] = sum over n, ho, wo of gy[n, k, ho, wo]; accumulated in double so the
-// float32 result does not drift with N*Ho*Wo.
+// gb[k] = sum over n, ho, wo of gy[n, k, ho, wo], accumulated in double: a
+// single sum of N*Ho*Wo terms that may nearly cancel, and it is cheap.
 template <class T>
 void bias_grad(const T* gy, T* gb, const ConvShape& s) {
     idx P = s.Ho * s.Wo;
@@ -23,9 +23,7 @@ void bias_grad(const T* gy, T* gb, const ConvShape& s) {
         double acc = 0.0;
         for (idx n = 0; n < s.N; ++n) {
             const T* p = gy + (n * s.K + k) * P;
-            T part = 0;
-            for (idx i = 0; i < P; ++i) part += p[i];
-            acc += part;
+            for (idx i = 0; i < P; ++i) acc += p[i];
         }
         gb[k] = static_cast<T>(acc);
     }

@@ -1,48 +1,142 @@
 // conv2d by the direct algorithm: loops over the output, no column buffer.
 // Every output plane (forward), input plane (grad input) and filter slice
 // (grad weight) is owned by exactly one thread, so there are no atomics and
-// the result does not depend on the thread count. The innermost loop runs
-// along an output row; with stride 1 it is a contiguous axpy the compiler
-// vectorizes.
+// the result does not depend on the thread count. The backward loops run
+// along an output row; with stride 1 that is a contiguous axpy or dot the
+// compiler vectorizes.
 
-// y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b
-template <class T>
-void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
-    const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W;
-    const idx planes = s.N * s.K;
-#pragma omp parallel for num_threads(threads_for(planes)) schedule(dynamic, 1)
-    for (idx t = 0; t < planes; ++t) {
-        const idx n = t / s.K, k = t % s.K, g = k / Kg;
-        T* yp = y + t * P;
-        const T bias = b ? b[k] : T(0);
-        for (idx i = 0; i < P; ++i) yp[i] = bias;
-        const T* xg = x + (n * s.C + g * Cg) * HW;
-        const T* wk = w + k * Cg * s.R * s.S;
-        for (idx ho = 0; ho < s.Ho; ++ho) {
-            T* yrow = yp + ho * s.Wo;
-            for (idx c = 0; c < Cg; ++c) {
-                const T* xp = xg + c * HW;
-                const T* wc = wk + c * s.R * s.S;
-                for (idx r = 0; r < s.R; ++r) {
-                    const idx h = ho * s.sh - s.ph + r * s.dh;
-                    if (h < 0 || h >= s.H) continue;
-                    const T* xrow = xp + h * s.W;
-                    for (idx q = 0; q < s.S; ++q) {
-                        const T wv = wc[r * s.S + q];
-                        const idx off = q * s.dw - s.pw;
-                        idx lo, hi;
-                        valid_range(s.W, s.Wo, s.sw, off, lo, hi);
-                        if (s.sw == 1) {
-                            const T* xs = xrow + off;
-                            for (idx wo = lo; wo < hi; ++wo) yrow[wo] += wv * xs[wo];
-                        } else {
-                            for (idx wo = lo; wo < hi; ++wo) yrow[wo] += wv * xrow[wo * s.sw + off];
-                        }
-                    }
+// Forward micro-kernel: KB output channels x NV vectors of one output row
+// live in registers while the reduction runs over (c, r, s); each input vector
+// loaded feeds KB FMAs. Weights are pre-packed as [k-block][c][r][s][KB] so
+// the KB weights of one tap are adjacent. Tiles whose taps all fall inside
+// the input (stride-1 rows) take this path; edges and strided rows take the
+// scalar path below.
+template <class T, int KB>
+struct DirectTile {
+    static constexpr int L = CK_VEC_BYTES / sizeof(T);
+    static constexpr int NV = KB >= 4 ? 1 : 2;  // enough independent FMA chains
+    static constexpr idx TW = NV * L;           // output columns per tile
+};
+
+template <class T, int KB>
+void direct_tile_vector(const T* xg, const T* wpk, const T* bias, T* y, idx P, idx ho, idx wo0, idx Cg,
+                        const ConvShape& s) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = DirectTile<T, KB>::L, NV = DirectTile<T, KB>::NV;
+    V acc[KB][NV];
+    for (int j = 0; j < KB; ++j) {
+        const T b = bias ? bias[j] : T(0);
+        for (int v = 0; v < NV; ++v) acc[j][v] = V{} + b;
+    }
+    const idx HW = s.H * s.W;
+    for (idx c = 0; c < Cg; ++c) {
+        const T* xp = xg + c * HW;
+        for (idx r = 0; r < s.R; ++r) {
+            const idx h = ho * s.sh - s.ph + r * s.dh;
+            if (h < 0 || h >= s.H) continue;
+            const T* xrow = xp + h * s.W + wo0 - s.pw;
+            const T* wr = wpk + (c * s.R + r) * s.S * KB;
+            for (idx q = 0; q < s.S; ++q) {
+                const T* xq = xrow + q * s.dw;
+                V xv[NV];
+                for (int v = 0; v < NV; ++v) xv[v] = vload<V>(xq + v * L);
+#pragma GCC unroll 8
+                for (int j = 0; j < KB; ++j) {
+                    const T wv = wr[q * KB + j];
+                    for (int v = 0; v < NV; ++v) acc[j][v] += wv * xv[v];
                 }
             }
         }
     }
+    for (int j = 0; j < KB; ++j) {
+        T* out = y + j * P + ho * s.Wo + wo0;
+        for (int v = 0; v < NV; ++v) vstore(out + v * L, acc[j][v]);
+    }
+}
+
+// Outputs [wo_begin, wo_end) of row ho for KB channels, any stride, with bounds checks.
+template <class T, int KB>
+void direct_tile_scalar(const T* xg, const T* wpk, const T* bias, T* y, idx P, idx ho, idx wo_begin, idx wo_end,
+                        idx Cg, const ConvShape& s) {
+    const idx HW = s.H * s.W;
+    for (idx wo = wo_begin; wo < wo_end; ++wo) {
+        T acc[KB];
+        for (int j = 0; j < KB; ++j) acc[j] = bias ? bias[j] : T(0);
+        for (idx c = 0; c < Cg; ++c)
+            for (idx r = 0; r < s.R; ++r) {
+                const idx h = ho * s.sh - s.ph + r * s.dh;
+                if (h < 0 || h >= s.H) continue;
+                const T* xrow = xg + c * HW + h * s.W;
+                const T* wr = wpk + (c * s.R + r) * s.S * KB;
+                for (idx q = 0; q < s.S; ++q) {
+                    const idx w = wo * s.sw - s.pw + q * s.dw;
+                    if (w < 0 || w >= s.W) continue;
+                    const T xv = xrow[w];
+                    for (int j = 0; j < KB; ++j) acc[j] += wr[q * KB + j] * xv;
+                }
+            }
+        for (int j = 0; j < KB; ++j) y[j * P + ho * s.Wo + wo] = acc[j];
+    }
+}
+
+// KB output planes y[j] (j < KB, plane stride P) from one image-group xg (Cg, H, W).
+template <class T, int KB>
+void direct_block(const T* xg, const T* wpk, const T* bias, T* y, idx Cg, const ConvShape& s) {
+    constexpr idx TW = DirectTile<T, KB>::TW;
+    const idx P = s.Ho * s.Wo;
+    // interior output columns: every tap of every s reads inside the row
+    idx lo_first, hi_first, lo_last, hi_last;
+    valid_range(s.W, s.Wo, s.sw, -s.pw, lo_first, hi_first);
+    valid_range(s.W, s.Wo, s.sw, (s.S - 1) * s.dw - s.pw, lo_last, hi_last);
+    const idx lo = imax(lo_first, lo_last), hi = imin(hi_first, hi_last);
+    for (idx ho = 0; ho < s.Ho; ++ho) {
+        idx wo = 0;
+        if (s.sw == 1 && hi - lo >= TW) {
+            direct_tile_scalar<T, KB>(xg, wpk, bias, y, P, ho, 0, lo, Cg, s);
+            for (wo = lo; wo + TW <= hi; wo += TW) direct_tile_vector<T, KB>(xg, wpk, bias, y, P, ho, wo, Cg, s);
+            // a last, overlapping tile ending at hi: recomputed columns get the same values
+            if (wo < hi) direct_tile_vector<T, KB>(xg, wpk, bias, y, P, ho, hi - TW, Cg, s);
+            wo = hi;
+        }
+        direct_tile_scalar<T, KB>(xg, wpk, bias, y, P, ho, wo, s.Wo, Cg, s);
+    }
+}
+
+// wpk[kb][c][r][s][j] = w[kb*KB + j][c][r][s]: KB weights of one tap adjacent.
+template <class T, int KB>
+void pack_direct_weights(const T* w, T* wpk, idx kblocks, idx CRS) {
+    for (idx kb = 0; kb < kblocks; ++kb)
+        for (idx i = 0; i < CRS; ++i)
+            for (int j = 0; j < KB; ++j) wpk[(kb * CRS + i) * KB + j] = w[(kb * KB + j) * CRS + i];
+}
+
+template <class T, int KB>
+void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
+    const idx kblocks = s.K / KB;  // KB divides K/G, so blocks never straddle groups
+    T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * CRS) * sizeof(T), 0));
+    pack_direct_weights<T, KB>(w, wpk, kblocks, CRS);
+    const idx tasks = s.N * kblocks;
+#pragma omp parallel for num_threads(threads_for(tasks)) schedule(dynamic, 1)
+    for (idx t = 0; t < tasks; ++t) {
+        const idx n = t / kblocks, kb = t % kblocks, k0 = kb * KB, g = k0 / Kg;
+        direct_block<T, KB>(x + (n * s.C + g * Cg) * s.H * s.W, wpk + kb * CRS * KB, b ? b + k0 : nullptr,
+                            y + (n * s.K + k0) * P, Cg, s);
+    }
+}
+
+// y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b
+template <class T>
+void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    const idx Kg = s.K / s.G;
+    if (Kg % 8 == 0)
+        conv2d_forward_direct_kb<T, 8>(x, w, b, y, s);
+    else if (Kg % 4 == 0)
+        conv2d_forward_direct_kb<T, 4>(x, w, b, y, s);
+    else if (Kg % 2 == 0)
+        conv2d_forward_direct_kb<T, 2>(x, w, b, y, s);
+    else
+        conv2d_forward_direct_kb<T, 1>(x, w, b, y, s);
 }
 
 // gx (N, C, H, W): each input plane gathers from the output planes of its group.

@@ -84,21 +84,25 @@ def test_unsupported_simd_level_is_an_error():
             convkern.set_simd_level("avx512")
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
+def _run(code: str, cwd, **env) -> subprocess.CompletedProcess:
+    # cwd away from the checkout: its convkern/ source folder (no compiled
+    # modules) would shadow the installed package
     e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120,
+                          cwd=cwd)
 
 
-def test_simd_environment_switch():
-    r = _run("import convkern; print(convkern.simd_level())", CONVKERN_SIMD="scalar")
+def test_simd_environment_switch(tmp_path):
+    r = _run("import convkern; print(convkern.simd_level())", tmp_path, CONVKERN_SIMD="scalar")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "scalar"
-    r = _run("import convkern, numpy as np; convkern.relu(np.ones(3, np.float32))", CONVKERN_SIMD="bogus")
+    r = _run("import convkern, numpy as np; convkern.relu(np.ones(3, np.float32))", tmp_path,
+             CONVKERN_SIMD="bogus")
     assert r.returncode != 0 and "CONVKERN_SIMD" in r.stderr
 
 
-def test_omp_num_threads_and_set_num_threads():
-    r = _run("import convkern; print(convkern.get_num_threads())", OMP_NUM_THREADS="1")
+def test_omp_num_threads_and_set_num_threads(tmp_path):
+    r = _run("import convkern; print(convkern.get_num_threads())", tmp_path, OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"
     before = convkern.get_num_threads()

@@ -32,8 +32,9 @@ def test_verify_exits_nonzero_on_a_mismatch(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_console_script_runs():
-    r = subprocess.run([sys.executable, "-m", "convkern", "info"], capture_output=True, text=True, timeout=120)
+def test_console_script_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "convkern", "info"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "backends:" in r.stdout
 

@@ -53,6 +53,11 @@ AWKWARD = {
     "kernel_equals_input": ((2, 3, 5, 4), (7, 3, 5, 4), {}),
     "gemm_tile_edges": ((2, 5, 9, 7), (13, 5, 3, 3), dict(padding=1)),
     "wide_output": ((1, 3, 4, 70), (2, 3, 3, 3), dict(padding=1)),
+    # the direct kernel's vector tiles (8/4/2/1 output channels, overlapping last tile)
+    "wide_8_channels": ((2, 3, 5, 41), (16, 3, 3, 3), dict(padding=1)),
+    "wide_4_channels_dilated": ((1, 2, 6, 45), (4, 2, 3, 3), dict(padding=(1, 2), dilation=(1, 2))),
+    "wide_depthwise": ((2, 4, 5, 60), (4, 1, 3, 3), dict(groups=4, padding=1)),
+    "wide_odd_channels": ((1, 2, 3, 77), (3, 2, 1, 4), dict(padding=(0, 3))),
 }
 
 

@@ -96,3 +96,13 @@ def test_nan_propagation_matches_torch(backend):
     np.testing.assert_array_equal(np.isnan(convkern.conv2d(x, w, padding=1, backend=backend)),
                                   np.isnan(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
                                                                       padding=1).numpy()))
+
+
+def test_torch_tensors_are_taken_without_a_copy(backend):
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    out = convkern.conv2d(x, w, padding=1, backend=backend)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, torch.nn.functional.conv2d(x, w, padding=1).numpy(), rtol=1e-12, atol=1e-12)
+    y = convkern.relu(x, backend=backend)
+    np.testing.assert_array_equal(y, torch.relu(x).numpy())
