@@ -1,4 +1,4 @@
-"""conv2d forward (and optionally backward) on the canonical layers: time and
+"""conv2d forward (or forward + backward) on the canonical layers: time and
 GFLOP/s of each convkern algorithm beside PyTorch CPU when it is installed.
 
     python bench/bench_conv.py                      # all layers, batch 8, forward
@@ -56,7 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--layers", default=",".join(BY_NAME), help="comma-separated layer names")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--algos", default="direct,im2col")
-    ap.add_argument("--backward", action="store_true", help="also time grad input + grad weight")
+    ap.add_argument("--backward", action="store_true",
+                    help="time forward + grad input + grad weight together (counted as 3x the forward FLOPs)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per cell")
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args(argv)

@@ -141,7 +141,7 @@ void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvS
 
 // gx (N, C, H, W): each input plane gathers from the output planes of its group.
 template <class T>
-void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s) {
+void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvShape& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W;
     const idx planes = s.N * s.C;
 #pragma omp parallel for num_threads(threads_for(planes)) schedule(dynamic, 1)
@@ -176,43 +176,96 @@ void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s
     }
 }
 
-// gw (K, C/G, R, S): each (k, c) filter slice reduces over the batch and the output.
+// With stride 1 the input gradient is itself a convolution: of gy with the
+// filters flipped in space and transposed (K <-> C within each group), dilation
+// unchanged, padding (R-1)*dh - ph. That runs on the register-tiled forward
+// kernel. Otherwise (strided) each input plane gathers directly.
 template <class T>
-void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s) {
+void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s) {
+    const idx ph2 = (s.R - 1) * s.dh - s.ph, pw2 = (s.S - 1) * s.dw - s.pw;
+    if (s.sh != 1 || s.sw != 1 || ph2 < 0 || pw2 < 0) {
+        conv2d_grad_input_direct_planes(gy, w, gx, s);
+        return;
+    }
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, RS = s.R * s.S;
+    // wt[g*Cg + c][k][r][s] = w[g*Kg + k][c][R-1-r][S-1-s]
+    T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * Cg * RS) * sizeof(T), 1));
+    for (idx g = 0; g < s.G; ++g)
+        for (idx c = 0; c < Cg; ++c)
+            for (idx k = 0; k < Kg; ++k) {
+                const T* src = w + ((g * Kg + k) * Cg + c) * RS;
+                T* dst = wt + ((g * Cg + c) * Kg + k) * RS;
+                for (idx i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];
+            }
+    const ConvShape t{s.N, s.K, s.Ho, s.Wo, s.C, s.R, s.S, s.G, 1, 1, ph2, pw2, s.dh, s.dw, s.H, s.W};
+    conv2d_forward_direct(gy, wt, static_cast<const T*>(nullptr), gx, t);
+}
+
+// gw (K, C/G, R, S): a task owns KB filters x one input channel; for each tap
+// (r, s) it reduces over the batch and the output with KB vector accumulators
+// that share every input vector loaded, then sums each across lanes once.
+template <class T, int KB>
+void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShape& s) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W, RS = s.R * s.S;
-    const idx slices = s.K * Cg;
-#pragma omp parallel for num_threads(threads_for(slices)) schedule(dynamic, 1)
-    for (idx t = 0; t < slices; ++t) {
-        const idx k = t / Cg, cc = t % Cg, c = (k / Kg) * Cg + cc;
-        T* gwp = gw + t * RS;
-        for (idx i = 0; i < RS; ++i) gwp[i] = T(0);
-        for (idx n = 0; n < s.N; ++n) {
-            const T* gyp = gy + (n * s.K + k) * P;
-            const T* xp = x + (n * s.C + c) * HW;
-            for (idx ho = 0; ho < s.Ho; ++ho) {
-                const T* gyrow = gyp + ho * s.Wo;
-                for (idx r = 0; r < s.R; ++r) {
-                    const idx h = ho * s.sh - s.ph + r * s.dh;
-                    if (h < 0 || h >= s.H) continue;
-                    const T* xrow = xp + h * s.W;
-                    for (idx q = 0; q < s.S; ++q) {
-                        const idx off = q * s.dw - s.pw;
-                        idx lo, hi;
-                        valid_range(s.W, s.Wo, s.sw, off, lo, hi);
-                        T acc = 0;
+    const idx kblocks = s.K / KB, tasks = kblocks * Cg;
+#pragma omp parallel for num_threads(threads_for(tasks)) schedule(dynamic, 1)
+    for (idx t = 0; t < tasks; ++t) {
+        const idx kb = t / Cg, cc = t % Cg, k0 = kb * KB, c = (k0 / Kg) * Cg + cc;
+        for (idx r = 0; r < s.R; ++r)
+            for (idx q = 0; q < s.S; ++q) {
+                const idx off = q * s.dw - s.pw;
+                idx lo, hi;
+                valid_range(s.W, s.Wo, s.sw, off, lo, hi);
+                V acc[KB];
+                T tail[KB];
+                for (int j = 0; j < KB; ++j) {
+                    acc[j] = V{};
+                    tail[j] = T(0);
+                }
+                for (idx n = 0; n < s.N; ++n) {
+                    const T* gyp = gy + (n * s.K + k0) * P;
+                    const T* xp = x + (n * s.C + c) * HW;
+                    for (idx ho = 0; ho < s.Ho; ++ho) {
+                        const idx h = ho * s.sh - s.ph + r * s.dh;
+                        if (h < 0 || h >= s.H) continue;
+                        const T* xrow = xp + h * s.W;
+                        const T* gyrow = gyp + ho * s.Wo;
+                        idx wo = lo;
                         if (s.sw == 1) {
-                            const T* xs = xrow + off;
-#pragma omp simd reduction(+ : acc)
-                            for (idx wo = lo; wo < hi; ++wo) acc += gyrow[wo] * xs[wo];
-                        } else {
-                            for (idx wo = lo; wo < hi; ++wo) acc += gyrow[wo] * xrow[wo * s.sw + off];
+                            for (; wo + L <= hi; wo += L) {
+                                const V xv = vload<V>(xrow + wo + off);
+#pragma GCC unroll 8
+                                for (int j = 0; j < KB; ++j) acc[j] += vload<V>(gyrow + j * P + wo) * xv;
+                            }
                         }
-                        gwp[r * s.S + q] += acc;
+                        for (; wo < hi; ++wo) {
+                            const T xv = xrow[wo * s.sw + off];
+                            for (int j = 0; j < KB; ++j) tail[j] += gyrow[j * P + wo] * xv;
+                        }
                     }
                 }
+                for (int j = 0; j < KB; ++j) {
+                    T sum = tail[j];
+                    for (int i = 0; i < L; ++i) sum += acc[j][i];
+                    gw[((k0 + j) * Cg + cc) * RS + r * s.S + q] = sum;
+                }
             }
-        }
     }
+}
+
+template <class T>
+void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s) {
+    const idx Kg = s.K / s.G;
+    if (Kg % 8 == 0)
+        conv2d_grad_weight_direct_kb<T, 8>(gy, x, gw, s);
+    else if (Kg % 4 == 0)
+        conv2d_grad_weight_direct_kb<T, 4>(gy, x, gw, s);
+    else if (Kg % 2 == 0)
+        conv2d_grad_weight_direct_kb<T, 2>(gy, x, gw, s);
+    else
+        conv2d_grad_weight_direct_kb<T, 1>(gy, x, gw, s);
 }
 
 template <class T>
