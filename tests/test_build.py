@@ -135,3 +135,24 @@ def test_results_do_not_depend_on_thread_count(algo, rng):
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert np.array_equal(a, b), "result changed with the thread count"
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    # the GIL is released in the kernels and workspaces are per calling thread:
+    # simultaneous calls must not disturb each other
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = []
+    for i in range(8):
+        x = randn(rng, (2, 4 + i, 11 + i, 9), np.float32)
+        w = randn(rng, (6, 4 + i, 3, 3), np.float32)
+        problems.append((x, w, "im2col" if i % 2 else "direct"))
+    expected = [convkern.conv2d(x, w, padding=1, algo=a, backend="cpp") for x, w, a in problems]
+
+    def run(i):
+        x, w, a = problems[i % len(problems)]
+        return i % len(problems), convkern.conv2d(x, w, padding=1, algo=a, backend="cpp")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, out in pool.map(run, range(64)):
+            assert np.array_equal(out, expected[i]), f"problem {i} changed under concurrency"
