@@ -15,10 +15,12 @@ template <class T>
 struct GemmBlocking {
     typedef typename Vec<T>::type V;
     static constexpr int L = CK_VEC_BYTES / sizeof(T);  // lanes per vector
-    static constexpr int MR = 6;
+    // MR x 2 accumulator vectors + 2 B vectors + 1 broadcast must fit the
+    // register file: 32 zmm with AVX-512, 16 ymm/xmm otherwise.
+    static constexpr int MR = CK_VEC_BYTES == 64 ? 12 : 6;
     static constexpr int NR = 2 * L;
     static constexpr idx KC = 256;
-    static constexpr idx MC = MR * 24;
+    static constexpr idx MC = 144;  // a multiple of both MRs
     static constexpr idx NC = NR * 96;
     // elements of packing workspace one gemm_blocked call needs
     static constexpr idx pack_elems = MC * KC + KC * NC + 64;
@@ -59,7 +61,7 @@ inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T
     V c[MR][2] = {};
     for (idx k = 0; k < kc; ++k) {
         V b0 = vload<V>(Bp), b1 = vload<V>(Bp + L);
-#pragma GCC unroll 6
+#pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) {
             T a = Ap[i];
             c[i][0] += a * b0;
