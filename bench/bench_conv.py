@@ -3,6 +3,7 @@ GFLOP/s of each convkern algorithm beside PyTorch CPU when it is installed.
 
     python bench/bench_conv.py                      # all layers, batch 8, forward
     python bench/bench_conv.py --backward --layers resnet_l1_3x3,mnist_conv2
+    python bench/bench_conv.py --impls cpp:im2col,numba:im2col,numba:direct
 
 Every timed result is first checked against PyTorch (when installed) or
 against the other algorithm (validate, then time). Times are medians of
@@ -55,7 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default=",".join(BY_NAME), help="comma-separated layer names")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--algos", default="direct,im2col")
+    ap.add_argument("--impls", default="cpp:direct,cpp:im2col",
+                    help="comma-separated backend:algo pairs, e.g. cpp:im2col,numba:im2col")
     ap.add_argument("--backward", action="store_true",
                     help="time forward + grad input + grad weight together (counted as 3x the forward FLOPs)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per cell")
@@ -64,13 +66,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     threads = convkern.get_num_threads()
     torch = None if args.no_torch else load_torch(threads)
-    algos = args.algos.split(",")
+    impls = args.impls.split(",")
+    for impl in impls:
+        name, _, algo = impl.partition(":")
+        if not algo:
+            ap.error(f"--impls entries are backend:algo, got {impl!r}")
+        if name == "numba":  # report the JIT cost once, apart from the timings
+            t0 = time.perf_counter()
+            convkern.conv2d(np.ones((1, 2, 5, 5), np.float32), np.ones((2, 2, 3, 3), np.float32), algo=algo,
+                            backend="numba")
+            print(f"numba {algo}: first call (compile or load from cache) {time.perf_counter() - t0:.2f} s")
     malloc = "tuned" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "default"
     print(f"convkern {convkern.__version__}: SIMD {convkern.simd_level()}, {threads} threads, "
           f"glibc malloc {malloc}, batch {args.batch}, float32"
           + (f"; torch {torch.__version__}" if torch else "; torch not installed"))
-    cols = algos + (["torch"] if torch else [])
-    head = f"{'layer':<15} {'GFLOP':>7}" + "".join(f" {c + ' ms':>12} {'GF/s':>7}" for c in cols)
+    cols = impls + (["torch"] if torch else [])
+    head = f"{'layer':<15} {'GFLOP':>7}" + "".join(f" {c + ' ms':>16} {'GF/s':>6}" for c in cols)
     if torch:
         head += "  best/torch"
     print(head)
@@ -88,14 +99,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         flops = g.flops * (3 if args.backward else 1)  # backward: grad input + grad weight ~ 2x forward
         fns: Dict[str, Callable[[], object]] = {}
         outs: Dict[str, np.ndarray] = {}
-        for algo in algos:
-            def run(algo=algo):
-                y = convkern.conv2d(x, w, b, **kw, algo=algo, backend="cpp")
+        for impl in impls:
+            backend, _, algo = impl.partition(":")
+
+            def run(algo=algo, backend=backend):
+                y = convkern.conv2d(x, w, b, **kw, algo=algo, backend=backend)
                 if args.backward:
-                    convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), algo=algo, backend="cpp")
+                    convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), algo=algo,
+                                             backend=backend)
                 return y
-            fns[algo] = run
-            outs[algo] = convkern.conv2d(x, w, b, **kw, algo=algo, backend="cpp")
+            fns[impl] = run
+            outs[impl] = run()
         if torch:
             tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
             tgy = torch.from_numpy(gy)
@@ -112,20 +126,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             fns["torch"] = run_torch
             expect = run_torch().detach().numpy()
         else:
-            expect = outs[algos[0]]
-        for algo in algos:  # validate, then time
-            err = relative_error(outs[algo], expect)
+            expect = outs[impls[0]]
+        for impl in impls:  # validate, then time
+            err = relative_error(outs[impl], expect)
             if not err <= 1e-4:
-                print(f"{name}: {algo} disagrees with the check (relative error {err:.3g}); not timing it")
+                print(f"{name}: {impl} disagrees with the check (relative error {err:.3g}); not timing it")
                 return 1
         row = f"{name:<15} {flops / 1e9:>7.3f}"
         times = {}
         for c in cols:
             t = median_time(fns[c], args.min_time)
             times[c] = t
-            row += f" {t * 1e3:>12.3f} {flops / t / 1e9:>7.1f}"
+            row += f" {t * 1e3:>16.3f} {flops / t / 1e9:>6.1f}"
         if torch:
-            best = min(times[a] for a in algos)
+            best = min(times[i] for i in impls)
             ratios.append(times["torch"] / best)
             row += f"  {times['torch'] / best:>9.2f}x"
         print(row, flush=True)

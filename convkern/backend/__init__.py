@@ -22,10 +22,11 @@ from typing import Dict, Iterator, List, Optional
 
 _MODULES: Dict[str, str] = {
     "cpp": "convkern.backend.cpp",
+    "numba": "convkern.backend.numba_cpu",
     "reference": "convkern.backend.reference",
 }
-_DEVICES: Dict[str, str] = {"cpp": "cpu", "reference": "cpu"}
-_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "reference"], "cuda": []}
+_DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu"}
+_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": []}
 
 _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convkern_backend", default=None)
 
