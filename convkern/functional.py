@@ -1,6 +1,7 @@
 """The public ops, with ``torch.nn.functional``'s signatures and semantics on
-NumPy arrays (and anything exposing ``__dlpack__`` or the array interface,
-taken without a copy where possible).
+NumPy arrays on the CPU and CuPy arrays on the GPU (and anything exposing
+``__dlpack__``, ``__cuda_array_interface__`` or the array interface, taken
+without a copy where possible). Results are arrays of the same kind.
 
 Each function checks its arguments through :mod:`convkern.geometry`, makes the
 arrays C-contiguous in a native float dtype, picks a backend and dispatches.
@@ -32,15 +33,30 @@ def _device_of(a) -> str:
     return "cpu"
 
 
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
 def _as_array(a, name: str, op: str):
     """(array, device) for a NumPy array, a GPU array, or a DLPack/array-interface object."""
     if isinstance(a, np.ndarray):
         return a, "cpu"
     device = _device_of(a)
     if device == "cuda":
-        # GPU arrays are handed to a GPU backend as they are; selection says
-        # which (or why there is none).
-        return a, "cuda"
+        cupy = _cupy()
+        if cupy is None or isinstance(a, cupy.ndarray) or not _backends.info("cupy").available:
+            # without a working CuPy, backend selection explains why no GPU backend runs
+            return a, "cuda"
+        try:
+            if hasattr(a, "__cuda_array_interface__"):
+                return cupy.asarray(a), "cuda"  # zero-copy view
+            return cupy.from_dlpack(a), "cuda"
+        except (TypeError, RuntimeError, BufferError, ValueError) as exc:
+            raise TypeError(f"{op}: {name} could not be taken as a CuPy array: {exc}") from exc
     if hasattr(a, "__dlpack__"):
         try:
             return np.from_dlpack(a), "cpu"
@@ -76,9 +92,26 @@ def _prepare(op: str, named: Sequence[Tuple[str, object]]):
         elif dt != dtype:
             raise TypeError(f"{op}: {name} has dtype {dt} but {first} has dtype {dtype}; use one dtype")
         arrays.append(arr)
-    if device == "cpu":
-        arrays = [None if a is None else np.ascontiguousarray(a, dtype=dtype) for a in arrays]
+    arrays = [None if a is None else _contiguous(a, device, dtype) for a in arrays]
     return arrays, device, dtype
+
+
+def _xp(device: str):
+    """The array module for a device: NumPy, or CuPy for GPU arrays."""
+    return np if device == "cpu" else _cupy()
+
+
+def _contiguous(a, device: str, dtype):
+    if device == "cpu":
+        return np.ascontiguousarray(a, dtype=dtype)
+    xp = _xp(device)
+    if xp is None or not isinstance(a, xp.ndarray):
+        return a  # a GPU array CuPy cannot take: selection reports why
+    return xp.ascontiguousarray(a, dtype=dtype)
+
+
+def _zeros(device: str, shape, dtype):
+    return _xp(device).zeros(shape, dtype=dtype)
 
 
 def _check_algo(algo: str) -> str:
@@ -117,7 +150,7 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     algo = _check_algo(algo)
     impl = _backends.select(device, backend)
     if g.N == 0:
-        return _unbatch(np.zeros(g.output_shape, dtype=dtype), g.unbatched)
+        return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     y = impl.conv2d_forward(x.reshape(g.input_shape), w, b, g, algo)
     return _unbatch(y, g.unbatched)
 
@@ -143,9 +176,9 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     if not any(needs):
         return None, None, None
     if g.N == 0:
-        gx = np.zeros(g.input_shape, dtype) if needs[0] else None
-        gw = np.zeros(g.weight_shape, dtype) if needs[1] else None
-        gb = np.zeros((g.K,), dtype) if needs[2] else None
+        gx = _zeros(device, g.input_shape, dtype) if needs[0] else None
+        gw = _zeros(device, g.weight_shape, dtype) if needs[1] else None
+        gb = _zeros(device, (g.K,), dtype) if needs[2] else None
     else:
         gx, gw, gb = impl.conv2d_backward(gy, x.reshape(g.input_shape), w, g, algo, needs)
     return _unbatch(gx, g.unbatched), gw, gb
@@ -167,7 +200,7 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
     impl = _backends.select(device, backend)
     if g.N == 0:
-        y, ind = np.zeros(g.output_shape, dtype), np.zeros(g.output_shape, np.int64)
+        y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
     else:
         y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g)
     y, ind = _unbatch(y, g.unbatched), _unbatch(ind, g.unbatched)
@@ -182,14 +215,16 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
     (gy, x), device, dtype = _prepare("max_pool2d_backward", [("grad_output", grad_output), ("input", input)])
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_backward")
     gy = _check_shape(gy, g.output_shape, "grad_output", "max_pool2d_backward", g.unbatched)
-    ind, _ = _as_array(indices, "indices", "max_pool2d_backward")
+    ind, ind_device = _as_array(indices, "indices", "max_pool2d_backward")
+    if ind_device != device:
+        raise ValueError(f"max_pool2d_backward: indices are on {ind_device} but grad_output is on {device}")
     if np.dtype(ind.dtype).kind not in "iu":
         raise TypeError(f"max_pool2d_backward: indices must be an integer array, got dtype {ind.dtype}")
-    ind = _check_shape(np.ascontiguousarray(ind, dtype=np.int64), g.output_shape, "indices",
-                       "max_pool2d_backward", g.unbatched)
+    ind = _check_shape(_contiguous(ind, device, np.int64), g.output_shape, "indices", "max_pool2d_backward",
+                       g.unbatched)
     impl = _backends.select(device, backend)
     if g.N == 0:
-        return _unbatch(np.zeros(g.input_shape, dtype), g.unbatched)
+        return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     return _unbatch(impl.max_pool2d_backward(gy, ind, g), g.unbatched)
 
 
@@ -206,7 +241,7 @@ def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     div = check_divisor(divisor_override)
     impl = _backends.select(device, backend)
     if g.N == 0:
-        return _unbatch(np.zeros(g.output_shape, dtype), g.unbatched)
+        return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     y = impl.avg_pool2d_forward(x.reshape(g.input_shape), g, bool(count_include_pad), div)
     return _unbatch(y, g.unbatched)
 
@@ -221,7 +256,7 @@ def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Option
     div = check_divisor(divisor_override)
     impl = _backends.select(device, backend)
     if g.N == 0:
-        return _unbatch(np.zeros(g.input_shape, dtype), g.unbatched)
+        return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     return _unbatch(impl.avg_pool2d_backward(gy, g, bool(count_include_pad), div), g.unbatched)
 
 
@@ -234,10 +269,12 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
     float32/float64) and `input` is returned."""
     (x,), device, dtype = _prepare("relu", [("input", input)])
     impl = _backends.select(device, backend)
+    if inplace:
+        xp = _xp(device)
+        if xp is None or not isinstance(input, xp.ndarray) or not input.flags.writeable:
+            raise ValueError("relu: inplace=True needs a writeable NumPy or CuPy array")
     y = impl.relu_forward(x)
     if inplace:
-        if not isinstance(input, np.ndarray) or not input.flags.writeable:
-            raise ValueError("relu: inplace=True needs a writeable NumPy array")
         input[...] = y
         return input
     return y

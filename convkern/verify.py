@@ -50,6 +50,39 @@ def max_abs_error_at(out, ref) -> str:
     return f"largest at {tuple(int(v) for v in i)}: {out[i] if d.size else ''} vs {ref[i] if d.size else ''}"
 
 
+class DeviceOps:
+    """convkern's ops, with NumPy arguments moved to the backend's device and
+    results moved back, so one check serves CPU and GPU backends:
+    ``DeviceOps().conv2d(x, w, backend="cupy")`` takes and returns NumPy arrays."""
+
+    def __getattr__(self, name):
+        fn = getattr(F, name)
+
+        def call(*args, backend=None, **kwargs):
+            device = _backends.info(backend).device if backend else "cpu"
+            if device != "cpu":
+                import cupy
+
+                def move(a):
+                    if isinstance(a, np.ndarray):
+                        return cupy.asarray(a)
+                    return type(a)(move(v) for v in a) if isinstance(a, tuple) else a
+
+                args = tuple(move(a) for a in args)
+                kwargs = {k: move(v) for k, v in kwargs.items()}
+                out = fn(*args, backend=backend, **kwargs)
+
+                def back(a):
+                    if isinstance(a, cupy.ndarray):
+                        return cupy.asnumpy(a)
+                    return type(a)(back(v) for v in a) if isinstance(a, tuple) else a
+
+                return back(out)
+            return fn(*args, backend=backend, **kwargs)
+
+        return call
+
+
 @dataclass
 class ConvCase:
     x_shape: Tuple[int, int, int, int]
@@ -147,6 +180,7 @@ def _ops(backend: str, algo: str, rng: np.random.Generator, dtype, count: int
          ) -> Iterator[Tuple[str, Callable[[], object], Callable[[], object], str]]:
     """(op name, backend call, reference call, label) for `count` random problems per op."""
     ref = "reference"
+    D = DeviceOps()  # the backend under test, on its own device
 
     def arr(shape):
         return rng.standard_normal(shape).astype(dtype)
@@ -159,12 +193,12 @@ def _ops(backend: str, algo: str, rng: np.random.Generator, dtype, count: int
         label = f"case {i}: x{c.x_shape} w{c.w_shape} {kw}"
         y = F.conv2d(x, w, b, **kw, backend=ref)
         gy = arr(y.shape)
-        yield (f"conv2d[{algo}]", lambda x=x, w=w, b=b, kw=kw: F.conv2d(x, w, b, **kw, algo=algo, backend=backend),
+        yield (f"conv2d[{algo}]", lambda x=x, w=w, b=b, kw=kw: D.conv2d(x, w, b, **kw, algo=algo, backend=backend),
                lambda y=y: y, label)
         got = {}
 
         def back(gy=gy, x=x, w=w, kw=kw):
-            got["b"] = F.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
+            got["b"] = D.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
             got["r"] = F.conv2d_backward(gy, x, w, **kw, backend=ref)
             return got["b"][0]
 
@@ -181,11 +215,11 @@ def _ops(backend: str, algo: str, rng: np.random.Generator, dtype, count: int
         label = f"case {i}: x{p.x_shape} {kw}"
         y, ind = F.max_pool2d(x, **kw, return_indices=True, backend=ref)
         gy = arr(y.shape)
-        yield "max_pool2d", lambda x=x, kw=kw: F.max_pool2d(x, **kw, backend=backend), lambda y=y: y, label
-        yield ("max_pool2d.indices", lambda x=x, kw=kw: F.max_pool2d(x, **kw, return_indices=True,
+        yield "max_pool2d", lambda x=x, kw=kw: D.max_pool2d(x, **kw, backend=backend), lambda y=y: y, label
+        yield ("max_pool2d.indices", lambda x=x, kw=kw: D.max_pool2d(x, **kw, return_indices=True,
                                                                       backend=backend)[1],
                lambda ind=ind: ind, label)
-        yield ("max_pool2d_backward", lambda gy=gy, x=x, ind=ind, kw=kw: F.max_pool2d_backward(
+        yield ("max_pool2d_backward", lambda gy=gy, x=x, ind=ind, kw=kw: D.max_pool2d_backward(
             gy, x, ind, **kw, backend=backend),
                lambda gy=gy, x=x, ind=ind, kw=kw: F.max_pool2d_backward(gy, x, ind, **kw, backend=ref), label)
     for i in range(count):
@@ -196,8 +230,8 @@ def _ops(backend: str, algo: str, rng: np.random.Generator, dtype, count: int
         label = f"case {i}: x{p.x_shape} {kw}"
         y = F.avg_pool2d(x, **kw, backend=ref)
         gy = arr(y.shape)
-        yield "avg_pool2d", lambda x=x, kw=kw: F.avg_pool2d(x, **kw, backend=backend), lambda y=y: y, label
-        yield ("avg_pool2d_backward", lambda gy=gy, x=x, kw=kw: F.avg_pool2d_backward(gy, x, **kw, backend=backend),
+        yield "avg_pool2d", lambda x=x, kw=kw: D.avg_pool2d(x, **kw, backend=backend), lambda y=y: y, label
+        yield ("avg_pool2d_backward", lambda gy=gy, x=x, kw=kw: D.avg_pool2d_backward(gy, x, **kw, backend=backend),
                lambda gy=gy, x=x, kw=kw: F.avg_pool2d_backward(gy, x, **kw, backend=ref), label)
     for i in range(count):
         shape = tuple(int(v) for v in rng.integers(1, 40, size=int(rng.integers(1, 5))))
@@ -205,8 +239,8 @@ def _ops(backend: str, algo: str, rng: np.random.Generator, dtype, count: int
         x.flat[:: 7] = 0.0  # the kink itself
         gy = arr(shape)
         label = f"case {i}: shape {shape}"
-        yield "relu", lambda x=x: F.relu(x, backend=backend), lambda x=x: F.relu(x, backend=ref), label
-        yield ("relu_backward", lambda gy=gy, x=x: F.relu_backward(gy, x, backend=backend),
+        yield "relu", lambda x=x: D.relu(x, backend=backend), lambda x=x: F.relu(x, backend=ref), label
+        yield ("relu_backward", lambda gy=gy, x=x: D.relu_backward(gy, x, backend=backend),
                lambda gy=gy, x=x: F.relu_backward(gy, x, backend=ref), label)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convkern.verify import TOLERANCE, max_abs_error_at, relative_error
+from convkern.verify import TOLERANCE, DeviceOps, max_abs_error_at, relative_error
 
 
 def assert_close(out, ref, dtype, what: str = "", tol: float | None = None) -> None:
@@ -19,3 +19,6 @@ def assert_close(out, ref, dtype, what: str = "", tol: float | None = None) -> N
 
 def randn(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
+
+
+ck = DeviceOps()

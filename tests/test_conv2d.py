@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convkern
-from helpers import assert_close, randn
+from helpers import assert_close, randn, ck
 
 ALGOS = ["direct", "im2col", "auto"]
 
@@ -18,12 +18,12 @@ def check_conv(backend, algo, dtype, rng, x_shape, w_shape, bias=True, make_view
     b = randn(rng, (w_shape[0],), dtype) if bias else None
     if make_view is not None:
         x = make_view(x)
-    ref = convkern.conv2d(x, w, b, **kw, backend="reference")
-    out = convkern.conv2d(x, w, b, **kw, algo=algo, backend=backend)
+    ref = ck.conv2d(x, w, b, **kw, backend="reference")
+    out = ck.conv2d(x, w, b, **kw, algo=algo, backend=backend)
     assert_close(out, ref, dtype, f"forward {x.shape} {w_shape} {kw}")
     gy = randn(rng, ref.shape, dtype)
-    got = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
-    want = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+    got = ck.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
+    want = ck.conv2d_backward(gy, x, w, **kw, backend="reference")
     for name, o, r in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
         assert_close(o, r, dtype, f"{name} {x.shape} {w_shape} {kw}")
     assert got[0].shape == x.shape and got[1].shape == w.shape
@@ -91,11 +91,11 @@ def test_non_contiguous_input(backend, algo, dtype, rng, view):
 def test_non_contiguous_weight_and_grad(backend, dtype, rng):
     x = randn(rng, (2, 3, 8, 9), dtype)
     w = randn(rng, (3, 4, 3, 3), dtype).transpose(1, 0, 2, 3)  # (4, 3, 3, 3) view
-    ref = convkern.conv2d(x, np.ascontiguousarray(w), padding=1, backend="reference")
-    assert_close(convkern.conv2d(x, w, padding=1, backend=backend), ref, dtype, "strided weight")
+    ref = ck.conv2d(x, np.ascontiguousarray(w), padding=1, backend="reference")
+    assert_close(ck.conv2d(x, w, padding=1, backend=backend), ref, dtype, "strided weight")
     gy = randn(rng, ref.shape[::-1], dtype).transpose(3, 2, 1, 0)
-    got = convkern.conv2d_backward(gy, x, w, padding=1, backend=backend)
-    want = convkern.conv2d_backward(np.ascontiguousarray(gy), x, np.ascontiguousarray(w), padding=1,
+    got = ck.conv2d_backward(gy, x, w, padding=1, backend=backend)
+    want = ck.conv2d_backward(np.ascontiguousarray(gy), x, np.ascontiguousarray(w), padding=1,
                                     backend="reference")
     for o, r in zip(got, want):
         assert_close(o, r, dtype, "strided grad_output")
@@ -104,13 +104,13 @@ def test_non_contiguous_weight_and_grad(backend, dtype, rng):
 def test_unbatched_input(backend, dtype, rng):
     x = randn(rng, (3, 9, 8), dtype)
     w = randn(rng, (5, 3, 3, 3), dtype)
-    out = convkern.conv2d(x, w, padding=1, backend=backend)
+    out = ck.conv2d(x, w, padding=1, backend=backend)
     assert out.shape == (5, 9, 8)
-    assert_close(out, convkern.conv2d(x[None], w, padding=1, backend="reference")[0], dtype, "unbatched")
+    assert_close(out, ck.conv2d(x[None], w, padding=1, backend="reference")[0], dtype, "unbatched")
     gy = randn(rng, out.shape, dtype)
-    gx, gw, gb = convkern.conv2d_backward(gy, x, w, padding=1, backend=backend)
+    gx, gw, gb = ck.conv2d_backward(gy, x, w, padding=1, backend=backend)
     assert gx.shape == x.shape
-    want = convkern.conv2d_backward(gy[None], x[None], w, padding=1, backend="reference")
+    want = ck.conv2d_backward(gy[None], x[None], w, padding=1, backend="reference")
     assert_close(gx, want[0][0], dtype, "unbatched grad_input")
     assert_close(gw, want[1], dtype, "unbatched grad_weight")
 
@@ -122,8 +122,8 @@ def test_backward_computes_only_what_is_needed(backend, algo, rng, needs):
     x = randn(rng, (2, 3, 6, 6), np.float64)
     w = randn(rng, (4, 3, 3, 3), np.float64)
     gy = randn(rng, (2, 4, 6, 6), np.float64)
-    got = convkern.conv2d_backward(gy, x, w, padding=1, needs=needs, algo=algo, backend=backend)
-    full = convkern.conv2d_backward(gy, x, w, padding=1, backend="reference")
+    got = ck.conv2d_backward(gy, x, w, padding=1, needs=needs, algo=algo, backend=backend)
+    full = ck.conv2d_backward(gy, x, w, padding=1, backend="reference")
     for need, o, r in zip(needs, got, full):
         if need:
             assert_close(o, r, np.float64)
@@ -134,9 +134,9 @@ def test_backward_computes_only_what_is_needed(backend, algo, rng, needs):
 def test_empty_batch(backend, dtype, rng):
     x = np.empty((0, 3, 8, 8), dtype)
     w = randn(rng, (4, 3, 3, 3), dtype)
-    y = convkern.conv2d(x, w, padding=1, backend=backend)
+    y = ck.conv2d(x, w, padding=1, backend=backend)
     assert y.shape == (0, 4, 8, 8) and y.dtype == dtype
-    gx, gw, gb = convkern.conv2d_backward(np.empty((0, 4, 8, 8), dtype), x, w, padding=1, backend=backend)
+    gx, gw, gb = ck.conv2d_backward(np.empty((0, 4, 8, 8), dtype), x, w, padding=1, backend=backend)
     assert gx.shape == x.shape and np.all(gw == 0) and np.all(gb == 0)
 
 
@@ -181,11 +181,11 @@ def test_seed_worked_example(backend):
                             [310, 155, 310, 0],
                             [-155, -155, -155, 0]], dtype=np.float32)
     for algo in ("direct", "im2col"):
-        out = convkern.conv2d(image[None, None], kernel[None, None], algo=algo, backend=backend)
+        out = ck.conv2d(image[None, None], kernel[None, None], algo=algo, backend=backend)
         np.testing.assert_array_equal(out[0, 0], feature_map)
         # the text pads the 4x4 map back to 6x6 with zeros, then applies ReLU
-        padded = convkern.conv2d(image[None], kernel[None, None], padding=1, algo=algo, backend=backend)[0]
+        padded = ck.conv2d(image[None], kernel[None, None], padding=1, algo=algo, backend=backend)[0]
         np.testing.assert_array_equal(padded[1:-1, 1:-1], feature_map)
-        activated = convkern.relu(np.pad(out[0, 0], 1), backend=backend)
+        activated = ck.relu(np.pad(out[0, 0], 1), backend=backend)
         np.testing.assert_array_equal(activated, np.pad(np.maximum(feature_map, 0), 1))
         assert activated[2, 2] == 310 and activated[1, 2] == 0

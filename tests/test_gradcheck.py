@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import convkern
+from helpers import ck
 
 
 def numeric_grad(f, x, eps=1e-6):
@@ -42,12 +43,12 @@ def test_conv2d_gradients(backend, algo, rng, case):
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape)
     b = rng.standard_normal(w_shape[0])
-    probe = rng.standard_normal(convkern.conv2d(x, w, b, **kw, backend="reference").shape)
+    probe = rng.standard_normal(ck.conv2d(x, w, b, **kw, backend="reference").shape)
 
     def loss(x_, w_, b_):
-        return float(np.sum(convkern.conv2d(x_, w_, b_, **kw, algo=algo, backend=backend) * probe))
+        return float(np.sum(ck.conv2d(x_, w_, b_, **kw, algo=algo, backend=backend) * probe))
 
-    gx, gw, gb = convkern.conv2d_backward(probe, x, w, **kw, algo=algo, backend=backend)
+    gx, gw, gb = ck.conv2d_backward(probe, x, w, **kw, algo=algo, backend=backend)
     check_grad(gx, numeric_grad(lambda v: loss(v, w, b), x.copy()), "grad_input")
     check_grad(gw, numeric_grad(lambda v: loss(x, v, b), w.copy()), "grad_weight")
     check_grad(gb, numeric_grad(lambda v: loss(x, w, v), b.copy()), "grad_bias")
@@ -63,10 +64,10 @@ def distinct_values(rng, shape):
                                 dict(kernel_size=(2, 3), stride=1, dilation=(2, 1))])
 def test_max_pool2d_gradient(backend, rng, kw):
     x = distinct_values(rng, (2, 2, 6, 7))
-    out, ind = convkern.max_pool2d(x, **kw, return_indices=True, backend=backend)
+    out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend=backend)
     probe = rng.standard_normal(out.shape)
-    gx = convkern.max_pool2d_backward(probe, x, ind, **kw, backend=backend)
-    num = numeric_grad(lambda v: float(np.sum(convkern.max_pool2d(v, **kw, backend=backend) * probe)), x.copy())
+    gx = ck.max_pool2d_backward(probe, x, ind, **kw, backend=backend)
+    num = numeric_grad(lambda v: float(np.sum(ck.max_pool2d(v, **kw, backend=backend) * probe)), x.copy())
     check_grad(gx, num, "max_pool2d")
 
 
@@ -75,10 +76,10 @@ def test_max_pool2d_gradient(backend, rng, kw):
                                 dict(kernel_size=(3, 2), divisor_override=4)])
 def test_avg_pool2d_gradient(backend, rng, kw):
     x = rng.standard_normal((2, 2, 6, 7))
-    out = convkern.avg_pool2d(x, **kw, backend=backend)
+    out = ck.avg_pool2d(x, **kw, backend=backend)
     probe = rng.standard_normal(out.shape)
-    gx = convkern.avg_pool2d_backward(probe, x, **kw, backend=backend)
-    num = numeric_grad(lambda v: float(np.sum(convkern.avg_pool2d(v, **kw, backend=backend) * probe)), x.copy())
+    gx = ck.avg_pool2d_backward(probe, x, **kw, backend=backend)
+    num = numeric_grad(lambda v: float(np.sum(ck.avg_pool2d(v, **kw, backend=backend) * probe)), x.copy())
     check_grad(gx, num, "avg_pool2d")
 
 
@@ -86,6 +87,6 @@ def test_relu_gradient_away_from_the_kink(backend, rng):
     x = rng.standard_normal((3, 4, 5))
     x[np.abs(x) < 1e-3] = 0.5  # the kink has no derivative; stay clear of it
     probe = rng.standard_normal(x.shape)
-    gx = convkern.relu_backward(probe, x, backend=backend)
-    num = numeric_grad(lambda v: float(np.sum(convkern.relu(v, backend=backend) * probe)), x.copy())
+    gx = ck.relu_backward(probe, x, backend=backend)
+    num = numeric_grad(lambda v: float(np.sum(ck.relu(v, backend=backend) * probe)), x.copy())
     check_grad(gx, num, "relu")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convkern
-from helpers import assert_close, randn
+from helpers import assert_close, randn, ck
 
 MAX_CASES = {
     "2x2": ((2, 3, 8, 8), dict(kernel_size=2)),
@@ -39,24 +39,24 @@ AVG_CASES = {
 
 
 def check_max(backend, dtype, rng, x, kw):
-    ref, ref_ind = convkern.max_pool2d(x, **kw, return_indices=True, backend="reference")
-    out, ind = convkern.max_pool2d(x, **kw, return_indices=True, backend=backend)
+    ref, ref_ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
+    out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend=backend)
     assert_close(out, ref, dtype, f"max_pool2d {x.shape} {kw}")
     assert ind.dtype == np.int64 and ind.shape == out.shape
     np.testing.assert_array_equal(ind, ref_ind)
     gy = randn(rng, out.shape, dtype)
-    gx = convkern.max_pool2d_backward(gy, x, ind, **kw, backend=backend)
-    assert_close(gx, convkern.max_pool2d_backward(gy, x, ref_ind, **kw, backend="reference"), dtype,
+    gx = ck.max_pool2d_backward(gy, x, ind, **kw, backend=backend)
+    assert_close(gx, ck.max_pool2d_backward(gy, x, ref_ind, **kw, backend="reference"), dtype,
                  f"max_pool2d_backward {x.shape} {kw}")
 
 
 def check_avg(backend, dtype, rng, x, kw):
-    ref = convkern.avg_pool2d(x, **kw, backend="reference")
-    out = convkern.avg_pool2d(x, **kw, backend=backend)
+    ref = ck.avg_pool2d(x, **kw, backend="reference")
+    out = ck.avg_pool2d(x, **kw, backend=backend)
     assert_close(out, ref, dtype, f"avg_pool2d {x.shape} {kw}")
     gy = randn(rng, out.shape, dtype)
-    gx = convkern.avg_pool2d_backward(gy, x, **kw, backend=backend)
-    assert_close(gx, convkern.avg_pool2d_backward(gy, x, **kw, backend="reference"), dtype,
+    gx = ck.avg_pool2d_backward(gy, x, **kw, backend=backend)
+    assert_close(gx, ck.avg_pool2d_backward(gy, x, **kw, backend="reference"), dtype,
                  f"avg_pool2d_backward {x.shape} {kw}")
 
 
@@ -77,7 +77,7 @@ def test_max_pool_semantics(backend, dtype):
                     [2, 3, -1, 5],
                     [np.nan, 0, -np.inf, -np.inf],
                     [4, np.nan, -np.inf, -np.inf]]]], dtype=dtype)
-    out, ind = convkern.max_pool2d(x, 2, return_indices=True, backend=backend)
+    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
     # tie (3 at flat 1, 2 and 5): the first wins; NaN wins and the last NaN is
     # reported (PyTorch's CPU rule); an all -inf window keeps its first position
     assert out[0, 0, 0, 0] == 3 and ind[0, 0, 0, 0] == 1
@@ -86,25 +86,25 @@ def test_max_pool_semantics(backend, dtype):
     assert out[0, 0, 1, 1] == -np.inf and ind[0, 0, 1, 1] == 10
     # padding is -inf, never a value: an all-negative border window stays negative
     neg = -np.ones((1, 1, 3, 3), dtype)
-    assert convkern.max_pool2d(neg, 3, 1, 1, backend=backend).max() == -1
+    assert ck.max_pool2d(neg, 3, 1, 1, backend=backend).max() == -1
 
 
 def test_avg_pool_divisors(backend, dtype):
     x = np.ones((1, 1, 3, 3), dtype)
-    incl = convkern.avg_pool2d(x, 3, 1, 1, backend=backend)[0, 0]
-    excl = convkern.avg_pool2d(x, 3, 1, 1, count_include_pad=False, backend=backend)[0, 0]
+    incl = ck.avg_pool2d(x, 3, 1, 1, backend=backend)[0, 0]
+    excl = ck.avg_pool2d(x, 3, 1, 1, count_include_pad=False, backend=backend)[0, 0]
     assert incl[0, 0] == pytest.approx(4 / 9) and incl[1, 1] == pytest.approx(1.0)
     np.testing.assert_allclose(excl, np.ones((3, 3)), rtol=1e-6)
-    over = convkern.avg_pool2d(x, 3, 1, 1, divisor_override=2, backend=backend)[0, 0]
+    over = ck.avg_pool2d(x, 3, 1, 1, divisor_override=2, backend=backend)[0, 0]
     assert over[1, 1] == pytest.approx(4.5) and over[0, 0] == pytest.approx(2.0)
 
 
 def test_max_pool_backward_routes_to_argmax_and_accumulates_overlaps(backend, dtype):
     x = np.array([[[[0, 1, 0], [1, 9, 1], [0, 1, 0]]]], dtype=dtype)
-    out, ind = convkern.max_pool2d(x, 2, 1, return_indices=True, backend=backend)
+    out, ind = ck.max_pool2d(x, 2, 1, return_indices=True, backend=backend)
     assert np.all(ind == 4)
     gy = np.array([[[[1, 2], [3, 4]]]], dtype=dtype)
-    gx = convkern.max_pool2d_backward(gy, x, ind, 2, 1, backend=backend)
+    gx = ck.max_pool2d_backward(gy, x, ind, 2, 1, backend=backend)
     expected = np.zeros((1, 1, 3, 3), dtype)
     expected[0, 0, 1, 1] = 10
     np.testing.assert_array_equal(gx, expected)
@@ -112,13 +112,13 @@ def test_max_pool_backward_routes_to_argmax_and_accumulates_overlaps(backend, dt
 
 def test_unbatched(backend, dtype, rng):
     x = randn(rng, (3, 8, 7), dtype)
-    out, ind = convkern.max_pool2d(x, 2, return_indices=True, backend=backend)
+    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
     assert out.shape == ind.shape == (3, 4, 3)
-    gx = convkern.max_pool2d_backward(np.ones_like(out), x, ind, 2, backend=backend)
+    gx = ck.max_pool2d_backward(np.ones_like(out), x, ind, 2, backend=backend)
     assert gx.shape == x.shape
-    a = convkern.avg_pool2d(x, 2, backend=backend)
+    a = ck.avg_pool2d(x, 2, backend=backend)
     assert a.shape == (3, 4, 3)
-    assert convkern.avg_pool2d_backward(np.ones_like(a), x, 2, backend=backend).shape == x.shape
+    assert ck.avg_pool2d_backward(np.ones_like(a), x, 2, backend=backend).shape == x.shape
 
 
 def test_non_contiguous(backend, dtype, rng):
@@ -130,14 +130,14 @@ def test_non_contiguous(backend, dtype, rng):
 
 def test_max_pool_backward_rejects_out_of_range_indices(backend, dtype, rng):
     x = randn(rng, (1, 2, 4, 4), dtype)
-    out, ind = convkern.max_pool2d(x, 2, return_indices=True, backend=backend)
+    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
     bad = ind.copy()
     bad[0, 1, 0, 0] = 16
     with pytest.raises(ValueError, match="indices"):
-        convkern.max_pool2d_backward(np.ones_like(out), x, bad, 2, backend=backend)
+        ck.max_pool2d_backward(np.ones_like(out), x, bad, 2, backend=backend)
     bad[0, 1, 0, 0] = -2  # -1 is the "window covered no input" marker
     with pytest.raises(ValueError, match="indices"):
-        convkern.max_pool2d_backward(np.ones_like(out), x, bad, 2, backend=backend)
+        ck.max_pool2d_backward(np.ones_like(out), x, bad, 2, backend=backend)
 
 
 @st.composite

@@ -24,9 +24,10 @@ _MODULES: Dict[str, str] = {
     "cpp": "convkern.backend.cpp",
     "numba": "convkern.backend.numba_cpu",
     "reference": "convkern.backend.reference",
+    "cupy": "convkern.backend.cupy_gpu",
 }
-_DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu"}
-_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": []}
+_DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu", "cupy": "cuda"}
+_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": ["cupy"]}
 
 _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convkern_backend", default=None)
 

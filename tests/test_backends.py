@@ -1,0 +1,53 @@
+"""The backend registry and selection rules."""
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern import backend as registry
+
+
+def test_backends_lists_every_backend_with_a_reason_when_unavailable():
+    infos = {b.name: b for b in convkern.backends()}
+    assert {"cpp", "numba", "reference", "cupy"} <= set(infos)
+    assert infos["reference"].available
+    for b in infos.values():
+        assert b.available or b.reason, f"{b.name} unavailable without a reason"
+        assert b.device in ("cpu", "cuda")
+
+
+def test_automatic_choice_prefers_compiled_then_numba_then_reference(monkeypatch):
+    assert registry.select("cpu").NAME == "cpp"
+    from convkern.backend import cpp
+
+    monkeypatch.setattr(cpp, "available", lambda: (False, "simulated"))
+    assert registry.select("cpu").NAME == ("numba" if registry.info("numba").available else "reference")
+
+
+def test_use_backend_and_environment_override(monkeypatch):
+    with convkern.use_backend("reference"):
+        assert registry.select("cpu").NAME == "reference"
+        with convkern.use_backend(None):
+            assert registry.select("cpu").NAME == "cpp"
+    assert registry.select("cpu").NAME == "cpp"
+    monkeypatch.setenv("CONVKERN_BACKEND", "reference")
+    assert registry.select("cpu").NAME == "reference"
+    # an explicit backend= argument beats both
+    assert registry.select("cpu", "cpp").NAME == "cpp"
+
+
+def test_use_backend_rejects_an_unavailable_backend_at_once():
+    if registry.info("cupy").available:
+        pytest.skip("cupy is available here")
+    with pytest.raises(convkern.BackendUnavailableError, match="cupy"):
+        with convkern.use_backend("cupy"):
+            pass
+
+
+def test_backend_on_the_wrong_device_is_a_clear_error():
+    if not registry.info("cupy").available:
+        with pytest.raises(convkern.BackendUnavailableError, match=r"backend 'cupy' is unavailable: .*Available:"):
+            convkern.relu(np.ones(3, np.float32), backend="cupy")
+    else:
+        with pytest.raises(ValueError, match=r"runs on cuda arrays, but the arrays are on cpu"):
+            convkern.relu(np.ones(3, np.float32), backend="cupy")
