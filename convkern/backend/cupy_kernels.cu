@@ -8,6 +8,15 @@
 
 typedef long long i64;
 
+// The output position o (< out) whose window tap t reads input position i,
+// for stride s, padding p, dilation d; -1 if there is none.
+__device__ inline i64 tap_output(i64 i, i64 p, i64 t, i64 d, i64 s, i64 out) {
+    const i64 v = i + p - t * d;
+    if (v < 0 || v % s) return -1;
+    const i64 o = v / s;
+    return o < out ? o : -1;
+}
+
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                                i += (i64)blockDim.x * gridDim.x)
 
@@ -49,15 +58,11 @@ __global__ void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, i64 N, 
         const i64 g = c / Cg, cc = c % Cg;
         T acc = T(0);
         for (i64 r = 0; r < R; ++r) {
-            const i64 th = h + ph - r * dh;
-            if (th < 0 || th % sh) continue;
-            const i64 ho = th / sh;
-            if (ho >= Ho) continue;
+            const i64 ho = tap_output(h, ph, r, dh, sh, Ho);
+            if (ho < 0) continue;
             for (i64 s = 0; s < S; ++s) {
-                const i64 tw = iw + pw - s * dw;
-                if (tw < 0 || tw % sw) continue;
-                const i64 wo = tw / sw;
-                if (wo >= Wo) continue;
+                const i64 wo = tap_output(iw, pw, s, dw, sw, Wo);
+                if (wo < 0) continue;
                 for (i64 k = g * Kg; k < (g + 1) * Kg; ++k)
                     acc += gy[((n * K + k) * Ho + ho) * Wo + wo] * w[((k * Cg + cc) * R + r) * S + s];
             }
@@ -123,15 +128,11 @@ __global__ void col2im(const T* dcol, T* gx, i64 N, i64 C, i64 H, i64 W, i64 R, 
         const i64 iw = i % W, h = (i / W) % H, c = (i / (W * H)) % C, n = i / (W * H * C);
         T acc = T(0);
         for (i64 r = 0; r < R; ++r) {
-            const i64 th = h + ph - r * dh;
-            if (th < 0 || th % sh) continue;
-            const i64 ho = th / sh;
-            if (ho >= Ho) continue;
+            const i64 ho = tap_output(h, ph, r, dh, sh, Ho);
+            if (ho < 0) continue;
             for (i64 s = 0; s < S; ++s) {
-                const i64 tw = iw + pw - s * dw;
-                if (tw < 0 || tw % sw) continue;
-                const i64 wo = tw / sw;
-                if (wo >= Wo) continue;
+                const i64 wo = tap_output(iw, pw, s, dw, sw, Wo);
+                if (wo < 0) continue;
                 acc += dcol[(n * C * R * S + (c * R + r) * S + s) * P + ho * Wo + wo];
             }
         }
@@ -175,15 +176,11 @@ __global__ void max_pool2d_backward(const T* gy, const i64* ind, T* gx, int* bad
         const i64 iw = i % W, h = (i / W) % H, t = i / (W * H), self = h * W + iw;
         T acc = T(0);
         for (i64 a = 0; a < kh; ++a) {
-            const i64 th = h + ph - a * dh;
-            if (th < 0 || th % sh) continue;
-            const i64 ho = th / sh;
-            if (ho >= Ho) continue;
+            const i64 ho = tap_output(h, ph, a, dh, sh, Ho);
+            if (ho < 0) continue;
             for (i64 c = 0; c < kw; ++c) {
-                const i64 tw = iw + pw - c * dw;
-                if (tw < 0 || tw % sw) continue;
-                const i64 wo = tw / sw;
-                if (wo >= Wo) continue;
+                const i64 wo = tap_output(iw, pw, c, dw, sw, Wo);
+                if (wo < 0) continue;
                 const i64 o = (t * Ho + ho) * Wo + wo;
                 if (ind[o] == self) acc += gy[o];
             }
