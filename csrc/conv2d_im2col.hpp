@@ -3,15 +3,17 @@
 //   grad input   dcol (CRS, P)  = w_g^T * gy_g, then col2im adds dcol into gx
 //   grad weight  gw_g (Kg, CRS) += gy_g (Kg, P) * col^T
 // with CRS = C/G * R * S and P = Ho * Wo. A 1x1, stride-1, unpadded conv uses
-// the input itself as the column matrix (no im2col).
+// the input itself as the column matrix (no im2col). Otherwise the column
+// matrix is built a band of output rows at a time, sized to stay in cache,
+// so memory stays bounded (CRS x band) instead of CRS x P per image.
 // Work is split over (image, group) pairs when there are enough of them,
 // otherwise the GEMM itself runs on all threads. Grad weight reduces over the
 // batch serially, with the GEMM parallel inside, so it is deterministic.
 
-// col (Cg*R*S, Ho*Wo) from xg (Cg, H, W)
+// col (Cg*R*S, (ho1-ho0)*Wo) from xg (Cg, H, W): the columns of output rows [ho0, ho1)
 template <class T>
-void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel) {
-    const idx P = s.Ho * s.Wo, rows = Cg * s.R * s.S;
+void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx ho0, idx ho1) {
+    const idx P = (ho1 - ho0) * s.Wo, rows = Cg * s.R * s.S;
 #pragma omp parallel for num_threads(threads_for(rows)) if (parallel) schedule(static)
     for (idx row = 0; row < rows; ++row) {
         const idx c = row / (s.R * s.S), r = (row / s.S) % s.R, q = row % s.S;
@@ -20,7 +22,7 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel) {
         const idx off = q * s.dw - s.pw;
         idx lo, hi;
         valid_range(s.W, s.Wo, s.sw, off, lo, hi);
-        for (idx ho = 0; ho < s.Ho; ++ho, dst += s.Wo) {
+        for (idx ho = ho0; ho < ho1; ++ho, dst += s.Wo) {
             const idx h = ho * s.sh - s.ph + r * s.dh;
             if (h < 0 || h >= s.H) {
                 for (idx wo = 0; wo < s.Wo; ++wo) dst[wo] = T(0);
@@ -37,11 +39,11 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel) {
     }
 }
 
-// gxg (Cg, H, W) += col2im(dcol). Rows of one channel touch only that channel's
-// plane, so channels are independent; within a channel the order is fixed.
+// gxg (Cg, H, W) += col2im(dcol) for dcol (Cg*R*S, (ho1-ho0)*Wo), output rows
+// [ho0, ho1). The order of additions is fixed: deterministic.
 template <class T>
-void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg) {
-    const idx P = s.Ho * s.Wo, RS = s.R * s.S;
+void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg, idx ho0, idx ho1) {
+    const idx P = (ho1 - ho0) * s.Wo, RS = s.R * s.S;
     for (idx c = 0; c < Cg; ++c) {
         T* gp = gxg + c * s.H * s.W;
         for (idx rq = 0; rq < RS; ++rq) {
@@ -50,7 +52,7 @@ void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg) {
             const idx off = q * s.dw - s.pw;
             idx lo, hi;
             valid_range(s.W, s.Wo, s.sw, off, lo, hi);
-            for (idx ho = 0; ho < s.Ho; ++ho, src += s.Wo) {
+            for (idx ho = ho0; ho < ho1; ++ho, src += s.Wo) {
                 const idx h = ho * s.sh - s.ph + r * s.dh;
                 if (h < 0 || h >= s.H) continue;
                 T* grow = gp + h * s.W;
@@ -61,6 +63,15 @@ void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg) {
             }
         }
     }
+}
+
+// Output rows per column band: the band (CRS x rows*Wo) should stay in L2.
+// Depends only on the shape, never on the thread count (determinism).
+template <class T>
+idx band_rows(const ConvShape& s) {
+    constexpr idx kBandBytes = 1 << 20;
+    const idx row_bytes = (s.C / s.G) * s.R * s.S * s.Wo * static_cast<idx>(sizeof(T));
+    return imax(1, imin(s.Ho, kBandBytes / imax(row_bytes, 1)));
 }
 
 inline bool conv_is_pointwise(const ConvShape& s) {
@@ -89,17 +100,22 @@ template <class T>
 void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const bool pointwise = conv_is_pointwise(s);
-    const idx col_elems = pointwise ? 0 : (CRS * P + 15) / 16 * 16;
+    const idx band = pointwise ? s.Ho : band_rows<T>(s);
+    const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
     for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems, [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
-        const T* col = xg;
-        if (!pointwise) {
-            im2col(xg, Cg, s, scratch, inner);
-            col = scratch;
-        }
+        const T* wg = w + g * Kg * CRS;
         T* yg = y + (n * s.K + g * Kg) * P;
-        gemm_blocked(Kg, P, CRS, w + g * Kg * CRS, CRS, idx(1), col, P, idx(1), yg, P, false, scratch + col_elems,
-                     inner);
+        for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
+            const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
+            const T* col = xg;
+            if (!pointwise) {
+                im2col(xg, Cg, s, scratch, inner, ho0, ho1);
+                col = scratch;
+            }
+            gemm_blocked(Kg, pc, CRS, wg, CRS, idx(1), col, pc, idx(1), yg + ho0 * s.Wo, P, false,
+                         scratch + col_elems, inner);
+        }
         if (b)
             for (idx k = 0; k < Kg; ++k) {
                 const T bv = b[g * Kg + k];
@@ -113,35 +129,47 @@ template <class T>
 void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S, HW = s.H * s.W;
     const bool pointwise = conv_is_pointwise(s);
-    const idx col_elems = pointwise ? 0 : (CRS * P + 15) / 16 * 16;
+    const idx band = pointwise ? s.Ho : band_rows<T>(s);
+    const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
     if (gx) {
         for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems,
                                 [&](idx n, idx g, T* scratch, bool inner) {
                                     T* gxg = gx + (n * s.C + g * Cg) * HW;
                                     const T* gyg = gy + (n * s.K + g * Kg) * P;
                                     const T* wg = w + g * Kg * CRS;
-                                    T* dcol = pointwise ? gxg : scratch;
-                                    gemm_blocked(CRS, P, Kg, wg, idx(1), CRS, gyg, P, idx(1), dcol, P, false,
-                                                 scratch + col_elems, inner);
-                                    if (!pointwise) {
-                                        for (idx i = 0; i < Cg * HW; ++i) gxg[i] = T(0);
-                                        col2im_add(dcol, Cg, s, gxg);
+                                    if (pointwise) {  // gx_g = w_g^T gy_g directly
+                                        gemm_blocked(CRS, P, Kg, wg, idx(1), CRS, gyg, P, idx(1), gxg, P, false,
+                                                     scratch, inner);
+                                        return;
+                                    }
+                                    for (idx i = 0; i < Cg * HW; ++i) gxg[i] = T(0);
+                                    for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
+                                        const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
+                                        gemm_blocked(CRS, pc, Kg, wg, idx(1), CRS, gyg + ho0 * s.Wo, P, idx(1),
+                                                     scratch, pc, false, scratch + col_elems, inner);
+                                        col2im_add(scratch, Cg, s, gxg, ho0, ho1);
                                     }
                                 });
     }
     if (gw) {
         T* buf = static_cast<T*>(
             workspace(static_cast<std::size_t>(col_elems + GemmBlocking<T>::pack_elems) * sizeof(T), 0));
+        if (s.N == 0)
+            for (idx i = 0; i < s.K * CRS; ++i) gw[i] = T(0);
         for (idx n = 0; n < s.N; ++n)
             for (idx g = 0; g < s.G; ++g) {
                 const T* xg = x + (n * s.C + g * Cg) * HW;
-                const T* col = xg;
-                if (!pointwise) {
-                    im2col(xg, Cg, s, buf, true);
-                    col = buf;
+                const T* gyg = gy + (n * s.K + g * Kg) * P;
+                for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
+                    const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
+                    const T* col = xg;  // pointwise: band == Ho, the input is the column matrix
+                    if (!pointwise) {
+                        im2col(xg, Cg, s, buf, true, ho0, ho1);
+                        col = buf;
+                    }
+                    gemm_blocked(Kg, CRS, pc, gyg + ho0 * s.Wo, P, idx(1), col, idx(1), pc, gw + g * Kg * CRS, CRS,
+                                 n > 0 || ho0 > 0, buf + col_elems, true);
                 }
-                gemm_blocked(Kg, CRS, P, gy + (n * s.K + g * Kg) * P, P, idx(1), col, idx(1), P, gw + g * Kg * CRS,
-                             CRS, n > 0, buf + col_elems, true);
             }
     }
     if (gb) bias_grad(gy, gb, s);

@@ -19,7 +19,7 @@ struct GemmBlocking {
     // register file: 32 zmm with AVX-512, 16 ymm/xmm otherwise.
     static constexpr int MR = CK_VEC_BYTES == 64 ? 12 : 6;
     static constexpr int NR = 2 * L;
-    static constexpr idx KC = 256;
+    static constexpr idx KC = 128;  // a KC x NR panel of B stays in a 32 KiB L1
     static constexpr idx MC = 144;  // a multiple of both MRs
     static constexpr idx NC = NR * 96;
     // elements of packing workspace one gemm_blocked call needs

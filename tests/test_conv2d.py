@@ -58,6 +58,9 @@ AWKWARD = {
     "wide_4_channels_dilated": ((1, 2, 6, 45), (4, 2, 3, 3), dict(padding=(1, 2), dilation=(1, 2))),
     "wide_depthwise": ((2, 4, 5, 60), (4, 1, 3, 3), dict(groups=4, padding=1)),
     "wide_odd_channels": ((1, 2, 3, 77), (3, 2, 1, 4), dict(padding=(0, 3))),
+    # im2col builds its column matrix in bands of output rows sized for L2
+    "im2col_several_bands": ((2, 64, 20, 64), (4, 64, 3, 3), dict(padding=1)),
+    "im2col_bands_strided": ((1, 96, 41, 40), (6, 48, 3, 3), dict(padding=1, stride=(2, 1), groups=2)),
 }
 
 
