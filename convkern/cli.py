@@ -101,6 +101,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run, printed)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("gate", help="performance-regression gate: instruction counts (default) or wall clock")
+    p.add_argument("--wallclock", action="store_true", help="the coarse wall-clock gate instead")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--baseline", help="baseline JSON (default: bench/baseline/<kind>.json)")
+    p.add_argument("--threshold", type=float, default=0.03, help="instruction rise that fails (default 0.03)")
+    p.add_argument("--wall-threshold", type=float, default=1.0,
+                   help="wall-clock ratio rise that fails (default 1.0, i.e. twice as slow)")
+    p.add_argument("--rounds", type=int, default=21, help="wall-clock rounds (default 21)")
+    p.add_argument("--update", action="store_true", help="write the baseline instead of checking")
+    p.add_argument("--reason", help="with --update: why the new figures are right (kept in the file)")
+    p.set_defaults(func=lambda a: __import__("convkern.gate", fromlist=["main_gate"]).main_gate(a))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -5,10 +5,19 @@
 // defence against a buffer overrun, not the user-facing error messages.
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
 #include <omp.h>
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#define CONVKERN_CALLGRIND 1
+#else
+#define CONVKERN_CALLGRIND 0
+#define CALLGRIND_DUMP_STATS
+#endif
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -21,6 +30,29 @@ using convkern::idx;
 using convkern::PoolShape;
 
 namespace {
+
+// Every kernel runs inside kernel_region, with the GIL released. The
+// instruction-count gate (convkern/gate.py) tells callgrind to count only
+// inside this function (--toggle-collect=*kernel_region*), so it must keep its
+// own symbol: never inlined, and the module is not stripped (CMakeLists.txt).
+// Under callgrind each call ends with a dump of its own counts (a no-op of a
+// few instructions otherwise).
+// CONVKERN_DEBUG_REPEAT=n runs each kernel n times: a deliberately slowed
+// build that the regression gates' own tests must catch.
+int debug_repeat() {
+    static const int n = [] {
+        const char* v = std::getenv("CONVKERN_DEBUG_REPEAT");
+        const int r = v ? std::atoi(v) : 1;
+        return r > 1 ? r : 1;
+    }();
+    return n;
+}
+
+__attribute__((noinline)) void kernel_region(const std::function<void()>& kernel) {
+    py::gil_scoped_release nogil;
+    for (int i = 0; i < debug_repeat(); ++i) kernel();
+    CALLGRIND_DUMP_STATS;
+}
 
 enum class DType { f32, f64 };
 
@@ -105,11 +137,10 @@ py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::obj
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = mptr<T>(y);
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         auto& o = ops<T>();
         (im2col ? o.conv2d_forward_im2col : o.conv2d_forward_direct)(xp, wp, bp, yp, s);
-    }
+    });
     return y;
 }
 
@@ -148,11 +179,10 @@ py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::a
     const T* gyp = cptr<T>(gy);
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         auto& o = ops<T>();
         (im2col ? o.conv2d_backward_im2col : o.conv2d_backward_direct)(gyp, xp, wp, gxp, gwp, gbp, s);
-    }
+    });
     return py::make_tuple(gx, gw, gb);
 }
 
@@ -175,10 +205,9 @@ py::tuple max_pool2d_forward_t(const py::array& x, const PoolShape& p) {
     const T* xp = cptr<T>(x);
     T* yp = mptr<T>(y);
     auto* ip = static_cast<std::int64_t*>(ind.mutable_data());
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().max_pool2d_forward(xp, yp, ip, p);
-    }
+    });
     return py::make_tuple(y, ind);
 }
 
@@ -200,10 +229,9 @@ py::array max_pool2d_backward_t(const py::array& gy, const py::array& ind, const
     const auto* ip = static_cast<const std::int64_t*>(ind.data());
     T* gxp = mptr<T>(gx);
     bool ok;
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ok = ops<T>().max_pool2d_backward(gyp, ip, gxp, p);
-    }
+    });
     if (!ok)
         throw py::value_error("indices: an index lies outside its (H*W = " + std::to_string(p.H * p.W) +
                               ") input plane");
@@ -222,10 +250,9 @@ py::array avg_pool2d_forward_t(const py::array& x, const PoolShape& p) {
     py::array y = empty<T>({p.planes, p.Ho, p.Wo});
     const T* xp = cptr<T>(x);
     T* yp = mptr<T>(y);
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().avg_pool2d_forward(xp, yp, p);
-    }
+    });
     return y;
 }
 
@@ -242,10 +269,9 @@ py::array avg_pool2d_backward_t(const py::array& gy, const PoolShape& p) {
     py::array gx = empty<T>({p.planes, p.H, p.W});
     const T* gyp = cptr<T>(gy);
     T* gxp = mptr<T>(gx);
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().avg_pool2d_backward(gyp, gxp, p);
-    }
+    });
     return gx;
 }
 
@@ -263,10 +289,9 @@ py::array relu_forward_t(const py::array& x) {
     const T* xp = cptr<T>(x);
     T* yp = mptr<T>(y);
     idx n = x.size();
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().relu_forward(xp, yp, n);
-    }
+    });
     return y;
 }
 
@@ -285,10 +310,9 @@ py::array relu_backward_t(const py::array& gy, const py::array& x) {
     const T* xp = cptr<T>(x);
     T* gxp = mptr<T>(gx);
     idx n = x.size();
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().relu_backward(gyp, xp, gxp, n);
-    }
+    });
     return gx;
 }
 
@@ -309,10 +333,9 @@ py::array gemm_t(const py::array& a, const py::array& b) {
     const T* ap = cptr<T>(a);
     const T* bp = cptr<T>(b);
     T* cp = mptr<T>(c);
-    {
-        py::gil_scoped_release nogil;
+    kernel_region([&] {
         ops<T>().gemm(M, N, K, ap, K, 1, bp, N, 1, cp, N, false);
-    }
+    });
     return c;
 }
 
@@ -334,6 +357,7 @@ py::dict build_info() {
     d["simd_active"] = convkern::simd_level_name(convkern::active_simd_level());
     d["simd_compiled"] = py::make_tuple("scalar", "avx2", "avx512");
     d["openmp"] = _OPENMP;
+    d["callgrind_dumps"] = static_cast<bool>(CONVKERN_CALLGRIND);
     d["num_threads"] = convkern::num_threads();
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;

@@ -1,0 +1,313 @@
+"""Performance-regression gates that hold on noisy shared machines.
+
+Instruction gate (deterministic): each case calls one compiled kernel once on a
+small fixed problem under ``valgrind --tool=callgrind``, counting only inside
+the kernel (the bindings' ``kernel_region``; each call dumps its own counts),
+with the SIMD level forced to AVX2 (valgrind cannot run AVX-512) and one
+thread. The counts are compared with a baseline kept in the repository; a rise
+above the threshold (default 3%) fails.
+
+Wall-clock gate (coarse): each case's median time divided by a calibration
+kernel's (NumPy's sgemm and copy, which convkern does not touch), measured in
+interleaved rounds in one process, against the baseline's ratios; only a rise
+beyond a generous factor fails.
+
+    convkern gate                      # instruction gate against bench/baseline/instructions.json
+    convkern gate --wallclock          # wall-clock gate against bench/baseline/wallclock.json
+    convkern gate --update --reason "why the new figures are right"   # re-baseline deliberately
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+DEFAULT_INSTRUCTIONS = Path("bench/baseline/instructions.json")
+DEFAULT_WALLCLOCK = Path("bench/baseline/wallclock.json")
+
+
+def _conv_inputs(rng, x_shape, w_shape):
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    return x, w
+
+
+def _case_table(scale: int = 1) -> Dict[str, Callable[[np.random.Generator, str], Callable[[], object]]]:
+    """name -> builder(rng, backend) returning a call that runs exactly one kernel.
+    Inputs are made (and any helper results computed with the reference backend)
+    before the call, so only the kernel is counted. `scale` multiplies the batch
+    (the wall-clock gate wants calls long enough to time)."""
+    import convkern as ck
+
+    def batch(shape):
+        return (shape[0] * scale,) + tuple(shape[1:])
+
+    def conv_fwd(algo, x_shape, w_shape, **kw):
+        def build(rng, backend):
+            x, w = _conv_inputs(rng, batch(x_shape), w_shape)
+            b = rng.standard_normal(w_shape[0]).astype(np.float32)
+            return lambda: ck.conv2d(x, w, b, **kw, algo=algo, backend=backend)
+        return build
+
+    def conv_bwd(algo, x_shape, w_shape, **kw):
+        def build(rng, backend):
+            x, w = _conv_inputs(rng, batch(x_shape), w_shape)
+            y = ck.conv2d(x, w, **kw, backend="reference")
+            gy = rng.standard_normal(y.shape).astype(np.float32)
+            return lambda: ck.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
+        return build
+
+    def pool(op, shape, **kw):
+        def build(rng, backend):
+            x = rng.standard_normal(batch(shape)).astype(np.float32)
+            if op == "max_pool2d":
+                return lambda: ck.max_pool2d(x, **kw, return_indices=True, backend=backend)
+            if op == "avg_pool2d":
+                return lambda: ck.avg_pool2d(x, **kw, backend=backend)
+            y, ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
+            gy = rng.standard_normal(y.shape).astype(np.float32)
+            if op == "max_pool2d_backward":
+                return lambda: ck.max_pool2d_backward(gy, x, ind, **kw, backend=backend)
+            return lambda: ck.avg_pool2d_backward(gy, x, **kw, backend=backend)
+        return build
+
+    def relu(backward):
+        def build(rng, backend):
+            x = rng.standard_normal(batch((4, 16, 24, 24))).astype(np.float32)
+            gy = rng.standard_normal(x.shape).astype(np.float32)
+            if backward:
+                return lambda: ck.relu_backward(gy, x, backend=backend)
+            return lambda: ck.relu(x, backend=backend)
+        return build
+
+    small = ((2, 16, 14, 14), (32, 16, 3, 3))
+    return {
+        "conv2d_im2col_3x3": conv_fwd("im2col", *small, padding=1),
+        "conv2d_direct_3x3": conv_fwd("direct", *small, padding=1),
+        "conv2d_im2col_1x1": conv_fwd("im2col", (2, 32, 14, 14), (16, 32, 1, 1)),
+        "conv2d_direct_depthwise": conv_fwd("direct", (2, 32, 14, 14), (32, 1, 3, 3), padding=1, groups=32),
+        "conv2d_im2col_stride2": conv_fwd("im2col", (2, 8, 21, 21), (16, 8, 5, 5), stride=2, padding=2),
+        "conv2d_backward_im2col": conv_bwd("im2col", *small, padding=1),
+        "conv2d_backward_direct": conv_bwd("direct", *small, padding=1),
+        "max_pool2d_2x2": pool("max_pool2d", (4, 16, 24, 24), kernel_size=2),
+        "max_pool2d_3x3s2p1": pool("max_pool2d", (4, 16, 24, 24), kernel_size=3, stride=2, padding=1),
+        "max_pool2d_backward": pool("max_pool2d_backward", (4, 16, 24, 24), kernel_size=2),
+        "avg_pool2d_3x3s2p1": pool("avg_pool2d", (4, 16, 24, 24), kernel_size=3, stride=2, padding=1),
+        "avg_pool2d_backward": pool("avg_pool2d_backward", (4, 16, 24, 24), kernel_size=3, stride=2, padding=1),
+        "relu": relu(False),
+        "relu_backward": relu(True),
+    }
+
+
+def case_names() -> List[str]:
+    return list(_case_table())
+
+
+def _build(names: List[str], backend: str, scale: int = 1) -> List[Callable[[], object]]:
+    table = _case_table(scale)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown gate cases {unknown}; known: {', '.join(table)}")
+    return [table[n](np.random.default_rng(1234 + i), backend) for i, n in enumerate(names)]
+
+
+# ------------------------------------------------------------ instructions
+
+
+def run_cases_once(names: List[str], backend: str = "cpp") -> None:
+    """The body run under callgrind: one kernel call per case, in order."""
+    calls = _build(names, backend)
+    for call in calls:
+        call()
+
+
+def count_instructions(names: List[str], backend: str = "cpp", env: Optional[dict] = None) -> Dict[str, int]:
+    """Instructions executed inside the kernel of each case (callgrind, AVX2, 1 thread)."""
+    if shutil.which("valgrind") is None:
+        raise RuntimeError("valgrind is not installed (Debian/Ubuntu: apt-get install valgrind)")
+    from .backend import cpp
+
+    if backend == "cpp" and not cpp._cpu.build_info().get("callgrind_dumps"):
+        raise RuntimeError("convkern._cpu was built without <valgrind/callgrind.h>; install valgrind's "
+                           "headers and rebuild to use the instruction gate")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        e = dict(os.environ, OMP_NUM_THREADS="1", CONVKERN_SIMD="avx2", **(env or {}))
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--toggle-collect=*kernel_region*",
+               sys.executable, "-m", "convkern.gate", "_run", backend, ",".join(names)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=tmp, timeout=1800)
+        if r.returncode != 0:
+            raise RuntimeError(f"the gate run under valgrind failed:\n{r.stderr[-3000:]}")
+        dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+        if len(dumps) != len(names):
+            raise RuntimeError(f"expected one callgrind dump per case ({len(names)}), got {len(dumps)}")
+        counts = {}
+        for name, path in zip(names, dumps):
+            m = re.search(r"^totals:\s*(\d+)", Path(path).read_text(), re.M)
+            if m is None:
+                raise RuntimeError(f"no totals in {path}")
+            counts[name] = int(m.group(1))
+        return counts
+
+
+# ------------------------------------------------------------ wall clock
+
+
+def _calibration() -> Callable[[], object]:
+    """Single-threaded NumPy work convkern does not touch: a sort (compute) and
+    a 16 MiB copy (memory), so the ratio tracks the machine's speed of the moment."""
+    rng = np.random.default_rng(7)
+    keys = rng.standard_normal(1 << 15).astype(np.float32)
+    big = rng.standard_normal(1 << 22).astype(np.float32)
+
+    def run():
+        np.sort(keys)
+        big.copy()
+    return run
+
+
+WALL_SCALE = 8        # batch multiplier: calls of about a millisecond or more
+WALL_SAMPLE = 5e-3    # seconds each timing sample lasts at least
+
+
+def time_ratios(names: List[str], rounds: int = 21, backend: str = "cpp") -> Dict[str, float]:
+    """Median over interleaved rounds of (case time / calibration time), on one
+    thread so the other core's load matters less."""
+    import convkern
+
+    calls = dict(zip(names, _build(names, backend, scale=WALL_SCALE)))
+    cal = _calibration()
+
+    def clock(fn, reps):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    before_threads = convkern.get_num_threads()
+    convkern.set_num_threads(1)
+    try:
+        for f in calls.values():
+            f()  # warm-up: workspaces, first touch
+        reps = {n: max(1, int(WALL_SAMPLE / max(clock(f, 1), 1e-7))) for n, f in calls.items()}
+        cal_reps = max(1, int(WALL_SAMPLE / max(clock(cal, 1), 1e-7)))
+        samples: Dict[str, List[float]] = {n: [] for n in names}
+        for _ in range(rounds):
+            for n, f in calls.items():
+                before = clock(cal, cal_reps)
+                t = clock(f, reps[n])
+                after = clock(cal, cal_reps)
+                samples[n].append(t / (0.5 * (before + after)))
+    finally:
+        convkern.set_num_threads(before_threads if before_threads > 0 else 0)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+# ------------------------------------------------------------ comparison
+
+
+@dataclass
+class Verdict:
+    case: str
+    baseline: float
+    now: float
+    limit: float  # now/baseline above this fails
+
+    @property
+    def ratio(self) -> float:
+        return self.now / self.baseline if self.baseline else float("inf")
+
+    @property
+    def failed(self) -> bool:
+        return self.ratio > self.limit
+
+
+def compare(baseline: Dict[str, float], now: Dict[str, float], limit: float) -> List[Verdict]:
+    missing = [n for n in now if n not in baseline]
+    if missing:
+        raise ValueError(f"no baseline for {missing}: re-baseline with --update --reason ...")
+    return [Verdict(n, float(baseline[n]), float(v), limit) for n, v in now.items()]
+
+
+def load_baseline(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"no baseline at {path}: create one with `convkern gate --update --reason ...`")
+    return json.loads(path.read_text())
+
+
+def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) -> None:
+    old = json.loads(path.read_text()) if path.exists() else {}
+    history = old.get("history", [])
+    history.append({"date": datetime.date.today().isoformat(), "reason": reason})
+    data = {
+        "kind": kind,
+        "conditions": ("callgrind, CONVKERN_SIMD=avx2, OMP_NUM_THREADS=1, float32" if kind == "instructions"
+                       else f"1 thread, batch x{WALL_SCALE}, median of interleaved rounds of "
+                            "case time / (numpy sort of 32K floats + 16 MiB copy) time"),
+        "values": values,
+        "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def report(verdicts: List[Verdict], unit: str) -> Tuple[str, bool]:
+    lines = [f"{'case':<28} {'baseline':>14} {'now':>14} {'ratio':>7}  result"]
+    failed = False
+    for v in verdicts:
+        failed |= v.failed
+        fmt = "{:>14,.0f}" if unit == "instructions" else "{:>14.3f}"
+        lines.append(f"{v.case:<28} {fmt.format(v.baseline)} {fmt.format(v.now)} {v.ratio:>7.3f}  "
+                     + ("FAIL" if v.failed else "ok"))
+    return "\n".join(lines), failed
+
+
+def main_gate(args) -> int:
+    names = args.cases.split(",") if args.cases else case_names()
+    if args.wallclock:
+        kind, path, limit = "wallclock", Path(args.baseline or DEFAULT_WALLCLOCK), 1.0 + args.wall_threshold
+        now = time_ratios(names, rounds=args.rounds)
+        if args.update:  # a baseline deserves more care than a check: median of three measurements
+            runs = [now] + [time_ratios(names, rounds=args.rounds) for _ in range(2)]
+            now = {n: statistics.median(r[n] for r in runs) for n in names}
+    else:
+        kind, path, limit = "instructions", Path(args.baseline or DEFAULT_INSTRUCTIONS), 1.0 + args.threshold
+        now = count_instructions(names)
+    if args.update:
+        if not args.reason:
+            print("convkern gate --update needs --reason: say why the new figures are right", file=sys.stderr)
+            return 2
+        save_baseline(path, kind, now, args.reason)
+        print(f"wrote {len(now)} {kind} baselines to {path}")
+        return 0
+    base = load_baseline(path)["values"]
+    verdicts = compare(base, now, limit)
+    if kind == "wallclock" and any(v.failed for v in verdicts):
+        # a real slowdown persists; a burst of load on a shared machine rarely does
+        again = [v.case for v in verdicts if v.failed]
+        print(f"re-measuring {', '.join(again)} before failing")
+        now.update(time_ratios(again, rounds=args.rounds))
+        verdicts = compare(base, now, limit)
+    text, failed = report(verdicts, kind)
+    print(f"{kind} gate against {path} (fails above {limit:.2f}x the baseline)")
+    print(text)
+    print(f"{sum(not v.failed for v in verdicts)} passed, {sum(v.failed for v in verdicts)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "_run":
+    run_cases_once(sys.argv[3].split(","), backend=sys.argv[2])

@@ -1,0 +1,64 @@
+"""The performance-regression gates pass on the unchanged tree and trip on a
+deliberately slowed kernel (CONVKERN_DEBUG_REPEAT runs every kernel n times)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convkern import gate
+from convkern.backend import cpp
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ["relu", "conv2d_im2col_1x1", "max_pool2d_2x2"]
+
+
+def _needs_valgrind():
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    if not cpp._cpu.build_info().get("callgrind_dumps"):
+        pytest.skip("convkern._cpu was built without valgrind's callgrind.h")
+
+
+def test_instruction_gate_passes_unchanged_and_trips_when_slowed():
+    _needs_valgrind()
+    base = gate.load_baseline(ROOT / "bench" / "baseline" / "instructions.json")["values"]
+    now = gate.count_instructions(CASES)
+    verdicts = gate.compare(base, now, 1.03)
+    assert not any(v.failed for v in verdicts), gate.report(verdicts, "instructions")[0]
+    slowed = gate.count_instructions(CASES, env={"CONVKERN_DEBUG_REPEAT": "2"})
+    verdicts = gate.compare(base, slowed, 1.03)
+    assert all(v.failed for v in verdicts), gate.report(verdicts, "instructions")[0]
+    for name in CASES:  # twice the work, give or take the call's fixed cost
+        assert 1.8 < slowed[name] / now[name] < 2.2
+
+
+def test_wallclock_gate_trips_when_slowed(tmp_path):
+    baseline = tmp_path / "wall.json"
+    env = dict(os.environ)
+    run = [sys.executable, "-m", "convkern", "gate", "--wallclock", "--cases", ",".join(CASES),
+           "--baseline", str(baseline), "--rounds", "7"]
+    r = subprocess.run(run + ["--update", "--reason", "test"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(baseline.read_text())["history"][-1]["reason"] == "test"
+    env["CONVKERN_DEBUG_REPEAT"] = "4"
+    r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL" in r.stdout
+
+
+def test_update_needs_a_reason(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "convkern", "gate", "--wallclock", "--cases", "relu",
+                        "--baseline", str(tmp_path / "b.json"), "--update"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "--reason" in r.stderr
+
+
+def test_compare_rejects_cases_without_a_baseline():
+    with pytest.raises(ValueError, match="no baseline"):
+        gate.compare({"a": 1.0}, {"b": 1.0}, 1.03)
