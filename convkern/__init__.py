@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .backend import BackendInfo, BackendUnavailableError, use_backend
+from .backend import BackendInfo, BackendUnavailableError, UnsupportedOpError, register_backend, use_backend
 from .backend import backends as _backend_list
 from .functional import (avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d,
                          max_pool2d_backward, relu, relu_backward)
@@ -60,7 +60,8 @@ def set_simd_level(level: str) -> None:
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-    "relu", "relu_backward", "backends", "use_backend", "BackendInfo", "BackendUnavailableError",
+    "relu", "relu_backward", "backends", "use_backend", "register_backend", "BackendInfo",
+    "BackendUnavailableError", "UnsupportedOpError",
     "ConvGeometry", "PoolGeometry", "conv2d_geometry", "pool2d_geometry", "set_num_threads",
     "get_num_threads", "simd_level", "set_simd_level", "__version__",
 ]

@@ -148,7 +148,7 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "conv2d_forward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     y = impl.conv2d_forward(x.reshape(g.input_shape), w, b, g, algo)
@@ -172,7 +172,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     g = conv2d_geometry(x.shape, w.shape, None, stride, padding, dilation, groups)
     gy = _check_shape(gy, g.output_shape, "grad_output", "conv2d_backward", g.unbatched)
     algo = _check_algo(algo)
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
         return None, None, None
     if g.N == 0:
@@ -198,7 +198,7 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     """
     (x,), device, dtype = _prepare("max_pool2d", [("input", input)])
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "max_pool2d_forward")
     if g.N == 0:
         y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
     else:
@@ -222,7 +222,7 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
         raise TypeError(f"max_pool2d_backward: indices must be an integer array, got dtype {ind.dtype}")
     ind = _check_shape(_contiguous(ind, device, np.int64), g.output_shape, "indices", "max_pool2d_backward",
                        g.unbatched)
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "max_pool2d_backward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     return _unbatch(impl.max_pool2d_backward(gy, ind, g), g.unbatched)
@@ -239,7 +239,7 @@ def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     (x,), device, dtype = _prepare("avg_pool2d", [("input", input)])
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
     div = check_divisor(divisor_override)
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "avg_pool2d_forward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     y = impl.avg_pool2d_forward(x.reshape(g.input_shape), g, bool(count_include_pad), div)
@@ -254,7 +254,7 @@ def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Option
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d_backward")
     gy = _check_shape(gy, g.output_shape, "grad_output", "avg_pool2d_backward", g.unbatched)
     div = check_divisor(divisor_override)
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "avg_pool2d_backward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     return _unbatch(impl.avg_pool2d_backward(gy, g, bool(count_include_pad), div), g.unbatched)
@@ -268,7 +268,7 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
     the result is written into `input` (which must be a writeable array of
     float32/float64) and `input` is returned."""
     (x,), device, dtype = _prepare("relu", [("input", input)])
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "relu_forward")
     if inplace:
         xp = _xp(device)
         if xp is None or not isinstance(input, xp.ndarray) or not input.flags.writeable:
@@ -285,7 +285,7 @@ def relu_backward(grad_output, input, *, backend: Optional[str] = None):
     (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)])
     if gy.shape != x.shape:
         raise ValueError(f"relu_backward: grad_output shape {gy.shape} differs from input shape {x.shape}")
-    impl = _backends.select(device, backend)
+    impl = _backends.select(device, backend, "relu_backward")
     return impl.relu_backward(gy, x)
 
 

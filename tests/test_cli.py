@@ -43,3 +43,27 @@ def test_unknown_command_is_an_argparse_error():
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--ops", "conv2d,relu", "--layers", "mnist_conv1", "--batch", "1", "--backends", "cpp",
+            "--min-time", "0.01", "--json", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "ceilings measured now" in text and "cpp:im2col" in text and "cpp:direct" in text
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["ceilings"]["gemm_gflops"] > 0 and report["ceilings"]["copy_gbs"] > 0
+    rows = {(r["op"], r["impl"]) for r in report["results"]}
+    assert {("conv2d", "cpp:im2col"), ("conv2d", "cpp:direct"), ("relu", "cpp")} <= rows
+    assert all(r["rate"] > 0 for r in report["results"])
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the bench extra, not the test extra")
+    png = tmp_path / "bench.png"
+    assert cli.main(["bench", "--layers", "mnist_conv1", "--batch", "1", "--backends", "cpp", "--min-time", "0.01",
+                     "--plot", str(png), "--no-progress"]) == 0
+    assert png.stat().st_size > 1000

@@ -46,7 +46,7 @@ def test_wallclock_gate_trips_when_slowed(tmp_path):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(baseline.read_text())["history"][-1]["reason"] == "test"
-    env["CONVKERN_DEBUG_REPEAT"] = "4"
+    env["CONVKERN_DEBUG_REPEAT"] = "5"  # every kernel 5x: beyond the all-cases limit (3x)
     r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout
@@ -62,3 +62,16 @@ def test_update_needs_a_reason(tmp_path):
 def test_compare_rejects_cases_without_a_baseline():
     with pytest.raises(ValueError, match="no baseline"):
         gate.compare({"a": 1.0}, {"b": 1.0}, 1.03)
+
+
+def test_wallclock_judges_cases_against_the_machine_state():
+    base = {"a": 1.0, "b": 2.0, "c": 4.0}
+    drift = {"a": 1.5, "b": 3.0, "c": 6.0}  # the machine got 1.5x slower for everything
+    verdicts, state = gate.compare_wallclock(base, drift, 2.0)
+    assert state == 1.5 and not any(v.failed for v in verdicts)
+    one_slow = {"a": 1.0, "b": 2.0, "c": 10.0}  # one kernel 2.5x slower
+    verdicts, _ = gate.compare_wallclock(base, one_slow, 2.0)
+    assert [v.failed for v in verdicts] == [False, False, True]
+    everything = {"a": 3.5, "b": 7.0, "c": 14.0}  # all 3.5x slower: the median's limit is 3x
+    verdicts, _ = gate.compare_wallclock(base, everything, 2.0)
+    assert all(v.failed for v in verdicts)

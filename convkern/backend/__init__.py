@@ -5,6 +5,11 @@ for the set and their contracts) plus ``NAME``, ``DEVICE``, ``ALGOS`` and
 ``available() -> (bool, reason)``. Modules are imported lazily, so a missing
 optional dependency never breaks ``import convkern``.
 
+Bring your own kernels: ``convkern.register_backend(name, module)``, or an
+entry point in the ``convkern.backends`` group naming the module. A registered
+backend may implement any subset of the ops (OPS below); asking it for one it
+lacks raises UnsupportedOpError, and it is used only when chosen by name.
+
 Selection for ``backend=None``: ``use_backend(...)`` if active, else the
 ``CONVKERN_BACKEND`` environment variable, else the first available backend in
 the preference order for the arrays' device.
@@ -30,10 +35,54 @@ _DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu", "c
 _PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": ["cupy"]}
 
 _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convkern_backend", default=None)
+_REGISTERED: Dict[str, ModuleType] = {}
+_entry_points_loaded = False
+
+ENTRY_POINT_GROUP = "convkern.backends"
+OPS = ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+       "avg_pool2d_backward", "relu_forward", "relu_backward")
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
+
+
+class UnsupportedOpError(NotImplementedError):
+    """Valid input, but the chosen backend does not implement this op."""
+
+
+def register_backend(name: str, module, device: Optional[str] = None) -> None:
+    """Add a backend: a module (or any object) with some of OPS, optionally
+    ``available()``, ``DEVICE`` ("cpu" or "cuda") and ``ALGOS``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"backend name must be a non-empty string, got {name!r}")
+    if name in _MODULES and name not in _REGISTERED:
+        raise ValueError(f"backend {name!r} is built in and cannot be replaced")
+    dev = device or getattr(module, "DEVICE", "cpu")
+    if dev not in ("cpu", "cuda"):
+        raise ValueError(f"backend {name!r}: device must be 'cpu' or 'cuda', got {dev!r}")
+    if not any(hasattr(module, op) for op in OPS):
+        raise ValueError(f"backend {name!r} implements none of {', '.join(OPS)}")
+    _REGISTERED[name] = module
+    _MODULES[name] = getattr(module, "__name__", name)
+    _DEVICES[name] = dev
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _MODULES:
+            _MODULES[ep.name] = ep.value
+            _DEVICES[ep.name] = "cpu"  # corrected from the module's DEVICE when it loads
+
+
+def supports(module, op: str) -> bool:
+    return callable(getattr(module, op, None))
 
 
 @dataclass(frozen=True)
@@ -49,22 +98,33 @@ class BackendInfo:
 
 
 def names() -> List[str]:
+    _load_entry_points()
     return list(_MODULES)
 
 
 def _load(name: str) -> ModuleType:
+    _load_entry_points()
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_MODULES)}")
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     try:
-        return importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} failed to import: {exc}") from exc
+    _DEVICES[name] = getattr(module, "DEVICE", _DEVICES.get(name, "cpu"))
+    return module
+
+
+def _available(module) -> tuple:
+    check = getattr(module, "available", None)
+    return check() if callable(check) else (True, "")
 
 
 def info(name: str) -> BackendInfo:
     try:
         module = _load(name)
-        ok, reason = module.available()
+        ok, reason = _available(module)
     except BackendUnavailableError as exc:
         ok, reason = False, str(exc)
     return BackendInfo(name, _DEVICES[name], bool(ok), reason)
@@ -72,13 +132,13 @@ def info(name: str) -> BackendInfo:
 
 def backends() -> List[BackendInfo]:
     """Every known backend, whether it is available here and, if not, why."""
-    return [info(name) for name in _MODULES]
+    return [info(name) for name in names()]
 
 
 def get(name: str) -> ModuleType:
     """The backend module `name`, or BackendUnavailableError saying why not."""
     module = _load(name)
-    ok, reason = module.available()
+    ok, reason = _available(module)
     if not ok:
         usable = [b.name for b in backends() if b.available]
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}. "
@@ -86,20 +146,22 @@ def get(name: str) -> ModuleType:
     return module
 
 
-def select(device: str, name: Optional[str] = None) -> ModuleType:
-    """The backend to run on arrays living on `device`."""
+def select(device: str, name: Optional[str] = None, op: Optional[str] = None) -> ModuleType:
+    """The backend to run `op` on arrays living on `device`."""
     name = name or _chosen.get() or os.environ.get("CONVKERN_BACKEND") or None
     if name is not None:
         module = get(name)
-        if module.DEVICE != device:
-            raise ValueError(f"backend {name!r} runs on {module.DEVICE} arrays, but the arrays are on {device}")
+        if _DEVICES[name] != device:
+            raise ValueError(f"backend {name!r} runs on {_DEVICES[name]} arrays, but the arrays are on {device}")
+        if op is not None and not supports(module, op):
+            raise UnsupportedOpError(f"backend {name!r} does not implement {op}")
         return module
     reasons = []
     for candidate in _PREFERENCE.get(device, []):
         bi = info(candidate)
-        if bi.available:
+        if bi.available and (op is None or supports(_load(candidate), op)):
             return _load(candidate)
-        reasons.append(f"{candidate}: {bi.reason}")
+        reasons.append(f"{candidate}: {bi.reason or 'does not implement ' + str(op)}")
     detail = "; ".join(reasons) or "none is implemented yet"
     raise BackendUnavailableError(f"no available backend for {device} arrays ({detail})")
 

@@ -1,0 +1,350 @@
+"""Side-by-side benchmarks: every backend and algorithm on the canonical
+layers (and pooling/relu on a large activation), beside PyTorch when it is
+installed, against the machine's own ceilings measured in the same run.
+Each case is validated before it is timed.
+
+Used by ``convkern bench`` and by the pytest-benchmark suite in bench/.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import backend as _backends
+from . import functional as F
+from .geometry import conv2d_geometry
+from .layers import BY_NAME, CANONICAL
+from .verify import relative_error
+
+OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+       "relu", "relu_backward")
+MEMORY_SHAPE = (8, 64, 112, 112)  # the activation ANCHORS.md times pooling and relu on
+
+
+def median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(min_time: float = 0.5) -> Dict[str, float]:
+    """This machine's FP32 GEMM rate (NumPy's BLAS) and copy bandwidth, now."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1536, 1536)).astype(np.float32)
+    t = median_time(lambda: a @ a, min_time)
+    big = rng.standard_normal(32 << 20).astype(np.float32)  # 128 MiB, past the caches
+    dst = np.empty_like(big)
+    tc = median_time(lambda: np.copyto(dst, big), min_time)
+    return {"gemm_gflops": 2 * 1536**3 / t / 1e9, "copy_gbs": 2 * big.nbytes / tc / 1e9}
+
+
+@dataclass
+class Result:
+    op: str
+    problem: str
+    impl: str          # backend:algo, or torch
+    ms: float
+    rate: float        # GFLOP/s or GB/s
+    unit: str
+    ceiling_pct: float
+    check: str         # what the output was validated against, and the error
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@dataclass
+class Case:
+    op: str
+    problem: str
+    work: float        # FLOPs (compute ops) or bytes moved (memory ops)
+    unit: str
+    run: Callable[[], object]
+    output: Callable[[], np.ndarray]
+
+
+def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool, rng) -> Dict[str, Case]:
+    layer = BY_NAME[layer_name]
+    xs, ws = layer.shapes(batch)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = (rng.standard_normal(ws) / np.sqrt(np.prod(ws[1:]))).astype(np.float32)
+    b = rng.standard_normal(ws[0]).astype(np.float32)
+    kw = layer.kwargs()
+    g = conv2d_geometry(xs, ws, (ws[0],), **kw)
+    gy = rng.standard_normal(g.output_shape).astype(np.float32)
+    op = "conv2d_backward" if backward else "conv2d"
+    work = g.flops * (2 if backward else 1)  # grad input + grad weight: twice the forward's FLOPs
+    cases = {}
+    for impl in impls:
+        name, _, algo = impl.partition(":")
+        if backward:
+            def run(name=name, algo=algo):
+                return F.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), algo=algo, backend=name)[0]
+        else:
+            def run(name=name, algo=algo):
+                return F.conv2d(x, w, b, **kw, algo=algo, backend=name)
+        cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, run)
+    torch = _torch()
+    if torch is not None:
+        tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
+
+        def run_torch():
+            if not backward:
+                with torch.no_grad():
+                    return torch.nn.functional.conv2d(tx, tw, tb, **kw)
+            txg = tx.detach().requires_grad_(True)
+            twg = tw.detach().requires_grad_(True)
+            torch.nn.functional.conv2d(txg, twg, None, **kw).backward(tgy)
+            return txg.grad
+
+        cases["torch"] = Case(op, layer_name, work, "GFLOP/s", run_torch,
+                              lambda: run_torch().detach().numpy())
+    return cases
+
+
+def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
+    """Pooling (2x2, stride 2) and relu, forward or backward; work = bytes read + written."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    n, q = x.nbytes, x.nbytes // 4  # input and pooled-output bytes
+    pooled = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    gp = rng.standard_normal(pooled).astype(np.float32)
+    gy = rng.standard_normal(shape).astype(np.float32)
+    _, ind = F.max_pool2d(x, 2, return_indices=True, backend="reference")
+    calls = {
+        "max_pool2d": (lambda be: F.max_pool2d(x, 2, backend=be), n + q),
+        "max_pool2d_backward": (lambda be: F.max_pool2d_backward(gp, x, ind, 2, backend=be), 3 * q + n),
+        "avg_pool2d": (lambda be: F.avg_pool2d(x, 2, backend=be), n + q),
+        "avg_pool2d_backward": (lambda be: F.avg_pool2d_backward(gp, x, 2, backend=be), q + n),
+        "relu": (lambda be: F.relu(x, backend=be), 2 * n),
+        "relu_backward": (lambda be: F.relu_backward(gy, x, backend=be), 3 * n),
+    }
+    fn, work = calls[op]
+    problem = "x".join(map(str, shape)) + ("" if op.startswith("relu") else " 2x2/2")
+    backends = list(dict.fromkeys(impl.partition(":")[0] for impl in impls))  # no algorithms here
+    cases = {be: Case(op, problem, work, "GB/s", (lambda be=be: fn(be)), (lambda be=be: fn(be)))
+             for be in backends}
+    torch = _torch()
+    if torch is not None:
+        tx, tgp, tgy, tind = (torch.from_numpy(a) for a in (x, gp, gy, ind))
+        aten = torch.ops.aten
+        tfn = {
+            "max_pool2d": lambda: torch.nn.functional.max_pool2d(tx, 2),
+            "max_pool2d_backward": lambda: aten.max_pool2d_with_indices_backward(
+                tgp, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, tind),
+            "avg_pool2d": lambda: torch.nn.functional.avg_pool2d(tx, 2),
+            "avg_pool2d_backward": lambda: aten.avg_pool2d_backward(tgp, tx, [2, 2], [2, 2], [0, 0], False, True,
+                                                                    None),
+            "relu": lambda: torch.relu(tx),
+            "relu_backward": lambda: aten.threshold_backward(tgy, tx, 0),
+        }[op]
+        cases["torch"] = Case(op, problem, work, "GB/s", tfn, lambda: tfn().numpy())
+    return cases
+
+
+def _validate(cases: Dict[str, Case], truth_key: Optional[str]) -> Dict[str, str]:
+    """Each implementation's output against `truth_key`'s (torch when installed,
+    else the float64 reference on small problems); with neither, against the
+    first implementation's."""
+    truth = np.asarray(cases[truth_key].output()) if truth_key else None
+    label = truth_key
+    verdicts = {}
+    for impl, case in cases.items():
+        if impl == truth_key:
+            verdicts[impl] = "peer" if impl == "torch" else "oracle"
+            continue
+        out = np.asarray(case.output())
+        if truth is None:
+            truth, label = out, impl
+            verdicts[impl] = "(first)"
+            continue
+        err = relative_error(out, truth)
+        if not err <= 1e-4:
+            raise AssertionError(f"{case.op} {case.problem}: {impl} disagrees with {label} "
+                                 f"(relative error {err:.3g}); not timing it")
+        verdicts[impl] = f"{label} {err:.1e}"
+    return verdicts
+
+
+def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
+    """backend:algo for every available CPU backend (the reference is the oracle, not a contender)."""
+    out = []
+    for info in _backends.backends():
+        if info.device != "cpu" or not info.available or info.name == "reference":
+            continue
+        if names and info.name not in names:
+            continue
+        module = _backends.get(info.name)
+        out += [f"{info.name}:{a}" for a in getattr(module, "ALGOS", ("direct",))]
+    if names and "reference" in names:
+        out.append("reference:direct")
+    return out
+
+
+def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
+        layers: Sequence[str] = tuple(l.name for l in CANONICAL), batch: int = 8, min_time: float = 0.5,
+        progress: bool = True) -> dict:
+    """Validate, then time, every (op, problem, implementation); returns a JSON-able report."""
+    impls = list(impls or default_impls())
+    ceilings = measure_ceilings()
+    rng = np.random.default_rng(0)
+    jobs = []
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        if op.startswith("conv2d"):
+            for layer in layers:
+                if layer not in BY_NAME:
+                    raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(BY_NAME)}")
+                jobs.append((op, layer))
+        else:
+            jobs.append((op, None))
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety, not a requirement
+        tqdm = None
+    bar = tqdm(total=len(jobs), desc="bench", unit="case", disable=not progress) if tqdm else None
+    results: List[Result] = []
+    for op, layer in jobs:
+        if bar:
+            bar.set_postfix_str(f"{op} {layer or ''}".strip())
+        skip = set()
+        if layer is not None:
+            small = BY_NAME[layer].shapes(batch) and conv2d_geometry(
+                *BY_NAME[layer].shapes(batch), None, **BY_NAME[layer].kwargs()).flops < 2e8
+            extra = ["reference:direct"] if small and "reference:direct" not in impls else []
+            cases = conv_cases(layer, batch, list(impls) + extra, op == "conv2d_backward", rng)
+            skip = set(extra)
+        else:
+            cases = memory_cases(op, impls, (batch,) + MEMORY_SHAPE[1:], rng)
+            small = False
+        truth = "torch" if "torch" in cases else ("reference:direct" if small else None)
+        verdicts = _validate(cases, truth)
+        ceiling = ceilings["gemm_gflops"] if cases[next(iter(cases))].unit == "GFLOP/s" else ceilings["copy_gbs"]
+        for impl, case in cases.items():
+            if impl in skip:
+                continue
+            t = median_time(case.run, min_time)
+            rate = case.work / t / 1e9
+            results.append(Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling,
+                                  verdicts[impl]))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": _threads(), "simd": _simd()},
+        "batch": batch,
+        "ceilings": ceilings,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _threads() -> int:
+    try:
+        import convkern
+
+        return convkern.get_num_threads()
+    except Exception:  # noqa: BLE001 - informative only
+        return 0
+
+
+def _simd() -> str:
+    try:
+        import convkern
+
+        return convkern.simd_level()
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def table(report: dict) -> str:
+    """One side-by-side table: time, rate, % of ceiling, ratio to the fastest and to torch."""
+    c = report["ceilings"]
+    lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS), "
+             f"copy {c['copy_gbs']:.1f} GB/s; {report['machine']['threads']} threads, "
+             f"SIMD {report['machine']['simd']}, batch {report['batch']}",
+             f"{'op':<20} {'problem':<20} {'impl':<16} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "
+             f"{'vs torch':>9}  checked against"]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in report["results"]:
+        groups.setdefault((r["op"], r["problem"]), []).append(r)
+    for (op, problem), rows in groups.items():
+        best = min(r["ms"] for r in rows)
+        torch_ms = next((r["ms"] for r in rows if r["impl"] == "torch"), None)
+        for r in rows:
+            vs_torch = f"{torch_ms / r['ms']:.2f}x" if torch_ms else "-"
+            lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {r['ms']:>10.3f} "
+                         f"{r['rate']:>8.1f} {r['unit']:<5} {r['ceiling_pct']:>5.0f}% {best / r['ms']:>7.2f}x "
+                         f"{vs_torch:>9}  {r['check']}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Bar chart of rate per problem and implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'convkern[bench]'") from exc
+    rows = report["results"]
+    problems = list(dict.fromkeys(f"{r['op']}\n{r['problem']}" for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(problems) * max(1, len(impls)) / 2), 4.5))
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for j, p in enumerate(problems):
+            r = next((r for r in rows if f"{r['op']}\n{r['problem']}" == p and r["impl"] == impl), None)
+            if r:
+                xs.append(j + i * width)
+                ys.append(r["ceiling_pct"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(problems))])
+    ax.set_xticklabels(problems, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("% of the machine's ceiling (GEMM or copy)")
+    ax.set_title("convkern bench")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_bench(args) -> int:
+    ops = args.ops.split(",")
+    impls = None
+    if args.backends:
+        wanted = args.backends.split(",")
+        impls = [i for i in wanted if ":" in i] + default_impls([w for w in wanted if ":" not in w])
+    layers = args.layers.split(",") if args.layers else [l.name for l in CANONICAL]
+    report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

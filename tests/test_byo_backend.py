@@ -1,0 +1,75 @@
+"""Bring your own kernel: a backend registered from outside convkern gets the
+same verify check, bench rows and regression gate as the built-in ones."""
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+
+import byo_backend
+import convkern
+from convkern import backend as registry
+from convkern import bench, gate
+from convkern.verify import verify
+
+
+@pytest.fixture
+def byo():
+    convkern.register_backend("byo", byo_backend)
+    yield "byo"
+    registry._REGISTERED.pop("byo", None)
+    registry._MODULES.pop("byo", None)
+    registry._DEVICES.pop("byo", None)
+
+
+def test_registered_backend_runs_its_ops_and_refuses_the_rest(byo):
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5))
+    np.testing.assert_array_equal(convkern.relu(x, backend=byo), np.maximum(x, 0))
+    assert "byo" in [b.name for b in convkern.backends()]
+    with pytest.raises(convkern.UnsupportedOpError, match="byo.*max_pool2d_forward"):
+        convkern.max_pool2d(x, 2, backend=byo)
+    # never picked automatically
+    assert registry.select("cpu").NAME == "cpp"
+
+
+def test_verify_checks_what_it_implements(byo):
+    results = verify([byo], count=3, seed=1)
+    by_op = {(r.op, r.dtype): r for r in results}
+    assert by_op[("conv2d[direct]", "float32")].passed and by_op[("conv2d[direct]", "float32")].cases == 3
+    assert by_op[("relu", "float64")].passed
+    assert by_op[("max_pool2d", "float32")].unsupported
+
+
+def test_bench_has_rows_for_it(byo):
+    report = bench.run(["conv2d", "relu"], ["cpp:im2col", "byo:direct"], ["mnist_conv1"], batch=1,
+                       min_time=0.01, progress=False)
+    impls = {(r["op"], r["impl"]) for r in report["results"]}
+    assert ("conv2d", "byo:direct") in impls and ("relu", "byo") in impls
+    assert "byo:direct" in bench.table(report)
+
+
+def test_wallclock_gate_runs_on_it(byo):
+    ratios = gate.time_ratios(["relu"], rounds=3, backend=byo)
+    verdicts, _ = gate.compare_wallclock(ratios, ratios, 2.0)
+    assert not any(v.failed for v in verdicts)
+
+
+def test_entry_point_discovery(monkeypatch):
+    ep = importlib.metadata.EntryPoint(name="byo_ep", value="byo_backend", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [ep] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert "byo_ep" in registry.names()
+        x = np.array([-1.0, 2.0])
+        np.testing.assert_array_equal(convkern.relu(x, backend="byo_ep"), [0.0, 2.0])
+    finally:
+        registry._MODULES.pop("byo_ep", None)
+        registry._DEVICES.pop("byo_ep", None)
+
+
+def test_register_rejects_bad_backends():
+    with pytest.raises(ValueError, match="built in"):
+        convkern.register_backend("cpp", byo_backend)
+    with pytest.raises(ValueError, match="implements none"):
+        convkern.register_backend("empty", object())
