@@ -80,6 +80,48 @@ class Case:
     unit: str
     run: Callable[[], object]
     output: Callable[[], np.ndarray]
+    device: str = "cpu"  # "cuda": timed with CUDA events after warm-up
+
+
+def _device_of(backend_name: str) -> str:
+    return _backends.info(backend_name).device if backend_name != "torch" else "cpu"
+
+
+def _on_device(device: str, *arrays):
+    """The arrays on `device` (CuPy for "cuda"), and a function back to NumPy."""
+    if device == "cpu":
+        return arrays, np.asarray
+    import cupy
+
+    return tuple(cupy.asarray(a) for a in arrays), cupy.asnumpy
+
+
+def _torch_gpu():
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
+        return None
+    torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 against IEEE fp32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    return torch
+
+
+def gpu_median_time(fn: Callable[[], object], reps: int = 50) -> float:
+    """Median seconds per call on the GPU, by CUDA events, after warm-up."""
+    import cupy
+
+    for _ in range(3):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return statistics.median(times)
 
 
 def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool, rng) -> Dict[str, Case]:
@@ -96,13 +138,30 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
     cases = {}
     for impl in impls:
         name, _, algo = impl.partition(":")
+        device = _device_of(name)
+        (xd, wd, bd, gyd), back = _on_device(device, x, w, b, gy)
         if backward:
-            def run(name=name, algo=algo):
-                return F.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), algo=algo, backend=name)[0]
+            def run(name=name, algo=algo, xd=xd, wd=wd, gyd=gyd):
+                return F.conv2d_backward(gyd, xd, wd, **kw, needs=(True, True, False), algo=algo, backend=name)[0]
         else:
-            def run(name=name, algo=algo):
-                return F.conv2d(x, w, b, **kw, algo=algo, backend=name)
-        cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, run)
+            def run(name=name, algo=algo, xd=xd, wd=wd, bd=bd):
+                return F.conv2d(xd, wd, bd, **kw, algo=algo, backend=name)
+        cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, (lambda run=run, back=back: back(run())), device)
+    tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
+    if tg is not None:
+        gx_, gw_, gb_, ggy = (tg.from_numpy(a).cuda() for a in (x, w, b, gy))
+
+        def run_cudnn():
+            if not backward:
+                with tg.no_grad():
+                    return tg.nn.functional.conv2d(gx_, gw_, gb_, **kw)
+            xg = gx_.detach().requires_grad_(True)
+            wg = gw_.detach().requires_grad_(True)
+            tg.nn.functional.conv2d(xg, wg, None, **kw).backward(ggy)
+            return xg.grad
+
+        cases["torch:cudnn"] = Case(op, layer_name, work, "GFLOP/s", run_cudnn,
+                                    lambda: run_cudnn().detach().cpu().numpy(), "cuda")
     torch = _torch()
     if torch is not None:
         tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
@@ -129,19 +188,23 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
     gp = rng.standard_normal(pooled).astype(np.float32)
     gy = rng.standard_normal(shape).astype(np.float32)
     _, ind = F.max_pool2d(x, 2, return_indices=True, backend="reference")
-    calls = {
-        "max_pool2d": (lambda be: F.max_pool2d(x, 2, backend=be), n + q),
-        "max_pool2d_backward": (lambda be: F.max_pool2d_backward(gp, x, ind, 2, backend=be), 3 * q + n),
-        "avg_pool2d": (lambda be: F.avg_pool2d(x, 2, backend=be), n + q),
-        "avg_pool2d_backward": (lambda be: F.avg_pool2d_backward(gp, x, 2, backend=be), q + n),
-        "relu": (lambda be: F.relu(x, backend=be), 2 * n),
-        "relu_backward": (lambda be: F.relu_backward(gy, x, backend=be), 3 * n),
+    calls = {  # op -> (call(backend, x, gp, gy, ind), bytes moved)
+        "max_pool2d": (lambda be, x, gp, gy, ind: F.max_pool2d(x, 2, backend=be), n + q),
+        "max_pool2d_backward": (lambda be, x, gp, gy, ind: F.max_pool2d_backward(gp, x, ind, 2, backend=be),
+                                3 * q + n),
+        "avg_pool2d": (lambda be, x, gp, gy, ind: F.avg_pool2d(x, 2, backend=be), n + q),
+        "avg_pool2d_backward": (lambda be, x, gp, gy, ind: F.avg_pool2d_backward(gp, x, 2, backend=be), q + n),
+        "relu": (lambda be, x, gp, gy, ind: F.relu(x, backend=be), 2 * n),
+        "relu_backward": (lambda be, x, gp, gy, ind: F.relu_backward(gy, x, backend=be), 3 * n),
     }
     fn, work = calls[op]
     problem = "x".join(map(str, shape)) + ("" if op.startswith("relu") else " 2x2/2")
-    backends = list(dict.fromkeys(impl.partition(":")[0] for impl in impls))  # no algorithms here
-    cases = {be: Case(op, problem, work, "GB/s", (lambda be=be: fn(be)), (lambda be=be: fn(be)))
-             for be in backends}
+    cases = {}
+    for be in dict.fromkeys(impl.partition(":")[0] for impl in impls):  # no algorithms here
+        device = _device_of(be)
+        arrays, back = _on_device(device, x, gp, gy, ind)
+        run = (lambda be=be, arrays=arrays: fn(be, *arrays))
+        cases[be] = Case(op, problem, work, "GB/s", run, (lambda run=run, back=back: back(run())), device)
     torch = _torch()
     if torch is not None:
         tx, tgp, tgy, tind = (torch.from_numpy(a) for a in (x, gp, gy, ind))
@@ -185,10 +248,10 @@ def _validate(cases: Dict[str, Case], truth_key: Optional[str]) -> Dict[str, str
 
 
 def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
-    """backend:algo for every available CPU backend (the reference is the oracle, not a contender)."""
+    """backend:algo for every available backend (the reference is the oracle, not a contender)."""
     out = []
     for info in _backends.backends():
-        if info.device != "cpu" or not info.available or info.name == "reference":
+        if not info.available or info.name == "reference":
             continue
         if names and info.name not in names:
             continue
@@ -242,7 +305,7 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
         for impl, case in cases.items():
             if impl in skip:
                 continue
-            t = median_time(case.run, min_time)
+            t = gpu_median_time(case.run) if case.device == "cuda" else median_time(case.run, min_time)
             rate = case.work / t / 1e9
             results.append(Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling,
                                   verdicts[impl]))
