@@ -26,6 +26,16 @@ inline AvgWindow avg_window(idx ho, idx wo, const PoolShape& p) {
     return a;
 }
 
+// Output columns [lo, hi) of row ho whose 2x2 window lies inside the input
+// (the common pooling layer): no clipping, divisor 4 or the override. Empty
+// range when the layer is not 2x2 or the row's window leaves the input.
+inline void avg_interior_2x2(idx ho, const PoolShape& p, idx& lo, idx& hi) {
+    lo = hi = 0;
+    const idx h0 = ho * p.sh - p.ph;
+    if (p.kh != 2 || p.kw != 2 || h0 < 0 || h0 + 1 >= p.H) return;
+    valid_range(p.W - 1, p.Wo, p.sw, -p.pw, lo, hi);
+}
+
 template <class T>
 void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
@@ -33,14 +43,27 @@ void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
     for (idx t = 0; t < p.planes; ++t) {
         const T* xp = x + t * HW;
         T* yp = y + t * P;
-        for (idx ho = 0; ho < p.Ho; ++ho)
+        for (idx ho = 0; ho < p.Ho; ++ho) {
+            idx lo, hi;
+            avg_interior_2x2(ho, p, lo, hi);
+            const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
+            const T* r0 = xp + (ho * p.sh - p.ph) * p.W;
+            for (idx wo = lo; wo < hi; ++wo) {  // same summation order as the general loop
+                const idx w = wo * p.sw - p.pw;
+                yp[ho * p.Wo + wo] = (((r0[w] + r0[w + 1]) + r0[p.W + w]) + r0[p.W + w + 1]) / div;
+            }
             for (idx wo = 0; wo < p.Wo; ++wo) {
+                if (wo == lo && hi > lo) {
+                    wo = hi - 1;
+                    continue;
+                }
                 const AvgWindow a = avg_window(ho, wo, p);
                 T sum = 0;
                 for (idx h = a.h0; h < a.h1; ++h)
                     for (idx w = a.w0; w < a.w1; ++w) sum += xp[h * p.W + w];
                 yp[ho * p.Wo + wo] = a.divisor ? sum / static_cast<T>(a.divisor) : T(0);
             }
+        }
     }
 }
 
