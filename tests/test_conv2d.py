@@ -6,7 +6,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import convkern
 from helpers import assert_close, randn, ck
 
 ALGOS = ["direct", "im2col", "auto"]

@@ -7,7 +7,6 @@ import pathlib
 import numpy as np
 import pytest
 
-import convkern
 from helpers import assert_close, ck
 
 GOLDEN = np.load(pathlib.Path(__file__).parent / "golden" / "torch_golden.npz", allow_pickle=False)

@@ -4,7 +4,6 @@ on every backend: the gradients are checked without trusting any backward."""
 import numpy as np
 import pytest
 
-import convkern
 from helpers import ck
 
 

@@ -7,7 +7,7 @@ Conventions are PyTorch's (see DESIGN.md); shapes are (N, C, H, W) throughout.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
