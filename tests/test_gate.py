@@ -46,7 +46,7 @@ def test_wallclock_gate_trips_when_slowed(tmp_path):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(baseline.read_text())["history"][-1]["reason"] == "test"
-    env["CONVKERN_DEBUG_REPEAT"] = "5"  # every kernel 5x: beyond the all-cases limit (3x)
+    env["CONVKERN_DEBUG_REPEAT"] = "20"  # every kernel 20x: far beyond the all-cases limit (3x)
     r = subprocess.run(run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout
