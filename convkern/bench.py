@@ -397,7 +397,8 @@ def main_bench(args) -> int:
     impls = None
     if args.backends:
         wanted = args.backends.split(",")
-        impls = [i for i in wanted if ":" in i] + default_impls([w for w in wanted if ":" not in w])
+        plain = [w for w in wanted if ":" not in w]  # a bare backend name: all its algorithms
+        impls = [i for i in wanted if ":" in i] + (default_impls(plain) if plain else [])
     layers = args.layers.split(",") if args.layers else [l.name for l in CANONICAL]
     report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
     print(table(report))

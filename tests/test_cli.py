@@ -67,3 +67,13 @@ def test_bench_plot(tmp_path):
     assert cli.main(["bench", "--layers", "mnist_conv1", "--batch", "1", "--backends", "cpp", "--min-time", "0.01",
                      "--plot", str(png), "--no-progress"]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_bench_backend_algo_pairs_select_exactly_those(tmp_path):
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--layers", "mnist_conv1", "--batch", "1", "--backends", "cpp:im2col",
+                     "--min-time", "0.01", "--json", str(out), "--no-progress"]) == 0
+    import json
+
+    impls = {r["impl"] for r in json.loads(out.read_text())["results"]}
+    assert impls <= {"cpp:im2col", "torch"} and "cpp:im2col" in impls
