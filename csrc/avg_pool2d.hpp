@@ -36,9 +36,22 @@ inline void avg_interior_2x2(idx ho, const PoolShape& p, idx& lo, idx& hi) {
     valid_range(p.W - 1, p.Wo, p.sw, -p.pw, lo, hi);
 }
 
+// The general window sum for outputs [wo_begin, wo_end) of row ho.
+template <class T>
+inline void avg_row_forward(const T* xp, T* yp, idx ho, idx wo_begin, idx wo_end, const PoolShape& p) {
+    for (idx wo = wo_begin; wo < wo_end; ++wo) {
+        const AvgWindow a = avg_window(ho, wo, p);
+        T sum = 0;
+        for (idx h = a.h0; h < a.h1; ++h)
+            for (idx w = a.w0; w < a.w1; ++w) sum += xp[h * p.W + w];
+        yp[ho * p.Wo + wo] = a.divisor ? sum / static_cast<T>(a.divisor) : T(0);
+    }
+}
+
 template <class T>
 void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+    const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
     for (idx t = 0; t < p.planes; ++t) {
         const T* xp = x + t * HW;
@@ -46,42 +59,60 @@ void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
         for (idx ho = 0; ho < p.Ho; ++ho) {
             idx lo, hi;
             avg_interior_2x2(ho, p, lo, hi);
-            const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
+            if (lo >= hi) {
+                avg_row_forward(xp, yp, ho, 0, p.Wo, p);
+                continue;
+            }
             const T* r0 = xp + (ho * p.sh - p.ph) * p.W;
             for (idx wo = lo; wo < hi; ++wo) {  // same summation order as the general loop
                 const idx w = wo * p.sw - p.pw;
                 yp[ho * p.Wo + wo] = (((r0[w] + r0[w + 1]) + r0[p.W + w]) + r0[p.W + w + 1]) / div;
             }
-            for (idx wo = 0; wo < p.Wo; ++wo) {
-                if (wo == lo && hi > lo) {
-                    wo = hi - 1;
-                    continue;
-                }
-                const AvgWindow a = avg_window(ho, wo, p);
-                T sum = 0;
-                for (idx h = a.h0; h < a.h1; ++h)
-                    for (idx w = a.w0; w < a.w1; ++w) sum += xp[h * p.W + w];
-                yp[ho * p.Wo + wo] = a.divisor ? sum / static_cast<T>(a.divisor) : T(0);
-            }
+            avg_row_forward(xp, yp, ho, 0, lo, p);
+            avg_row_forward(xp, yp, ho, hi, p.Wo, p);
         }
+    }
+}
+
+// Each output of row ho, columns [wo_begin, wo_end), spreads its share over its window.
+template <class T>
+inline void avg_row_backward(const T* g, T* gp, idx ho, idx wo_begin, idx wo_end, const PoolShape& p) {
+    for (idx wo = wo_begin; wo < wo_end; ++wo) {
+        const AvgWindow a = avg_window(ho, wo, p);
+        if (!a.divisor) continue;
+        const T v = g[ho * p.Wo + wo] / static_cast<T>(a.divisor);
+        for (idx h = a.h0; h < a.h1; ++h)
+            for (idx w = a.w0; w < a.w1; ++w) gp[h * p.W + w] += v;
     }
 }
 
 template <class T>
 void avg_pool2d_backward(const T* gy, T* gx, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+    const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
     for (idx t = 0; t < p.planes; ++t) {
         T* gp = gx + t * HW;
         const T* g = gy + t * P;
         for (idx i = 0; i < HW; ++i) gp[i] = T(0);
-        for (idx ho = 0; ho < p.Ho; ++ho)
-            for (idx wo = 0; wo < p.Wo; ++wo) {
-                const AvgWindow a = avg_window(ho, wo, p);
-                if (!a.divisor) continue;
-                const T v = g[ho * p.Wo + wo] / static_cast<T>(a.divisor);
-                for (idx h = a.h0; h < a.h1; ++h)
-                    for (idx w = a.w0; w < a.w1; ++w) gp[h * p.W + w] += v;
+        for (idx ho = 0; ho < p.Ho; ++ho) {
+            idx lo, hi;
+            avg_interior_2x2(ho, p, lo, hi);
+            if (lo >= hi) {
+                avg_row_backward(g, gp, ho, 0, p.Wo, p);
+                continue;
             }
+            T* r0 = gp + (ho * p.sh - p.ph) * p.W;
+            avg_row_backward(g, gp, ho, 0, lo, p);
+            for (idx wo = lo; wo < hi; ++wo) {  // in output order, as the general loop
+                const idx w = wo * p.sw - p.pw;
+                const T v = g[ho * p.Wo + wo] / div;
+                r0[w] += v;
+                r0[w + 1] += v;
+                r0[p.W + w] += v;
+                r0[p.W + w + 1] += v;
+            }
+            avg_row_backward(g, gp, ho, hi, p.Wo, p);
+        }
     }
 }
