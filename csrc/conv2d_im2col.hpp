@@ -102,9 +102,14 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvS
     const bool pointwise = conv_is_pointwise(s);
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
     const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
+    // the weights are packed once per call, not once per image and band
+    const idx wpk_elems = packed_a_elems<T>(Kg, CRS);
+    T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
+    for (idx g = 0; g < s.G; ++g) pack_a_full(Kg, CRS, w + g * Kg * CRS, CRS, idx(1), wpk + g * wpk_elems);
     for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems, [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         const T* wg = w + g * Kg * CRS;
+        const T* wg_packed = wpk + g * wpk_elems;
         T* yg = y + (n * s.K + g * Kg) * P;
         for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
             const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
@@ -114,7 +119,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvS
                 col = scratch;
             }
             gemm_blocked(Kg, pc, CRS, wg, CRS, idx(1), col, pc, idx(1), yg + ho0 * s.Wo, P, false,
-                         scratch + col_elems, inner);
+                         scratch + col_elems, inner, wg_packed);
         }
         if (b)
             for (idx k = 0; k < Kg; ++k) {
@@ -132,21 +137,26 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
     const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
     if (gx) {
+        // w_g^T, packed once per call
+        const idx wpk_elems = packed_a_elems<T>(CRS, Kg);
+        T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
+        for (idx g = 0; g < s.G; ++g) pack_a_full(CRS, Kg, w + g * Kg * CRS, idx(1), CRS, wpk + g * wpk_elems);
         for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems,
                                 [&](idx n, idx g, T* scratch, bool inner) {
                                     T* gxg = gx + (n * s.C + g * Cg) * HW;
                                     const T* gyg = gy + (n * s.K + g * Kg) * P;
                                     const T* wg = w + g * Kg * CRS;
+                                    const T* wt_packed = wpk + g * wpk_elems;
                                     if (pointwise) {  // gx_g = w_g^T gy_g directly
                                         gemm_blocked(CRS, P, Kg, wg, idx(1), CRS, gyg, P, idx(1), gxg, P, false,
-                                                     scratch, inner);
+                                                     scratch, inner, wt_packed);
                                         return;
                                     }
                                     for (idx i = 0; i < Cg * HW; ++i) gxg[i] = T(0);
                                     for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
                                         const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
                                         gemm_blocked(CRS, pc, Kg, wg, idx(1), CRS, gyg + ho0 * s.Wo, P, idx(1),
-                                                     scratch, pc, false, scratch + col_elems, inner);
+                                                     scratch, pc, false, scratch + col_elems, inner, wt_packed);
                                         col2im_add(scratch, Cg, s, gxg, ho0, ho1);
                                     }
                                 });

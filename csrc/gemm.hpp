@@ -92,11 +92,36 @@ inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
+// A packed once for the whole matrix (pack_a_full), for operands reused across
+// many GEMMs (a conv's weights across images and bands): for each KC block of
+// K, every MR-row panel of M, zero-padded to Mpad rows.
+template <class T>
+idx packed_a_elems(idx M, idx K) {
+    constexpr int MR = GemmBlocking<T>::MR;
+    return ((M + MR - 1) / MR) * MR * K;
+}
+
+template <class T>
+void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
+    typedef GemmBlocking<T> GB;
+    constexpr int MR = GB::MR;
+    const idx panels = (M + MR - 1) / MR, Mpad = panels * MR;
+    const idx blocks = (K + GB::KC - 1) / GB::KC;
+#pragma omp parallel for collapse(2) num_threads(threads_for(panels * blocks)) schedule(static)
+    for (idx b = 0; b < blocks; ++b)
+        for (idx ip = 0; ip < panels; ++ip) {
+            const idx pc = b * GB::KC, kc = imin(GB::KC, K - pc);
+            pack_a_panel(kc, imin(MR, M - ip * MR), A + ip * MR * rsa + pc * csa, rsa, csa,
+                         out + pc * Mpad + ip * MR * kc);
+        }
+}
+
 // `pack` must hold GemmBlocking<T>::pack_elems elements, 64-byte aligned.
-// parallel=false when called from inside an OpenMP region.
+// parallel=false when called from inside an OpenMP region. With `a_packed`
+// (from pack_a_full of this A) A is not read or packed again.
 template <class T>
 void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
-                  bool accumulate, T* pack, bool parallel) {
+                  bool accumulate, T* pack, bool parallel, const T* a_packed = nullptr) {
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;
     if (M <= 0 || N <= 0) return;
@@ -122,14 +147,19 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
             for (idx ic = 0; ic < M; ic += GB::MC) {
                 idx mc = imin(GB::MC, M - ic);
                 idx mpanels = (mc + MR - 1) / MR;
+                const T* Ablk = Ap;
+                if (a_packed) {
+                    Ablk = a_packed + pc * ((M + MR - 1) / MR) * MR + ic * kc;
+                } else {
 #pragma omp for schedule(static)
-                for (idx ip = 0; ip < mpanels; ++ip)
-                    pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
-                                 Ap + ip * MR * kc);
+                    for (idx ip = 0; ip < mpanels; ++ip)
+                        pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
+                                     Ap + ip * MR * kc);
+                }
 #pragma omp for schedule(static)
                 for (idx t = 0; t < npanels * mpanels; ++t) {
                     idx jp = t / mpanels, ip = t % mpanels;
-                    gemm_micro(kc, Ap + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
+                    gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
                                ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
                 }
             }
