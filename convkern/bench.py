@@ -123,6 +123,22 @@ def gpu_median_time(fn: Callable[[], object], reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def _torch_conv(torch, tensors, kw, backward: bool) -> Callable[[], object]:
+    """PyTorch's conv2d (or its grad input, with grad weight computed too) on
+    tensors (x, w, b, gy), wherever they live."""
+    tx, tw, tb, tgy = tensors
+
+    def run():
+        if not backward:
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, tb, **kw)
+        txg = tx.detach().requires_grad_(True)
+        twg = tw.detach().requires_grad_(True)
+        torch.nn.functional.conv2d(txg, twg, None, **kw).backward(tgy)
+        return txg.grad
+    return run
+
+
 def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool, rng) -> Dict[str, Case]:
     layer = BY_NAME[layer_name]
     xs, ws = layer.shapes(batch)
@@ -148,34 +164,13 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
         cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, (lambda run=run, back=back: back(run())), device)
     tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
     if tg is not None:
-        gx_, gw_, gb_, ggy = (tg.from_numpy(a).cuda() for a in (x, w, b, gy))
-
-        def run_cudnn():
-            if not backward:
-                with tg.no_grad():
-                    return tg.nn.functional.conv2d(gx_, gw_, gb_, **kw)
-            xg = gx_.detach().requires_grad_(True)
-            wg = gw_.detach().requires_grad_(True)
-            tg.nn.functional.conv2d(xg, wg, None, **kw).backward(ggy)
-            return xg.grad
-
+        run_cudnn = _torch_conv(tg, [tg.from_numpy(a).cuda() for a in (x, w, b, gy)], kw, backward)
         cases["torch:cudnn"] = Case(op, layer_name, work, "GFLOP/s", run_cudnn,
                                     lambda: run_cudnn().detach().cpu().numpy(), "cuda")
     torch = _torch()
     if torch is not None:
-        tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, w, b, gy))
-
-        def run_torch():
-            if not backward:
-                with torch.no_grad():
-                    return torch.nn.functional.conv2d(tx, tw, tb, **kw)
-            txg = tx.detach().requires_grad_(True)
-            twg = tw.detach().requires_grad_(True)
-            torch.nn.functional.conv2d(txg, twg, None, **kw).backward(tgy)
-            return txg.grad
-
-        cases["torch"] = Case(op, layer_name, work, "GFLOP/s", run_torch,
-                              lambda: run_torch().detach().numpy())
+        run_torch = _torch_conv(torch, [torch.from_numpy(a) for a in (x, w, b, gy)], kw, backward)
+        cases["torch"] = Case(op, layer_name, work, "GFLOP/s", run_torch, lambda: run_torch().detach().numpy())
     return cases
 
 
