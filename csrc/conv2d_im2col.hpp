@@ -7,8 +7,8 @@
 // matrix is built a band of output rows at a time, sized to stay in cache,
 // so memory stays bounded (CRS x band) instead of CRS x P per image.
 // Work is split over (image, group) pairs when there are enough of them,
-// otherwise the GEMM itself runs on all threads. Grad weight reduces over the
-// batch serially, with the GEMM parallel inside, so it is deterministic.
+// otherwise the GEMM itself runs on all threads. Grad weight sums fixed chunks
+// of the batch in parallel and adds the chunks in order: deterministic.
 
 // col (Cg*R*S, (ho1-ho0)*Wo) from xg (Cg, H, W): the columns of output rows [ho0, ho1)
 template <class T>
@@ -29,11 +29,12 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx 
                 continue;
             }
             const T* xrow = xp + h * s.W;
+            if (s.sw == 1) {
+                gather_row(dst, xrow + off, lo, hi, s.Wo);  // xrow + off is only read at [lo, hi)
+                continue;
+            }
             for (idx wo = 0; wo < lo; ++wo) dst[wo] = T(0);
-            if (s.sw == 1)
-                for (idx wo = lo; wo < hi; ++wo) dst[wo] = xrow[wo + off];
-            else
-                for (idx wo = lo; wo < hi; ++wo) dst[wo] = xrow[wo * s.sw + off];
+            for (idx wo = lo; wo < hi; ++wo) dst[wo] = xrow[wo * s.sw + off];
             for (idx wo = hi; wo < s.Wo; ++wo) dst[wo] = T(0);
         }
     }
@@ -57,7 +58,7 @@ void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg, idx ho0, idx 
                 if (h < 0 || h >= s.H) continue;
                 T* grow = gp + h * s.W;
                 if (s.sw == 1)
-                    for (idx wo = lo; wo < hi; ++wo) grow[wo + off] += src[wo];
+                    add_row(grow + off, src, lo, hi);
                 else
                     for (idx wo = lo; wo < hi; ++wo) grow[wo * s.sw + off] += src[wo];
             }
@@ -72,6 +73,15 @@ idx band_rows(const ConvShape& s) {
     constexpr idx kBandBytes = 1 << 20;
     const idx row_bytes = (s.C / s.G) * s.R * s.S * s.Wo * static_cast<idx>(sizeof(T));
     return imax(1, imin(s.Ho, kBandBytes / imax(row_bytes, 1)));
+}
+
+// How many partial sums grad weight splits the batch into: up to 8, while the
+// partials stay within 32 MB. A function of the shape only (determinism).
+template <class T>
+idx gw_chunks(const ConvShape& s, idx wsize) {
+    constexpr idx kMaxChunks = 8, kPartialBytes = idx(32) << 20;
+    const idx by_memory = kPartialBytes / imax(wsize * static_cast<idx>(sizeof(T)), 1);
+    return imax(1, imin(imin(s.N, kMaxChunks), by_memory));
 }
 
 inline bool conv_is_pointwise(const ConvShape& s) {
@@ -162,25 +172,53 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
                                 });
     }
     if (gw) {
-        T* buf = static_cast<T*>(
-            workspace(static_cast<std::size_t>(col_elems + GemmBlocking<T>::pack_elems) * sizeof(T), 0));
-        if (s.N == 0)
-            for (idx i = 0; i < s.K * CRS; ++i) gw[i] = T(0);
-        for (idx n = 0; n < s.N; ++n)
-            for (idx g = 0; g < s.G; ++g) {
-                const T* xg = x + (n * s.C + g * Cg) * HW;
-                const T* gyg = gy + (n * s.K + g * Kg) * P;
-                for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
-                    const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
-                    const T* col = xg;  // pointwise: band == Ho, the input is the column matrix
-                    if (!pointwise) {
-                        im2col(xg, Cg, s, buf, true, ho0, ho1);
-                        col = buf;
+        // Images are summed in a fixed number of chunks (a function of the shape
+        // only), each chunk serially, then the chunks in order: parallel over
+        // chunks, yet the same bits for any thread count.
+        const idx scratch = (col_elems + GemmBlocking<T>::pack_elems + 15) / 16 * 16;
+        const idx wsize = s.K * CRS;
+        const idx chunks = gw_chunks<T>(s, wsize);
+        const int nt = num_threads();
+        const bool outer = nt > 1 && chunks > 1;
+        T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));
+        T* partial = chunks > 1 ? static_cast<T*>(workspace(static_cast<std::size_t>(chunks * wsize) * sizeof(T), 1))
+                                : gw;
+        auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
+            if (n0 == n1)
+                for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
+            for (idx n = n0; n < n1; ++n)
+                for (idx g = 0; g < s.G; ++g) {
+                    const T* xg = x + (n * s.C + g * Cg) * HW;
+                    const T* gyg = gy + (n * s.K + g * Kg) * P;
+                    for (idx ho0 = 0; ho0 < s.Ho; ho0 += band) {
+                        const idx ho1 = imin(s.Ho, ho0 + band), pc = (ho1 - ho0) * s.Wo;
+                        const T* col = xg;  // pointwise: band == Ho, the input is the column matrix
+                        if (!pointwise) {
+                            im2col(xg, Cg, s, sbuf, inner, ho0, ho1);
+                            col = sbuf;
+                        }
+                        gemm_blocked(Kg, CRS, pc, gyg + ho0 * s.Wo, P, idx(1), col, idx(1), pc,
+                                     dst + g * Kg * CRS, CRS, n > n0 || ho0 > 0, sbuf + col_elems, inner);
                     }
-                    gemm_blocked(Kg, CRS, pc, gyg + ho0 * s.Wo, P, idx(1), col, idx(1), pc, gw + g * Kg * CRS, CRS,
-                                 n > 0 || ho0 > 0, buf + col_elems, true);
                 }
+        };
+        if (outer) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (idx j = 0; j < chunks; ++j)
+                accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, partial + j * wsize,
+                           buf + omp_get_thread_num() * scratch, false);
+        } else {
+            for (idx j = 0; j < chunks; ++j)
+                accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, partial + j * wsize, buf, true);
+        }
+        if (chunks > 1) {
+#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
+            for (idx i = 0; i < wsize; ++i) {
+                T acc = partial[i];
+                for (idx j = 1; j < chunks; ++j) acc += partial[j * wsize + i];
+                gw[i] = acc;
             }
+        }
     }
     if (gb) bias_grad(gy, gb, s);
 }

@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 
 #include "common.hpp"

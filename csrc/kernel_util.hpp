@@ -38,3 +38,85 @@ inline int threads_for(idx work_items) {
     if (work_items < nt) nt = static_cast<int>(work_items < 1 ? 1 : work_items);
     return nt;
 }
+
+// Short rows (a 14-wide feature map is shorter than one AVX-512 vector) spend
+// their time in scalar remainder loops unless the tail is masked. These two
+// helpers move a row in whole vectors with masked loads and stores; masked-off
+// lanes are never read, so `src` may point outside its array there.
+//   gather_row: dst[j] = j in [lo, hi) ? src[j] : 0 for j in [0, n)
+//   add_row:    dst[j] += src[j]                   for j in [lo, hi)
+#if defined(__AVX512F__)
+inline __mmask16 lane_mask16(idx from, idx to) {  // lanes l with from <= l < to, clamped to [0, 16)
+    from = imax(from, 0);
+    to = imin(to, 16);
+    return to <= from ? __mmask16(0) : __mmask16(((1u << to) - 1u) & ~((1u << from) - 1u));
+}
+inline __mmask8 lane_mask8(idx from, idx to) {
+    from = imax(from, 0);
+    to = imin(to, 8);
+    return to <= from ? __mmask8(0) : __mmask8(((1u << to) - 1u) & ~((1u << from) - 1u));
+}
+inline void gather_row(float* dst, const float* src, idx lo, idx hi, idx n) {
+    for (idx j = 0; j < n; j += 16)
+        _mm512_mask_storeu_ps(dst + j, lane_mask16(0, n - j),
+                              _mm512_maskz_loadu_ps(lane_mask16(lo - j, hi - j), src + j));
+}
+inline void gather_row(double* dst, const double* src, idx lo, idx hi, idx n) {
+    for (idx j = 0; j < n; j += 8)
+        _mm512_mask_storeu_pd(dst + j, lane_mask8(0, n - j), _mm512_maskz_loadu_pd(lane_mask8(lo - j, hi - j), src + j));
+}
+inline void add_row(float* dst, const float* src, idx lo, idx hi) {
+    for (idx j = lo - lo % 16; j < hi; j += 16) {
+        const __mmask16 m = lane_mask16(lo - j, hi - j);
+        _mm512_mask_storeu_ps(dst + j, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + j), _mm512_maskz_loadu_ps(m, src + j)));
+    }
+}
+inline void add_row(double* dst, const double* src, idx lo, idx hi) {
+    for (idx j = lo - lo % 8; j < hi; j += 8) {
+        const __mmask8 m = lane_mask8(lo - j, hi - j);
+        _mm512_mask_storeu_pd(dst + j, m,
+                              _mm512_add_pd(_mm512_maskz_loadu_pd(m, dst + j), _mm512_maskz_loadu_pd(m, src + j)));
+    }
+}
+#elif defined(__AVX2__)
+inline __m256i lane_mask32(idx from, idx to, idx j) {  // 8 x 32-bit lanes: from <= j + l < to
+    const __m256i l = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_and_si256(_mm256_cmpgt_epi32(l, _mm256_set1_epi32(static_cast<int>(from - 1))),
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(to)), l));
+}
+inline __m256i lane_mask64(idx from, idx to, idx j) {  // 4 x 64-bit lanes
+    const __m256i l = _mm256_add_epi64(_mm256_set1_epi64x(j), _mm256_setr_epi64x(0, 1, 2, 3));
+    return _mm256_and_si256(_mm256_cmpgt_epi64(l, _mm256_set1_epi64x(from - 1)),
+                            _mm256_cmpgt_epi64(_mm256_set1_epi64x(to), l));
+}
+inline void gather_row(float* dst, const float* src, idx lo, idx hi, idx n) {
+    for (idx j = 0; j < n; j += 8)
+        _mm256_maskstore_ps(dst + j, lane_mask32(0, n, j), _mm256_maskload_ps(src + j, lane_mask32(lo, hi, j)));
+}
+inline void gather_row(double* dst, const double* src, idx lo, idx hi, idx n) {
+    for (idx j = 0; j < n; j += 4)
+        _mm256_maskstore_pd(dst + j, lane_mask64(0, n, j), _mm256_maskload_pd(src + j, lane_mask64(lo, hi, j)));
+}
+inline void add_row(float* dst, const float* src, idx lo, idx hi) {
+    for (idx j = lo - lo % 8; j < hi; j += 8) {
+        const __m256i m = lane_mask32(lo, hi, j);
+        _mm256_maskstore_ps(dst + j, m, _mm256_add_ps(_mm256_maskload_ps(dst + j, m), _mm256_maskload_ps(src + j, m)));
+    }
+}
+inline void add_row(double* dst, const double* src, idx lo, idx hi) {
+    for (idx j = lo - lo % 4; j < hi; j += 4) {
+        const __m256i m = lane_mask64(lo, hi, j);
+        _mm256_maskstore_pd(dst + j, m, _mm256_add_pd(_mm256_maskload_pd(dst + j, m), _mm256_maskload_pd(src + j, m)));
+    }
+}
+#else
+template <class T> inline void gather_row(T* dst, const T* src, idx lo, idx hi, idx n) {
+    for (idx j = 0; j < lo; ++j) dst[j] = T(0);
+    for (idx j = lo; j < hi; ++j) dst[j] = src[j];
+    for (idx j = hi; j < n; ++j) dst[j] = T(0);
+}
+template <class T> inline void add_row(T* dst, const T* src, idx lo, idx hi) {
+    for (idx j = lo; j < hi; ++j) dst[j] += src[j];
+}
+#endif

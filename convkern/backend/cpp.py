@@ -26,10 +26,13 @@ def available() -> Tuple[bool, str]:
 
 def choose_algo(g: ConvGeometry) -> str:
     """The `algo="auto"` rule: im2col+GEMM unless the reduction per output is too
-    short for the GEMM to pay for building the column matrix (depthwise and
-    few-channel convolutions)."""
+    short for the GEMM to pay for building the column matrix: depthwise-like
+    grouped convolutions and tiny kernels over few channels. A one-channel
+    input with a real kernel (a grayscale CNN's first layer) still goes to the
+    GEMM: (64, 1, 28, 28) * (32, 1, 5, 5) runs 1.5x faster forward and 30x
+    faster for grad input there than direct."""
     reduction = (g.C // g.groups) * g.R * g.S
-    if g.C // g.groups == 1 or reduction < 16:
+    if (g.groups > 1 and g.C // g.groups == 1) or reduction < 16:
         return "direct"
     return "im2col"
 
