@@ -94,7 +94,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="convkern", description="convolution kernels: info and checks")
+    parser = argparse.ArgumentParser(prog="convkern", description="convolution kernels: info, checks, benchmarks, gates and a trainable CNN")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, build, SIMD level, threads, backends, CUDA devices")
     p.set_defaults(func=cmd_info)
@@ -127,6 +127,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--update", action="store_true", help="write the baseline instead of checking")
     p.add_argument("--reason", help="with --update: why the new figures are right (kept in the file)")
     p.set_defaults(func=lambda a: __import__("convkern.gate", fromlist=["main_gate"]).main_gate(a))
+    p = sub.add_parser("bench-train", help="the LeNet-like model's training step and inference, next to PyTorch")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--backends", help="comma-separated convkern backends (default cpp)")
+    p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
+    p.add_argument("--json", help="write the report as JSON")
+    p.set_defaults(func=lambda a: __import__("convkern.bench_train", fromlist=["main"]).main(a))
+    from .cli_train import add_parsers
+
+    add_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

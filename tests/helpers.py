@@ -22,3 +22,19 @@ def randn(rng: np.random.Generator, shape, dtype) -> np.ndarray:
 
 
 ck = DeviceOps()
+
+
+def numeric_grad(f, x, eps=1e-6):
+    """d f(x) / dx for a scalar f, by central differences, entry by entry."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + eps
+        up = f(x)
+        x[i] = old - eps
+        down = f(x)
+        x[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g

@@ -62,7 +62,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_plot(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is in the bench extra, not the test extra")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (bench, train and test extras have it)")
     png = tmp_path / "bench.png"
     assert cli.main(["bench", "--layers", "mnist_conv1", "--batch", "1", "--backends", "cpp", "--min-time", "0.01",
                      "--plot", str(png), "--no-progress"]) == 0

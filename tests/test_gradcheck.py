@@ -4,23 +4,7 @@ on every backend: the gradients are checked without trusting any backward."""
 import numpy as np
 import pytest
 
-from helpers import ck
-
-
-def numeric_grad(f, x, eps=1e-6):
-    """d(sum(f(x) * probe))/dx by central differences, entry by entry."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        up = f(x)
-        x[i] = old - eps
-        down = f(x)
-        x[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
+from helpers import ck, numeric_grad
 
 
 def check_grad(analytic, numeric, what):

@@ -1,0 +1,141 @@
+"""`convkern bench-train`: the LeNet-like model's training step (and inference)
+at a given batch, convkern's backends next to PyTorch (NCHW and channels_last
+when installed), timed in interleaved rounds in one process so the shared
+machine's state hits every peer alike. Each peer's logits are checked against
+convkern's before anything is timed."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from . import nn
+from .backend import use_backend
+
+INPUT = (1, 28, 28)
+CLASSES = 10
+
+
+def _convkern_runs(backend: str, batch: int, state, x, y) -> Dict[str, Callable[[], object]]:
+    model = nn.build("lenet", INPUT, CLASSES, rng=0)
+    model.load_state_dict(state)
+    crit = nn.CrossEntropyLoss()
+    opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        with use_backend(backend):
+            model.train()
+            opt.zero_grad()
+            crit(model(x), y)
+            model.backward(crit.backward(), need_input_grad=False)
+            opt.step()
+
+    def infer(xs):
+        def run():
+            with use_backend(backend):
+                return model.eval()(xs)
+        return run
+
+    return {"train step": step, f"inference b{batch}": infer(x), "inference b1": infer(x[:1])}
+
+
+def _torch_runs(torch, channels_last: bool, state, x, y) -> Dict[str, Callable[[], object]]:
+    tnn = torch.nn
+    model = tnn.Sequential(tnn.Conv2d(1, 32, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+                           tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+                           tnn.Linear(3136, 128), tnn.ReLU(), tnn.Dropout(0.25), tnn.Linear(128, CLASSES))
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    tx = torch.from_numpy(x).contiguous(memory_format=fmt)
+    ty = torch.from_numpy(y)
+    crit, opt = tnn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        model.train()
+        opt.zero_grad()
+        crit(model(tx), ty).backward()
+        opt.step()
+
+    def infer(xs):
+        def run():
+            model.eval()
+            with torch.no_grad():
+                return model(xs)
+        return run
+
+    return {"train step": step, f"inference b{len(x)}": infer(tx), "inference b1": infer(tx[:1])}
+
+
+def run(batch: int = 64, rounds: int = 15, backends: Optional[List[str]] = None, with_torch: bool = True,
+        reps: int = 3) -> dict:
+    from .bench import _torch
+
+    rng = np.random.default_rng(0)
+    x = rng.random((batch,) + INPUT, dtype=np.float32)
+    y = rng.integers(0, CLASSES, batch)
+    state = nn.build("lenet", INPUT, CLASSES, rng=0).state_dict()
+    peers: Dict[str, Dict[str, Callable[[], object]]] = {}
+    for b in backends or ["cpp"]:
+        peers[f"convkern {b}"] = _convkern_runs(b, batch, state, x, y)
+    torch = _torch() if with_torch else None
+    if torch is not None:
+        peers["torch NCHW"] = _torch_runs(torch, False, state, x, y)
+        peers["torch channels_last"] = _torch_runs(torch, True, state, x, y)
+    # validate before timing: every peer's eval logits match the first's (fresh weights, same input)
+    ref = None
+    for name, runs in peers.items():
+        out = runs[f"inference b{batch}"]()
+        out = out.detach().numpy() if hasattr(out, "detach") else np.asarray(out)
+        if ref is None:
+            ref = out
+        elif not np.allclose(out, ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"bench-train: {name}'s logits differ from {next(iter(peers))}'s")
+    samples: Dict[str, Dict[str, List[float]]] = {p: {k: [] for k in runs} for p, runs in peers.items()}
+    for runs in peers.values():  # warm-up: workspaces, JIT, first touch
+        for fn in runs.values():
+            fn()
+    for _ in range(rounds):
+        for p, runs in peers.items():
+            for k, fn in runs.items():
+                # one untimed call first: two OpenMP runtimes (ours, torch's) whose
+                # idle threads spin for a while would otherwise tax whoever runs next
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                samples[p][k].append((time.perf_counter() - t0) / reps)
+    return {"batch": batch, "rounds": rounds, "reps": reps,
+            "median_ms": {p: {k: 1e3 * statistics.median(v) for k, v in ks.items()} for p, ks in samples.items()}}
+
+
+def table(report: dict) -> str:
+    med = report["median_ms"]
+    kinds = list(next(iter(med.values())))
+    base = med.get("torch NCHW")
+    lines = [f"LeNet-like model, batch {report['batch']}: ms per call, median over {report['rounds']} interleaved "
+             f"rounds of {report['reps']} calls"]
+    lines.append(f"{'peer':<22}" + "".join(f"{k:>18}" for k in kinds))
+    for p, ks in med.items():
+        cells = []
+        for k in kinds:
+            ratio = f" ({base[k] / ks[k]:.2f}x)" if base else ""
+            cells.append(f"{ks[k]:>9.2f}{ratio:>9}")
+        lines.append(f"{p:<22}" + "".join(cells))
+    if base:
+        lines.append("(Nx) = speed relative to torch NCHW: above 1 is faster")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    backends = args.backends.split(",") if args.backends else None
+    report = run(args.batch, args.rounds, backends, with_torch=not args.no_torch)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

@@ -1,0 +1,207 @@
+"""Module, Parameter and Sequential: the thin trainable layer.
+
+No autograd tape: every module has an explicit ``forward(x)`` that keeps what
+its backward needs, and ``backward(grad_output)`` that fills its parameters'
+``.grad`` and returns the gradient with respect to its input. Arrays are NumPy
+on the CPU or CuPy on the GPU; the same code runs on both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..functional import _device_of, _xp
+
+
+def array_module(a):
+    """NumPy or CuPy, whichever `a` belongs to."""
+    return _xp(_device_of(a))
+
+
+def to_numpy(a) -> np.ndarray:
+    """A NumPy array from a NumPy/CuPy array or scalar (CuPy data is copied to the host)."""
+    if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+class Parameter:
+    """A trainable array and its gradient (None until a backward pass fills it)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class. Subclasses register parameters as attributes of type
+    Parameter and child modules as attributes of type Module; names follow
+    PyTorch's (``weight``, ``bias``, ``0.weight`` inside a Sequential) so
+    state dicts carry over."""
+
+    def __init__(self):
+        object.__setattr__(self, "_params", OrderedDict())
+        object.__setattr__(self, "_children", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Parameter):
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._children[name] = value
+        object.__setattr__(self, name, value)
+
+    # -- the work
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_output, need_input_grad: bool = True):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # -- modes
+    def train(self, mode: bool = True) -> "Module":
+        object.__setattr__(self, "training", bool(mode))
+        for c in self._children.values():
+            c.train(mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- parameters
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
+        for n, p in self._params.items():
+            yield prefix + n, p
+        for cn, c in self._children.items():
+            yield from c.named_parameters(prefix + cn + ".")
+
+    def parameters(self) -> List[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self) -> Iterator["Module"]:
+        yield self
+        for c in self._children.values():
+            yield from c.modules()
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def num_parameters(self) -> int:
+        return int(sum(np.prod(p.shape) for p in self.parameters()))
+
+    def to(self, dtype=None, device: Optional[str] = None) -> "Module":
+        """Convert every parameter to `dtype` and/or move it to `device`
+        ("cpu" or "cuda"); gradients are dropped."""
+        if device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from ..functional import _cupy
+            if _cupy() is None:
+                raise RuntimeError("device='cuda' needs CuPy (pip install cupy-cuda13x)")
+        for p in self.parameters():
+            data = p.data
+            if device == "cpu":
+                data = to_numpy(data)
+            elif device == "cuda":
+                data = _xp("cuda").asarray(data)
+            if dtype is not None:
+                data = data.astype(dtype, copy=False)
+            p.data, p.grad = data, None
+        return self
+
+    @property
+    def dtype(self):
+        ps = self.parameters()
+        return ps[0].data.dtype if ps else None
+
+    # -- state
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameter name -> host copy (NumPy), with PyTorch's key names."""
+        return OrderedDict((n, np.array(to_numpy(p.data), copy=True)) for n, p in self.named_parameters())
+
+    def load_state_dict(self, state: Dict[str, object], strict: bool = True) -> None:
+        """Copy arrays (NumPy, CuPy, or anything array-like such as torch
+        tensors' ``.numpy()``) into the parameters, keeping each parameter's
+        dtype and device. Mismatched keys or shapes raise ValueError naming them."""
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        for k, p in own.items():
+            if k in state:
+                shape = tuple(np.shape(state[k]))
+                if shape != p.shape:
+                    problems.append(f"{k}: the model has shape {p.shape}, the state has {shape}")
+        if problems:
+            raise ValueError(f"load_state_dict into {type(self).__name__}: " + "; ".join(problems))
+        for k, p in own.items():
+            if k in state:
+                xp = array_module(p.data)
+                value = to_numpy(state[k]) if xp is np else state[k]
+                p.data = xp.array(value, dtype=p.data.dtype, copy=True)
+                p.grad = None
+
+    # -- display
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for n, c in self._children.items():
+            lines.append(f"  ({n}): " + repr(c).replace("\n", "\n  "))
+        lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse."""
+
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: item {i} is a {type(m).__name__}, not a Module")
+            setattr(self, str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._children.values())
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._children.values())[i]
+
+    def forward(self, x):
+        for m in self:
+            x = m.forward(x)
+        return x
+
+    def backward(self, grad_output, need_input_grad: bool = True):
+        mods = list(self)
+        g = grad_output
+        for i in range(len(mods) - 1, -1, -1):
+            g = mods[i].backward(g, need_input_grad=need_input_grad or i > 0)
+        return g

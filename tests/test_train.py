@@ -1,0 +1,105 @@
+"""Training learns (loss falls, accuracy far above chance, in seconds), and the
+train / predict / featuremaps commands produce what they promise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import convkern.nn as nn
+from convkern.cli import main
+from convkern.data import Augment, batches, make_shapes
+from convkern.train import TrainConfig, fit
+
+
+def test_small_cnn_learns_shapes_in_a_few_seconds():
+    train, test = make_shapes(600, size=20, seed=1), make_shapes(150, size=20, seed=2)
+    mean, std = train.images.mean(), train.images.std()
+    model = nn.build("small", (1, 20, 20), 3, rng=0, dropout=0.1)
+    crit, opt = nn.CrossEntropyLoss(), nn.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    rng = np.random.default_rng(0)
+    epoch_loss = []
+    for _ in range(10):
+        losses = []
+        for x, y in batches(train.images, train.labels, 32, shuffle=True, rng=rng):
+            x = (x - mean) / std
+            opt.zero_grad()
+            losses.append(float(crit(model(x), y)))
+            model.backward(crit.backward(), need_input_grad=False)
+            opt.step()
+        epoch_loss.append(np.mean(losses))
+    model.eval()
+    acc = np.mean(model((test.images - mean) / std).argmax(1) == test.labels)
+    assert epoch_loss[-1] < 0.5 * epoch_loss[0], epoch_loss
+    assert acc > 0.85, f"test accuracy {acc:.3f} (chance is 0.33)"
+
+
+def test_fit_writes_model_metrics_and_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the train extra)")
+    cfg = TrainConfig(data="shapes", arch="small", epochs=2, shapes_train=300, image_size=16, out=str(tmp_path),
+                      optimizer="adam", progress=False, augment=Augment(crop_padding=1, noise=0.02))
+    result = fit(cfg, log=lambda *_: None)
+    for name in ("model.npz", "last.npz", "metrics.json", "curves.png", "confusion.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(saved["history"]) == 2 and saved["test"]["accuracy"] == result["test"]["accuracy"]
+    assert np.array(saved["confusion_matrix"]).sum() == 75
+    model, header = nn.load_model(tmp_path / "model.npz")
+    assert header["classes"] == ["triangle", "square", "circle"] and header["input_shape"] == [1, 16, 16]
+
+
+def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
+    def log(msg):
+        if msg.startswith("epoch 1:"):
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(arch="small", epochs=5, shapes_train=120, image_size=12, out=str(tmp_path), progress=False)
+    result = fit(cfg, log=log)
+    assert result["interrupted"] and len(result["history"]) == 1
+    assert nn.load_model(tmp_path / "last.npz")[1]["epoch"] == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["interrupted"]
+
+
+def test_cli_train_predict_featuremaps(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is in the train extra")
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the train extra)")
+    out = tmp_path / "run"
+    rc = main(["train", "--arch", "small", "--epochs", "2", "--shapes-train", "240", "--image-size", "16",
+               "--out", str(out), "--no-progress", "--seed", "3"])
+    assert rc == 0
+    assert "test (60 images, best model)" in capsys.readouterr().out
+    img = make_shapes(1, size=40, seed=9)  # another size: predict resizes
+    path = tmp_path / "shape.png"
+    Image.fromarray((img.images[0, 0] * 255).astype(np.uint8)).save(path)
+    assert main(["predict", str(out / "model.npz"), str(path)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"{path}: ") and any(c in line for c in ("triangle", "square", "circle"))
+    png = tmp_path / "maps.png"
+    assert main(["featuremaps", str(out / "model.npz"), str(path), "--out", str(png)]) == 0
+    assert png.stat().st_size > 0 and "conv 2" in capsys.readouterr().out
+
+
+def test_feature_maps_are_scaled_to_0_255(tmp_path):
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is in the train extra")
+    from convkern.inference import feature_maps
+
+    model = nn.build("lenet", (1, 28, 28), 3, rng=0)
+    nn.save(tmp_path / "m.npz", model, dict(arch="lenet", input_shape=[1, 28, 28], num_classes=3,
+                                            normalisation={"mean": [0.2], "std": [0.3]}))
+    Image.fromarray((make_shapes(1, seed=1).images[0, 0] * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    _, layers = feature_maps(tmp_path / "m.npz", tmp_path / "x.png")
+    assert [m.shape for _, m in layers] == [(32, 28, 28), (64, 14, 14)]
+    for _, maps in layers:
+        assert maps.dtype == np.uint8
+        varied = np.ptp(maps.reshape(len(maps), -1), axis=1) > 0
+        assert np.all(maps.reshape(len(maps), -1)[varied].max(axis=1) == 255)
+        assert np.all(maps.reshape(len(maps), -1)[varied].min(axis=1) == 0)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--data", "nonsense", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "unknown data 'nonsense'" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "none.npz"), "x.png"]) == 2
+    assert "does not exist" in capsys.readouterr().err
