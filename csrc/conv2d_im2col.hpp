@@ -22,6 +22,20 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx 
         const idx off = q * s.dw - s.pw;
         idx lo, hi;
         valid_range(s.W, s.Wo, s.sw, off, lo, hi);
+        if (s.sw == 1) {
+            // output rows [hlo, hhi) read real input rows; the rest are padding
+            const idx hoff = r * s.dh - s.ph;
+            idx hlo, hhi;
+            valid_range(s.H, s.Ho, s.sh, hoff, hlo, hhi);
+            hlo = imin(imax(hlo, ho0), ho1);
+            hhi = imax(imin(hhi, ho1), hlo);
+            for (idx i = 0; i < (hlo - ho0) * s.Wo; ++i) dst[i] = T(0);
+            // xp + ... + off is only read at columns [lo, hi)
+            gather_rows(dst + (hlo - ho0) * s.Wo, xp + (hlo * s.sh + hoff) * s.W + off, s.sh * s.W, hhi - hlo, lo,
+                        hi, s.Wo);
+            for (idx i = (hhi - ho0) * s.Wo; i < P; ++i) dst[i] = T(0);
+            continue;
+        }
         for (idx ho = ho0; ho < ho1; ++ho, dst += s.Wo) {
             const idx h = ho * s.sh - s.ph + r * s.dh;
             if (h < 0 || h >= s.H) {
@@ -29,10 +43,6 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx 
                 continue;
             }
             const T* xrow = xp + h * s.W;
-            if (s.sw == 1) {
-                gather_row(dst, xrow + off, lo, hi, s.Wo);  // xrow + off is only read at [lo, hi)
-                continue;
-            }
             for (idx wo = 0; wo < lo; ++wo) dst[wo] = T(0);
             for (idx wo = lo; wo < hi; ++wo) dst[wo] = xrow[wo * s.sw + off];
             for (idx wo = hi; wo < s.Wo; ++wo) dst[wo] = T(0);

@@ -30,6 +30,13 @@ struct GemmBlocking {
 template <class T>
 inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) {
     constexpr int MR = GemmBlocking<T>::MR;
+    if (csa == 1) {  // row-major A: read each row contiguously, scatter into the L1-sized panel
+        for (idx i = 0; i < rows; ++i)
+            for (idx k = 0; k < kc; ++k) Ap[k * MR + i] = A[i * rsa + k];
+        for (idx i = rows; i < MR; ++i)
+            for (idx k = 0; k < kc; ++k) Ap[k * MR + i] = T(0);
+        return;
+    }
     for (idx k = 0; k < kc; ++k) {
         idx i = 0;
         for (; i < rows; ++i) Ap[k * MR + i] = A[i * rsa + k * csa];
@@ -43,6 +50,13 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     constexpr int NR = GemmBlocking<T>::NR;
     if (csb == 1 && cols == NR) {
         for (idx k = 0; k < kc; ++k) std::memcpy(Bp + k * NR, B + k * rsb, NR * sizeof(T));
+        return;
+    }
+    if (rsb == 1) {  // transposed B (grad weight's col^T): contiguous reads down each column
+        for (idx j = 0; j < cols; ++j)
+            for (idx k = 0; k < kc; ++k) Bp[k * NR + j] = B[j * csb + k];
+        for (idx j = cols; j < NR; ++j)
+            for (idx k = 0; k < kc; ++k) Bp[k * NR + j] = T(0);
         return;
     }
     for (idx k = 0; k < kc; ++k) {

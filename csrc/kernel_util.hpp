@@ -120,3 +120,32 @@ template <class T> inline void add_row(T* dst, const T* src, idx lo, idx hi) {
     for (idx j = lo; j < hi; ++j) dst[j] += src[j];
 }
 #endif
+
+// `rows` rows of gather_row: dst rows are contiguous (n apart), src rows are
+// src_stride apart. Rows of at most one vector reuse their masks (the common
+// small feature map); longer rows go through gather_row.
+#if defined(__AVX512F__)
+inline void gather_rows(float* dst, const float* src, idx src_stride, idx rows, idx lo, idx hi, idx n) {
+    if (n > 16) {
+        for (idx i = 0; i < rows; ++i) gather_row(dst + i * n, src + i * src_stride, lo, hi, n);
+        return;
+    }
+    const __mmask16 load = lane_mask16(lo, hi), store = lane_mask16(0, n);
+    for (idx i = 0; i < rows; ++i)
+        _mm512_mask_storeu_ps(dst + i * n, store, _mm512_maskz_loadu_ps(load, src + i * src_stride));
+}
+inline void gather_rows(double* dst, const double* src, idx src_stride, idx rows, idx lo, idx hi, idx n) {
+    if (n > 8) {
+        for (idx i = 0; i < rows; ++i) gather_row(dst + i * n, src + i * src_stride, lo, hi, n);
+        return;
+    }
+    const __mmask8 load = lane_mask8(lo, hi), store = lane_mask8(0, n);
+    for (idx i = 0; i < rows; ++i)
+        _mm512_mask_storeu_pd(dst + i * n, store, _mm512_maskz_loadu_pd(load, src + i * src_stride));
+}
+#else
+template <class T>
+inline void gather_rows(T* dst, const T* src, idx src_stride, idx rows, idx lo, idx hi, idx n) {
+    for (idx i = 0; i < rows; ++i) gather_row(dst + i * n, src + i * src_stride, lo, hi, n);
+}
+#endif

@@ -18,10 +18,59 @@ inline void max_step(T v, idx i, T& m, idx& best) {
     best = take ? i : best;
 }
 
+#if defined(__AVX512F__)
+// 16 outputs of 2x2 / stride 2 windows at once: the row pair's even and odd
+// columns are split apart with a two-source permute, then the same running
+// max as max_step (greater, or NaN) picks value and index per lane. `n` <= 16
+// lanes are live; masked loads never touch memory past the last window.
+inline void max_pool_2x2s2_x16(const float* r0, const float* r1, std::int64_t i00, idx W, idx n, float* y,
+                               std::int64_t* ind) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __mmask16 lo = lane_mask16(0, 2 * n), hi = lane_mask16(0, 2 * n - 16);
+    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0), b0 = _mm512_maskz_loadu_ps(hi, r0 + 16);
+    const __m512 a1 = _mm512_maskz_loadu_ps(lo, r1), b1 = _mm512_maskz_loadu_ps(hi, r1 + 16);
+    __m512 m = _mm512_permutex2var_ps(a0, even, b0);
+    // indices in two halves of 8 int64 lanes: i00 + 2 * lane (+ 1, + W, + W + 1)
+    const __m512i step2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    __m512i blo = _mm512_add_epi64(_mm512_set1_epi64(i00), step2);
+    __m512i bhi = _mm512_add_epi64(blo, _mm512_set1_epi64(16));
+    const __m512 cand[3] = {_mm512_permutex2var_ps(a0, odd, b0), _mm512_permutex2var_ps(a1, even, b1),
+                            _mm512_permutex2var_ps(a1, odd, b1)};
+    const std::int64_t offs[3] = {1, W, W + 1};
+    const __m512i ilo = blo, ihi = bhi;
+    for (int c = 0; c < 3; ++c) {
+        const __mmask16 take = _mm512_cmp_ps_mask(cand[c], m, _CMP_GT_OQ) |
+                               _mm512_cmp_ps_mask(cand[c], cand[c], _CMP_UNORD_Q);
+        m = _mm512_mask_blend_ps(take, m, cand[c]);
+        const __m512i o = _mm512_set1_epi64(offs[c]);
+        blo = _mm512_mask_blend_epi64(__mmask8(take), blo, _mm512_add_epi64(ilo, o));
+        bhi = _mm512_mask_blend_epi64(__mmask8(take >> 8), bhi, _mm512_add_epi64(ihi, o));
+    }
+    _mm512_mask_storeu_ps(y, lane_mask16(0, n), m);
+    if (ind) {
+        _mm512_mask_storeu_epi64(ind, lane_mask8(0, n), blo);
+        _mm512_mask_storeu_epi64(ind + 8, lane_mask8(0, n - 8), bhi);
+    }
+}
+#endif
+
 // 2x2 windows, dilation 1, fully inside the row pair (the common pooling layer).
 template <class T>
 inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx pw, idx wo_begin, idx wo_end,
                              T* yrow, std::int64_t* irow) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == sizeof(float)) {
+        if (sw == 2) {
+            for (idx wo = wo_begin; wo < wo_end; wo += 16) {
+                const idx w = wo * 2 - pw;
+                max_pool_2x2s2_x16(r0 + w, r1 + w, h * W + w, W, imin(16, wo_end - wo), yrow + wo,
+                                   irow ? irow + wo : nullptr);
+            }
+            return;
+        }
+    }
+#endif
     for (idx wo = wo_begin; wo < wo_end; ++wo) {
         const idx w = wo * sw - pw;
         T m = r0[w];

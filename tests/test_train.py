@@ -103,3 +103,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown data 'nonsense'" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "none.npz"), "x.png"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_train_runs_and_reports(capsys):
+    assert main(["bench-train", "--rounds", "1", "--batch", "4", "--no-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "convkern cpp" in out and "train step" in out and "inference b4" in out
