@@ -127,18 +127,75 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolShape& p)
     }
 }
 
+#if defined(__AVX512F__)
+// Backward of whole 2x2 / stride-2 windows in gather form, 16 windows a step:
+// each input of a window gets the gradient if it is the window's recorded
+// index, else 0, so every element of the output rows is written once and no
+// zero pass is needed. Returns false if some index lies outside its own
+// window (indices not from this pooling): the caller then scatters instead.
+inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip, float* gp, idx H, idx W, idx Ho,
+                                          idx Wo) {
+    const __m512i lo_mix = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_mix = _mm512_add_epi32(lo_mix, _mm512_set1_epi32(8));
+    const __m512i step2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    __mmask16 stray = 0;
+    for (idx ho = 0; ho < Ho; ++ho) {
+        float* r0 = gp + 2 * ho * W;
+        float* r1 = r0 + W;
+        for (idx wo = 0; wo < Wo; wo += 16) {
+            const idx n = imin(16, Wo - wo);
+            const __mmask16 live = lane_mask16(0, n);
+            const __m512 gv = _mm512_maskz_loadu_ps(live, g + ho * Wo + wo);
+            const __m512i ilo = _mm512_maskz_loadu_epi64(lane_mask8(0, n), ip + ho * Wo + wo);
+            const __m512i ihi = _mm512_maskz_loadu_epi64(lane_mask8(0, n - 8), ip + ho * Wo + wo + 8);
+            const __m512i blo = _mm512_add_epi64(_mm512_set1_epi64(2 * ho * W + 2 * wo), step2);
+            const __m512i bhi = _mm512_add_epi64(blo, _mm512_set1_epi64(16));
+            __mmask16 hit[4];
+            const std::int64_t offs[4] = {0, 1, W, W + 1};
+            for (int c = 0; c < 4; ++c) {
+                const __m512i o = _mm512_set1_epi64(offs[c]);
+                hit[c] = __mmask16(_mm512_cmpeq_epi64_mask(ilo, _mm512_add_epi64(blo, o)) |
+                                   (_mm512_cmpeq_epi64_mask(ihi, _mm512_add_epi64(bhi, o)) << 8));
+            }
+            const __mmask16 none = __mmask16(_mm512_cmpeq_epi64_mask(ilo, _mm512_set1_epi64(-1)) |
+                                             (_mm512_cmpeq_epi64_mask(ihi, _mm512_set1_epi64(-1)) << 8));
+            stray |= live & ~(hit[0] | hit[1] | hit[2] | hit[3] | none);
+            const __m512 v00 = _mm512_maskz_mov_ps(hit[0], gv), v01 = _mm512_maskz_mov_ps(hit[1], gv);
+            const __m512 v10 = _mm512_maskz_mov_ps(hit[2], gv), v11 = _mm512_maskz_mov_ps(hit[3], gv);
+            const __mmask16 first = lane_mask16(0, 2 * n), second = lane_mask16(0, 2 * n - 16);
+            _mm512_mask_storeu_ps(r0 + 2 * wo, first, _mm512_permutex2var_ps(v00, lo_mix, v01));
+            _mm512_mask_storeu_ps(r0 + 2 * wo + 16, second, _mm512_permutex2var_ps(v00, hi_mix, v01));
+            _mm512_mask_storeu_ps(r1 + 2 * wo, first, _mm512_permutex2var_ps(v10, lo_mix, v11));
+            _mm512_mask_storeu_ps(r1 + 2 * wo + 16, second, _mm512_permutex2var_ps(v10, hi_mix, v11));
+        }
+        for (idx w = 2 * Wo; w < W; ++w) r0[w] = r1[w] = 0.0f;  // columns no window covers
+    }
+    for (idx i = 2 * Ho * W; i < H * W; ++i) gp[i] = 0.0f;  // rows no window covers
+    return stray == 0;
+}
+#endif
+
 // gx = 0, then each output's gradient goes to the input that won its window
 // (index -1: none).
 // A plane is owned by one thread and walked in order: deterministic.
 template <class T>
 bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+    // whole, non-overlapping 2x2 windows: the gather form above
+    const bool tiles = p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1 && p.ph == 0 &&
+                       p.pw == 0 && 2 * p.Ho <= p.H && 2 * p.Wo <= p.W;
     idx bad = 0;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static) reduction(+ : bad)
     for (idx t = 0; t < p.planes; ++t) {
         T* gp = gx + t * HW;
         const T* g = gy + t * P;
         const std::int64_t* ip = ind + t * P;
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == sizeof(float)) {
+            if (tiles && max_pool_2x2s2_backward_plane(g, ip, gp, p.H, p.W, p.Ho, p.Wo)) continue;
+        }
+#endif
+        (void)tiles;
         for (idx i = 0; i < HW; ++i) gp[i] = T(0);
         for (idx i = 0; i < P; ++i) {
             const std::int64_t j = ip[i];
