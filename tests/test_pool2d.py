@@ -111,6 +111,21 @@ def test_max_pool_backward_routes_to_argmax_and_accumulates_overlaps(backend, dt
     np.testing.assert_array_equal(gx, expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (1, 2, 7, 37), (1, 1, 2, 2)])
+def test_max_pool_backward_takes_indices_from_elsewhere(backend, dtype, rng, shape):
+    """2x2/stride-2 backward with indices that are in the plane but not the
+    windows' own (the gather fast path must notice and scatter instead)."""
+    x = randn(rng, shape, dtype)
+    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
+    gy = randn(rng, out.shape, dtype)
+    for foreign in (np.zeros_like(ind), rng.integers(0, shape[2] * shape[3], ind.shape)):
+        want = ck.max_pool2d_backward(gy, x, foreign, 2, backend="reference")
+        got = ck.max_pool2d_backward(gy, x, foreign, 2, backend=backend)
+        assert_close(got, want, dtype, "foreign indices")
+    got = ck.max_pool2d_backward(gy, x, ind, 2, backend=backend)
+    assert_close(got, ck.max_pool2d_backward(gy, x, ind, 2, backend="reference"), dtype, "own indices")
+
+
 def test_unbatched(backend, dtype, rng):
     x = randn(rng, (3, 8, 7), dtype)
     out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
