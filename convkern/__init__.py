@@ -47,6 +47,19 @@ def get_num_threads() -> int:
     return int(_cpu_module().num_threads())
 
 
+def set_flush_denormal(on: bool) -> bool:
+    """Flush denormal floats to zero inside the C++ kernels (like
+    torch.set_flush_denormal; off by default, which is exact IEEE arithmetic).
+    Denormal gradients appear as a network converges and cost x86 cores
+    microcode assists; `convkern train` turns this on. NumPy code around the
+    calls is not affected. Returns False where the CPU has no such mode."""
+    return bool(_cpu_module().set_flush_denormal(bool(on)))
+
+
+def get_flush_denormal() -> bool:
+    return bool(_cpu_module().flush_denormal())
+
+
 def simd_level() -> str:
     """The SIMD level the C++ kernels run at: 'scalar', 'avx2' or 'avx512'."""
     return str(_cpu_module().simd_level())
@@ -63,5 +76,5 @@ __all__ = [
     "relu", "relu_backward", "backends", "use_backend", "register_backend", "BackendInfo",
     "BackendUnavailableError", "UnsupportedOpError",
     "ConvGeometry", "PoolGeometry", "conv2d_geometry", "pool2d_geometry", "set_num_threads",
-    "get_num_threads", "simd_level", "set_simd_level", "__version__",
+    "get_num_threads", "simd_level", "set_simd_level", "set_flush_denormal", "get_flush_denormal", "__version__",
 ]

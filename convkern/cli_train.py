@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--contrast", type=float, default=a.contrast)
     g.add_argument("--noise", type=float, default=a.noise)
     g.add_argument("--cutout", type=int, default=a.cutout)
+    p.add_argument("--no-flush-denormal", action="store_true",
+                   help="keep denormal floats in the kernels (exact IEEE; slower once gradients get tiny)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -64,7 +66,7 @@ def cmd_train(args) -> int:
         optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
         label_smoothing=args.label_smoothing, backend=args.backend, device=args.device, dtype=args.dtype,
         seed=args.seed, out=args.out, val_fraction=args.val_fraction, shapes_train=args.shapes_train,
-        image_size=args.image_size, progress=not args.no_progress,
+        image_size=args.image_size, progress=not args.no_progress, flush_denormal=not args.no_flush_denormal,
         augment=Augment(args.crop_padding, args.hflip, args.rotate, args.brightness, args.contrast, args.noise,
                         args.cutout))
     try:

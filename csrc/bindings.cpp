@@ -50,6 +50,7 @@ int debug_repeat() {
 
 __attribute__((noinline)) void kernel_region(const std::function<void()>& kernel) {
     py::gil_scoped_release nogil;
+    convkern::DenormalScope denormals;
     for (int i = 0; i < debug_repeat(); ++i) kernel();
     CALLGRIND_DUMP_STATS;
 }
@@ -381,6 +382,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("set_simd_level", [](const std::string& s) { convkern::set_simd_level(parse_simd(s)); });
     m.def("num_threads", &convkern::num_threads);
     m.def("set_num_threads", &convkern::set_num_threads);
+    m.def("set_flush_denormal", &convkern::set_flush_denormal, py::arg("on"));
+    m.def("flush_denormal", &convkern::flush_denormal);
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("geom"),
           py::arg("algo"));
     m.def("conv2d_backward", &conv2d_backward, py::arg("grad_output"), py::arg("x"), py::arg("weight"),

@@ -75,6 +75,28 @@ const char* simd_level_name(SimdLevel level);
 int num_threads();
 void set_num_threads(int n);  // n <= 0 restores the default (OMP_NUM_THREADS or all cores)
 
+// Flush-to-zero / denormals-are-zero inside kernels (off by default: IEEE).
+// Gradients of a converging network drift into the denormal range, where x86
+// arithmetic takes microcode assists; training runs measurably slow down.
+// Returns false where the CPU has no such mode (then nothing changes).
+bool set_flush_denormal(bool on);
+bool flush_denormal();
+
+// Puts the calling thread and the OpenMP workers in the chosen denormal mode
+// for one kernel call; the calling thread's own mode is restored afterwards,
+// so NumPy code around the call is unaffected.
+class DenormalScope {
+   public:
+    DenormalScope();
+    ~DenormalScope();
+    DenormalScope(const DenormalScope&) = delete;
+    DenormalScope& operator=(const DenormalScope&) = delete;
+
+   private:
+    unsigned saved_ = 0;
+    bool restore_ = false;
+};
+
 // Per-calling-thread scratch memory, reused across calls so large buffers are
 // not page-faulted in again each time. Returns 64-byte aligned storage of at
 // least `bytes`; contents are undefined. Throws std::bad_alloc. Call it outside

@@ -9,6 +9,9 @@
 #include <string>
 
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "common.hpp"
 
@@ -106,6 +109,54 @@ int num_threads() {
 }
 
 void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+namespace {
+std::atomic<bool> g_flush{false};
+std::atomic<int> g_flush_generation{0};
+std::atomic<int> g_synced_generation{-1};
+std::atomic<int> g_synced_threads{0};
+#if defined(__x86_64__) || defined(__i386__)
+constexpr unsigned kFtzDaz = 0x8040;  // MXCSR: flush-to-zero (bit 15), denormals-are-zero (bit 6)
+unsigned csr_for(unsigned csr, bool on) { return on ? (csr | kFtzDaz) : (csr & ~kFtzDaz); }
+#endif
+}  // namespace
+
+bool set_flush_denormal(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (g_flush.exchange(on) != on) g_flush_generation.fetch_add(1);
+    return true;
+#else
+    (void)on;
+    return false;
+#endif
+}
+
+bool flush_denormal() { return g_flush.load(); }
+
+DenormalScope::DenormalScope() {
+#if defined(__x86_64__) || defined(__i386__)
+    saved_ = _mm_getcsr();
+    const bool on = g_flush.load();
+    const int gen = g_flush_generation.load(), nt = num_threads();
+    // Workers keep their mode between calls (they only run kernels); bring them
+    // in line when the mode changed or the team grew since they were last set.
+    if (g_synced_generation.load() != gen || g_synced_threads.load() < nt) {
+#pragma omp parallel num_threads(nt)
+        _mm_setcsr(csr_for(_mm_getcsr(), on));
+        g_synced_generation.store(gen);
+        g_synced_threads.store(nt);
+    }
+    const unsigned want = csr_for(saved_, on);
+    _mm_setcsr(want);
+    restore_ = want != saved_;
+#endif
+}
+
+DenormalScope::~DenormalScope() {
+#if defined(__x86_64__) || defined(__i386__)
+    if (restore_) _mm_setcsr(saved_);
+#endif
+}
 
 namespace {
 struct FreeDeleter {

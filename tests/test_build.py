@@ -156,3 +156,25 @@ def test_concurrent_calls_from_python_threads(rng):
     with ThreadPoolExecutor(max_workers=4) as pool:
         for i, out in pool.map(run, range(64)):
             assert np.array_equal(out, expected[i]), f"problem {i} changed under concurrency"
+
+
+def test_flush_denormal_switch_reaches_every_thread_and_spares_numpy():
+    import convkern as ck
+
+    tiny = np.float32(1e-40)  # a float32 denormal
+    x = np.full((4, 8, 6, 6), tiny, np.float32)  # planes spread over the OpenMP workers
+    w = np.ones((8, 8, 1, 1), np.float32)
+    before = ck.get_flush_denormal()
+    try:
+        ck.set_num_threads(2)
+        assert ck.set_flush_denormal(False)
+        exact = ck.conv2d(x, w, backend="cpp")
+        np.testing.assert_array_equal(exact, np.float32(8) * tiny)  # IEEE: denormals kept
+        assert ck.set_flush_denormal(True) and ck.get_flush_denormal()
+        assert np.all(ck.conv2d(x, w, backend="cpp") == 0)  # flushed on every thread
+        assert np.float32(tiny) * np.float32(1.0) == tiny  # NumPy around the call unaffected
+        ck.set_flush_denormal(False)
+        np.testing.assert_array_equal(ck.conv2d(x, w, backend="cpp"), exact)  # and back
+    finally:
+        ck.set_flush_denormal(before)
+        ck.set_num_threads(0)
