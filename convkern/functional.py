@@ -135,6 +135,28 @@ def _unbatch(a, unbatched: bool):
 # ---------------------------------------------------------------- conv2d
 
 
+def _resolve_algo(impl, algo: str, g: ConvGeometry) -> str:
+    if algo == "auto" and hasattr(impl, "choose_algo"):
+        return impl.choose_algo(g)
+    return algo
+
+
+def _all_finite(a, device: str) -> bool:
+    return bool(_xp(device).isfinite(a).all())
+
+
+def _padded(g: ConvGeometry) -> bool:
+    return bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
+
+
+# Direct kernels skip the taps that fall on zero padding; PyTorch multiplies
+# the zeros, and 0 * NaN or 0 * inf is NaN. Where a NaN/inf weight (forward) or
+# gradient (grad weight) meets padding, the im2col path, which multiplies the
+# zeros too, gives PyTorch's answer. The check costs a pass over the weights
+# (forward) or over grad_output (backward), and only runs for the direct path
+# of a padded convolution.
+
+
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
            groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None):
     """2-D cross-correlation, like ``torch.nn.functional.conv2d``.
@@ -149,6 +171,9 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
+    algo = _resolve_algo(impl, algo, g)
+    if algo in ("direct", "auto") and _padded(g) and not _all_finite(w, device):
+        algo = "im2col"
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     y = impl.conv2d_forward(x.reshape(g.input_shape), w, b, g, algo)
@@ -180,7 +205,13 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         gw = _zeros(device, g.weight_shape, dtype) if needs[1] else None
         gb = _zeros(device, (g.K,), dtype) if needs[2] else None
     else:
-        gx, gw, gb = impl.conv2d_backward(gy, x.reshape(g.input_shape), w, g, algo, needs)
+        x = x.reshape(g.input_shape)
+        algo = _resolve_algo(impl, algo, g)
+        if algo in ("direct", "auto") and needs[1] and _padded(g) and not _all_finite(gy, device):
+            gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
+            _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))
+        else:
+            gx, gw, gb = impl.conv2d_backward(gy, x, w, g, algo, needs)
     return _unbatch(gx, g.unbatched), gw, gb
 
 

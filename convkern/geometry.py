@@ -17,9 +17,16 @@ IntPair = Union[int, Tuple[int, int], Sequence[int]]
 Padding = Union[int, Tuple[int, int], Sequence[int], str]
 
 
+# Geometry parameters stay below 2^31 in magnitude, so every product the
+# kernels form (an output index times a stride, a padded size) fits in 64 bits.
+PARAM_LIMIT = 2**31 - 1
+
+
 def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if abs(int(value)) > PARAM_LIMIT:
+        raise ValueError(f"{name} must be below 2**31 in magnitude, got {value!r}")
     return int(value)
 
 
@@ -238,4 +245,6 @@ def check_divisor(divisor_override) -> int:
         raise TypeError(f"avg_pool2d: divisor_override must be an int or None, got {divisor_override!r}")
     if int(divisor_override) == 0:
         raise ValueError("avg_pool2d: divisor_override must not be zero")
+    if abs(int(divisor_override)) > PARAM_LIMIT:
+        raise ValueError(f"avg_pool2d: divisor_override must be below 2**31 in magnitude, got {divisor_override!r}")
     return int(divisor_override)

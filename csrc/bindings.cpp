@@ -359,6 +359,11 @@ py::dict build_info() {
     d["simd_compiled"] = py::make_tuple("scalar", "avx2", "avx512");
     d["openmp"] = _OPENMP;
     d["callgrind_dumps"] = static_cast<bool>(CONVKERN_CALLGRIND);
+#if defined(__SANITIZE_ADDRESS__)
+    d["sanitized"] = true;  // ASan + UBSan (CONVKERN_SANITIZE=ON)
+#else
+    d["sanitized"] = false;
+#endif
     d["num_threads"] = convkern::num_threads();
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;

@@ -8,6 +8,7 @@ op must propagate NaN.
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -276,6 +277,17 @@ def _columns(x, g: ConvGeometry) -> np.ndarray:
     return col.reshape(g.N, g.groups, -1, g.Ho * g.Wo)
 
 
+def _quiet(fn):
+    """NaN/inf inputs are legal data (propagated as PyTorch does); NumPy's
+    matmul would warn about them where the compiled backends do not."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet
 def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
     if algo == "auto":
         algo = choose_algo(g)
@@ -292,6 +304,7 @@ def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
     return y
 
 
+@_quiet
 def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(True, True, True)):
     if algo == "auto":
         algo = choose_algo(g)

@@ -26,31 +26,38 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def _window(start: int, step: int, count: int, stride: int) -> slice:
-    """Positions start + step*offset... for `count` outputs taken every `stride`."""
-    return slice(start, start + stride * (count - 1) + 1, stride)
-
-
-def _pad_conv(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
-    return np.pad(x, ((0, 0), (0, 0), (g.pad_top, g.pad_bottom), (g.pad_left, g.pad_right)))
-
-
 def _grouped(x: np.ndarray, groups: int) -> np.ndarray:
     n, c = x.shape[:2]
     return x.reshape(n, groups, c // groups, *x.shape[2:])
 
 
+def _tap(g: ConvGeometry, r: int, s: int):
+    """Input rows and columns that tap (r, s) reads for every output row and
+    column, clipped into the image, and the mask of those that are real input
+    (the rest read zero padding). Positions are computed, never materialised
+    as a padded image, so any padding or stride size is fine."""
+    (sh, sw), (dh, dw) = g.stride, g.dilation
+    rows = np.arange(g.Ho) * sh - g.pad_top + r * dh
+    cols = np.arange(g.Wo) * sw - g.pad_left + s * dw
+    real = ((rows >= 0) & (rows < g.H))[:, None] & ((cols >= 0) & (cols < g.W))[None, :]
+    return np.clip(rows, 0, max(g.H - 1, 0)), np.clip(cols, 0, max(g.W - 1, 0)), real
+
+
+def _patch(x: np.ndarray, rows, cols, real) -> np.ndarray:
+    """x (..., H, W) read at (rows, cols): padding reads exactly 0 (so that
+    0 * NaN-weight is NaN, as in PyTorch), whatever the clipped positions hold."""
+    return np.where(real, x[..., rows[:, None], cols[None, :]], 0.0)
+
+
 def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str = "direct"):
     """y[n, k, i, j] = b[k] + sum_{c, r, s} x_pad[n, c, i*sh + r*dh, j*sw + s*dw] * w[k, c, r, s]
-    with c running over k's group."""
-    xp = _grouped(_pad_conv(_f64(x), g), g.groups)           # (N, G, Cg, Hp, Wp)
+    with c running over k's group and x_pad zero outside the image."""
+    xg = _grouped(_f64(x), g.groups)                                   # (N, G, Cg, H, W)
     w = _f64(weight).reshape(g.groups, g.K // g.groups, *g.weight_shape[1:])  # (G, Kg, Cg, R, S)
-    (sh, sw), (dh, dw) = g.stride, g.dilation
     y = np.zeros((g.N, g.groups, g.K // g.groups, g.Ho, g.Wo))
     for r in range(g.R):
         for s in range(g.S):
-            patch = xp[:, :, :, _window(r * dh, 1, g.Ho, sh), _window(s * dw, 1, g.Wo, sw)]
-            y += np.einsum("ngchw,gkc->ngkhw", patch, w[:, :, :, r, s])
+            y += np.einsum("ngchw,gkc->ngkhw", _patch(xg, *_tap(g, r, s)), w[:, :, :, r, s])
     y = y.reshape(g.output_shape)
     if bias is not None:
         y += _f64(bias)[None, :, None, None]
@@ -62,22 +69,21 @@ def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str = "direct
     """The adjoint of conv2d_forward: every (r, s) tap sends grad_output back to
     the input positions it read, and correlates grad_output with them for the weight."""
     gy = _grouped(_f64(grad_output), g.groups)                 # (N, G, Kg, Ho, Wo)
-    xp = _grouped(_pad_conv(_f64(x), g), g.groups)             # (N, G, Cg, Hp, Wp)
+    xg = _grouped(_f64(x), g.groups)                           # (N, G, Cg, H, W)
     w = _f64(weight).reshape(g.groups, g.K // g.groups, *g.weight_shape[1:])  # (G, Kg, Cg, R, S)
-    (sh, sw), (dh, dw) = g.stride, g.dilation
-    gxp = np.zeros_like(xp) if needs[0] else None
+    gx = np.zeros_like(xg) if needs[0] else None
     gw = np.zeros_like(w) if needs[1] else None
     for r in range(g.R):
         for s in range(g.S):
-            rows, cols = _window(r * dh, 1, g.Ho, sh), _window(s * dw, 1, g.Wo, sw)
-            if gxp is not None:
-                gxp[:, :, :, rows, cols] += np.einsum("ngkhw,gkc->ngchw", gy, w[:, :, :, r, s])
+            rows, cols, real = _tap(g, r, s)
+            if gx is not None:
+                back = np.einsum("ngkhw,gkc->ngchw", gy, w[:, :, :, r, s])
+                ri, ci = np.nonzero(real)
+                np.add.at(gx, (slice(None), slice(None), slice(None), rows[ri], cols[ci]), back[..., ri, ci])
             if gw is not None:
-                gw[:, :, :, r, s] = np.einsum("ngkhw,ngchw->gkc", gy, xp[:, :, :, rows, cols])
-    gx = None
-    if gxp is not None:
-        gxp = gxp.reshape(g.N, g.C, *gxp.shape[3:])
-        gx = gxp[:, :, g.pad_top:g.pad_top + g.H, g.pad_left:g.pad_left + g.W].astype(x.dtype)
+                gw[:, :, :, r, s] = np.einsum("ngkhw,ngchw->gkc", gy, _patch(xg, rows, cols, real))
+    if gx is not None:
+        gx = gx.reshape(g.input_shape).astype(x.dtype)
     if gw is not None:
         gw = gw.reshape(g.weight_shape).astype(x.dtype)
     gb = _f64(grad_output).sum(axis=(0, 2, 3)).astype(x.dtype) if needs[2] else None

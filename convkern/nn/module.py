@@ -28,6 +28,16 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def _is_float(v) -> bool:
+    dt = getattr(v, "dtype", None)
+    if dt is None:
+        return np.asarray(v).dtype.kind == "f"
+    try:
+        return np.dtype(dt).kind == "f"
+    except TypeError:  # another library's dtype object, e.g. torch.float32
+        return "float" in str(dt)
+
+
 class Parameter:
     """A trainable array and its gradient (None until a backward pass fills it)."""
 
@@ -152,6 +162,9 @@ class Module:
                 shape = tuple(np.shape(state[k]))
                 if shape != p.shape:
                     problems.append(f"{k}: the model has shape {p.shape}, the state has {shape}")
+                if not _is_float(state[k]):
+                    problems.append(f"{k}: the state holds {getattr(state[k], 'dtype', type(state[k]))} values, "
+                                    "not floating point")
         if problems:
             raise ValueError(f"load_state_dict into {type(self).__name__}: " + "; ".join(problems))
         for k, p in own.items():

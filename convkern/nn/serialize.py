@@ -33,13 +33,9 @@ def save(path, model: Module, meta: Optional[dict] = None) -> Path:
     return path
 
 
-def read(path) -> Tuple[dict, dict]:
-    """(header, state dict) of a model file, with clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
+def _read_members(path: Path, f) -> Tuple[object, dict]:
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(f, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable .npz model file: {exc}") from exc
     if not isinstance(z, np.lib.npyio.NpzFile):
@@ -50,10 +46,26 @@ def read(path) -> Tuple[dict, dict]:
         try:
             header = json.loads(bytes(z[_HEADER]).decode())
             state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-        except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        except MemoryError as exc:  # a member declaring an absurd shape
+            raise ValueError(f"{path}: the model file declares arrays too large to load") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise ValueError(f"{path}: the model file is corrupt: {exc}") from exc
+    return header, state
+
+
+def read(path) -> Tuple[dict, dict]:
+    """(header, state dict) of a model file, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    with open(path, "rb") as f:  # ours to close, whatever np.load makes of the bytes
+        header, state = _read_members(path, f)
+    for k, v in state.items():
+        if v.dtype.kind != "f" or v.dtype.itemsize not in (4, 8):
+            raise ValueError(f"{path}: parameter {k} has dtype {v.dtype}; model files hold float32/float64")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a convkern model file (format {header.get('format')!r})")
+        got = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise ValueError(f"{path} is not a convkern model file (format {got!r})")
     if header.get("version") != VERSION:
         raise ValueError(f"{path} has model format version {header.get('version')}; this convkern reads "
                          f"version {VERSION}")
@@ -80,9 +92,18 @@ def load_model(path, dtype=None) -> Tuple[Module, dict]:
     except KeyError as exc:
         raise ValueError(f"{path} does not say its architecture ({exc.args[0]} missing); build the model "
                          "yourself and use load_into") from exc
+    arch_kwargs = header.get("arch_kwargs", {})
+    if not (isinstance(arch, str) and isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and 0 < v <= 1 << 16 for v in shape)
+            and isinstance(classes, int) and 2 <= classes <= 1 << 20 and isinstance(arch_kwargs, dict)):
+        raise ValueError(f"{path}: malformed architecture in the header (arch {arch!r}, input_shape {shape!r}, "
+                         f"num_classes {classes!r})")
     first = next(iter(state.values()), None)
     dt = dtype or (first.dtype if first is not None else np.float32)
-    model = build(arch, shape, classes, dtype=dt, **header.get("arch_kwargs", {}))
+    try:
+        model = build(arch, shape, classes, dtype=dt, **arch_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{path}: the header's arch_kwargs do not fit {arch!r}: {exc}") from exc
     try:
         model.load_state_dict(state)
     except ValueError as exc:
