@@ -113,8 +113,6 @@ void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0, std::memory_order_r
 namespace {
 std::atomic<bool> g_flush{false};
 std::atomic<int> g_flush_generation{0};
-std::atomic<int> g_synced_generation{-1};
-std::atomic<int> g_synced_threads{0};
 #if defined(__x86_64__) || defined(__i386__)
 constexpr unsigned kFtzDaz = 0x8040;  // MXCSR: flush-to-zero (bit 15), denormals-are-zero (bit 6)
 unsigned csr_for(unsigned csr, bool on) { return on ? (csr | kFtzDaz) : (csr & ~kFtzDaz); }
@@ -140,11 +138,13 @@ DenormalScope::DenormalScope() {
     const int gen = g_flush_generation.load(), nt = num_threads();
     // Workers keep their mode between calls (they only run kernels); bring them
     // in line when the mode changed or the team grew since they were last set.
-    if (g_synced_generation.load() != gen || g_synced_threads.load() < nt) {
+    // OpenMP keeps one worker pool per calling thread, hence thread_local.
+    thread_local int synced_generation = -1, synced_threads = 0;
+    if (synced_generation != gen || synced_threads < nt) {
 #pragma omp parallel num_threads(nt)
         _mm_setcsr(csr_for(_mm_getcsr(), on));
-        g_synced_generation.store(gen);
-        g_synced_threads.store(nt);
+        synced_generation = gen;
+        synced_threads = nt;
     }
     const unsigned want = csr_for(saved_, on);
     _mm_setcsr(want);
