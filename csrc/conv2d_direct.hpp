@@ -125,10 +125,96 @@ void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const Co
     }
 }
 
+// Depthwise (one input channel per group), stride 1: each input plane is
+// copied once into a zero-padded buffer that fits L1, so every tap of every
+// output vector is an unchecked load at a fixed offset. Output rows go in
+// blocks of up to DW_NV vectors, each an independent FMA chain over the taps;
+// the last vector of a row is stored through a small tile. Memory-bound: one
+// read of x, one write of y.
+constexpr int DW_NV = 4;
+
+template <class T>
+struct DepthwiseLayout {
+    idx Hp, Ws, elems;  // padded rows, padded row stride (whole vectors + the taps' reach)
+    DepthwiseLayout(const ConvShape& s) {
+        constexpr idx L = CK_VEC_BYTES / sizeof(T);
+        Hp = s.Ho + (s.R - 1) * s.dh;
+        Ws = (s.Wo + L - 1) / L * L + (s.S - 1) * s.dw;
+        elems = (Hp * Ws + 15) / 16 * 16;
+    }
+};
+
+inline bool conv_depthwise_applies(const ConvShape& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
+
+template <class T>
+void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvShape& s) {
+    typedef typename Vec<T>::type V;
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    for (idx ho = 0; ho < s.Ho; ++ho) {
+        const T* xrow = xpad + ho * Ws;
+        T* yrow = y + ho * s.Wo;
+        for (idx wo = 0; wo < s.Wo; wo += DW_NV * L) {
+            const idx nv = imin(DW_NV, (s.Wo - wo + L - 1) / L);
+            V acc[DW_NV];
+            for (int v = 0; v < DW_NV; ++v) acc[v] = V{} + bias;
+            for (idx r = 0; r < s.R; ++r)
+                for (idx q = 0; q < s.S; ++q) {
+                    const T wv = w[r * s.S + q];
+                    const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
+                    if (nv == DW_NV) {
+#pragma GCC unroll 4
+                        for (int v = 0; v < DW_NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
+                    } else {
+                        for (int v = 0; v < nv; ++v) acc[v] += wv * vload<V>(xq + v * L);
+                    }
+                }
+            for (int v = 0; v < nv; ++v) {
+                const idx at = wo + v * L;
+                if (at + L <= s.Wo) {
+                    vstore(yrow + at, acc[v]);
+                } else {
+                    alignas(64) T tile[L];
+                    vstore(tile, acc[v]);
+                    std::memcpy(yrow + at, tile, static_cast<std::size_t>(s.Wo - at) * sizeof(T));
+                }
+            }
+        }
+    }
+}
+
+template <class T>
+void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    const idx Kg = s.K / s.G, P = s.Ho * s.Wo, RS = s.R * s.S;
+    const DepthwiseLayout<T> lay(s);
+    const idx tasks = s.N * s.G;
+    const int nt = threads_for(tasks);
+    T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.elems) * sizeof(T), 0));
+    const idx h0 = imax(0, -s.ph), h1 = imin(s.H, lay.Hp - s.ph);
+    const idx w0 = imax(0, -s.pw), w1 = imin(s.W, lay.Ws - s.pw);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (idx t = 0; t < tasks; ++t) {
+        const idx n = t / s.G, g = t % s.G;
+        T* xpad = buf + omp_get_thread_num() * lay.elems;
+        const T* src = x + (n * s.C + g) * s.H * s.W;
+        std::memset(xpad, 0, static_cast<std::size_t>(lay.elems) * sizeof(T));
+        if (w1 > w0)
+            for (idx h = h0; h < h1; ++h)
+                std::memcpy(xpad + (h + s.ph) * lay.Ws + w0 + s.pw, src + h * s.W + w0,
+                            static_cast<std::size_t>(w1 - w0) * sizeof(T));
+        for (idx k = g * Kg; k < (g + 1) * Kg; ++k)
+            depthwise_plane(xpad, lay.Ws, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
+    }
+}
+
 // y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b
 template <class T>
 void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
     const idx Kg = s.K / s.G;
+    if (conv_depthwise_applies(s)) {
+        const DepthwiseLayout<T> lay(s);
+        constexpr idx kMaxPlaneBytes = idx(4) << 20;
+        if (lay.elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes) return conv2d_forward_depthwise(x, w, b, y, s);
+    }
     if (Kg % 8 == 0)
         conv2d_forward_direct_kb<T, 8>(x, w, b, y, s);
     else if (Kg % 4 == 0)

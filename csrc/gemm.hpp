@@ -19,7 +19,7 @@ struct GemmBlocking {
     // register file: 32 zmm with AVX-512, 16 ymm/xmm otherwise.
     static constexpr int MR = CK_VEC_BYTES == 64 ? 12 : 6;
     static constexpr int NR = 2 * L;
-    static constexpr idx KC = 128;  // a KC x NR panel of B stays in a 32 KiB L1
+    static constexpr idx KC = 512;  // long K runs: C is loaded and stored once per 512 steps
     static constexpr idx MC = 144;  // a multiple of both MRs
     static constexpr idx NC = NR * 96;
     // elements of packing workspace one gemm_blocked call needs
@@ -66,44 +66,75 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
-template <class T>
-inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
-                       bool accumulate) {
+// RT x (NV vectors) tile of C from panels packed for the full MR x NR tile.
+// Edge tiles use the smallest RT (a multiple of 4) and NV that cover them, so
+// a 64-row M (5 full panels + 4 rows) or a 196-column N (6 full panels + 4
+// columns) wastes at most 3 rows and one vector instead of most of a tile.
+template <class T, int RT, int NV>
+inline void gemm_micro_t(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
+                         bool accumulate) {
     typedef GemmBlocking<T> GB;
     typedef typename GB::V V;
     constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
-    V c[MR][2] = {};
+    V c[RT][NV] = {};
     for (idx k = 0; k < kc; ++k) {
-        V b0 = vload<V>(Bp), b1 = vload<V>(Bp + L);
+        V b[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
 #pragma GCC unroll 12
-        for (int i = 0; i < MR; ++i) {
-            T a = Ap[i];
-            c[i][0] += a * b0;
-            c[i][1] += a * b1;
+        for (int i = 0; i < RT; ++i) {
+            const T a = Ap[i];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
         }
         Ap += MR;
         Bp += NR;
     }
-    if (mr == MR && nr == NR) {
-        for (int i = 0; i < MR; ++i) {
+    if (mr == RT && nr == NV * L) {
+        for (int i = 0; i < RT; ++i) {
             T* row = C + i * ldc;
-            if (accumulate) {
-                c[i][0] += vload<V>(row);
-                c[i][1] += vload<V>(row + L);
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) {
+                V r = c[i][v];
+                if (accumulate) r += vload<V>(row + v * L);
+                vstore(row + v * L, r);
             }
-            vstore(row, c[i][0]);
-            vstore(row + L, c[i][1]);
         }
         return;
     }
-    alignas(64) T tile[MR * NR];
-    for (int i = 0; i < MR; ++i) {
-        vstore(tile + i * NR, c[i][0]);
-        vstore(tile + i * NR + L, c[i][1]);
-    }
+    alignas(64) T tile[RT * NV * L];
+    for (int i = 0; i < RT; ++i)
+        for (int v = 0; v < NV; ++v) vstore(tile + (i * NV + v) * L, c[i][v]);
     for (idx i = 0; i < mr; ++i)
         for (idx j = 0; j < nr; ++j)
-            C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
+            C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NV * L + j] : tile[i * NV * L + j];
+}
+
+template <class T>
+inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
+                       bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    static_assert(GB::MR == 12 || GB::MR == 6, "edge dispatch assumes MR 12 (AVX-512) or 6");
+    const bool one = nr <= GB::L;
+    if constexpr (GB::MR == 12) {
+        if (mr > 8) {
+            if (one) return gemm_micro_t<T, 12, 1>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+            return gemm_micro_t<T, 12, 2>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+        }
+        if (mr > 4) {
+            if (one) return gemm_micro_t<T, 8, 1>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+            return gemm_micro_t<T, 8, 2>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+        }
+        if (one) return gemm_micro_t<T, 4, 1>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+        return gemm_micro_t<T, 4, 2>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+    } else {
+        if (mr > 3) {
+            if (one) return gemm_micro_t<T, 6, 1>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+            return gemm_micro_t<T, 6, 2>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+        }
+        if (one) return gemm_micro_t<T, 3, 1>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+        return gemm_micro_t<T, 3, 2>(kc, Ap, Bp, C, ldc, mr, nr, accumulate);
+    }
 }
 
 // A packed once for the whole matrix (pack_a_full), for operands reused across

@@ -60,6 +60,24 @@ AWKWARD = {
     # im2col builds its column matrix in bands of output rows sized for L2
     "im2col_several_bands": ((2, 64, 20, 64), (4, 64, 3, 3), dict(padding=1)),
     "im2col_bands_strided": ((1, 96, 41, 40), (6, 48, 3, 3), dict(padding=1, stride=(2, 1), groups=2)),
+    # stride-1 convs with a reduction of 32 or more take the shifted implicit
+    # GEMM (csrc/conv2d_shifted.hpp): padded planes, wrapped positions dropped
+    "shifted_plain": ((2, 8, 9, 11), (13, 8, 3, 3), dict(padding=1)),
+    "shifted_same_even_kernel": ((2, 8, 9, 8), (5, 8, 4, 2), dict(padding="same")),
+    "shifted_dilated": ((1, 6, 15, 13), (7, 6, 3, 3), dict(dilation=(2, 3), padding=(2, 1))),
+    "shifted_groups": ((2, 12, 9, 10), (9, 4, 3, 3), dict(groups=3, padding=1)),
+    "shifted_valid": ((2, 8, 10, 9), (4, 8, 3, 5), {}),
+    "shifted_1x1_image": ((2, 8, 1, 1), (3, 8, 3, 3), dict(padding=1)),
+    "shifted_padding_larger_than_kernel": ((1, 16, 4, 5), (3, 16, 2, 2), dict(padding=3)),
+    "shifted_padded_1x1_kernel": ((2, 40, 5, 6), (3, 40, 1, 1), dict(padding=(1, 2))),
+    "shifted_several_kc_blocks": ((1, 70, 6, 7), (14, 70, 3, 3), dict(padding=1)),
+    "shifted_wide": ((1, 8, 3, 70), (4, 8, 3, 3), dict(padding=1)),
+    # depthwise stride 1 copies each plane into a padded L1 buffer (conv2d_direct.hpp)
+    "depthwise_same_even_dilated": ((2, 6, 9, 21), (6, 1, 4, 3), dict(groups=6, padding="same", dilation=(1, 2))),
+    "depthwise_valid_multiplier": ((1, 3, 5, 40), (6, 1, 3, 3), dict(groups=3)),
+    "depthwise_1x1_image": ((2, 4, 1, 1), (4, 1, 3, 3), dict(groups=4, padding=1)),
+    "depthwise_padding_larger_than_kernel": ((1, 3, 4, 37), (3, 1, 2, 2), dict(groups=3, padding=3)),
+    "shifted_batch_1_prime_sizes": ((1, 7, 13, 17), (29, 7, 5, 3), dict(padding=(2, 1))),
 }
 
 
