@@ -9,8 +9,11 @@ Used by ``convkern bench`` and by the pytest-benchmark suite in bench/.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,7 +27,9 @@ from .layers import BY_NAME, CANONICAL
 from .verify import relative_error
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-       "relu", "relu_backward")
+       "relu", "relu_backward", "gemm")
+# (M, K, N): square, and resnet_l3_3x3's forward over a batch of 8 as one GEMM
+GEMM_SHAPES = ((2048, 2048, 2048), (256, 2304, 1568))
 MEMORY_SHAPE = (8, 64, 112, 112)  # the activation ANCHORS.md times pooling and relu on
 
 
@@ -40,15 +45,42 @@ def median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int =
     return statistics.median(times)
 
 
+_BLAS_PEAK_SCRIPT = """
+import json, time, statistics, numpy as np
+a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+a @ a
+ts = []
+t0 = time.perf_counter()
+while len(ts) < 5 or (time.perf_counter() - t0 < {min_time} and len(ts) < 50):
+    s = time.perf_counter(); a @ a; ts.append(time.perf_counter() - s)
+print(json.dumps(2 * 2048**3 / statistics.median(ts) / 1e9))
+"""
+
+
+def blas_peak_gflops(min_time: float = 0.5) -> float:
+    """FP32 GEMM rate of NumPy's BLAS at 2048^3, in a child process with the
+    OPENBLAS_* variables removed: OpenBLAS then picks the kernel it would pick
+    for this CPU (a variable such as OPENBLAS_CORETYPE=Haswell halves it on an
+    AVX-512 core), and its threads, which keep spinning after a call, cannot
+    steal the cores from the kernels timed here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    out = subprocess.run([sys.executable, "-c", _BLAS_PEAK_SCRIPT.format(min_time=min_time)], env=env,
+                         capture_output=True, text=True, check=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def measure_ceilings(min_time: float = 0.5) -> Dict[str, float]:
-    """This machine's FP32 GEMM rate (NumPy's BLAS) and copy bandwidth, now."""
+    """This machine's FP32 GEMM rate (the best BLAS here) and copy bandwidth, now."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((1536, 1536)).astype(np.float32)
-    t = median_time(lambda: a @ a, min_time)
+    try:
+        gemm = blas_peak_gflops(min_time)
+    except (OSError, subprocess.SubprocessError, ValueError):  # no child process: measure here
+        a = rng.standard_normal((1536, 1536)).astype(np.float32)
+        gemm = 2 * 1536**3 / median_time(lambda: a @ a, min_time) / 1e9
     big = rng.standard_normal(32 << 20).astype(np.float32)  # 128 MiB, past the caches
     dst = np.empty_like(big)
     tc = median_time(lambda: np.copyto(dst, big), min_time)
-    return {"gemm_gflops": 2 * 1536**3 / t / 1e9, "copy_gbs": 2 * big.nbytes / tc / 1e9}
+    return {"gemm_gflops": gemm, "copy_gbs": 2 * big.nbytes / tc / 1e9}
 
 
 @dataclass
@@ -217,6 +249,28 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
     return cases
 
 
+def gemm_cases(shape, impls: Sequence[str], rng) -> Dict[str, Case]:
+    """Our packed GEMM (the cpp backend's) beside NumPy's BLAS in this process
+    and torch.mm; work = 2*M*N*K."""
+    m, k, n = shape
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    problem = f"{m}x{k}x{n}"
+    cases = {}
+    if any(impl.partition(":")[0] == "cpp" for impl in impls) and _backends.info("cpp").available:
+        from .backend import cpp
+
+        cases["cpp"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: cpp.gemm(a, b),
+                            lambda: cpp.gemm(a, b))
+    cases["numpy"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: a @ b, lambda: a @ b)
+    torch = _torch()
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        cases["torch"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: torch.mm(ta, tb),
+                              lambda: torch.mm(ta, tb).numpy())
+    return cases
+
+
 def _validate(cases: Dict[str, Case], truth_key: Optional[str]) -> Dict[str, str]:
     """Each implementation's output against `truth_key`'s (torch when installed,
     else the float64 reference on small problems); with neither, against the
@@ -267,7 +321,9 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
-        if op.startswith("conv2d"):
+        if op == "gemm":
+            jobs.extend((op, shape) for shape in GEMM_SHAPES)
+        elif op.startswith("conv2d"):
             for layer in layers:
                 if layer not in BY_NAME:
                     raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(BY_NAME)}")
@@ -282,9 +338,11 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
     results: List[Result] = []
     for op, layer in jobs:
         if bar:
-            bar.set_postfix_str(f"{op} {layer or ''}".strip())
+            bar.set_postfix_str(f"{op} {layer or ''}".strip() if op != "gemm" else op)
         skip = set()
-        if layer is not None:
+        if op == "gemm":
+            cases, small = gemm_cases(layer, impls, rng), False
+        elif layer is not None:
             small = conv2d_geometry(*BY_NAME[layer].shapes(batch), None, **BY_NAME[layer].kwargs()).flops < 2e8
             extra = ["reference:direct"] if small and "reference:direct" not in impls else []
             cases = conv_cases(layer, batch, list(impls) + extra, op == "conv2d_backward", rng)
@@ -336,7 +394,7 @@ def _simd() -> str:
 def table(report: dict) -> str:
     """One side-by-side table: time, rate, % of ceiling, ratio to the fastest and to torch."""
     c = report["ceilings"]
-    lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS), "
+    lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS, OPENBLAS_* unset), "
              f"copy {c['copy_gbs']:.1f} GB/s; {report['machine']['threads']} threads, "
              f"SIMD {report['machine']['simd']}, batch {report['batch']}",
              f"{'op':<20} {'problem':<20} {'impl':<16} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "

@@ -105,8 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("bench", help="side-by-side benchmark of backends/algorithms (and PyTorch if installed)")
-    p.add_argument("--ops", default="conv2d", help="comma-separated: conv2d,conv2d_backward,max_pool2d,"
-                   "avg_pool2d,relu (default conv2d)")
+    p.add_argument("--ops", default="conv2d", help="comma-separated: conv2d, conv2d_backward, max_pool2d, "
+                   "avg_pool2d and relu (each also _backward), gemm (default conv2d)")
     p.add_argument("--backends", help="comma-separated backend names or backend:algo pairs "
                    "(default: every available CPU backend and algorithm)")
     p.add_argument("--layers", help="comma-separated canonical layer names (default: all)")

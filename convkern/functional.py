@@ -10,6 +10,8 @@ Shapes: input (N, C, H, W) or unbatched (C, H, W); weight (K, C/groups, R, S).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -128,6 +130,16 @@ def _check_shape(arr, expected, name: str, op: str, unbatched: bool):
     return arr.reshape(expected)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether a backend function accepts keyword `name` (optional extensions of
+    the backend interface, such as max_pool2d_forward's indices=False)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _unbatch(a, unbatched: bool):
     return a[0] if (unbatched and a is not None) else a
 
@@ -232,10 +244,12 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     impl = _backends.select(device, backend, "max_pool2d_forward")
     if g.N == 0:
         y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
+    elif not return_indices and _takes_keyword(impl.max_pool2d_forward, "indices"):
+        y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g, indices=False)
     else:
         y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g)
-    y, ind = _unbatch(y, g.unbatched), _unbatch(ind, g.unbatched)
-    return (y, ind) if return_indices else y
+    y = _unbatch(y, g.unbatched)
+    return (y, _unbatch(ind, g.unbatched)) if return_indices else y
 
 
 def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, stride: Optional[IntPair] = None,

@@ -19,6 +19,8 @@ MAX_CASES = {
     "non_square": ((2, 3, 9, 10), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
     "one_by_one_image": ((3, 2, 1, 1), dict(kernel_size=1)),
     "whole_plane": ((2, 3, 5, 7), dict(kernel_size=(5, 7))),
+    # 2x2/2 rows of whole 16-window vectors plus a tail (the AVX-512 path)
+    "2x2_wide_rows": ((2, 3, 6, 70), dict(kernel_size=2)),
 }
 
 AVG_CASES = {
@@ -43,6 +45,8 @@ def check_max(backend, dtype, rng, x, kw):
     ref, ref_ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
     out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend=backend)
     assert_close(out, ref, dtype, f"max_pool2d {x.shape} {kw}")
+    # without return_indices a backend may take an index-free kernel (cpp does)
+    np.testing.assert_array_equal(ck.max_pool2d(x, **kw, backend=backend), out)
     assert ind.dtype == np.int64 and ind.shape == out.shape
     np.testing.assert_array_equal(ind, ref_ind)
     gy = randn(rng, out.shape, dtype)
@@ -85,9 +89,22 @@ def test_max_pool_semantics(backend, dtype):
     assert out[0, 0, 0, 1] == 5 and ind[0, 0, 0, 1] == 7
     assert np.isnan(out[0, 0, 1, 0]) and ind[0, 0, 1, 0] == 13
     assert out[0, 0, 1, 1] == -np.inf and ind[0, 0, 1, 1] == 10
+    np.testing.assert_array_equal(ck.max_pool2d(x, 2, backend=backend), out)  # the index-free path
     # padding is -inf, never a value: an all-negative border window stays negative
     neg = -np.ones((1, 1, 3, 3), dtype)
     assert ck.max_pool2d(neg, 3, 1, 1, backend=backend).max() == -1
+
+
+def test_max_pool_nan_on_wide_rows(backend, dtype, rng):
+    """NaN wins in every lane of the vector paths, with and without indices."""
+    x = randn(rng, (2, 2, 4, 66), dtype)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    ref, ref_ind = ck.max_pool2d(x, 2, return_indices=True, backend="reference")
+    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(ind, ref_ind)
+    np.testing.assert_array_equal(ck.max_pool2d(x, 2, backend=backend), ref)
+    assert np.isnan(ref).any()
 
 
 def test_avg_pool_divisors(backend, dtype):

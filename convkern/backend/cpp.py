@@ -51,9 +51,10 @@ def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(T
                                       bool(needs[0]), bool(needs[1]), bool(needs[2])))
 
 
-def max_pool2d_forward(x, g: PoolGeometry):
-    y, ind = _cpu.max_pool2d_forward(x, g.as_tuple())
-    return y.reshape(g.output_shape), ind.reshape(g.output_shape)
+def max_pool2d_forward(x, g: PoolGeometry, indices: bool = True):
+    """(y, indices); indices=False skips computing them and returns (y, None)."""
+    y, ind = _cpu.max_pool2d_forward(x, g.as_tuple(), bool(indices))
+    return y.reshape(g.output_shape), (ind.reshape(g.output_shape) if indices else None)
 
 
 def max_pool2d_backward(grad_output, indices, g: PoolGeometry):
