@@ -157,10 +157,13 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
         float* r1 = r0 + W;
         for (idx wo = 0; wo < Wo; wo += 16) {
             const idx n = imin(16, Wo - wo);
+            const bool full = n == 16;  // whole steps skip the masks (masked loads profiled slow here)
             const __mmask16 live = lane_mask16(0, n);
-            const __m512 gv = _mm512_maskz_loadu_ps(live, g + ho * Wo + wo);
-            const __m512i ilo = _mm512_maskz_loadu_epi64(lane_mask8(0, n), ip + ho * Wo + wo);
-            const __m512i ihi = _mm512_maskz_loadu_epi64(lane_mask8(0, n - 8), ip + ho * Wo + wo + 8);
+            const __m512 gv = full ? _mm512_loadu_ps(g + ho * Wo + wo) : _mm512_maskz_loadu_ps(live, g + ho * Wo + wo);
+            const __m512i ilo = full ? _mm512_loadu_si512(ip + ho * Wo + wo)
+                                     : _mm512_maskz_loadu_epi64(lane_mask8(0, n), ip + ho * Wo + wo);
+            const __m512i ihi = full ? _mm512_loadu_si512(ip + ho * Wo + wo + 8)
+                                     : _mm512_maskz_loadu_epi64(lane_mask8(0, n - 8), ip + ho * Wo + wo + 8);
             const __m512i blo = _mm512_add_epi64(_mm512_set1_epi64(2 * ho * W + 2 * wo), step2);
             const __m512i bhi = _mm512_add_epi64(blo, _mm512_set1_epi64(16));
             __mmask16 hit[4];
@@ -175,6 +178,13 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
             stray |= live & ~(hit[0] | hit[1] | hit[2] | hit[3] | none);
             const __m512 v00 = _mm512_maskz_mov_ps(hit[0], gv), v01 = _mm512_maskz_mov_ps(hit[1], gv);
             const __m512 v10 = _mm512_maskz_mov_ps(hit[2], gv), v11 = _mm512_maskz_mov_ps(hit[3], gv);
+            if (full) {
+                _mm512_storeu_ps(r0 + 2 * wo, _mm512_permutex2var_ps(v00, lo_mix, v01));
+                _mm512_storeu_ps(r0 + 2 * wo + 16, _mm512_permutex2var_ps(v00, hi_mix, v01));
+                _mm512_storeu_ps(r1 + 2 * wo, _mm512_permutex2var_ps(v10, lo_mix, v11));
+                _mm512_storeu_ps(r1 + 2 * wo + 16, _mm512_permutex2var_ps(v10, hi_mix, v11));
+                continue;
+            }
             const __mmask16 first = lane_mask16(0, 2 * n), second = lane_mask16(0, 2 * n - 16);
             _mm512_mask_storeu_ps(r0 + 2 * wo, first, _mm512_permutex2var_ps(v00, lo_mix, v01));
             _mm512_mask_storeu_ps(r0 + 2 * wo + 16, second, _mm512_permutex2var_ps(v00, hi_mix, v01));
