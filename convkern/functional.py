@@ -21,7 +21,7 @@ from .geometry import (ConvGeometry, IntPair, Padding, PoolGeometry, check_divis
                        pool2d_geometry)
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_ALGOS = ("auto", "direct", "im2col")
+_ALGOS = ("auto", "direct", "im2col", "implicit")
 
 
 def _device_of(a) -> str:
@@ -148,8 +148,14 @@ def _unbatch(a, unbatched: bool):
 
 
 def _resolve_algo(impl, algo: str, g: ConvGeometry) -> str:
-    if algo == "auto" and hasattr(impl, "choose_algo"):
-        return impl.choose_algo(g)
+    if algo == "auto":
+        return impl.choose_algo(g) if hasattr(impl, "choose_algo") else algo
+    # every backend takes "direct" and "im2col" (the reference computes either
+    # the one clear way); the others exist only where a backend offers them
+    offered = getattr(impl, "ALGOS", None)
+    if algo not in ("direct", "im2col") and offered is not None and algo not in offered:
+        name = getattr(impl, "NAME", getattr(impl, "__name__", "this backend"))
+        raise ValueError(f"algo {algo!r} is not offered by backend {name!r}; it has {', '.join(map(repr, offered))}")
     return algo
 
 
@@ -177,7 +183,8 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     padding: int, (ph, pw), "valid" or "same" (stride 1 only; the odd pixel goes
     bottom/right). Returns (N, K, Ho, Wo) (or (K, Ho, Wo)) with
     Ho = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1.
-    algo: "direct", "im2col" or "auto" (the backend's rule).
+    algo: "direct", "im2col", "implicit" (the cuda backend's implicit GEMM) or
+    "auto" (the backend's rule).
     """
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)

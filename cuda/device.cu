@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "device.cuh"
 
 namespace convkern::cuda {
@@ -21,6 +22,27 @@ __global__ void iota_kernel(int* out, int n) {
 }
 
 }  // namespace
+
+void check_launch(const char* kernel) {
+    const cudaError_t status = cudaGetLastError();
+    if (status == cudaSuccess) return;
+    std::string msg = std::string(kernel) + ": " + cudaGetErrorName(status) + ": " + cudaGetErrorString(status);
+    if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorUnsupportedPtxVersion) {
+        int dev = 0, major = 0, minor = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        msg += " (this GPU is sm_" + std::to_string(major * 10 + minor) +
+               "; rebuild convkern with CMAKE_CUDA_ARCHITECTURES including it)";
+    }
+    if (status == cudaErrorMemoryAllocation) msg = "CUDA out of memory in " + msg;
+    throw std::runtime_error(msg);
+}
+
+void require_device() {
+    std::string why;
+    if (device_count(&why) == 0) throw std::runtime_error("no usable CUDA device: " + why);
+}
 
 int device_count(std::string* why) {
     int n = 0;

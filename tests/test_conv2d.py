@@ -6,14 +6,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from convkern import backend as backends
 from helpers import assert_close, randn, ck
 
-ALGOS = ["direct", "im2col", "auto"]
+# "implicit" (the cuda backend's implicit GEMM) is offered by some backends only;
+# the others must refuse it with a ValueError that says so
+ALGOS = ["direct", "im2col", "implicit", "auto"]
+
+
+def offers(backend: str, algo: str) -> bool:
+    return algo in ("direct", "im2col", "auto") or algo in getattr(backends.get(backend), "ALGOS", ())
 
 
 def check_conv(backend, algo, dtype, rng, x_shape, w_shape, bias=True, make_view=None, **kw):
     x = randn(rng, x_shape, dtype)
     w = randn(rng, w_shape, dtype)
+    if not offers(backend, algo):
+        with pytest.raises(ValueError, match=f"algo '{algo}' is not offered by backend '{backend}'"):
+            ck.conv2d(x, w, **kw, algo=algo, backend=backend)
+        with pytest.raises(ValueError, match="not offered"):
+            ck.conv2d_backward(randn(rng, ck.conv2d(x, w, **kw, backend=backend).shape, dtype), x, w, **kw,
+                               algo=algo, backend=backend)
+        return
     b = randn(rng, (w_shape[0],), dtype) if bias else None
     if make_view is not None:
         x = make_view(x)
@@ -103,7 +117,7 @@ VIEWS = {
 
 
 @pytest.mark.parametrize("view", list(VIEWS), ids=list(VIEWS))
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
 def test_non_contiguous_input(backend, algo, dtype, rng, view):
     check_conv(backend, algo, dtype, rng, (2, 3, 12, 13), (4, 3, 3, 2), make_view=VIEWS[view], padding=1)
 
@@ -137,11 +151,15 @@ def test_unbatched_input(backend, dtype, rng):
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, False, False), (True, False, True)])
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
 def test_backward_computes_only_what_is_needed(backend, algo, rng, needs):
     x = randn(rng, (2, 3, 6, 6), np.float64)
     w = randn(rng, (4, 3, 3, 3), np.float64)
     gy = randn(rng, (2, 4, 6, 6), np.float64)
+    if not offers(backend, algo) and any(needs):
+        with pytest.raises(ValueError, match="not offered"):
+            ck.conv2d_backward(gy, x, w, padding=1, needs=needs, algo=algo, backend=backend)
+        return
     got = ck.conv2d_backward(gy, x, w, padding=1, needs=needs, algo=algo, backend=backend)
     full = ck.conv2d_backward(gy, x, w, padding=1, backend="reference")
     for need, o, r in zip(needs, got, full):
@@ -178,7 +196,7 @@ def conv_problems(draw):
             draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
 
 
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=conv_problems())
 def test_random_problems(backend, algo, dtype, problem):

@@ -54,3 +54,154 @@ def test_relu_inplace_on_gpu():
     assert convkern.relu(x, inplace=True) is x
     out = cupy.asnumpy(x)
     assert out[0] == 0 and out[1] == 2 and np.isnan(out[2])
+
+
+# ---- the cuda backend (convkern._cuda) ---------------------------------------
+
+from convkern.backend import cuda_gpu  # noqa: E402
+
+CONV_GEOM = (2, 3, 8, 8, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 8, 8)
+POOL_GEOM = (6, 8, 8, 2, 2, 2, 2, 0, 0, 1, 1, 4, 4)
+
+
+def _cuda_module_or_skip():
+    if cuda_gpu._cuda is None:
+        pytest.skip(f"convkern._cuda is not built: {cuda_gpu._IMPORT_ERROR}")
+    return cuda_gpu._cuda
+
+
+def test_cuda_bindings_check_arguments_before_touching_a_device():
+    m = _cuda_module_or_skip()
+    with pytest.raises(TypeError, match="dtype must be 'float32' or 'float64'"):
+        m.relu_forward(0, 0, 4, "int8", 0)
+    with pytest.raises(ValueError, match="algo must be 'direct', 'im2col' or 'implicit'"):
+        m.conv2d_forward(0, 0, 0, 0, CONV_GEOM, "winograd", 0, 0, "float32", 0)
+    bad_groups = CONV_GEOM[:7] + (2,) + CONV_GEOM[8:]  # groups 2 does not divide C = 3
+    with pytest.raises(ValueError, match="groups must divide C and K"):
+        m.conv2d_forward(0, 0, 0, 0, bad_groups, "direct", 0, 0, "float32", 0)
+    with pytest.raises(ValueError, match="kernel, stride and dilation must be positive"):
+        m.max_pool2d_forward(0, 0, 0, POOL_GEOM[:5] + (0,) + POOL_GEOM[6:], "float32", 0)
+    with pytest.raises(ValueError, match="negative size"):
+        m.gemm(0, 0, 0, -1, 2, 2, "float32", 0)
+    # work sizes are pure arithmetic: G * CRS * images * P
+    assert m.im2col_work_elems(CONV_GEOM, 2) == 1 * 27 * 2 * 64
+    assert 1 <= m.grad_weight_splits(CONV_GEOM) <= 64
+
+
+def test_cuda_kernels_say_why_without_a_device():
+    m = _cuda_module_or_skip()
+    if m.device_count() > 0:
+        pytest.skip("a CUDA device is present: the kernels run instead (see the tests below)")
+    calls = [
+        lambda: m.relu_forward(0, 0, 4, "float32", 0),
+        lambda: m.relu_backward(0, 0, 0, 4, "float64", 0),
+        lambda: m.max_pool2d_forward(0, 0, 0, POOL_GEOM, "float32", 0),
+        lambda: m.max_pool2d_backward(0, 0, 0, POOL_GEOM, "float32", 0),
+        lambda: m.avg_pool2d_forward(0, 0, POOL_GEOM, True, 0, "float32", 0),
+        lambda: m.avg_pool2d_backward(0, 0, POOL_GEOM, True, 0, "float32", 0),
+        lambda: m.conv2d_forward(0, 0, 0, 0, CONV_GEOM, "implicit", 0, 0, "float32", 0),
+        lambda: m.conv2d_grad_input(0, 0, 0, CONV_GEOM, "im2col", 0, 0, "float32", 0),
+        lambda: m.conv2d_grad_weight(0, 0, 0, CONV_GEOM, "implicit", 1, 0, "float32", 0),
+        lambda: m.conv2d_grad_bias(0, 0, CONV_GEOM, "float32", 0),
+        lambda: m.gemm(0, 0, 0, 2, 2, 2, "float32", 0),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            call()
+    ok, reason = cuda_gpu.available()
+    assert not ok and reason
+
+
+def _cuda_backend_or_skip():
+    ok, reason = cuda_gpu.available()
+    if not ok:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    import cupy
+
+    return cupy
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
+def test_cuda_backward_is_bit_identical_across_runs(algo):
+    cupy = _cuda_backend_or_skip()
+    rng = np.random.default_rng(7)
+    x = cupy.asarray(rng.standard_normal((16, 32, 28, 28), dtype=np.float32))
+    w = cupy.asarray(rng.standard_normal((64, 32, 3, 3), dtype=np.float32))
+    gy = cupy.asarray(rng.standard_normal((16, 64, 28, 28), dtype=np.float32))
+    first = convkern.conv2d_backward(gy, x, w, padding=1, algo=algo, backend="cuda")
+    again = convkern.conv2d_backward(gy, x, w, padding=1, algo=algo, backend="cuda")
+    for a, b in zip(first, again):
+        assert cupy.array_equal(a, b)
+    ref = convkern.conv2d_backward(*(cupy.asnumpy(a) for a in (gy, x, w)), padding=1, backend="cpp")
+    for a, r in zip(first, ref):
+        np.testing.assert_allclose(cupy.asnumpy(a), r, rtol=2e-3, atol=2e-3)
+
+
+def test_cuda_tensors_larger_than_l2():
+    """An H100's L2 is 50 MB: these inputs are 64-100 MB."""
+    cupy = _cuda_backend_or_skip()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 64, 112, 112), dtype=np.float32)  # 103 MB
+    gx = cupy.asarray(x)
+    np.testing.assert_array_equal(cupy.asnumpy(convkern.relu(gx, backend="cuda")), np.maximum(x, 0))
+    y, ind = convkern.max_pool2d(gx, 2, return_indices=True, backend="cuda")
+    ry, rind = convkern.max_pool2d(x, 2, return_indices=True, backend="cpp")
+    np.testing.assert_array_equal(cupy.asnumpy(y), ry)
+    np.testing.assert_array_equal(cupy.asnumpy(ind), rind)
+    xs = rng.standard_normal((16, 64, 128, 128), dtype=np.float32)  # 67 MB
+    ws = rng.standard_normal((64, 64, 3, 3), dtype=np.float32)
+    for algo in ("direct", "im2col", "implicit"):
+        out = convkern.conv2d(cupy.asarray(xs), cupy.asarray(ws), padding=1, algo=algo, backend="cuda")
+        np.testing.assert_allclose(cupy.asnumpy(out), convkern.conv2d(xs, ws, padding=1, backend="cpp"),
+                                   rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_takes_views_and_offsets():
+    cupy = _cuda_backend_or_skip()
+    rng = np.random.default_rng(5)
+    base = cupy.asarray(rng.standard_normal((3, 6, 20, 21), dtype=np.float64))
+    w = cupy.asarray(rng.standard_normal((5, 6, 3, 3), dtype=np.float64))
+    for view in (base[1:, :, 2:-1:2, ::2], base[::-1, :, :, ::-1], base.transpose(0, 1, 3, 2)):
+        out = convkern.conv2d(view, w, padding=1, backend="cuda")
+        ref = convkern.conv2d(cupy.asnumpy(view), cupy.asnumpy(w), padding=1, backend="reference")
+        np.testing.assert_allclose(cupy.asnumpy(out), ref, rtol=1e-10, atol=1e-10)
+    flat = cupy.asarray(rng.standard_normal(1001, dtype=np.float32))
+    odd = flat[1:]  # 4-byte offset: relu's 16-byte vector path must not be taken
+    np.testing.assert_array_equal(cupy.asnumpy(convkern.relu(odd, backend="cuda")),
+                                  np.maximum(cupy.asnumpy(odd), 0))
+
+
+def test_cuda_gemm_against_cupy():
+    cupy = _cuda_backend_or_skip()
+    rng = np.random.default_rng(11)
+    for m, k, n in [(1, 1, 1), (63, 17, 65), (64, 16, 64), (257, 300, 129)]:
+        a = cupy.asarray(rng.standard_normal((m, k)))
+        b = cupy.asarray(rng.standard_normal((k, n)))
+        np.testing.assert_allclose(cupy.asnumpy(cuda_gpu.gemm(a, b)), cupy.asnumpy(a @ b), rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_max_pool_backward_foreign_and_bad_indices():
+    cupy = _cuda_backend_or_skip()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 8, 8), dtype=np.float32)
+    gy = rng.standard_normal((2, 3, 4, 4), dtype=np.float32)
+    ind = rng.integers(0, 64, size=(2, 3, 4, 4))  # in the plane, mostly outside their own windows
+    want = convkern.max_pool2d_backward(gy, x, ind, 2, backend="cpp")
+    got = convkern.max_pool2d_backward(cupy.asarray(gy), cupy.asarray(x), cupy.asarray(ind), 2, backend="cuda")
+    np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-6, atol=1e-6)
+    ind[0, 0, 0, 0] = 64
+    with pytest.raises(ValueError, match="indices"):
+        convkern.max_pool2d_backward(cupy.asarray(gy), cupy.asarray(x), cupy.asarray(ind), 2, backend="cuda")
+
+
+def test_cuda_takes_torch_cuda_tensors_zero_copy():
+    cupy = _cuda_backend_or_skip()
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    x = torch.randn(2, 3, 9, 9, device="cuda")
+    w = torch.randn(4, 3, 3, 3, device="cuda")
+    out = convkern.conv2d(x, w, padding=1, backend="cuda")
+    assert isinstance(out, cupy.ndarray)
+    ref = torch.nn.functional.conv2d(x, w, padding=1)
+    np.testing.assert_allclose(cupy.asnumpy(out), ref.cpu().numpy(), rtol=1e-4, atol=1e-4)

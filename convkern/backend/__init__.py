@@ -30,9 +30,10 @@ _MODULES: Dict[str, str] = {
     "numba": "convkern.backend.numba_cpu",
     "reference": "convkern.backend.reference",
     "cupy": "convkern.backend.cupy_gpu",
+    "cuda": "convkern.backend.cuda_gpu",
 }
-_DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu", "cupy": "cuda"}
-_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": ["cupy"]}
+_DEVICES: Dict[str, str] = {"cpp": "cpu", "numba": "cpu", "reference": "cpu", "cupy": "cuda", "cuda": "cuda"}
+_PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda": ["cuda", "cupy"]}
 
 _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convkern_backend", default=None)
 _REGISTERED: Dict[str, ModuleType] = {}

@@ -1,0 +1,50 @@
+// Shared pieces of the CUDA kernels: index types, geometry, launch checks.
+//
+// Conventions (the same as csrc/ and the CuPy backend): NCHW, C-contiguous,
+// padding given for the top/left side (bottom/right follow from Ho/Wo),
+// max-pool windows with no input give -inf and index -1. Every kernel runs on
+// the stream it is given. Index arithmetic is done in the type I: int32 when
+// every index of the problem fits (32-bit division is several times cheaper
+// than 64-bit on the GPU), int64 otherwise; the host launcher picks.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace convkern::cuda {
+
+typedef long long i64;
+
+struct ConvGeom {
+    i64 N, C, H, W, K, R, S, G, sh, sw, ph, pw, dh, dw, Ho, Wo;
+    i64 Cg() const { return C / G; }
+    i64 Kg() const { return K / G; }
+    i64 P() const { return Ho * Wo; }
+    i64 CRS() const { return Cg() * R * S; }
+};
+
+struct PoolGeom {
+    i64 planes, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+};
+
+// Throws std::runtime_error naming `kernel` if its launch (or an earlier
+// asynchronous error) failed; a GPU the module was not built for gets a hint.
+void check_launch(const char* kernel);
+// Throws std::runtime_error if no device is usable (no driver, no GPU).
+void require_device();
+
+inline bool fits_int32(i64 v) { return v < static_cast<i64>(std::numeric_limits<int>::max()); }
+
+inline unsigned grid_for(i64 work, int threads) {
+    const i64 blocks = (work + threads - 1) / threads;
+    const i64 cap = 65535LL * 32;  // grid-stride loops cover the rest
+    return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+}  // namespace convkern::cuda
+
+#define CK_GRID_STRIDE(I, i, n) \
+    for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<I>(blockDim.x) * gridDim.x)
