@@ -65,12 +65,8 @@ __global__ void avg_pool_backward_kernel(const T* gy, T* gx, I planes, I H, I W,
     }
 }
 
-template <class F>
-void with_index_type(const PoolGeom& p, F f) {
-    if (fits_int32(p.planes * p.H * p.W + p.ph + p.pw + p.kh + p.kw) && fits_int32(p.planes * p.Ho * p.Wo))
-        f(int(0));
-    else
-        f(i64(0));
+bool fits32(const PoolGeom& p) {
+    return fits_int32(p.planes * p.H * p.W + p.ph + p.pw + p.kh + p.kw) && fits_int32(p.planes * p.Ho * p.Wo);
 }
 
 }  // namespace
@@ -80,7 +76,7 @@ void avg_pool2d_forward(const T* x, T* y, const PoolGeom& p, bool count_include_
                         cudaStream_t stream) {
     const i64 n = p.planes * p.Ho * p.Wo;
     if (n <= 0) return;
-    with_index_type(p, [&](auto zero) {
+    with_index_type(fits32(p), [&](auto zero) {
         typedef decltype(zero) I;
         avg_pool_forward_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
             x, y, I(p.planes), I(p.H), I(p.W), I(p.kh), I(p.kw), I(p.sh), I(p.sw), I(p.ph), I(p.pw), I(p.Ho),
@@ -94,7 +90,7 @@ void avg_pool2d_backward(const T* gy, T* gx, const PoolGeom& p, bool count_inclu
                          cudaStream_t stream) {
     const i64 n = p.planes * p.H * p.W;
     if (n <= 0) return;
-    with_index_type(p, [&](auto zero) {
+    with_index_type(fits32(p), [&](auto zero) {
         typedef decltype(zero) I;
         avg_pool_backward_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
             gy, gx, I(p.planes), I(p.H), I(p.W), I(p.kh), I(p.kw), I(p.sh), I(p.sw), I(p.ph), I(p.pw), I(p.Ho),

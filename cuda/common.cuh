@@ -44,6 +44,28 @@ inline unsigned grid_for(i64 work, int threads) {
     return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+// Runs f(int(0)) when every index of a problem fits int32, else f(i64(0)):
+// kernels templated on the index type I take it from the argument's type.
+template <class F>
+void with_index_type(bool fits32, F f) {
+    if (fits32)
+        f(int(0));
+    else
+        f(i64(0));
+}
+
+#ifdef __CUDACC__
+// The output position whose window tap t reads input position i (stride s,
+// padding p, dilation d), or -1 if none does: the gather form of backward.
+template <class I>
+__device__ inline I tap_output(I i, I p, I t, I d, I s, I out) {
+    const I v = i + p - t * d;
+    if (v < 0 || v % s) return -1;
+    const I o = v / s;
+    return o < out ? o : -1;
+}
+#endif
+
 }  // namespace convkern::cuda
 
 #define CK_GRID_STRIDE(I, i, n) \

@@ -67,15 +67,6 @@ __global__ void conv_forward_depthwise_kernel(const T* x, const T* w, const T* b
     y[(plane * g.Ho + ho) * g.Wo + wo] = acc;
 }
 
-// the output whose tap t covers input position i, or -1
-template <class I>
-__device__ inline I tap_output(I i, I p, I t, I d, I s, I out) {
-    const I v = i + p - t * d;
-    if (v < 0 || v % s) return -1;
-    const I o = v / s;
-    return o < out ? o : -1;
-}
-
 template <class T, class I>
 __global__ void conv_grad_input_direct_kernel(const T* gy, const T* w, T* gx, I N, I C, I H, I W, I K, I R, I S,
                                               I G, I sh, I sw, I ph, I pw, I dh, I dw, I Ho, I Wo) {
@@ -142,13 +133,9 @@ __global__ void conv_grad_bias_kernel(const T* gy, T* gb, i64 N, i64 K, i64 P) {
     if (threadIdx.x == 0) gb[k] = static_cast<T>(part[0]);
 }
 
-template <class F>
-void with_index_type(const ConvGeom& g, F f) {
+bool fits32(const ConvGeom& g) {
     const i64 biggest = g.N * (g.C > g.K ? g.C : g.K) * (g.H * g.W > g.Ho * g.Wo ? g.H * g.W : g.Ho * g.Wo);
-    if (fits_int32(biggest + g.K * g.CRS()) && fits_int32(g.H + g.W + g.ph + g.pw + (g.R + g.S) * (g.dh + g.dw)))
-        f(int(0));
-    else
-        f(i64(0));
+    return fits_int32(biggest + g.K * g.CRS()) && fits_int32(g.H + g.W + g.ph + g.pw + (g.R + g.S) * (g.dh + g.dw));
 }
 
 #define CK_CONV_ARGS(I)                                                                                         \
@@ -175,7 +162,7 @@ void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvG
             }
         }
     }
-    with_index_type(g, [&](auto zero) {
+    with_index_type(fits32(g), [&](auto zero) {
         typedef decltype(zero) I;
         conv_forward_direct_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, w, b, y, CK_CONV_ARGS(I));
     });
@@ -186,7 +173,7 @@ template <class T>
 void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvGeom& g, cudaStream_t stream) {
     const i64 n = g.N * g.C * g.H * g.W;
     if (n <= 0) return;
-    with_index_type(g, [&](auto zero) {
+    with_index_type(fits32(g), [&](auto zero) {
         typedef decltype(zero) I;
         conv_grad_input_direct_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(gy, w, gx, CK_CONV_ARGS(I));
     });
@@ -197,7 +184,7 @@ template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvGeom& g, cudaStream_t stream) {
     const i64 n = g.K * g.CRS();
     if (n <= 0) return;
-    with_index_type(g, [&](auto zero) {
+    with_index_type(fits32(g), [&](auto zero) {
         typedef decltype(zero) I;
         conv_grad_weight_direct_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(gy, x, gw, CK_CONV_ARGS(I));
     });

@@ -193,14 +193,6 @@ __global__ void im2col_kernel(const T* x, T* col, I images, i64 image0, I C, I H
     }
 }
 
-template <class I>
-__device__ inline I tap_output(I i, I p, I t, I d, I s, I out) {
-    const I v = i + p - t * d;
-    if (v < 0 || v % s) return -1;
-    const I o = v / s;
-    return o < out ? o : -1;
-}
-
 // gx for images [image0, image0 + images): each input gathers its taps from dcol
 template <class T, class I>
 __global__ void col2im_kernel(const T* dcol, T* gx, I images, i64 image0, I C, I H, I W, I R, I S, I sh, I sw, I ph,
@@ -237,19 +229,19 @@ bool fits32(const ConvGeom& g, i64 images) {
            fits_int32(images * g.K * P) && fits_int32(g.H + g.W + g.ph + g.pw + (g.R + g.S) * (g.dh + g.dw));
 }
 
-template <class F>
-void with_index_type(const ConvGeom& g, i64 images, F f) {
-    if (fits32(g, images))
-        f(int(0));
-    else
-        f(i64(0));
-}
 
-i64 chunk_images(const ConvGeom& g, i64 work_elems) {
+// f(first image, images, images * P) over chunks of images whose column
+// matrices fit the work buffer, in order (the chunks share the buffer)
+template <class F>
+void for_each_chunk(const ConvGeom& g, i64 work_elems, F f) {
     const i64 per = im2col_work_elems(g, 1);
-    const i64 n = per > 0 ? work_elems / per : g.N;
-    if (n < 1) throw std::runtime_error("conv2d im2col: work buffer smaller than one image's column matrix");
-    return n < g.N ? n : g.N;
+    i64 chunk = per > 0 ? work_elems / per : g.N;
+    if (chunk < 1) throw std::runtime_error("conv2d im2col: work buffer smaller than one image's column matrix");
+    if (chunk > g.N) chunk = g.N;
+    for (i64 i0 = 0; i0 < g.N; i0 += chunk) {
+        const i64 images = chunk < g.N - i0 ? chunk : g.N - i0;
+        f(i0, images, images * g.P());
+    }
 }
 
 }  // namespace
@@ -269,7 +261,7 @@ int grad_weight_splits(const ConvGeom& g) {
 
 template <class T>
 void conv2d_forward_implicit(const T* x, const T* w, const T* b, T* y, const ConvGeom& g, cudaStream_t stream) {
-    with_index_type(g, g.N, [&](auto zero) {
+    with_index_type(fits32(g, g.N), [&](auto zero) {
         typedef decltype(zero) I;
         const I P = static_cast<I>(g.P()), NP = static_cast<I>(g.N * g.P());
         ImplicitCols<T, I> cols{x, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.sh), I(g.sw), I(g.ph), I(g.pw),
@@ -282,10 +274,8 @@ void conv2d_forward_implicit(const T* x, const T* w, const T* b, T* y, const Con
 template <class T>
 void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvGeom& g, T* work, i64 work_elems,
                            cudaStream_t stream) {
-    const i64 chunk = chunk_images(g, work_elems);
-    for (i64 i0 = 0; i0 < g.N; i0 += chunk) {
-        const i64 images = chunk < g.N - i0 ? chunk : g.N - i0, NP = images * g.P();
-        with_index_type(g, images, [&](auto zero) {
+    for_each_chunk(g, work_elems, [&](i64 i0, i64 images, i64 NP) {
+        with_index_type(fits32(g, images), [&](auto zero) {
             typedef decltype(zero) I;
             const i64 total = g.C * g.R * g.S * NP;
             im2col_kernel<T, I><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
@@ -296,16 +286,14 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
         launch_gemm_tiled<T>(g.Kg(), NP, g.CRS(), g.G, 1, WeightRows<T>{w, g.Kg(), g.CRS()},
                              DenseCols<T>{work, NP, g.CRS() * NP, NP}, ConvOutput<T>{y, b, g.K, g.Kg(), g.P(), i0},
                              stream, "conv2d_forward_im2col (gemm)");
-    }
+    });
 }
 
 template <class T>
 void conv2d_grad_input_im2col(const T* gy, const T* w, T* gx, const ConvGeom& g, T* work, i64 work_elems,
                               cudaStream_t stream) {
-    const i64 chunk = chunk_images(g, work_elems);
-    for (i64 i0 = 0; i0 < g.N; i0 += chunk) {
-        const i64 images = chunk < g.N - i0 ? chunk : g.N - i0, NP = images * g.P();
-        with_index_type(g, images, [&](auto zero) {
+    for_each_chunk(g, work_elems, [&](i64 i0, i64 images, i64 NP) {
+        with_index_type(fits32(g, images), [&](auto zero) {
             typedef decltype(zero) I;
             GradOutCols<T, I> cols{gy, I(g.K), I(g.Kg()), I(g.P()), I(NP), i0};
             launch_gemm_tiled<T>(g.CRS(), NP, g.Kg(), g.G, 1, WeightCols<T>{w, g.Kg(), g.CRS()}, cols,
@@ -316,7 +304,7 @@ void conv2d_grad_input_im2col(const T* gy, const T* w, T* gx, const ConvGeom& g,
                 I(g.dh), I(g.dw), I(g.Ho), I(g.Wo));
         });
         check_launch("conv2d_grad_input_im2col (col2im)");
-    }
+    });
 }
 
 template <class T>
@@ -325,7 +313,7 @@ void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom&
     if (splits < 1) splits = 1;
     if (splits > 1 && !work) throw std::runtime_error("conv2d_grad_weight_implicit: split reduction needs a work buffer");
     T* out = splits > 1 ? work : gw;
-    with_index_type(g, g.N, [&](auto zero) {
+    with_index_type(fits32(g, g.N), [&](auto zero) {
         typedef decltype(zero) I;
         GradOutRows<T, I> rows{gy, I(g.K), I(g.Kg()), I(g.P())};
         ImplicitColsT<T, I> cols{x, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.sh), I(g.sw), I(g.ph), I(g.pw),

@@ -63,15 +63,6 @@ __global__ void max_pool_check_kernel(const std::int64_t* ind, int* flags, I pla
     }
 }
 
-// the output whose window tap t covers input position i, or -1
-template <class I>
-__device__ inline I tap_output(I i, I p, I t, I d, I s, I out) {
-    const I v = i + p - t * d;
-    if (v < 0 || v % s) return -1;
-    const I o = v / s;
-    return o < out ? o : -1;
-}
-
 template <class T, class I>
 __global__ void max_pool_backward_gather(const T* gy, const std::int64_t* ind, T* gx, I planes, I H, I W, I kh, I kw,
                                          I sh, I sw, I ph, I pw, I dh, I dw, I Ho, I Wo) {
@@ -102,13 +93,7 @@ __global__ void max_pool_backward_scatter(const T* gy, const std::int64_t* ind, 
     }
 }
 
-template <class I, class F>
-void with_index_type(const PoolGeom& p, F f) {
-    if (fits_int32(p.planes * p.H * p.W) && fits_int32(p.planes * p.Ho * p.Wo))
-        f(I(0));
-    else
-        f(i64(0));
-}
+bool fits32(const PoolGeom& p) { return fits_int32(p.planes * p.H * p.W) && fits_int32(p.planes * p.Ho * p.Wo); }
 
 }  // namespace
 
@@ -116,7 +101,7 @@ template <class T>
 void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p, cudaStream_t stream) {
     const i64 n = p.planes * p.Ho * p.Wo;
     if (n <= 0) return;
-    with_index_type<int>(p, [&](auto zero) {
+    with_index_type(fits32(p), [&](auto zero) {
         typedef decltype(zero) I;
         max_pool_forward_kernel<T, I><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
             x, y, ind, I(p.planes), I(p.H), I(p.W), I(p.kh), I(p.kw), I(p.sh), I(p.sw), I(p.ph), I(p.pw), I(p.dh),
@@ -135,7 +120,7 @@ int max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolG
         if (cudaMallocAsync(reinterpret_cast<void**>(&flags), sizeof(int), stream) != cudaSuccess)
             check_launch("max_pool2d_backward (flag allocation)");
         cudaMemsetAsync(flags, 0, sizeof(int), stream);
-        with_index_type<int>(p, [&](auto zero) {
+        with_index_type(fits32(p), [&](auto zero) {
             typedef decltype(zero) I;
             max_pool_check_kernel<I><<<grid_for(n_out, kThreads), kThreads, 0, stream>>>(
                 ind, flags, I(p.planes), I(p.H), I(p.W), I(p.kh), I(p.kw), I(p.sh), I(p.sw), I(p.ph), I(p.pw),
@@ -153,7 +138,7 @@ int max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolG
         check_launch("max_pool2d_backward (scatter)");
         return 0;
     }
-    with_index_type<int>(p, [&](auto zero) {
+    with_index_type(fits32(p), [&](auto zero) {
         typedef decltype(zero) I;
         max_pool_backward_gather<T, I><<<grid_for(n_in, kThreads), kThreads, 0, stream>>>(
             gy, ind, gx, I(p.planes), I(p.H), I(p.W), I(p.kh), I(p.kw), I(p.sh), I(p.sw), I(p.ph), I(p.pw), I(p.dh),
