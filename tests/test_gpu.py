@@ -205,3 +205,22 @@ def test_cuda_takes_torch_cuda_tensors_zero_copy():
     assert isinstance(out, cupy.ndarray)
     ref = torch.nn.functional.conv2d(x, w, padding=1)
     np.testing.assert_allclose(cupy.asnumpy(out), ref.cpu().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cupy"])
+def test_gpu_out_of_memory_is_a_memory_error_and_the_library_keeps_working(backend):
+    ok, reason = convkern.backend.info(backend).available, convkern.backend.info(backend).reason
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    import cupy
+
+    x = cupy.ones((1, 1, 1, 1), cupy.float32)
+    w = cupy.ones((1, 1, 1, 1), cupy.float32)
+    with pytest.raises(MemoryError):  # a (1, 1, 200001, 200001) float32 output: 160 GB
+        convkern.conv2d(x, w, padding=100_000, backend=backend)
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((2, 3, 9, 9), dtype=np.float32)
+    ws = rng.standard_normal((4, 3, 3, 3), dtype=np.float32)
+    out = convkern.conv2d(cupy.asarray(xs), cupy.asarray(ws), padding=1, backend=backend)
+    np.testing.assert_allclose(cupy.asnumpy(out), convkern.conv2d(xs, ws, padding=1, backend="reference"),
+                               rtol=1e-4, atol=1e-4)
