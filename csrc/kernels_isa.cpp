@@ -14,19 +14,28 @@ namespace {
 #include "conv2d_direct.hpp"
 #include "conv2d_im2col.hpp"
 #include "conv2d_shifted.hpp"
+#include "conv2d_winograd.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"
 #include "relu.hpp"
 
-// The GEMM algorithm: stride-1 convs whose padded copies stay modest take the
-// shifted implicit GEMM (no column matrix); the rest im2col in bands. Measured
+// The GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
+// Winograd F(2x2, 3x3) (see conv_winograd_pays); other stride-1 convs whose
+// padded copies stay modest the shifted implicit GEMM (no column matrix); the
+// rest im2col in bands. Measured
 // on the canonical layers (batch 8, AVX-512): shifted 1.37x im2col's speed on
 // resnet_l1_3x3, 1.13x on resnet_l3_3x3, 1.06x on vgg_3x3, even on
 // mnist_conv2; slower (0.85x) on mnist_conv1, whose 25-long reduction cannot
 // pay for the padded copy and the extra positions.
 template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
-    constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32;
+    constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
+    if (conv_winograd_pays(s)) {
+        const WinogradLayout<T> lay(s);
+        if ((lay.x_elems + idx(16) * (s.K + 16) * s.C) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes &&
+            conv2d_forward_winograd(x, w, b, y, s))
+            return;
+    }
     if (conv_shifted_applies(s) && s.C / s.G * s.R * s.S >= kMinShiftedReduction) {
         const ShiftedLayout<T> lay(s);
         if ((lay.x_elems + lay.y_elems) * static_cast<idx>(sizeof(T)) <= kMaxShiftedBytes)

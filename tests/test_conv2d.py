@@ -102,6 +102,24 @@ def test_awkward_shapes(backend, algo, dtype, rng, case):
     check_conv(backend, algo, dtype, rng, x_shape, w_shape, **kw)
 
 
+# 3x3 stride-1 layers with C*K >= 8192 and >= 256 2x2 tiles run Winograd
+# F(2x2, 3x3) in the cpp backend's GEMM algorithm (conv2d_winograd.hpp); odd
+# sizes give partial edge tiles. Larger than the awkward cases, so checked on
+# the GEMM algorithm only.
+WINOGRAD = {
+    "odd_sizes": ((2, 64, 29, 33), (128, 64, 3, 3), dict(padding=1)),
+    "valid": ((2, 128, 33, 31), (64, 128, 3, 3), {}),
+    "wide_padding": ((2, 64, 25, 27), (128, 64, 3, 3), dict(padding=2)),
+    "padding_per_axis": ((2, 96, 31, 32), (96, 96, 3, 3), dict(padding=(1, 0))),
+}
+
+
+@pytest.mark.parametrize("case", list(WINOGRAD), ids=list(WINOGRAD))
+def test_winograd_shapes(backend, dtype, rng, case):
+    x_shape, w_shape, kw = WINOGRAD[case]
+    check_conv(backend, "im2col", dtype, rng, x_shape, w_shape, **kw)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_no_bias(backend, algo, dtype, rng):
     check_conv(backend, algo, dtype, rng, (2, 3, 7, 7), (4, 3, 3, 3), bias=False, padding=1)
@@ -167,6 +185,23 @@ def test_backward_computes_only_what_is_needed(backend, algo, rng, needs):
             assert_close(o, r, np.float64)
         else:
             assert o is None
+
+
+def test_non_finite_input_on_a_winograd_shape(backend, dtype, rng):
+    """Winograd's transforms subtract inputs (inf - inf = NaN where the direct sum
+    gives inf): with non-finite data the cpp backend takes another algorithm, and
+    every backend matches the reference's inf/NaN pattern."""
+    x = randn(rng, (2, 64, 29, 33), dtype)
+    w = randn(rng, (128, 64, 3, 3), dtype)
+    x[0, 3, 10, 10], x[1, 5, 0, 0], x[1, 7, 20, 20] = np.inf, -np.inf, np.nan
+    ref = ck.conv2d(x, w, padding=1, backend="reference")
+    out = ck.conv2d(x, w, padding=1, backend=backend)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(out), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(out), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    assert (~finite).any() and finite.any()
+    assert_close(np.where(finite, out, 0), np.where(finite, ref, 0), dtype, "finite part")
 
 
 def test_empty_batch(backend, dtype, rng):
