@@ -125,20 +125,30 @@ if numba is not None:
 
     @_pjit
     def _im2col(x, col, R, S, sh, sw, ph, pw, dh, dw, Ho, Wo):
-        # x (N, C, H, W) -> col (N, C*R*S, Ho*Wo)
+        # x (N, C, H, W) -> col (N, C*R*S, Ho*Wo). Per row, the output columns
+        # that read real input form one range [lo, hi): padding is filled
+        # around it and stride-1 rows copy as slices, with no per-element test.
         N, C, H, W = x.shape
         rows = C * R * S
         for t in prange(N * rows):
             n, row = t // rows, t % rows
             c, r, s = row // (R * S), (row // S) % R, row % S
+            off = s * dw - pw
+            lo = max(0, -(off // sw))
+            hi = max(lo, min(Wo, (W - 1 - off) // sw + 1))
             for ho in range(Ho):
+                base = ho * Wo
                 h = ho * sh - ph + r * dh
-                for wo in range(Wo):
-                    iw = wo * sw - pw + s * dw
-                    if 0 <= h < H and 0 <= iw < W:
-                        col[n, row, ho * Wo + wo] = x[n, c, h, iw]
-                    else:
-                        col[n, row, ho * Wo + wo] = 0.0
+                if h < 0 or h >= H:
+                    col[n, row, base:base + Wo] = 0.0
+                    continue
+                col[n, row, base:base + lo] = 0.0
+                if sw == 1:
+                    col[n, row, base + lo:base + hi] = x[n, c, h, lo + off:hi + off]
+                else:
+                    for wo in range(lo, hi):
+                        col[n, row, base + wo] = x[n, c, h, wo * sw + off]
+                col[n, row, base + hi:base + Wo] = 0.0
 
     @_pjit
     def _col2im(col, gx, R, S, sh, sw, ph, pw, dh, dw, Ho, Wo):
