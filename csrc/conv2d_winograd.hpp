@@ -4,8 +4,9 @@
 // for every 2x2 output tile, whose 4x4 input patch is d. The 16 elementwise
 // products over all channels become 16 GEMMs, (K x C) x (C x tiles): 2.25x
 // fewer multiplications than the direct sum. Accuracy: the transforms only
-// add, subtract and halve, so the error stays within a few ulps of the GEMM
-// path's (the float32 tests bound it at the usual 1e-5 relative).
+// add, subtract and halve. Measured in float32 against a float64 conv:
+// relative norm error 5.0e-7 on resnet_l3_3x3 and 3.5e-7 on vgg_3x3 (the
+// float32 direct sum: 8.3e-7 and 6.1e-7; PyTorch: 2.2e-7).
 //
 // Work per call: the batch is copied into zero-padded planes (tiles then need
 // no bounds checks), the filters are transformed and packed once, and tiles
@@ -19,12 +20,12 @@ inline bool conv_winograd_applies(const ConvShape& s) {
 }
 
 // Where the transforms pay for themselves. Measured against the shifted GEMM
-// (batch 8, float32, AVX-512, 2 threads): 1.8x faster on vgg_3x3 (128 -> 128
-// at 112x112), 1.4x on resnet_l3_3x3 (256 at 14x14), 1.3-1.4x at 256 x 28x28,
-// 128 x 56x56 and 64 -> 128 x 56x56, 1.06-1.16x at 96-128 channels x 28x28;
-// slower with 64 -> 64 channels (0.93x, resnet_l1_3x3), 32 -> 64 (0.8x), and
-// with few tiles, where the per-call filter transform dominates (batch 1 at
-// 14x14: 0.82x; 7x7 maps: 0.92x).
+// (batch 8 unless noted, float32, AVX-512, 2 threads, one process): 2.0x
+// faster on vgg_3x3 (128 -> 128 at 112x112), 1.25x on resnet_l3_3x3 (256 at
+// 14x14), 1.13x at 128 x 28x28; even at 64 -> 64 (1.04x on resnet_l1_3x3,
+// 0.87x at 28x28); slower with fewer channels (0.6-0.8x) and with few tiles,
+// where the per-call filter transform dominates (batch 1 at 14x14: 0.57x;
+// 7x7 maps: 0.92x).
 inline bool conv_winograd_pays(const ConvShape& s) {
     const idx tiles = s.N * ((s.Ho + 1) / 2) * ((s.Wo + 1) / 2);
     return conv_winograd_applies(s) && s.C >= 32 && s.C * s.K >= 8192 && tiles >= 256;
@@ -80,73 +81,143 @@ void winograd_filters(const T* w, idx K, idx C, T* U, idx us) {
         }
 }
 
+// The transforms of one tile, on X = T (one tile) or a vector of tiles
+// (one per lane), so the vector body and the scalar edges share the math.
+// in: d[row][col] of the 4x4 input patch; out[xi] = (B^T d B)[xi]
+template <class X>
+inline void winograd_in_tile(const X (&d)[4][4], X (&out)[16]) {
+    X r[4][4];  // B^T d: rows
+    for (int j = 0; j < 4; ++j) {
+        r[0][j] = d[0][j] - d[2][j];
+        r[1][j] = d[1][j] + d[2][j];
+        r[2][j] = d[2][j] - d[1][j];
+        r[3][j] = d[1][j] - d[3][j];
+    }
+    for (int q = 0; q < 4; ++q) {  // (B^T d) B: columns
+        out[q * 4 + 0] = r[q][0] - r[q][2];
+        out[q * 4 + 1] = r[q][1] + r[q][2];
+        out[q * 4 + 2] = r[q][2] - r[q][1];
+        out[q * 4 + 3] = r[q][1] - r[q][3];
+    }
+}
+
+// m[xi] of one tile -> its 2x2 output y = A^T m A
+template <class X>
+inline void winograd_out_tile(const X (&m)[16], X (&y)[2][2]) {
+    X a[2][4];  // A^T m: rows
+    for (int j = 0; j < 4; ++j) {
+        a[0][j] = m[j] + m[4 + j] + m[8 + j];
+        a[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+    }
+    for (int r = 0; r < 2; ++r) {
+        y[r][0] = a[r][0] + a[r][1] + a[r][2];
+        y[r][1] = a[r][1] - a[r][2] - a[r][3];
+    }
+}
+
+// Lane shuffles for the stride-2 tile layout: even/odd lanes of two vectors
+// (tile i's column j is input column 2i + j) and the inverse interleave.
+template <class T>
+struct WinogradLanes {
+    typedef typename Vec<T>::type V;
+    static constexpr int L = CK_VEC_BYTES / sizeof(T);
+    typedef typename std::conditional<sizeof(T) == 4, int, long long>::type I;
+    typedef I M __attribute__((vector_size(CK_VEC_BYTES)));
+    M even, odd, lo, hi;
+    WinogradLanes() {
+        for (int l = 0; l < L; ++l) {
+            even[l] = 2 * l;
+            odd[l] = 2 * l + 1;
+            lo[l] = (l % 2 ? L : 0) + l / 2;
+            hi[l] = (l % 2 ? L : 0) + L / 2 + l / 2;
+        }
+    }
+};
+
 // V[xi][c][t - t0] = (B^T d B)[xi] for the tiles t of [t0, t1)
 template <class T>
 void winograd_input_block(const T* xpad, const ConvShape& s, const WinogradLayout<T>& lay, idx t0, idx t1, T* V) {
+    typedef WinogradLanes<T> WL;
+    typedef typename WL::V Vt;
+    constexpr int L = WL::L;
+    const WL lanes;
     const idx TB = lay.tb, CT = s.C * TB + WinogradLayout<T>::kPlanePad;
     for (idx t = t0; t < t1;) {
         // a run of tiles on one tile row of one image
         const idx n = t / (lay.tH * lay.tW), th = (t / lay.tW) % lay.tH, tw0 = t % lay.tW;
         const idx run = imin(lay.tW - tw0, t1 - t), at = t - t0;
         for (idx c = 0; c < s.C; ++c) {
-            const T* __restrict p0 = xpad + (n * s.C + c) * lay.plane + 2 * th * lay.Wp + 2 * tw0;
-            const T* __restrict p1 = p0 + lay.Wp;
-            const T* __restrict p2 = p1 + lay.Wp;
-            const T* __restrict p3 = p2 + lay.Wp;
-            T* __restrict v = V + c * TB + at;
-            // one tile per i; the loop vectorizes across tiles (stride-2 loads)
-            for (idx i = 0; i < run; ++i) {
-                const idx o = 2 * i;
-                T r[4][4];  // B^T d: rows
-                for (int j = 0; j < 4; ++j) {
-                    const T a0 = p0[o + j], a1 = p1[o + j], a2 = p2[o + j], a3 = p3[o + j];
-                    r[0][j] = a0 - a2;
-                    r[1][j] = a1 + a2;
-                    r[2][j] = a2 - a1;
-                    r[3][j] = a1 - a3;
+            const T* p[4];
+            p[0] = xpad + (n * s.C + c) * lay.plane + 2 * th * lay.Wp + 2 * tw0;
+            for (int r = 1; r < 4; ++r) p[r] = p[r - 1] + lay.Wp;
+            T* v = V + c * TB + at;
+            idx i = 0;
+            // L tiles at a time: a whole group reads at most column 2(run-1)+3 < Wp
+            for (; i + L <= run; i += L) {
+                Vt d[4][4], out[16];
+                for (int r = 0; r < 4; ++r) {
+                    const T* q = p[r] + 2 * i;
+                    const Vt a0 = vload<Vt>(q), a1 = vload<Vt>(q + L);          // columns 2i .. 2i+2L-1
+                    const Vt b0 = vload<Vt>(q + 2), b1 = vload<Vt>(q + 2 + L);  // shifted by 2
+                    d[r][0] = __builtin_shuffle(a0, a1, lanes.even);
+                    d[r][1] = __builtin_shuffle(a0, a1, lanes.odd);
+                    d[r][2] = __builtin_shuffle(b0, b1, lanes.even);
+                    d[r][3] = __builtin_shuffle(b0, b1, lanes.odd);
                 }
-                for (int q = 0; q < 4; ++q) {  // (B^T d) B: columns
-                    v[(q * 4 + 0) * CT + i] = r[q][0] - r[q][2];
-                    v[(q * 4 + 1) * CT + i] = r[q][1] + r[q][2];
-                    v[(q * 4 + 2) * CT + i] = r[q][2] - r[q][1];
-                    v[(q * 4 + 3) * CT + i] = r[q][1] - r[q][3];
-                }
+                winograd_in_tile(d, out);
+                for (int xi = 0; xi < 16; ++xi) vstore(v + xi * CT + i, out[xi]);
+            }
+            for (; i < run; ++i) {
+                T d[4][4], out[16];
+                for (int r = 0; r < 4; ++r)
+                    for (int j = 0; j < 4; ++j) d[r][j] = p[r][2 * i + j];
+                winograd_in_tile(d, out);
+                for (int xi = 0; xi < 16; ++xi) v[xi * CT + i] = out[xi];
             }
         }
         t += run;
     }
 }
 
-// y for the tiles of [t0, t1) from M[xi][k][t - t0]: Y = A^T m A, plus bias
+// y for the tiles of [t0, t1) from M[xi][k][t - t0], plus bias
 template <class T>
 void winograd_output_block(const T* M, const T* b, const ConvShape& s, const WinogradLayout<T>& lay, idx t0, idx t1,
                            T* y) {
+    typedef WinogradLanes<T> WL;
+    typedef typename WL::V Vt;
+    constexpr int L = WL::L;
+    const WL lanes;
     const idx TB = lay.tb, KT = s.K * TB + WinogradLayout<T>::kPlanePad, P = s.Ho * s.Wo;
     for (idx t = t0; t < t1;) {
         const idx n = t / (lay.tH * lay.tW), th = (t / lay.tW) % lay.tH, tw0 = t % lay.tW;
         const idx run = imin(lay.tW - tw0, t1 - t), at = t - t0;
         const idx ho = 2 * th;
-        const bool two_rows = ho + 1 < s.Ho;
+        const int rows = ho + 1 < s.Ho ? 2 : 1;
         for (idx k = 0; k < s.K; ++k) {
             const T* m = M + k * TB + at;
             const T bias = b ? b[k] : T(0);
-            T* y0 = y + (n * s.K + k) * P + ho * s.Wo;
-            T* y1 = y0 + s.Wo;
-            for (idx i = 0; i < run; ++i) {
-                T a[2][4];
-                for (int j = 0; j < 4; ++j) {  // A^T m: rows
-                    const T m0 = m[(0 + j) * KT + i], m1 = m[(4 + j) * KT + i], m2 = m[(8 + j) * KT + i],
-                            m3 = m[(12 + j) * KT + i];
-                    a[0][j] = m0 + m1 + m2;
-                    a[1][j] = m1 - m2 - m3;
+            T* yr[2] = {y + (n * s.K + k) * P + ho * s.Wo, y + (n * s.K + k) * P + (ho + 1) * s.Wo};
+            idx i = 0;
+            // L whole tiles at a time while every column they write exists
+            for (; i + L <= run && 2 * (tw0 + i + L) <= s.Wo; i += L) {
+                Vt mv[16], yv[2][2];
+                for (int xi = 0; xi < 16; ++xi) mv[xi] = vload<Vt>(m + xi * KT + i);
+                winograd_out_tile(mv, yv);
+                for (int r = 0; r < rows; ++r) {
+                    const Vt c0 = yv[r][0] + bias, c1 = yv[r][1] + bias;
+                    T* out = yr[r] + 2 * (tw0 + i);
+                    vstore(out, __builtin_shuffle(c0, c1, lanes.lo));
+                    vstore(out + L, __builtin_shuffle(c0, c1, lanes.hi));
                 }
+            }
+            for (; i < run; ++i) {
+                T mv[16], yv[2][2];
+                for (int xi = 0; xi < 16; ++xi) mv[xi] = m[xi * KT + i];
+                winograd_out_tile(mv, yv);
                 const idx wo = 2 * (tw0 + i);
-                const bool two_cols = wo + 1 < s.Wo;
-                y0[wo] = a[0][0] + a[0][1] + a[0][2] + bias;
-                if (two_cols) y0[wo + 1] = a[0][1] - a[0][2] - a[0][3] + bias;
-                if (two_rows) {
-                    y1[wo] = a[1][0] + a[1][1] + a[1][2] + bias;
-                    if (two_cols) y1[wo + 1] = a[1][1] - a[1][2] - a[1][3] + bias;
+                for (int r = 0; r < rows; ++r) {
+                    yr[r][wo] = yv[r][0] + bias;
+                    if (wo + 1 < s.Wo) yr[r][wo + 1] = yv[r][1] + bias;
                 }
             }
         }

@@ -1,6 +1,7 @@
 // Compiled once per SIMD level (see CMakeLists.txt): CK_ISA names the level
 // and the -m flags decide what the vector code becomes. Produces that level's
 // kernel table.
+#include <type_traits>
 #include <vector>
 
 #include "isa.hpp"
