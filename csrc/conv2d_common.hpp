@@ -36,3 +36,30 @@ void bias_grad(const T* gy, T* gb, const ConvShape& s) {
         gb[k] = static_cast<T>(acc);
     }
 }
+
+// With stride 1 the input gradient is itself a convolution: of gy with the
+// filters flipped in space and transposed (K <-> C within each group),
+// dilation unchanged, padding (R-1)*dh - ph (gy rows past its end read as
+// zero padding, which covers asymmetric padding). Sets t to that conv's shape;
+// false where it does not apply (strided, or padding beyond the kernel's reach).
+inline bool grad_input_conv_shape(const ConvShape& s, ConvShape& t) {
+    const idx ph2 = (s.R - 1) * s.dh - s.ph, pw2 = (s.S - 1) * s.dw - s.pw;
+    if (s.sh != 1 || s.sw != 1 || ph2 < 0 || pw2 < 0) return false;
+    t = ConvShape{s.N, s.K, s.Ho, s.Wo, s.C, s.R, s.S, s.G, 1, 1, ph2, pw2, s.dh, s.dw, s.H, s.W};
+    return true;
+}
+
+// wt[g*Cg + c][k][r][s] = w[g*Kg + k][c][R-1-r][S-1-s]: the filters of that conv
+template <class T>
+void flip_transpose_filters(const T* w, const ConvShape& s, T* wt) {
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, RS = s.R * s.S;
+#pragma omp parallel for num_threads(threads_for(s.G * Cg)) schedule(static)
+    for (idx gc = 0; gc < s.G * Cg; ++gc) {
+        const idx g = gc / Cg, c = gc % Cg;
+        for (idx k = 0; k < Kg; ++k) {
+            const T* src = w + ((g * Kg + k) * Cg + c) * RS;
+            T* dst = wt + ((g * Cg + c) * Kg + k) * RS;
+            for (idx i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];
+        }
+    }
+}

@@ -262,28 +262,17 @@ void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvS
     }
 }
 
-// With stride 1 the input gradient is itself a convolution: of gy with the
-// filters flipped in space and transposed (K <-> C within each group), dilation
-// unchanged, padding (R-1)*dh - ph. That runs on the register-tiled forward
-// kernel. Otherwise (strided) each input plane gathers directly.
+// Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
+// the register-tiled forward kernel. Otherwise each input plane gathers.
 template <class T>
 void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s) {
-    const idx ph2 = (s.R - 1) * s.dh - s.ph, pw2 = (s.S - 1) * s.dw - s.pw;
-    if (s.sh != 1 || s.sw != 1 || ph2 < 0 || pw2 < 0) {
+    ConvShape t;
+    if (!grad_input_conv_shape(s, t)) {
         conv2d_grad_input_direct_planes(gy, w, gx, s);
         return;
     }
-    const idx Cg = s.C / s.G, Kg = s.K / s.G, RS = s.R * s.S;
-    // wt[g*Cg + c][k][r][s] = w[g*Kg + k][c][R-1-r][S-1-s]
-    T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * Cg * RS) * sizeof(T), 1));
-    for (idx g = 0; g < s.G; ++g)
-        for (idx c = 0; c < Cg; ++c)
-            for (idx k = 0; k < Kg; ++k) {
-                const T* src = w + ((g * Kg + k) * Cg + c) * RS;
-                T* dst = wt + ((g * Cg + c) * Kg + k) * RS;
-                for (idx i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];
-            }
-    const ConvShape t{s.N, s.K, s.Ho, s.Wo, s.C, s.R, s.S, s.G, 1, 1, ph2, pw2, s.dh, s.dw, s.H, s.W};
+    T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 1));
+    flip_transpose_filters(w, s, wt);
     conv2d_forward_direct(gy, wt, static_cast<const T*>(nullptr), gx, t);
 }
 

@@ -150,12 +150,33 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvS
     });
 }
 
+// the GEMM forward algorithm's dispatcher (kernels_isa.cpp)
+template <class T>
+void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s);
+
+// Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
+// the forward GEMM algorithms (Winograd, shifted GEMM) instead of a GEMM into
+// a column buffer plus col2im. Returns false where it does not apply: strided
+// convs, and fewer than 16 input channels per group, where the transposed
+// conv's GEMM would have under 16 rows (mnist_conv1's one channel ran 1.3x slower).
+template <class T>
+bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvShape& s) {
+    ConvShape t;
+    if (s.C / s.G < 16 || !grad_input_conv_shape(s, t)) return false;
+    // slot 2: the forward path uses 0 and 1
+    T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
+    flip_transpose_filters(w, s, wt);
+    conv2d_forward_gemm(gy, wt, static_cast<const T*>(nullptr), gx, t);
+    return true;
+}
+
 template <class T>
 void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S, HW = s.H * s.W;
     const bool pointwise = conv_is_pointwise(s);
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
     const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
+    if (gx && grad_input_as_forward(gy, w, gx, s)) gx = nullptr;  // done
     if (gx) {
         // w_g^T, packed once per call
         const idx wpk_elems = packed_a_elems<T>(CRS, Kg);

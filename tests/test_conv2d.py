@@ -91,6 +91,11 @@ AWKWARD = {
     "depthwise_valid_multiplier": ((1, 3, 5, 40), (6, 1, 3, 3), dict(groups=3)),
     "depthwise_1x1_image": ((2, 4, 1, 1), (4, 1, 3, 3), dict(groups=4, padding=1)),
     "depthwise_padding_larger_than_kernel": ((1, 3, 4, 37), (3, 1, 2, 2), dict(groups=3, padding=3)),
+    # stride-1 grad input with >= 16 channels per group runs as a forward conv
+    # of grad_output with the flipped, transposed filters (conv2d_im2col.hpp)
+    "grad_as_forward_same_even_kernel": ((2, 16, 9, 8), (5, 16, 4, 2), dict(padding="same")),
+    "grad_as_forward_dilated_groups": ((1, 32, 12, 11), (8, 16, 3, 3), dict(dilation=2, padding=2, groups=2)),
+    "grad_as_forward_valid": ((2, 16, 10, 9), (6, 16, 3, 5), {}),
     "shifted_batch_1_prime_sizes": ((1, 7, 13, 17), (29, 7, 5, 3), dict(padding=(2, 1))),
 }
 
