@@ -218,3 +218,54 @@ void gemm(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb
     T* pack = static_cast<T*>(workspace(GemmBlocking<T>::pack_elems * sizeof(T), 1));
     gemm_blocked(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, true);
 }
+
+// C (M, N) (+)= A (M, K) * B (N, K)^T with both operands contiguous along K
+// (grad weight: gy rows times column-matrix rows). No packing: each RA x RB
+// tile keeps RA*RB vector accumulators over K and sums their lanes once. For
+// small M and N with a long K the packed GEMM spends more time transposing
+// its operands into panels (scalar, strided stores) than multiplying.
+// Sums run over K in a fixed order: deterministic.
+template <class T, int RA, int RB>
+inline void gemm_nt_tile(idx K, const T* A, idx lda, const T* B, idx ldb, T* C, idx ldc, bool accumulate) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    V acc[RA][RB];
+    for (int i = 0; i < RA; ++i)
+        for (int j = 0; j < RB; ++j) acc[i][j] = V{};
+    idx k = 0;
+    for (; k + L <= K; k += L) {
+        V a[RA], b[RB];
+        for (int i = 0; i < RA; ++i) a[i] = vload<V>(A + i * lda + k);
+        for (int j = 0; j < RB; ++j) b[j] = vload<V>(B + j * ldb + k);
+        for (int i = 0; i < RA; ++i)
+            for (int j = 0; j < RB; ++j) acc[i][j] += a[i] * b[j];
+    }
+    for (int i = 0; i < RA; ++i)
+        for (int j = 0; j < RB; ++j) {
+            T sum = T(0);
+            for (int l = 0; l < L; ++l) sum += acc[i][j][l];
+            for (idx kk = k; kk < K; ++kk) sum += A[i * lda + kk] * B[j * ldb + kk];
+            T& c = C[i * ldc + j];
+            c = accumulate ? c + sum : sum;
+        }
+}
+
+template <class T, int RA>
+inline void gemm_nt_row(idx N, idx K, const T* A, idx lda, const T* B, idx ldb, T* C, idx ldc, bool accumulate) {
+    idx j = 0;
+    for (; j + 3 <= N; j += 3) gemm_nt_tile<T, RA, 3>(K, A, lda, B + j * ldb, ldb, C + j, ldc, accumulate);
+    if (N - j == 2) gemm_nt_tile<T, RA, 2>(K, A, lda, B + j * ldb, ldb, C + j, ldc, accumulate);
+    if (N - j == 1) gemm_nt_tile<T, RA, 1>(K, A, lda, B + j * ldb, ldb, C + j, ldc, accumulate);
+}
+
+template <class T>
+void gemm_nt(idx M, idx N, idx K, const T* A, idx lda, const T* B, idx ldb, T* C, idx ldc, bool accumulate) {
+    idx i = 0;
+    for (; i + 4 <= M; i += 4) gemm_nt_row<T, 4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    switch (M - i) {
+        case 3: gemm_nt_row<T, 3>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+        case 2: gemm_nt_row<T, 2>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+        case 1: gemm_nt_row<T, 1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+        default: break;
+    }
+}
