@@ -24,13 +24,14 @@ inline void max_step(T v, idx i, T& m, idx& best) {
 // max as max_step (greater, or NaN) picks value and index per lane. `n` <= 16
 // lanes are live; masked loads never touch memory past the last window.
 inline void max_pool_2x2s2_x16(const float* r0, const float* r1, std::int64_t i00, idx W, idx n, float* y,
-                               std::int64_t* ind) {
+                               std::int64_t* ind, const float* x_end) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    // Whole windows load unmasked: on this AMD core a masked load here cost
-    // ~5x the whole kernel's time (profiled); only the row's last step masks.
+    // Load unmasked whenever 32 floats from r1 stay inside x (lanes past the
+    // row are never stored): on this AMD core a masked load here cost ~5x the
+    // whole kernel's time (profiled). Only the array's very end masks.
     __m512 a0, b0, a1, b1;
-    if (n == 16) {
+    if (n == 16 || r1 + 32 <= x_end) {
         a0 = _mm512_loadu_ps(r0);
         b0 = _mm512_loadu_ps(r0 + 16);
         a1 = _mm512_loadu_ps(r1);
@@ -70,7 +71,7 @@ inline void max_pool_2x2s2_x16(const float* r0, const float* r1, std::int64_t i0
 // 2x2 windows, dilation 1, fully inside the row pair (the common pooling layer).
 template <class T>
 inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx pw, idx wo_begin, idx wo_end,
-                             T* yrow, std::int64_t* irow) {
+                             T* yrow, std::int64_t* irow, const T* x_end) {
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == sizeof(float)) {
         // without indices the plain loop below vectorizes and runs faster (measured)
@@ -78,7 +79,7 @@ inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx
             for (idx wo = wo_begin; wo < wo_end; wo += 16) {
                 const idx w = wo * 2 - pw;
                 max_pool_2x2s2_x16(r0 + w, r1 + w, h * W + w, W, imin(16, wo_end - wo), yrow + wo,
-                                   irow ? irow + wo : nullptr);
+                                   irow ? irow + wo : nullptr, x_end);
             }
             return;
         }
@@ -99,6 +100,7 @@ inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx
 template <class T>
 void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+    const T* x_end = x + p.planes * HW;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
     for (idx t = 0; t < p.planes; ++t) {
         const T* xp = x + t * HW;
@@ -117,7 +119,7 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolShape& p)
             idx skip_begin = 0, skip_end = 0;  // columns done by the fast path
             if (fast2 && h0 >= 0 && h0 + 1 < p.H && lo2 < hi2) {
                 max_pool_row_2x2(xp + h0 * p.W, xp + (h0 + 1) * p.W, h0, p.W, p.sw, p.pw, lo2, hi2,
-                                 yp + ho * p.Wo, ip ? ip + ho * p.Wo : nullptr);
+                                 yp + ho * p.Wo, ip ? ip + ho * p.Wo : nullptr, x_end);
                 skip_begin = lo2;
                 skip_end = hi2;
             }
@@ -147,7 +149,7 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolShape& p)
 // zero pass is needed. Returns false if some index lies outside its own
 // window (indices not from this pooling): the caller then scatters instead.
 inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip, float* gp, idx H, idx W, idx Ho,
-                                          idx Wo) {
+                                          idx Wo, const float* g_end) {
     const __m512i lo_mix = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_mix = _mm512_add_epi32(lo_mix, _mm512_set1_epi32(8));
     const __m512i step2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
@@ -157,13 +159,17 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
         float* r1 = r0 + W;
         for (idx wo = 0; wo < Wo; wo += 16) {
             const idx n = imin(16, Wo - wo);
-            const bool full = n == 16;  // whole steps skip the masks (masked loads profiled slow here)
+            // loads skip the masks (profiled slow here) wherever 16 lanes stay
+            // inside gy (and so inside the indices, which have its layout);
+            // lanes past n are never stored
+            const bool full = n == 16, load_full = full || g + ho * Wo + wo + 16 <= g_end;
             const __mmask16 live = lane_mask16(0, n);
-            const __m512 gv = full ? _mm512_loadu_ps(g + ho * Wo + wo) : _mm512_maskz_loadu_ps(live, g + ho * Wo + wo);
-            const __m512i ilo = full ? _mm512_loadu_si512(ip + ho * Wo + wo)
-                                     : _mm512_maskz_loadu_epi64(lane_mask8(0, n), ip + ho * Wo + wo);
-            const __m512i ihi = full ? _mm512_loadu_si512(ip + ho * Wo + wo + 8)
-                                     : _mm512_maskz_loadu_epi64(lane_mask8(0, n - 8), ip + ho * Wo + wo + 8);
+            const float* gsrc = g + ho * Wo + wo;
+            const std::int64_t* isrc = ip + ho * Wo + wo;
+            const __m512 gv = load_full ? _mm512_loadu_ps(gsrc) : _mm512_maskz_loadu_ps(live, gsrc);
+            const __m512i ilo = load_full ? _mm512_loadu_si512(isrc) : _mm512_maskz_loadu_epi64(lane_mask8(0, n), isrc);
+            const __m512i ihi =
+                load_full ? _mm512_loadu_si512(isrc + 8) : _mm512_maskz_loadu_epi64(lane_mask8(0, n - 8), isrc + 8);
             const __m512i blo = _mm512_add_epi64(_mm512_set1_epi64(2 * ho * W + 2 * wo), step2);
             const __m512i bhi = _mm512_add_epi64(blo, _mm512_set1_epi64(16));
             __mmask16 hit[4];
@@ -204,6 +210,7 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
 template <class T>
 bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
+    const T* g_end = gy + p.planes * P;
     // whole, non-overlapping 2x2 windows: the gather form above
     const bool tiles = p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1 && p.ph == 0 &&
                        p.pw == 0 && 2 * p.Ho <= p.H && 2 * p.Wo <= p.W;
@@ -215,7 +222,7 @@ bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const Pool
         const std::int64_t* ip = ind + t * P;
 #if defined(__AVX512F__)
         if constexpr (sizeof(T) == sizeof(float)) {
-            if (tiles && max_pool_2x2s2_backward_plane(g, ip, gp, p.H, p.W, p.Ho, p.Wo)) continue;
+            if (tiles && max_pool_2x2s2_backward_plane(g, ip, gp, p.H, p.W, p.Ho, p.Wo, g_end)) continue;
         }
 #endif
         (void)tiles;
