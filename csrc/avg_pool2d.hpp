@@ -86,14 +86,41 @@ inline void avg_row_backward(const T* g, T* gp, idx ho, idx wo_begin, idx wo_end
     }
 }
 
+// Whole, non-overlapping 2x2 / stride-2 windows: every input gets exactly one
+// share (or none, past the last window), so each element is written once
+// instead of zeroed and then accumulated: one pass over gx, not two.
+template <class T>
+void avg_pool_2x2s2_backward_plane(const T* g, T* gp, T div, const PoolShape& p) {
+    for (idx ho = 0; ho < p.Ho; ++ho) {
+        const T* grow = g + ho * p.Wo;
+        T* r0 = gp + 2 * ho * p.W;
+        T* r1 = r0 + p.W;
+        for (idx wo = 0; wo < p.Wo; ++wo) {
+            const T v = grow[wo] / div;
+            r0[2 * wo] = v;
+            r0[2 * wo + 1] = v;
+            r1[2 * wo] = v;
+            r1[2 * wo + 1] = v;
+        }
+        for (idx w = 2 * p.Wo; w < p.W; ++w) r0[w] = r1[w] = T(0);  // columns no window covers
+    }
+    for (idx i = 2 * p.Ho * p.W; i < p.H * p.W; ++i) gp[i] = T(0);  // rows no window covers
+}
+
 template <class T>
 void avg_pool2d_backward(const T* gy, T* gx, const PoolShape& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
     const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
+    const bool tiles = p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.ph == 0 && p.pw == 0 &&
+                       2 * p.Ho <= p.H && 2 * p.Wo <= p.W;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
     for (idx t = 0; t < p.planes; ++t) {
         T* gp = gx + t * HW;
         const T* g = gy + t * P;
+        if (tiles) {
+            avg_pool_2x2s2_backward_plane(g, gp, div, p);
+            continue;
+        }
         for (idx i = 0; i < HW; ++i) gp[i] = T(0);
         for (idx ho = 0; ho < p.Ho; ++ho) {
             idx lo, hi;

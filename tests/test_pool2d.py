@@ -29,6 +29,9 @@ AVG_CASES = {
     "exclude_pad": ((2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
     "divisor_override": ((2, 2, 7, 7), dict(kernel_size=3, padding=1, divisor_override=5)),
     "negative_divisor": ((1, 2, 6, 6), dict(kernel_size=2, divisor_override=-3)),
+    # whole 2x2/2 windows with a row and a column no window covers (one-pass backward)
+    "2x2_odd_sizes": ((2, 3, 7, 9), dict(kernel_size=2)),
+    "2x2_odd_sizes_divisor": ((1, 2, 5, 11), dict(kernel_size=2, divisor_override=3)),
     "2x2_padded_exclude_pad": ((2, 3, 7, 9), dict(kernel_size=2, padding=1, count_include_pad=False)),
     "2x2_stride1_padded_ceil": ((1, 2, 6, 7), dict(kernel_size=2, stride=1, padding=1, ceil_mode=True)),
     "ceil_mode": ((2, 2, 7, 8), dict(kernel_size=2, ceil_mode=True)),
