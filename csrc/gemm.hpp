@@ -52,11 +52,15 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
         for (idx k = 0; k < kc; ++k) std::memcpy(Bp + k * NR, B + k * rsb, NR * sizeof(T));
         return;
     }
-    if (rsb == 1) {  // transposed B (grad weight's col^T): contiguous reads down each column
-        for (idx j = 0; j < cols; ++j)
-            for (idx k = 0; k < kc; ++k) Bp[k * NR + j] = B[j * csb + k];
-        for (idx j = cols; j < NR; ++j)
-            for (idx k = 0; k < kc; ++k) Bp[k * NR + j] = T(0);
+    if (rsb == 1) {  // transposed B (grad weight's col^T): contiguous reads down each column,
+        // in k blocks whose part of the panel (64 x NR) stays in L1 across the columns
+        for (idx k0 = 0; k0 < kc; k0 += 64) {
+            const idx k1 = imin(kc, k0 + 64);
+            for (idx j = 0; j < cols; ++j)
+                for (idx k = k0; k < k1; ++k) Bp[k * NR + j] = B[j * csb + k];
+            for (idx j = cols; j < NR; ++j)
+                for (idx k = k0; k < k1; ++k) Bp[k * NR + j] = T(0);
+        }
         return;
     }
     for (idx k = 0; k < kc; ++k) {
