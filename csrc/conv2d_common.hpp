@@ -63,3 +63,28 @@ void flip_transpose_filters(const T* w, const ConvShape& s, T* wt) {
         }
     }
 }
+
+// Copies plane src (H x W) into dst (`elems` elements, zeroed first, rows
+// `stride` apart) with input (h, w) at (h + ph, w + pw); input past the
+// padded extent (rows x stride) is dropped. Padding is never negative. With
+// CheckFinite, also returns whether a copied value is inf or NaN (v - v is 0
+// only for finite v: a branch-free test fused with the copy).
+template <bool CheckFinite, class T>
+bool copy_padded_plane(const T* src, idx H, idx W, idx ph, idx pw, T* dst, idx rows, idx stride, idx elems) {
+    std::memset(dst, 0, static_cast<std::size_t>(elems) * sizeof(T));
+    const idx h1 = imin(H, rows - ph), w1 = imin(W, stride - pw);
+    int bad = 0;
+    for (idx h = 0; h < h1; ++h) {
+        const T* in = src + h * W;
+        T* row = dst + (h + ph) * stride + pw;
+        if constexpr (CheckFinite) {
+            for (idx j = 0; j < w1; ++j) {
+                row[j] = in[j];
+                bad |= !(in[j] - in[j] == T(0));
+            }
+        } else if (w1 > 0) {
+            std::memcpy(row, in, static_cast<std::size_t>(w1) * sizeof(T));
+        }
+    }
+    return bad != 0;
+}

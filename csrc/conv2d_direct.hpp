@@ -189,18 +189,12 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
     const idx tasks = s.N * s.G;
     const int nt = threads_for(tasks);
     T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.elems) * sizeof(T), 0));
-    const idx h0 = imax(0, -s.ph), h1 = imin(s.H, lay.Hp - s.ph);
-    const idx w0 = imax(0, -s.pw), w1 = imin(s.W, lay.Ws - s.pw);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (idx t = 0; t < tasks; ++t) {
         const idx n = t / s.G, g = t % s.G;
         T* xpad = buf + omp_get_thread_num() * lay.elems;
-        const T* src = x + (n * s.C + g) * s.H * s.W;
-        std::memset(xpad, 0, static_cast<std::size_t>(lay.elems) * sizeof(T));
-        if (w1 > w0)
-            for (idx h = h0; h < h1; ++h)
-                std::memcpy(xpad + (h + s.ph) * lay.Ws + w0 + s.pw, src + h * s.W + w0,
-                            static_cast<std::size_t>(w1 - w0) * sizeof(T));
+        copy_padded_plane<false>(x + (n * s.C + g) * s.H * s.W, s.H, s.W, s.ph, s.pw, xpad, lay.Hp, lay.Ws,
+                                 lay.elems);
         for (idx k = g * Kg; k < (g + 1) * Kg; ++k)
             depthwise_plane(xpad, lay.Ws, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
     }

@@ -106,20 +106,11 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         T* xp = scratch;
         T* yp = scratch + lay.x_elems;
-        // zero-padded planes (input row h at padded row h + ph, columns likewise;
-        // anything outside [0, Hp) x [0, Wp) is never read), then the read slack
-        const idx h0 = imax(0, -s.ph), h1 = imin(s.H, lay.Hp - s.ph);
-        const idx w0 = imax(0, -s.pw), w1 = imin(s.W, lay.Wp - s.pw);
+        // zero-padded planes (anything outside [0, Hp) x [0, Wp) is never read), then the read slack
 #pragma omp parallel for num_threads(threads_for(Cg)) if (inner) schedule(static)
-        for (idx c = 0; c < Cg; ++c) {
-            T* dst = xp + c * lay.plane;
-            const T* src = xg + c * s.H * s.W;
-            std::memset(dst, 0, static_cast<std::size_t>(lay.plane) * sizeof(T));
-            if (w1 > w0)
-                for (idx h = h0; h < h1; ++h)
-                    std::memcpy(dst + (h + s.ph) * lay.Wp + w0 + s.pw, src + h * s.W + w0,
-                                static_cast<std::size_t>(w1 - w0) * sizeof(T));
-        }
+        for (idx c = 0; c < Cg; ++c)
+            copy_padded_plane<false>(xg + c * s.H * s.W, s.H, s.W, s.ph, s.pw, xp + c * lay.plane, lay.Hp, lay.Wp,
+                                     lay.plane);
         std::memset(xp + Cg * lay.plane, 0, static_cast<std::size_t>(lay.x_elems - Cg * lay.plane) * sizeof(T));
         const T* wg_packed = wpk + g * wpk_elems;
         for (idx pc = 0; pc < CRS; pc += GB::KC) {

@@ -241,24 +241,11 @@ bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const Con
     T* U = Upk + 16 * upk_elems;
     // tile (th, tw) of the padded plane starts at row 2th, column 2tw: input
     // row h sits at padded row h + ph (rows past the input stay zero)
-    const idx h1 = imin(s.H, lay.Hp - s.ph), w1 = imin(s.W, lay.Wp - s.pw);
-    const idx h0 = imax(0, -s.ph), w0 = imax(0, -s.pw);
-    int nonfinite = 0;  // v - v is 0 for finite v, NaN otherwise: a branch-free test fused with the copy
+    int nonfinite = 0;
 #pragma omp parallel for num_threads(threads_for(s.N * s.C)) schedule(static) reduction(| : nonfinite)
-    for (idx t = 0; t < s.N * s.C; ++t) {
-        T* dst = xpad + t * lay.plane;
-        std::memset(dst, 0, static_cast<std::size_t>(lay.plane) * sizeof(T));
-        for (idx h = h0; h < h1; ++h) {
-            const T* src = x + t * s.H * s.W + h * s.W;
-            T* row = dst + (h + s.ph) * lay.Wp + s.pw;
-            int bad = 0;
-            for (idx j = w0; j < w1; ++j) {
-                row[j] = src[j];
-                bad |= !(src[j] - src[j] == T(0));
-            }
-            nonfinite |= bad;
-        }
-    }
+    for (idx t = 0; t < s.N * s.C; ++t)
+        nonfinite |= copy_padded_plane<true>(x + t * s.H * s.W, s.H, s.W, s.ph, s.pw, xpad + t * lay.plane, lay.Hp,
+                                             lay.Wp, lay.plane);
     // (padding is never negative and Hp, Wp cover the input, so the copy saw all of x)
     for (idx i = 0; i < s.K * s.C * 9; ++i) nonfinite |= !(w[i] - w[i] == T(0));
     if (nonfinite) return false;
