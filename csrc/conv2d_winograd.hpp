@@ -20,15 +20,19 @@ inline bool conv_winograd_applies(const ConvShape& s) {
 }
 
 // Where the transforms pay for themselves. Measured against the shifted GEMM
-// (batch 8 unless noted, float32, AVX-512, 2 threads, one process): 2.0x
+// (batch 8 unless noted, float32, 2 threads, one process). AVX-512: 2.0x
 // faster on vgg_3x3 (128 -> 128 at 112x112), 1.25x on resnet_l3_3x3 (256 at
 // 14x14), 1.13x at 128 x 28x28; even at 64 -> 64 (1.04x on resnet_l1_3x3,
 // 0.87x at 28x28); slower with fewer channels (0.6-0.8x) and with few tiles,
 // where the per-call filter transform dominates (batch 1 at 14x14: 0.57x;
-// 7x7 maps: 0.92x).
+// 7x7 maps: 0.92x). With half the vector width the GEMM is slower against
+// the transforms, so AVX2 gains sooner: 64 -> 64 runs 1.45-1.6x faster
+// (resnet_l1_3x3, 28x28, 14x14, batch 1 at 56x56); 32 -> 32 and 32 -> 64
+// are even (0.9-1.1x) and 16 channels slower (0.6-0.8x).
 inline bool conv_winograd_pays(const ConvShape& s) {
+    constexpr idx kMinCK = CK_VEC_BYTES == 64 ? 8192 : 4096;
     const idx tiles = s.N * ((s.Ho + 1) / 2) * ((s.Wo + 1) / 2);
-    return conv_winograd_applies(s) && s.C >= 32 && s.C * s.K >= 8192 && tiles >= 256;
+    return conv_winograd_applies(s) && s.C >= 32 && s.C * s.K >= kMinCK && tiles >= 256;
 }
 
 template <class T>

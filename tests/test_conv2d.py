@@ -107,8 +107,9 @@ def test_awkward_shapes(backend, algo, dtype, rng, case):
     check_conv(backend, algo, dtype, rng, x_shape, w_shape, **kw)
 
 
-# 3x3 stride-1 layers with C*K >= 8192 and >= 256 2x2 tiles run Winograd
-# F(2x2, 3x3) in the cpp backend's GEMM algorithm (conv2d_winograd.hpp); odd
+# 3x3 stride-1 layers with C*K >= 8192 (>= 4096 below AVX-512) and >= 256 2x2
+# tiles run Winograd F(2x2, 3x3) in the cpp backend's GEMM algorithm
+# (conv2d_winograd.hpp); odd
 # sizes give partial edge tiles. Larger than the awkward cases, so checked on
 # the GEMM algorithm only.
 WINOGRAD = {
@@ -116,6 +117,7 @@ WINOGRAD = {
     "valid": ((2, 128, 33, 31), (64, 128, 3, 3), {}),
     "wide_padding": ((2, 64, 25, 27), (128, 64, 3, 3), dict(padding=2)),
     "padding_per_axis": ((2, 96, 31, 32), (96, 96, 3, 3), dict(padding=(1, 0))),
+    "ck_4096_below_avx512": ((2, 64, 23, 24), (64, 64, 3, 3), dict(padding=1)),
 }
 
 
