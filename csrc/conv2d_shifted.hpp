@@ -1,9 +1,9 @@
-// conv2d forward for stride-1 convolutions as an implicit GEMM on a padded
-// copy of the input, with no column matrix and no B packing.
+// conv2d forward as an implicit GEMM on padded phase planes of the input,
+// with no column matrix and no B packing.
 //
-// Pad each input plane to Hp x Wp (Hp = Ho + (R-1)dh, Wp = Wo + (S-1)dw) and number the
-// output positions in the padded width, p = ho * Wp + wo (0 <= wo < Wp). For
-// stride 1 the input under tap (c, r, q) at position p is then
+// Stride 1: pad each input plane to Hp x Wp (Hp = Ho + (R-1)dh, Wp = Wo +
+// (S-1)dw) and number the output positions in the padded width, p = ho * Wp +
+// wo (0 <= wo < Wp). The input under tap (c, r, q) at position p is then
 //     xp[c * Hp * Wp + r * dh * Wp + q * dw + p]
 // so row (c, r, q) of the column matrix is the padded input shifted by a fixed
 // offset: the micro-kernel loads its B vectors straight from the padded planes
@@ -12,36 +12,87 @@
 // (Wp - Wo) / Wp, against im2col's write of R*S copies of the input and the
 // packing pass over them, which cost as much as a fifth of a 3x3 layer.
 //
-// Loop nest: KC blocks of the reduction (weights packed once per call by
-// pack_a_full), then NR-wide position tiles x MR-row weight panels; the output
-// tile (in padded positions) accumulates across KC blocks and is compacted into
-// y, with the bias, at the end. The reduction order per output is fixed:
-// deterministic for any thread count.
+// Stride (sh, sw) > 1: tap r reads padded row ho * sh + r * dh, which is row
+// ho + (r * dh) / sh of the phase plane holding padded rows congruent to
+// (r * dh) % sh (likewise for columns). Split each channel into the phase
+// planes its taps read (at most sh x sw, each about H/sh x W/sw) and the
+// strided conv is the stride-1 case above over those planes: the input is
+// gathered once, not R*S times as im2col does (resnet_stem: 49x).
+//
+// Loop nest: bands of output rows whose padded output fits in L2; in each,
+// KC blocks of the reduction (weights packed once per call by pack_a_full),
+// MC-row blocks of the weights, then NR-wide position tiles x MR-row weight
+// panels. The band's padded output accumulates across KC blocks and is
+// compacted into y, with the bias, at the end of the band. The reduction order
+// per output is fixed: deterministic for any thread count.
 
 inline bool conv_shifted_applies(const ConvShape& s) {
-    return s.sh == 1 && s.sw == 1 && !(s.R == 1 && s.S == 1 && s.ph == 0 && s.pw == 0);
+    return !(s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0);
+}
+
+// The phases (tap * dilation) % stride that taps [0, taps) read, ascending.
+inline std::vector<idx> shifted_phases(idx taps, idx dilation, idx stride) {
+    std::vector<idx> ph;
+    for (idx t = 0; t < taps; ++t) ph.push_back((t * dilation) % stride);
+    std::sort(ph.begin(), ph.end());
+    ph.erase(std::unique(ph.begin(), ph.end()), ph.end());
+    return ph;
+}
+
+inline idx phase_index(const std::vector<idx>& phases, idx phase) {
+    return static_cast<idx>(std::lower_bound(phases.begin(), phases.end(), phase) - phases.begin());
 }
 
 template <class T>
 struct ShiftedLayout {
-    idx Hp, Wp, plane;  // padded plane
+    std::vector<idx> row_phases, col_phases;
+    idx planes;         // phase planes per channel
+    idx Hp, Wp, plane;  // one phase plane
     idx npos, tiles;    // Ho * Wp padded output positions, in NR-wide tiles
-    idx x_elems;        // padded input of one (image, group), with read slack
-    idx y_elems;        // padded output of one (image, group)
-    ShiftedLayout(const ConvShape& s) {
+    idx band, ldy;      // output rows per band; its padded output's row length (whole tiles)
+    idx x_elems;        // phase planes of one (image, group), with read slack
+    idx y_elems;        // padded output of one band
+    ShiftedLayout(const ConvShape& s)
+        : row_phases(shifted_phases(s.R, s.dh, s.sh)), col_phases(shifted_phases(s.S, s.dw, s.sw)) {
         constexpr int NR = GemmBlocking<T>::NR;
+        planes = static_cast<idx>(row_phases.size() * col_phases.size());
         // what the output reads: padding may differ per side ('same' with an
-        // even kernel), so the padded size comes from the output's
-        Hp = s.Ho + (s.R - 1) * s.dh;
-        Wp = s.Wo + (s.S - 1) * s.dw;
+        // even kernel), so the plane size comes from the output's
+        Hp = s.Ho + (s.R - 1) * s.dh / s.sh;
+        Wp = s.Wo + (s.S - 1) * s.dw / s.sw;
         plane = Hp * Wp;
         npos = s.Ho * Wp;
         tiles = (npos + NR - 1) / NR;
-        // the last tile reads up to tiles*NR - 1 + the largest offset
-        x_elems = ((s.C / s.G) * plane + (tiles * NR - npos) + (s.S - 1) * s.dw + NR + 15) / 16 * 16;
-        y_elems = ((s.K / s.G) * tiles * NR + 15) / 16 * 16;
+        // A band's padded output stays in L2 until it is compacted into y:
+        // written whole (resnet_stem's is 3.3 MB an image), it went out to
+        // memory and back. Depends on the shape only.
+        constexpr idx kBandBytes = idx(256) << 10;
+        band = imax(1, imin(s.Ho, kBandBytes / imax((s.K / s.G) * Wp * static_cast<idx>(sizeof(T)), 1)));
+        ldy = (band * Wp + NR - 1) / NR * NR;
+        // a band's last tile reads up to NR - 1 positions past its rows, the
+        // last band's past npos, plus the largest offset
+        x_elems = ((s.C / s.G) * planes * plane + (tiles * NR - npos) + (s.S - 1) * s.dw / s.sw + NR + 15) / 16 * 16;
+        y_elems = ((s.K / s.G) * ldy + 15) / 16 * 16;
     }
 };
+
+// dst (rows x cols) [i][j] = src (H x W) [i * sh + h0][j * sw + w0], zero
+// outside src: one phase plane of a channel.
+template <class T>
+void copy_phase_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx sw, T* dst, idx rows, idx cols) {
+    idx ilo, ihi, jlo, jhi;
+    valid_range(H, rows, sh, h0, ilo, ihi);
+    valid_range(W, cols, sw, w0, jlo, jhi);
+    std::memset(dst, 0, static_cast<std::size_t>(rows * cols) * sizeof(T));
+    for (idx i = ilo; i < ihi; ++i) {
+        const T* in = src + (i * sh + h0) * W + w0;
+        T* row = dst + i * cols;
+        if (sw == 1)
+            std::memcpy(row + jlo, in + jlo, static_cast<std::size_t>(jhi - jlo) * sizeof(T));
+        else
+            for (idx j = jlo; j < jhi; ++j) row[j] = in[j * sw];
+    }
+}
 
 // rt x (2 vectors) tile of the padded output; Ap is a pack_a_full panel
 // (MR-strided), B rows are xb + off[k]. Stores whole vectors: the padded output
@@ -94,46 +145,64 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
     constexpr int MR = GB::MR, NR = GB::NR;
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const ShiftedLayout<T> lay(s);
+    const idx nrp = static_cast<idx>(lay.col_phases.size());
     std::vector<idx> off(static_cast<std::size_t>(CRS));
     for (idx c = 0, i = 0; c < Cg; ++c)
         for (idx r = 0; r < s.R; ++r)
-            for (idx q = 0; q < s.S; ++q) off[static_cast<std::size_t>(i++)] = c * lay.plane + r * s.dh * lay.Wp + q * s.dw;
+            for (idx q = 0; q < s.S; ++q) {
+                const idx pr = phase_index(lay.row_phases, r * s.dh % s.sh);
+                const idx pq = phase_index(lay.col_phases, q * s.dw % s.sw);
+                const idx plane = c * lay.planes + pr * nrp + pq;
+                off[static_cast<std::size_t>(i++)] = plane * lay.plane + r * s.dh / s.sh * lay.Wp + q * s.dw / s.sw;
+            }
     const idx wpk_elems = packed_a_elems<T>(Kg, CRS), Mpad = wpk_elems / imax(CRS, 1);
     T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
     for (idx g = 0; g < s.G; ++g) pack_a_full(Kg, CRS, w + g * Kg * CRS, CRS, idx(1), wpk + g * wpk_elems);
-    const idx panels = (Kg + MR - 1) / MR, ldy = lay.tiles * NR;
     for_each_image_group<T>(s, lay.x_elems + lay.y_elems, [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         T* xp = scratch;
         T* yp = scratch + lay.x_elems;
-        // zero-padded planes (anything outside [0, Hp) x [0, Wp) is never read), then the read slack
-#pragma omp parallel for num_threads(threads_for(Cg)) if (inner) schedule(static)
-        for (idx c = 0; c < Cg; ++c)
-            copy_padded_plane<false>(xg + c * s.H * s.W, s.H, s.W, s.ph, s.pw, xp + c * lay.plane, lay.Hp, lay.Wp,
-                                     lay.plane);
-        std::memset(xp + Cg * lay.plane, 0, static_cast<std::size_t>(lay.x_elems - Cg * lay.plane) * sizeof(T));
-        const T* wg_packed = wpk + g * wpk_elems;
-        for (idx pc = 0; pc < CRS; pc += GB::KC) {
-            const idx kc = imin(GB::KC, CRS - pc);
-            const T* Ablk = wg_packed + pc * Mpad;
-#pragma omp parallel for num_threads(threads_for(lay.tiles * panels)) if (inner) schedule(static)
-            for (idx t = 0; t < lay.tiles * panels; ++t) {
-                const idx tile = t / panels, ip = t % panels;
-                shifted_micro(kc, Ablk + ip * MR * kc, xp + tile * NR, off.data() + pc, yp + ip * MR * ldy + tile * NR,
-                              ldy, imin(MR, Kg - ip * MR), pc > 0);
-            }
+        // zero-padded phase planes (anything outside [0, Hp) x [0, Wp) is never read), then the read slack
+#pragma omp parallel for num_threads(threads_for(Cg * lay.planes)) if (inner) schedule(static)
+        for (idx cp = 0; cp < Cg * lay.planes; ++cp) {
+            const idx c = cp / lay.planes, pr = cp % lay.planes / nrp, pq = cp % nrp;
+            copy_phase_plane(xg + c * s.H * s.W, s.H, s.W, lay.row_phases[static_cast<std::size_t>(pr)] - s.ph,
+                             lay.col_phases[static_cast<std::size_t>(pq)] - s.pw, s.sh, s.sw, xp + cp * lay.plane,
+                             lay.Hp, lay.Wp);
         }
+        const idx used = Cg * lay.planes * lay.plane;
+        std::memset(xp + used, 0, static_cast<std::size_t>(lay.x_elems - used) * sizeof(T));
+        const T* wg_packed = wpk + g * wpk_elems;
         T* yg = y + (n * s.K + g * Kg) * P;
+        for (idx ho0 = 0; ho0 < s.Ho; ho0 += lay.band) {
+            const idx ho1 = imin(s.Ho, ho0 + lay.band), tiles = ((ho1 - ho0) * lay.Wp + NR - 1) / NR;
+            const T* xb = xp + ho0 * lay.Wp;
+            // weight panels in MC-row blocks, each swept across the band's
+            // tiles from L2 (down_3x3_s2's 256 x 512 block is 512 KB)
+            for (idx pc = 0; pc < CRS; pc += GB::KC) {
+                const idx kc = imin(GB::KC, CRS - pc);
+                const T* Ablk = wg_packed + pc * Mpad;
+                for (idx ic = 0; ic < Kg; ic += GB::MC) {
+                    const idx p0 = ic / MR, np = (imin(GB::MC, Kg - ic) + MR - 1) / MR;
+#pragma omp parallel for num_threads(threads_for(tiles * np)) if (inner) schedule(static)
+                    for (idx t = 0; t < tiles * np; ++t) {
+                        const idx tile = t / np, ip = p0 + t % np;
+                        shifted_micro(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data() + pc,
+                                      yp + ip * MR * lay.ldy + tile * NR, lay.ldy, imin(MR, Kg - ip * MR), pc > 0);
+                    }
+                }
+            }
 #pragma omp parallel for num_threads(threads_for(Kg)) if (inner) schedule(static)
-        for (idx k = 0; k < Kg; ++k) {
-            for (idx ho = 0; ho < s.Ho; ++ho) {
-                const T* src = yp + k * ldy + ho * lay.Wp;
-                T* dst = yg + k * P + ho * s.Wo;
-                if (b) {
-                    const T bv = b[g * Kg + k];
-                    for (idx wo = 0; wo < s.Wo; ++wo) dst[wo] = src[wo] + bv;
-                } else {
-                    std::memcpy(dst, src, static_cast<std::size_t>(s.Wo) * sizeof(T));
+            for (idx k = 0; k < Kg; ++k) {
+                for (idx ho = ho0; ho < ho1; ++ho) {
+                    const T* src = yp + k * lay.ldy + (ho - ho0) * lay.Wp;
+                    T* dst = yg + k * P + ho * s.Wo;
+                    if (b) {
+                        const T bv = b[g * Kg + k];
+                        for (idx wo = 0; wo < s.Wo; ++wo) dst[wo] = src[wo] + bv;
+                    } else {
+                        std::memcpy(dst, src, static_cast<std::size_t>(s.Wo) * sizeof(T));
+                    }
                 }
             }
         }

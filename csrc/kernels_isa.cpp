@@ -1,6 +1,7 @@
 // Compiled once per SIMD level (see CMakeLists.txt): CK_ISA names the level
 // and the -m flags decide what the vector code becomes. Produces that level's
 // kernel table.
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -21,13 +22,18 @@ namespace {
 #include "relu.hpp"
 
 // The GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
-// Winograd F(2x2, 3x3) (see conv_winograd_pays); other stride-1 convs whose
-// padded copies stay modest the shifted implicit GEMM (no column matrix); the
-// rest im2col in bands. Measured
-// on the canonical layers (batch 8, AVX-512): shifted 1.37x im2col's speed on
+// Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
+// planes stay modest the shifted implicit GEMM (no column matrix), strided
+// ones only with few output channels; the rest im2col in bands. Measured on
+// the canonical layers (batch 8, AVX-512): shifted 1.37x im2col's speed on
 // resnet_l1_3x3, 1.13x on resnet_l3_3x3, 1.06x on vgg_3x3, even on
 // mnist_conv2; slower (0.85x) on mnist_conv1, whose 25-long reduction cannot
-// pay for the padded copy and the extra positions.
+// pay for the padded copy and the extra positions. Strided (AVX2, batch 8):
+// im2col's copies cost in proportion to 1/K, so the shifted GEMM is 1.1-1.25x
+// faster with 64 output channels (resnet_stem, 3x3/2 from 32 and 64
+// channels), even at 128, and 0.7-0.9x at 256 and more (down_3x3_s2, a 1x1/2
+// shortcut from 1024 to 2048), where its micro-kernel's scattered B loads
+// cost more than the copies it saves.
 template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
@@ -37,7 +43,10 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvSha
             conv2d_forward_winograd(x, w, b, y, s))
             return;
     }
-    if (conv_shifted_applies(s) && s.C / s.G * s.R * s.S >= kMinShiftedReduction) {
+    constexpr idx kMaxStridedShiftedChannels = 64;
+    const bool strided = s.sh > 1 || s.sw > 1;
+    if (conv_shifted_applies(s) && s.C / s.G * s.R * s.S >= kMinShiftedReduction &&
+        !(strided && s.K / s.G > kMaxStridedShiftedChannels)) {
         const ShiftedLayout<T> lay(s);
         if ((lay.x_elems + lay.y_elems) * static_cast<idx>(sizeof(T)) <= kMaxShiftedBytes)
             return conv2d_forward_shifted(x, w, b, y, s);

@@ -86,6 +86,20 @@ AWKWARD = {
     "shifted_padded_1x1_kernel": ((2, 40, 5, 6), (3, 40, 1, 1), dict(padding=(1, 2))),
     "shifted_several_kc_blocks": ((1, 70, 6, 7), (14, 70, 3, 3), dict(padding=1)),
     "shifted_wide": ((1, 8, 3, 70), (4, 8, 3, 3), dict(padding=1)),
+    # strided: the same over the phase planes (rows, columns = tap * dilation mod stride)
+    "shifted_stride_2_stem_like": ((2, 3, 23, 21), (8, 3, 7, 7), dict(stride=2, padding=3)),
+    "shifted_stride_per_axis_dilated": ((1, 8, 17, 19), (5, 8, 3, 3), dict(stride=(2, 3), dilation=(2, 1),
+                                                                             padding=(1, 2))),
+    "shifted_stride_gt_kernel": ((2, 16, 13, 11), (5, 16, 2, 2), dict(stride=3)),
+    "shifted_pointwise_strided": ((2, 40, 9, 7), (6, 40, 1, 1), dict(stride=2)),
+    "shifted_strided_groups": ((1, 24, 11, 12), (6, 12, 3, 3), dict(stride=2, padding=1, groups=2)),
+    "shifted_strided_even_kernel_asymmetric": ((2, 8, 10, 9), (4, 8, 4, 4), dict(stride=2, padding=(0, 3))),
+    "shifted_stride_equals_dilation": ((1, 8, 15, 14), (3, 8, 3, 3), dict(stride=2, dilation=2, padding=2)),
+    "shifted_stride_3_dilation_2": ((1, 8, 20, 19), (4, 8, 3, 3), dict(stride=3, dilation=2)),
+    "shifted_strided_1x1_image": ((2, 8, 1, 1), (3, 8, 3, 3), dict(stride=2, padding=1)),
+    # output rows in L2-sized bands (64 channels x 130 padded columns: 3-7 rows a band)
+    "shifted_bands": ((1, 8, 9, 128), (64, 8, 3, 3), dict(padding=1)),
+    "shifted_bands_strided": ((1, 3, 15, 260), (64, 3, 7, 7), dict(stride=2, padding=3)),
     # depthwise stride 1 copies each plane into a padded L1 buffer (conv2d_direct.hpp)
     "depthwise_same_even_dilated": ((2, 6, 9, 21), (6, 1, 4, 3), dict(groups=6, padding="same", dilation=(1, 2))),
     "depthwise_valid_multiplier": ((1, 3, 5, 40), (6, 1, 3, 3), dict(groups=3)),
