@@ -28,7 +28,10 @@ inline idx ceildiv(idx a, idx b) { return -floordiv(-a, b); }
 // Range [lo, hi) of output positions o in [0, out) whose input position
 // o*stride + offset lies in [0, in).
 inline void valid_range(idx in, idx out, idx stride, idx offset, idx& lo, idx& hi) {
-    lo = imax(0, ceildiv(-offset, stride));
+    // clamped to out: with padding past a dilated tap's reach (a 1-wide input,
+    // 3 taps of dilation 2, padding 2) no output reads the input and the
+    // first valid index would lie beyond the output row
+    lo = imin(out, imax(0, ceildiv(-offset, stride)));
     hi = imin(out, floordiv(in - 1 - offset, stride) + 1);
     if (hi < lo) hi = lo;
 }

@@ -63,6 +63,11 @@ AWKWARD = {
     "same_dilated": ((1, 2, 10, 9), (3, 2, 2, 3), dict(padding="same", dilation=(3, 2))),
     "valid": ((2, 3, 9, 8), (4, 3, 3, 5), dict(padding="valid")),
     "padding_larger_than_kernel": ((1, 2, 4, 5), (3, 2, 2, 2), dict(padding=3)),
+    # taps whose first in-bounds output would lie past the output row
+    "padding_past_dilated_taps": ((2, 3, 1, 1), (4, 3, 1, 3), dict(dilation=2, padding=(0, 2))),
+    "padding_past_dilated_taps_strided": ((1, 2, 3, 1), (2, 2, 1, 3), dict(dilation=(1, 2), padding=(0, 2),
+                                                                          stride=(1, 3))),
+    "padding_past_dilated_taps_wide_reduction": ((1, 40, 1, 1), (5, 40, 3, 3), dict(dilation=2, padding=2)),
     "kernel_equals_input": ((2, 3, 5, 4), (7, 3, 5, 4), {}),
     "gemm_tile_edges": ((2, 5, 9, 7), (13, 5, 3, 3), dict(padding=1)),
     "wide_output": ((1, 3, 4, 70), (2, 3, 3, 3), dict(padding=1)),
