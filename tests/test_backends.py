@@ -51,3 +51,21 @@ def test_backend_on_the_wrong_device_is_a_clear_error():
     else:
         with pytest.raises(ValueError, match=r"runs on cuda arrays, but the arrays are on cpu"):
             convkern.relu(np.ones(3, np.float32), backend="cupy")
+
+
+def test_numba_valid_ranges_stay_inside_the_output_row():
+    """The numba conv kernels address raw memory without bounds checks and fill
+    [0, lo) and [hi, n_out) of each output row around the in-bounds run, in
+    parallel over rows: lo > n_out would write into the next row, which another
+    thread may own. A 1-wide input under 3 taps of dilation 2 with padding 2
+    gives the first tap a first in-bounds output at column 2 of a 1-wide row."""
+    numba_cpu = pytest.importorskip("convkern.backend.numba_cpu")
+    if not numba_cpu.available()[0]:
+        pytest.skip(f"numba unavailable: {numba_cpu.available()[1]}")
+    assert numba_cpu._valid(1, 1, 1, -2) == (1, 1)
+    rng = np.random.default_rng(0)
+    for n_in, n_out, stride, off in rng.integers([1, 1, 1, -20], [9, 9, 5, 20], size=(2000, 4)):
+        lo, hi = numba_cpu._valid(n_in, n_out, stride, off)
+        assert 0 <= lo <= hi <= n_out
+        inside = [o for o in range(n_out) if 0 <= o * stride + off < n_in]
+        assert inside == list(range(lo, hi)), (n_in, n_out, stride, off)
