@@ -146,37 +146,48 @@ struct DepthwiseLayout {
 
 inline bool conv_depthwise_applies(const ConvShape& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
 
-template <class T>
-void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvShape& s) {
+// NV output vectors of one row from wo on; NV is a compile-time count so the
+// accumulators stay in registers (indexed by a run-time count they lived on
+// the stack, and every tap's FMA waited on a store-to-load round trip).
+template <class T, int NV>
+inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, idx wo, const ConvShape& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{} + bias;
+    for (idx r = 0; r < s.R; ++r)
+        for (idx q = 0; q < s.S; ++q) {
+            const T wv = w[r * s.S + q];
+            const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
+        }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const idx at = wo + v * L;
+        if (at + L <= s.Wo) {
+            vstore(yrow + at, acc[v]);
+        } else {
+            alignas(64) T tile[L];
+            vstore(tile, acc[v]);
+            std::memcpy(yrow + at, tile, static_cast<std::size_t>(s.Wo - at) * sizeof(T));
+        }
+    }
+}
+
+template <class T>
+void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvShape& s) {
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
     for (idx ho = 0; ho < s.Ho; ++ho) {
         const T* xrow = xpad + ho * Ws;
         T* yrow = y + ho * s.Wo;
         for (idx wo = 0; wo < s.Wo; wo += DW_NV * L) {
-            const idx nv = imin(DW_NV, (s.Wo - wo + L - 1) / L);
-            V acc[DW_NV];
-            for (int v = 0; v < DW_NV; ++v) acc[v] = V{} + bias;
-            for (idx r = 0; r < s.R; ++r)
-                for (idx q = 0; q < s.S; ++q) {
-                    const T wv = w[r * s.S + q];
-                    const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
-                    if (nv == DW_NV) {
-#pragma GCC unroll 4
-                        for (int v = 0; v < DW_NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
-                    } else {
-                        for (int v = 0; v < nv; ++v) acc[v] += wv * vload<V>(xq + v * L);
-                    }
-                }
-            for (int v = 0; v < nv; ++v) {
-                const idx at = wo + v * L;
-                if (at + L <= s.Wo) {
-                    vstore(yrow + at, acc[v]);
-                } else {
-                    alignas(64) T tile[L];
-                    vstore(tile, acc[v]);
-                    std::memcpy(yrow + at, tile, static_cast<std::size_t>(s.Wo - at) * sizeof(T));
-                }
+            switch (imin(DW_NV, (s.Wo - wo + L - 1) / L)) {
+                case 4: depthwise_run<T, 4>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 3: depthwise_run<T, 3>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 2: depthwise_run<T, 2>(xrow, Ws, w, bias, yrow, wo, s); break;
+                default: depthwise_run<T, 1>(xrow, Ws, w, bias, yrow, wo, s); break;
             }
         }
     }
@@ -278,6 +289,9 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W, RS = s.R * s.S;
+    // with fewer than 4 channels a block, U independent chains per channel:
+    // one chain (depthwise) waited on each FMA's latency
+    constexpr int U = KB >= 4 ? 1 : 4 / KB;
     const idx kblocks = s.K / KB, tasks = kblocks * Cg;
 #pragma omp parallel for num_threads(threads_for(tasks)) schedule(dynamic, 1)
     for (idx t = 0; t < tasks; ++t) {
@@ -287,10 +301,10 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
                 const idx off = q * s.dw - s.pw;
                 idx lo, hi;
                 valid_range(s.W, s.Wo, s.sw, off, lo, hi);
-                V acc[KB];
+                V acc[U][KB];
                 T tail[KB];
                 for (int j = 0; j < KB; ++j) {
-                    acc[j] = V{};
+                    for (int u = 0; u < U; ++u) acc[u][j] = V{};
                     tail[j] = T(0);
                 }
                 for (idx n = 0; n < s.N; ++n) {
@@ -303,10 +317,19 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
                         const T* gyrow = gyp + ho * s.Wo;
                         idx wo = lo;
                         if (s.sw == 1) {
+                            for (; wo + U * L <= hi; wo += U * L) {
+#pragma GCC unroll 4
+                                for (int u = 0; u < U; ++u) {
+                                    const V xv = vload<V>(xrow + wo + u * L + off);
+#pragma GCC unroll 8
+                                    for (int j = 0; j < KB; ++j)
+                                        acc[u][j] += vload<V>(gyrow + j * P + wo + u * L) * xv;
+                                }
+                            }
                             for (; wo + L <= hi; wo += L) {
                                 const V xv = vload<V>(xrow + wo + off);
 #pragma GCC unroll 8
-                                for (int j = 0; j < KB; ++j) acc[j] += vload<V>(gyrow + j * P + wo) * xv;
+                                for (int j = 0; j < KB; ++j) acc[0][j] += vload<V>(gyrow + j * P + wo) * xv;
                             }
                         }
                         for (; wo < hi; ++wo) {
@@ -316,8 +339,10 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
                     }
                 }
                 for (int j = 0; j < KB; ++j) {
+                    V a = acc[0][j];
+                    for (int u = 1; u < U; ++u) a += acc[u][j];
                     T sum = tail[j];
-                    for (int i = 0; i < L; ++i) sum += acc[j][i];
+                    for (int i = 0; i < L; ++i) sum += a[i];
                     gw[((k0 + j) * Cg + cc) * RS + r * s.S + q] = sum;
                 }
             }
