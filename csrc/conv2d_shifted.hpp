@@ -115,7 +115,12 @@ inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const i
         }
         Ap += MR;
     }
-    for (idx i = 0; i < mr; ++i) {
+    // a constant row count for the full tile keeps c in registers (a run-time
+    // count sends all of it through the stack)
+    const int rows = mr == RT ? RT : static_cast<int>(mr);
+#pragma GCC unroll 12
+    for (int i = 0; i < RT; ++i) {
+        if (i >= rows) break;
         T* row = C + i * ldc;
         V r0 = c[i][0], r1 = c[i][1];
         if (accumulate) {
