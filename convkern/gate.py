@@ -288,18 +288,37 @@ def load_baseline(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def simd_level() -> str:
+    from .backend import cpp
+    return cpp._cpu.simd_level()
+
+
+def wallclock_values(data: dict, level: str) -> Optional[Dict[str, float]]:
+    """The wall-clock baseline for a SIMD level, or None. Times against NumPy
+    depend on the vector width (AVX-512 has kernels AVX2 lacks: the 2x2 max
+    pool ran 5x its AVX-512 ratio on an AVX2 machine), so each level keeps
+    its own; the instruction gate, pinned to AVX2, covers every machine."""
+    return data.get("by_simd", {}).get(level)
+
+
 def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     history = old.get("history", [])
-    history.append({"date": datetime.date.today().isoformat(), "reason": reason})
+    entry = {"date": datetime.date.today().isoformat(), "reason": reason}
     data = {
         "kind": kind,
         "conditions": ("callgrind, CONVKERN_SIMD=avx2, OMP_NUM_THREADS=1, float32" if kind == "instructions"
                        else f"1 thread, batch x{WALL_SCALE}, median of interleaved rounds of "
-                            "case time / (numpy sort of 32K floats + 16 MiB copy) time"),
-        "values": values,
-        "history": history,
+                            "case time / (numpy sort of 32K floats + 16 MiB copy) time, per SIMD level"),
     }
+    if kind == "wallclock":
+        level = simd_level()
+        entry["simd"] = level
+        data["by_simd"] = {**old.get("by_simd", {}), level: values}
+    else:
+        data["values"] = values
+    history.append(entry)
+    data["history"] = history
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -319,6 +338,14 @@ def main_gate(args) -> int:
     names = args.cases.split(",") if args.cases else case_names()
     if args.wallclock:
         kind, path, limit = "wallclock", Path(args.baseline or DEFAULT_WALLCLOCK), 1.0 + args.wall_threshold
+        if not args.update:
+            data = load_baseline(path)
+            if wallclock_values(data, simd_level()) is None:
+                print(f"no wall-clock baseline for SIMD level {simd_level()} in {path} (recorded: "
+                      f"{', '.join(sorted(data.get('by_simd', {}))) or 'none'}): not judged here; the "
+                      "instruction gate still is. Record one on such a machine with `convkern gate --wallclock "
+                      "--update --reason ...`")
+                return 0
         now = time_ratios(names, rounds=args.rounds)
         if args.update:  # a baseline deserves more care than a check: median of three measurements
             runs = [now] + [time_ratios(names, rounds=args.rounds) for _ in range(2)]
@@ -333,8 +360,9 @@ def main_gate(args) -> int:
         save_baseline(path, kind, now, args.reason)
         print(f"wrote {len(now)} {kind} baselines to {path}")
         return 0
-    base = load_baseline(path)["values"]
+    data = load_baseline(path)
     if kind == "wallclock":
+        base = wallclock_values(data, simd_level())
         verdicts, state = compare_wallclock(base, now, limit)
         if any(v.failed for v in verdicts):
             # a real slowdown persists; a burst of load on a shared machine rarely does
@@ -345,7 +373,7 @@ def main_gate(args) -> int:
         print(f"machine state: cases run {state:.2f}x their baseline ratios overall (median); "
               f"each case is judged relative to that, and the median itself fails above {GLOBAL_FACTOR * limit:.1f}x")
     else:
-        verdicts = compare(base, now, limit)
+        verdicts = compare(data["values"], now, limit)
     text, failed = report(verdicts, kind)
     print(f"{kind} gate against {path} (fails above {limit:.2f}x the baseline)")
     print(text)
