@@ -93,22 +93,44 @@ inline __m256i lane_mask64(idx from, idx to, idx j) {  // 4 x 64-bit lanes
     return _mm256_and_si256(_mm256_cmpgt_epi64(l, _mm256_set1_epi64x(from - 1)),
                             _mm256_cmpgt_epi64(_mm256_set1_epi64x(to), l));
 }
+// Masks only on the vectors that straddle lo, hi or n: AVX2 masked stores
+// (vmaskmovps) are slow on AMD cores, and whole vectors need none.
 inline void gather_row(float* dst, const float* src, idx lo, idx hi, idx n) {
-    for (idx j = 0; j < n; j += 8)
-        _mm256_maskstore_ps(dst + j, lane_mask32(0, n, j), _mm256_maskload_ps(src + j, lane_mask32(lo, hi, j)));
+    for (idx j = 0; j < n; j += 8) {
+        if (j >= lo && j + 8 <= hi)
+            _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+        else if (j + 8 <= n && (j + 8 <= lo || j >= hi))
+            _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+        else
+            _mm256_maskstore_ps(dst + j, lane_mask32(0, n, j), _mm256_maskload_ps(src + j, lane_mask32(lo, hi, j)));
+    }
 }
 inline void gather_row(double* dst, const double* src, idx lo, idx hi, idx n) {
-    for (idx j = 0; j < n; j += 4)
-        _mm256_maskstore_pd(dst + j, lane_mask64(0, n, j), _mm256_maskload_pd(src + j, lane_mask64(lo, hi, j)));
+    for (idx j = 0; j < n; j += 4) {
+        if (j >= lo && j + 4 <= hi)
+            _mm256_storeu_pd(dst + j, _mm256_loadu_pd(src + j));
+        else if (j + 4 <= n && (j + 4 <= lo || j >= hi))
+            _mm256_storeu_pd(dst + j, _mm256_setzero_pd());
+        else
+            _mm256_maskstore_pd(dst + j, lane_mask64(0, n, j), _mm256_maskload_pd(src + j, lane_mask64(lo, hi, j)));
+    }
 }
 inline void add_row(float* dst, const float* src, idx lo, idx hi) {
     for (idx j = lo - lo % 8; j < hi; j += 8) {
+        if (j >= lo && j + 8 <= hi) {
+            _mm256_storeu_ps(dst + j, _mm256_add_ps(_mm256_loadu_ps(dst + j), _mm256_loadu_ps(src + j)));
+            continue;
+        }
         const __m256i m = lane_mask32(lo, hi, j);
         _mm256_maskstore_ps(dst + j, m, _mm256_add_ps(_mm256_maskload_ps(dst + j, m), _mm256_maskload_ps(src + j, m)));
     }
 }
 inline void add_row(double* dst, const double* src, idx lo, idx hi) {
     for (idx j = lo - lo % 4; j < hi; j += 4) {
+        if (j >= lo && j + 4 <= hi) {
+            _mm256_storeu_pd(dst + j, _mm256_add_pd(_mm256_loadu_pd(dst + j), _mm256_loadu_pd(src + j)));
+            continue;
+        }
         const __m256i m = lane_mask64(lo, hi, j);
         _mm256_maskstore_pd(dst + j, m, _mm256_add_pd(_mm256_maskload_pd(dst + j, m), _mm256_maskload_pd(src + j, m)));
     }
