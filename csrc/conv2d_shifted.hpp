@@ -95,8 +95,8 @@ void copy_phase_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx sw
 }
 
 // rt x (2 vectors) tile of the padded output; Ap is a pack_a_full panel
-// (MR-strided), B rows are xb + off[k]. Stores whole vectors: the padded output
-// rows are tiles*NR long.
+// (MR-strided), B rows are xb + off[k]. Stores whole vectors: a band's padded
+// output rows are ldy (whole tiles) long.
 template <class T, int RT>
 inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const idx* __restrict off, T* C, idx ldc,
                             idx mr, bool accumulate) {
