@@ -65,25 +65,32 @@ void flip_transpose_filters(const T* w, const ConvShape& s, T* wt) {
 }
 
 // Copies plane src (H x W) into dst (`elems` elements, zeroed first, rows
-// `stride` apart) with input (h, w) at (h + ph, w + pw); input past the
-// padded extent (rows x stride) is dropped. Padding is never negative. With
-// CheckFinite, also returns whether a copied value is inf or NaN (v - v is 0
-// only for finite v: a branch-free test fused with the copy).
+// `stride` apart) with dst (i, j) = src (i * sh + h0, j * sw + w0) for the i <
+// rows, j < stride that fall inside src. A zero-padded copy is h0 = -ph,
+// w0 = -pw with unit steps; a strided conv's phase plane steps by the stride.
+// With CheckFinite, also returns whether a copied value is inf or NaN (v - v
+// is 0 only for finite v: a branch-free test fused with the copy).
 template <bool CheckFinite, class T>
-bool copy_padded_plane(const T* src, idx H, idx W, idx ph, idx pw, T* dst, idx rows, idx stride, idx elems) {
+bool copy_padded_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx sw, T* dst, idx rows, idx stride,
+                       idx elems) {
     std::memset(dst, 0, static_cast<std::size_t>(elems) * sizeof(T));
-    const idx h1 = imin(H, rows - ph), w1 = imin(W, stride - pw);
+    idx ilo, ihi, jlo, jhi;
+    valid_range(H, rows, sh, h0, ilo, ihi);
+    valid_range(W, stride, sw, w0, jlo, jhi);
     int bad = 0;
-    for (idx h = 0; h < h1; ++h) {
-        const T* in = src + h * W;
-        T* row = dst + (h + ph) * stride + pw;
+    for (idx i = ilo; i < ihi; ++i) {
+        const T* in = src + (i * sh + h0) * W;
+        T* row = dst + i * stride;
         if constexpr (CheckFinite) {
-            for (idx j = 0; j < w1; ++j) {
-                row[j] = in[j];
-                bad |= !(in[j] - in[j] == T(0));
+            for (idx j = jlo; j < jhi; ++j) {
+                const T v = in[j * sw + w0];
+                row[j] = v;
+                bad |= !(v - v == T(0));
             }
-        } else if (w1 > 0) {
-            std::memcpy(row, in, static_cast<std::size_t>(w1) * sizeof(T));
+        } else if (sw == 1) {
+            std::memcpy(row + jlo, in + jlo + w0, static_cast<std::size_t>(jhi - jlo) * sizeof(T));
+        } else {
+            for (idx j = jlo; j < jhi; ++j) row[j] = in[j * sw + w0];
         }
     }
     return bad != 0;

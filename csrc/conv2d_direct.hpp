@@ -204,8 +204,8 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
     for (idx t = 0; t < tasks; ++t) {
         const idx n = t / s.G, g = t % s.G;
         T* xpad = buf + omp_get_thread_num() * lay.elems;
-        copy_padded_plane<false>(x + (n * s.C + g) * s.H * s.W, s.H, s.W, s.ph, s.pw, xpad, lay.Hp, lay.Ws,
-                                 lay.elems);
+        copy_padded_plane<false>(x + (n * s.C + g) * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad, lay.Hp,
+                                 lay.Ws, lay.elems);
         for (idx k = g * Kg; k < (g + 1) * Kg; ++k)
             depthwise_plane(xpad, lay.Ws, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
     }

@@ -76,24 +76,6 @@ struct ShiftedLayout {
     }
 };
 
-// dst (rows x cols) [i][j] = src (H x W) [i * sh + h0][j * sw + w0], zero
-// outside src: one phase plane of a channel.
-template <class T>
-void copy_phase_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx sw, T* dst, idx rows, idx cols) {
-    idx ilo, ihi, jlo, jhi;
-    valid_range(H, rows, sh, h0, ilo, ihi);
-    valid_range(W, cols, sw, w0, jlo, jhi);
-    std::memset(dst, 0, static_cast<std::size_t>(rows * cols) * sizeof(T));
-    for (idx i = ilo; i < ihi; ++i) {
-        const T* in = src + (i * sh + h0) * W + w0;
-        T* row = dst + i * cols;
-        if (sw == 1)
-            std::memcpy(row + jlo, in + jlo, static_cast<std::size_t>(jhi - jlo) * sizeof(T));
-        else
-            for (idx j = jlo; j < jhi; ++j) row[j] = in[j * sw];
-    }
-}
-
 // rt x (2 vectors) tile of the padded output; Ap is a pack_a_full panel
 // (MR-strided), B rows are xb + off[k]. Stores whole vectors: a band's padded
 // output rows are ldy (whole tiles) long.
@@ -171,9 +153,10 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
 #pragma omp parallel for num_threads(threads_for(Cg * lay.planes)) if (inner) schedule(static)
         for (idx cp = 0; cp < Cg * lay.planes; ++cp) {
             const idx c = cp / lay.planes, pr = cp % lay.planes / nrp, pq = cp % nrp;
-            copy_phase_plane(xg + c * s.H * s.W, s.H, s.W, lay.row_phases[static_cast<std::size_t>(pr)] - s.ph,
-                             lay.col_phases[static_cast<std::size_t>(pq)] - s.pw, s.sh, s.sw, xp + cp * lay.plane,
-                             lay.Hp, lay.Wp);
+            const idx h0 = lay.row_phases[static_cast<std::size_t>(pr)] - s.ph;
+            const idx w0 = lay.col_phases[static_cast<std::size_t>(pq)] - s.pw;
+            copy_padded_plane<false>(xg + c * s.H * s.W, s.H, s.W, h0, w0, s.sh, s.sw, xp + cp * lay.plane, lay.Hp,
+                                     lay.Wp, lay.plane);
         }
         const idx used = Cg * lay.planes * lay.plane;
         std::memset(xp + used, 0, static_cast<std::size_t>(lay.x_elems - used) * sizeof(T));

@@ -248,8 +248,8 @@ bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const Con
     int nonfinite = 0;
 #pragma omp parallel for num_threads(threads_for(s.N * s.C)) schedule(static) reduction(| : nonfinite)
     for (idx t = 0; t < s.N * s.C; ++t)
-        nonfinite |= copy_padded_plane<true>(x + t * s.H * s.W, s.H, s.W, s.ph, s.pw, xpad + t * lay.plane, lay.Hp,
-                                             lay.Wp, lay.plane);
+        nonfinite |= copy_padded_plane<true>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * lay.plane,
+                                             lay.Hp, lay.Wp, lay.plane);
     // (padding is never negative and Hp, Wp cover the input, so the copy saw all of x)
     for (idx i = 0; i < s.K * s.C * 9; ++i) nonfinite |= !(w[i] - w[i] == T(0));
     if (nonfinite) return false;
