@@ -22,7 +22,8 @@ DEVICE = "cuda"
 ALGOS = ("direct", "im2col")
 
 _KERNELS = ("conv2d_forward_direct", "conv2d_grad_input_direct", "conv2d_grad_weight_direct", "conv2d_grad_bias",
-            "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+            "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter",
+            "avg_pool2d_forward",
             "avg_pool2d_backward", "relu_forward", "relu_backward")
 _THREADS = 256
 
@@ -148,10 +149,14 @@ def max_pool2d_forward(x, g: PoolGeometry):
 def max_pool2d_backward(grad_output, indices, g: PoolGeometry):
     gy, ind = _c(grad_output), _c(indices).astype(cupy.int64, copy=False)
     gx = cupy.empty(g.input_shape, dtype=gy.dtype)
-    bad = cupy.zeros(1, dtype=cupy.int32)
-    _launch("max_pool2d_backward", gy.dtype, max(gx.size, gy.size), (gy, ind, gx, bad) + _pool_geom(g, True))
-    if int(bad.get()[0]):
+    flags = cupy.zeros(1, dtype=cupy.int32)
+    _launch("max_pool2d_backward", gy.dtype, max(gx.size, gy.size), (gy, ind, gx, flags) + _pool_geom(g, True))
+    bits = int(flags.get()[0])
+    if bits & 1:
         raise ValueError(f"indices: an index lies outside its (H*W = {g.H * g.W}) input plane")
+    if bits & 2:  # indices from elsewhere: the gather missed them, scatter instead
+        planes = g.N * g.C
+        _launch("max_pool2d_backward_scatter", gy.dtype, planes, (gy, ind, gx, planes, g.H * g.W, g.Ho * g.Wo))
     return gx
 
 

@@ -167,9 +167,13 @@ __global__ void max_pool2d_forward(const T* x, T* y, i64* ind, i64 planes, i64 H
     }
 }
 
-// gx (P, H, W): each input gathers the outputs whose index names it.
+// gx (P, H, W): each input gathers the outputs whose index names it. The
+// gather sees only indices inside their own window, so the same launch sets
+// flags bit 0 for an index outside [-1, H*W) (an error) and bit 1 for one in
+// the plane but outside its window (not produced by this pooling): the caller
+// then redoes gx with max_pool2d_backward_scatter.
 template <typename T>
-__global__ void max_pool2d_backward(const T* gy, const i64* ind, T* gx, int* bad, i64 planes, i64 H, i64 W,
+__global__ void max_pool2d_backward(const T* gy, const i64* ind, T* gx, int* flags, i64 planes, i64 H, i64 W,
                                     i64 kh, i64 kw, i64 sh, i64 sw, i64 ph, i64 pw, i64 dh, i64 dw, i64 Ho,
                                     i64 Wo) {
     GRID_STRIDE(i, planes * H * W) {
@@ -187,10 +191,29 @@ __global__ void max_pool2d_backward(const T* gy, const i64* ind, T* gx, int* bad
         }
         gx[i] = acc;
     }
-    // indices that no input can claim would silently drop gradient: flag them
     GRID_STRIDE(o, planes * Ho * Wo) {
         const i64 j = ind[o];
-        if (j < -1 || j >= H * W) atomicExch(bad, 1);
+        if (j == -1) continue;
+        if (j < -1 || j >= H * W) {
+            atomicOr(flags, 1);
+            continue;
+        }
+        const i64 wo = o % Wo, ho = (o / Wo) % Ho, h = j / W, iw = j % W;
+        const i64 dh0 = h - (ho * sh - ph), dw0 = iw - (wo * sw - pw);
+        if (dh0 < 0 || dw0 < 0 || dh0 % dh || dw0 % dw || dh0 / dh >= kh || dw0 / dw >= kw) atomicOr(flags, 2);
+    }
+}
+
+// gx for indices from elsewhere: one thread per plane adds gy at each index
+// in output order (PyTorch's scatter, deterministic). Slow; only for the rare
+// indices that max_pool2d_backward flags as outside their windows.
+template <typename T>
+__global__ void max_pool2d_backward_scatter(const T* gy, const i64* ind, T* gx, i64 planes, i64 HW, i64 P) {
+    GRID_STRIDE(t, planes) {
+        T* gp = gx + t * HW;
+        for (i64 i = 0; i < HW; ++i) gp[i] = T(0);
+        for (i64 o = t * P; o < (t + 1) * P; ++o)
+            if (ind[o] >= 0) gp[ind[o]] += gy[o];
     }
 }
 
