@@ -1,0 +1,97 @@
+"""The CUDA kernels' paths that the shared suite's small shapes do not reach,
+run on the CPU emulator (tests/cuda_emu; the shared suite runs on it as the
+backend "cuda-emu"): the tiled GEMM at its tile edges, grad weight split over
+several slices of its reduction, im2col in chunks of images, relu on
+unaligned pointers, and depthwise layers too wide for the shared-memory tile."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern.geometry import conv2d_geometry
+from cuda_emu.backend import CUPY_NAME, NAME
+from helpers import assert_close, randn
+
+
+@pytest.fixture
+def emu():
+    info = {b.name: b for b in convkern.backends()}.get(NAME)
+    if info is None:
+        pytest.skip("the CUDA emulator is switched off (CONVKERN_CUDA_EMU=0)")
+    if not info.available:
+        pytest.skip(f"the CUDA emulator is unavailable: {info.reason}")
+    return convkern.backend.get(NAME)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (63, 17, 65), (64, 16, 64), (65, 33, 129), (130, 7, 1), (5, 0, 3)])
+def test_gemm_tile_edges(emu, rng, dtype, mkn):
+    m, k, n = mkn
+    a, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+    assert_close(emu.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), dtype, f"{m}x{k}x{n}")
+
+
+def test_grad_weight_split_over_the_reduction(emu, rng):
+    x, w = randn(rng, (4, 3, 64, 64), np.float64), randn(rng, (5, 3, 3, 3), np.float64)
+    g = conv2d_geometry(x.shape, w.shape, padding=1)
+    assert emu.gpu_module._cuda.grad_weight_splits(emu.gpu_module._conv_geom(g)) == 4
+    gy = randn(rng, (4, 5, 64, 64), np.float64)
+    got = convkern.conv2d_backward(gy, x, w, padding=1, algo="implicit", backend=NAME)
+    want = convkern.conv2d_backward(gy, x, w, padding=1, backend="reference")
+    for name, o, r in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        assert_close(o, r, np.float64, name)
+
+
+def test_im2col_in_chunks_of_images(emu, rng, monkeypatch):
+    x, w = randn(rng, (5, 4, 9, 7), np.float32), randn(rng, (6, 2, 3, 2), np.float32)
+    b = randn(rng, (6,), np.float32)
+    kw = dict(stride=(2, 1), padding=1, groups=2)
+    # room for the column matrices of two images: chunks of 2, 2 and 1
+    per_image = 4 * 3 * 2 * 5 * 8
+    monkeypatch.setattr(emu.gpu_module, "_WORK_BYTES", 2 * per_image * 4)
+    y = convkern.conv2d(x, w, b, algo="im2col", backend=NAME, **kw)
+    assert_close(y, convkern.conv2d(x, w, b, backend="reference", **kw), np.float32, "forward")
+    gy = randn(rng, y.shape, np.float32)
+    got = convkern.conv2d_backward(gy, x, w, algo="im2col", backend=NAME, **kw)
+    want = convkern.conv2d_backward(gy, x, w, backend="reference", **kw)
+    assert_close(got[0], want[0], np.float32, "grad_input")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 9, 1000])
+def test_relu_on_unaligned_pointers(emu, rng, dtype, n):
+    cuda = emu.gpu_module._cuda
+    name = np.dtype(dtype).name
+    x = randn(rng, n + 1, dtype)[1:]  # one element past a 16-byte boundary: the scalar kernel
+    y = np.full(n + 1, np.nan, dtype)[1:]
+    cuda.relu_forward(x.ctypes.data, y.ctypes.data, n, name, 0)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    gy, gx = randn(rng, n + 1, dtype)[1:], np.full(n + 1, np.nan, dtype)[1:]
+    cuda.relu_backward(gy.ctypes.data, x.ctypes.data, gx.ctypes.data, n, name, 0)
+    np.testing.assert_array_equal(gx, np.where(x > 0, gy, 0))
+
+
+@pytest.mark.parametrize("dilation", [1, 100], ids=["tiled", "too_wide_for_the_tile"])
+def test_depthwise_forward(emu, rng, dilation):
+    x, w = randn(rng, (2, 3, 210, 205), np.float32), randn(rng, (6, 1, 3, 3), np.float32)
+    kw = dict(stride=(1, 2), padding=1, dilation=dilation, groups=3)
+    assert_close(convkern.conv2d(x, w, algo="direct", backend=NAME, **kw),
+                 convkern.conv2d(x, w, backend="reference", **kw), np.float32, f"dilation {dilation}")
+
+
+def test_the_emulator_builds_where_it_can():
+    """A compile error in the emulated build must fail here, not turn every
+    emulated test into a skip."""
+    if os.environ.get("CONVKERN_CUDA_EMU", "1") == "0":
+        pytest.skip("the CUDA emulator is switched off (CONVKERN_CUDA_EMU=0)")
+    if shutil.which(os.environ.get("CXX") or "g++") is None or importlib.util.find_spec("pybind11") is None:
+        pytest.skip("no C++ compiler or no pybind11: the emulator cannot be built here")
+    for name in (NAME, CUPY_NAME):
+        info = {b.name: b for b in convkern.backends()}[name]
+        assert info.available, info.reason
