@@ -255,7 +255,6 @@ int grad_weight_splits(const ConvGeom& g) {
     const i64 red = g.N * g.P();
     i64 s = 1;
     while (tiles * s < 512 && red / (s * 2) >= 4096 && s < 64) s *= 2;
-    while (g.G * s > 65535 && s > 1) s /= 2;
     return static_cast<int>(s);
 }
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build convkern._cpu with AddressSanitizer + UndefinedBehaviorSanitizer in a
-# scratch venv and run the tests that exercise the C++ kernels under it.
+# scratch venv and run the tests that exercise the C++ kernels under it; the
+# CUDA emulator's build of the GPU kernels (tests/cuda_emu: backends cuda-emu
+# and cupy-emu) is sanitized too, so its shared-memory arrays are checked.
 # Any finding aborts the run (non-zero exit). Leak detection is off: CPython
 # and NumPy keep allocations alive to exit by design; `tests/test_hardening.py`
 # checks our own memory behaviour instead.
@@ -20,6 +22,7 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 logs="$(dirname "$venv")/sanitizer"
 # allocator_may_return_null: an impossible allocation must become MemoryError (a tested path)
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:log_path=$logs"
+export CONVKERN_CUDA_EMU_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$logs"
 # a finding fails the run; the warning an impossible allocation leaves does not
 trap 'status=$?; if ls "$logs".* >/dev/null 2>&1; then cat "$logs".*
@@ -28,4 +31,4 @@ trap 'status=$?; if ls "$logs".* >/dev/null 2>&1; then cat "$logs".*
 (cd "$(dirname "$venv")" && python -c "import convkern.backend.cpp as c, sys
 sys.exit(0 if c._cpu is not None and c._cpu.build_info()['sanitized'] else f'not a sanitized build: {c._IMPORT_ERROR}')")
 # the gates count instructions and time the normal build: not this one
-pytest -q -p no:cacheprovider -x -k "not numba and not cupy" --ignore=tests/test_gate.py "${@:-tests}"
+pytest -q -p no:cacheprovider -x -k "not numba and (not cupy or cupy-emu)" --ignore=tests/test_gate.py "${@:-tests}"

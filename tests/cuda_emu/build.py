@@ -35,7 +35,9 @@ ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "cuda"
 CUPY_KERNELS = ROOT / "convkern" / "backend" / "cupy_kernels.cu"
 SKIP = {"device.cu"}  # host code for real GPUs; runtime.cpp stands in
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+# CK_GEMM_MAX_GRID_Z: a grid.z cap of 3 instead of 65535, so that the tiled
+# GEMM's loop over groups/splits beyond the grid runs in ordinary tests
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-DCK_GEMM_MAX_GRID_Z=3"]
 
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^()]*\)\s*)?(\w+)\s*\(")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([\w:\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
@@ -214,8 +216,9 @@ def build(build_root: Path, extra_flags=()) -> Path:
 
 
 def load(build_root: Path):
-    """The emulated convkern._cuda module (built if needed)."""
-    path = build(build_root)
+    """The emulated convkern._cuda module (built if needed; CONVKERN_CUDA_EMU_FLAGS adds
+    compiler flags, as tools/sanitize.sh does for the sanitizers)."""
+    path = build(build_root, os.environ.get("CONVKERN_CUDA_EMU_FLAGS", "").split())
     loader = importlib.machinery.ExtensionFileLoader("_cuda", str(path))
     spec = importlib.util.spec_from_file_location("_cuda", str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
