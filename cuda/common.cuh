@@ -48,6 +48,9 @@ inline unsigned grid_for(i64 work, int threads) {
 // kernels templated on the index type I take it from the argument's type.
 template <class F>
 void with_index_type(bool fits32, F f) {
+#ifdef CK_CUDA_EMU
+    if (ck_emu::force_index64()) fits32 = false;  // the emulator's tests run the 64-bit path on small problems
+#endif
     if (fits32)
         f(int(0));
     else

@@ -2,10 +2,12 @@
 run on the CPU emulator (tests/cuda_emu; the shared suite runs on it as the
 backend "cuda-emu"): the tiled GEMM at its tile edges, grad weight split over
 several slices of its reduction, im2col in chunks of images, relu on
-unaligned pointers, and depthwise layers too wide for the shared-memory tile."""
+unaligned pointers, depthwise layers too wide for the shared-memory tile, and
+the 64-bit index instantiations (taken on a GPU only past 2^31 elements)."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -17,6 +19,8 @@ import convkern
 from convkern.geometry import conv2d_geometry
 from cuda_emu.backend import CUPY_NAME, NAME
 from helpers import assert_close, randn
+from test_conv2d import AWKWARD, check_conv
+from test_pool2d import AVG_CASES, MAX_CASES, check_avg, check_max
 
 
 @pytest.fixture
@@ -95,3 +99,30 @@ def test_the_emulator_builds_where_it_can():
     for name in (NAME, CUPY_NAME):
         info = {b.name: b for b in convkern.backends()}[name]
         assert info.available, info.reason
+
+
+@pytest.fixture
+def index64(emu):
+    force = ctypes.CDLL(emu.gpu_module._cuda.__file__).ck_emu_force_index64
+    force(1)
+    yield
+    force(0)
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
+@pytest.mark.parametrize("case", list(AWKWARD), ids=list(AWKWARD))
+def test_conv_with_64_bit_indices(emu, index64, rng, algo, case):
+    x_shape, w_shape, kw = AWKWARD[case]
+    check_conv(NAME, algo, np.float32, rng, x_shape, w_shape, **kw)
+
+
+@pytest.mark.parametrize("case", list(MAX_CASES), ids=list(MAX_CASES))
+def test_max_pool_with_64_bit_indices(emu, index64, rng, case):
+    shape, kw = MAX_CASES[case]
+    check_max(NAME, np.float64, rng, randn(rng, shape, np.float64), kw)
+
+
+@pytest.mark.parametrize("case", list(AVG_CASES), ids=list(AVG_CASES))
+def test_avg_pool_with_64_bit_indices(emu, index64, rng, case):
+    shape, kw = AVG_CASES[case]
+    check_avg(NAME, np.float64, rng, randn(rng, shape, np.float64), kw)

@@ -19,6 +19,7 @@ dim3 blockDim, gridDim;
 namespace {
 
 cudaError_t g_last_error = cudaSuccess;
+bool g_force_index64 = false;
 std::mutex g_launch_lock;  // one launch at a time: the kernels' state is global
 
 // dynamic shared memory of the running block
@@ -96,6 +97,8 @@ void syncthreads() {
 
 void* dynamic_smem_bytes() { return g_smem.data(); }
 
+bool force_index64() { return g_force_index64; }
+
 void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std::function<void()>& body) {
     std::lock_guard<std::mutex> lock(g_launch_lock);
     // CUDA's launch limits (compute capability 7.0 and later); a violation is
@@ -128,6 +131,8 @@ void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std:
 }
 
 }  // namespace ck_emu
+
+extern "C" __attribute__((visibility("default"))) void ck_emu_force_index64(int on) { g_force_index64 = on != 0; }
 
 cudaError_t cudaGetLastError() {
     const cudaError_t e = g_last_error;

@@ -94,6 +94,9 @@ inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC
 namespace ck_emu {
 
 void syncthreads();
+// with_index_type (cuda/common.cuh) takes 64-bit indices whatever the size
+// while this is set (ck_emu_force_index64 in runtime.cpp sets it)
+bool force_index64();
 // the current block's dynamic shared memory (launch's smem bytes)
 void* dynamic_smem_bytes();
 template <class T> T* dynamic_smem() { return static_cast<T*>(dynamic_smem_bytes()); }
