@@ -200,7 +200,8 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
         cases["torch:cudnn"] = Case(op, layer_name, work, "GFLOP/s", run_cudnn,
                                     lambda: run_cudnn().detach().cpu().numpy(), "cuda")
     torch = _torch()
-    if torch is not None:
+    if torch is not None and (tg is None or any(c.device == "cpu" for c in cases.values())):
+        # the CPU peer only beside CPU contenders: a GPU run compares with cuDNN
         run_torch = _torch_conv(torch, [torch.from_numpy(a) for a in (x, w, b, gy)], kw, backward)
         cases["torch"] = Case(op, layer_name, work, "GFLOP/s", run_torch, lambda: run_torch().detach().numpy())
     return cases
@@ -231,9 +232,14 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
         arrays, back = _on_device(device, x, gp, gy, ind)
         run = (lambda be=be, arrays=arrays: fn(be, *arrays))
         cases[be] = Case(op, problem, work, "GB/s", run, (lambda run=run, back=back: back(run())), device)
-    torch = _torch()
-    if torch is not None:
-        tx, tgp, tgy, tind = (torch.from_numpy(a) for a in (x, gp, gy, ind))
+    tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
+    peers = []  # (name, torch, device): PyTorch beside each device's contenders
+    if tg is not None:
+        peers.append(("torch:cuda", tg, "cuda"))
+    if _torch() is not None and any(c.device == "cpu" for c in cases.values()):
+        peers.append(("torch", _torch(), "cpu"))
+    for peer, torch, device in peers:
+        tx, tgp, tgy, tind = (torch.from_numpy(a).to(device) for a in (x, gp, gy, ind))
         aten = torch.ops.aten
         tfn = {
             "max_pool2d": lambda: torch.nn.functional.max_pool2d(tx, 2),
@@ -245,7 +251,7 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
             "relu": lambda: torch.relu(tx),
             "relu_backward": lambda: aten.threshold_backward(tgy, tx, 0),
         }[op]
-        cases["torch"] = Case(op, problem, work, "GB/s", tfn, lambda: tfn().numpy())
+        cases[peer] = Case(op, problem, work, "GB/s", tfn, (lambda tfn=tfn: tfn().cpu().numpy()), device)
     return cases
 
 
@@ -280,7 +286,7 @@ def _validate(cases: Dict[str, Case], truth_key: Optional[str]) -> Dict[str, str
     verdicts = {}
     for impl, case in cases.items():
         if impl == truth_key:
-            verdicts[impl] = "peer" if impl == "torch" else "oracle"
+            verdicts[impl] = "peer" if impl.startswith("torch") else "oracle"
             continue
         out = np.asarray(case.output())
         if truth is None:
@@ -350,7 +356,8 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
         else:
             cases = memory_cases(op, impls, (batch,) + MEMORY_SHAPE[1:], rng)
             small = False
-        truth = "torch" if "torch" in cases else ("reference:direct" if small else None)
+        truth = next((p for p in _PEERS if p in cases),
+                     "reference:direct" if small else None)
         verdicts = _validate(cases, truth)
         ceiling = ceilings["gemm_gflops"] if cases[next(iter(cases))].unit == "GFLOP/s" else ceilings["copy_gbs"]
         for impl, case in cases.items():
@@ -391,6 +398,19 @@ def _simd() -> str:
         return "unknown"
 
 
+_PEERS = ("torch", "torch:cudnn", "torch:cuda")
+
+
+def _row_device(impl: str) -> str:
+    name = impl.partition(":")[0]
+    if name == "torch":
+        return "cpu" if impl == "torch" else "cuda"
+    try:
+        return _device_of(name)
+    except Exception:  # noqa: BLE001 - a backend gone since the run: informative only
+        return "cpu"
+
+
 def table(report: dict) -> str:
     """One side-by-side table: time, rate, % of ceiling, ratio to the fastest and to torch."""
     c = report["ceilings"]
@@ -404,8 +424,9 @@ def table(report: dict) -> str:
         groups.setdefault((r["op"], r["problem"]), []).append(r)
     for (op, problem), rows in groups.items():
         best = min(r["ms"] for r in rows)
-        torch_ms = next((r["ms"] for r in rows if r["impl"] == "torch"), None)
+        peer_ms = {_row_device(r["impl"]): r["ms"] for r in rows if r["impl"] in _PEERS}
         for r in rows:
+            torch_ms = peer_ms.get(_row_device(r["impl"]))  # PyTorch on the same device
             vs_torch = f"{torch_ms / r['ms']:.2f}x" if torch_ms else "-"
             lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {r['ms']:>10.3f} "
                          f"{r['rate']:>8.1f} {r['unit']:<5} {r['ceiling_pct']:>5.0f}% {best / r['ms']:>7.2f}x "
