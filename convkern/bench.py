@@ -321,6 +321,8 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
         progress: bool = True) -> dict:
     """Validate, then time, every (op, problem, implementation); returns a JSON-able report."""
     impls = list(impls or default_impls())
+    for name in dict.fromkeys(impl.partition(":")[0] for impl in impls):
+        _backends.get(name)  # BackendUnavailableError saying why, before anything is timed
     ceilings = measure_ceilings()
     rng = np.random.default_rng(0)
     jobs = []
@@ -469,12 +471,18 @@ def plot(report: dict, path: str) -> None:
 def main_bench(args) -> int:
     ops = args.ops.split(",")
     impls = None
-    if args.backends:
-        wanted = args.backends.split(",")
-        plain = [w for w in wanted if ":" not in w]  # a bare backend name: all its algorithms
-        impls = [i for i in wanted if ":" in i] + (default_impls(plain) if plain else [])
     layers = args.layers.split(",") if args.layers else [l.name for l in CANONICAL]
-    report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
+    try:
+        if args.backends:
+            wanted = args.backends.split(",")
+            for name in dict.fromkeys(w.partition(":")[0] for w in wanted):
+                _backends.get(name)  # unknown or unavailable: say so rather than bench something else
+            plain = [w for w in wanted if ":" not in w]  # a bare backend name: all its algorithms
+            impls = [i for i in wanted if ":" in i] + (default_impls(plain) if plain else [])
+        report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
+    except (ValueError, _backends.BackendUnavailableError) as exc:
+        print(f"convkern bench: {exc}", file=sys.stderr)
+        return 2
     print(table(report))
     if args.json:
         with open(args.json, "w") as fh:

@@ -77,3 +77,12 @@ def test_bench_backend_algo_pairs_select_exactly_those(tmp_path):
 
     impls = {r["impl"] for r in json.loads(out.read_text())["results"]}
     assert impls <= {"cpp:im2col", "torch"} and "cpp:im2col" in impls
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--backends", "nosuch"], "unknown backend 'nosuch'"),
+    (["--ops", "conv3d"], "unknown op 'conv3d'"),
+])
+def test_bench_refuses_bad_choices_before_timing(capsys, argv, says):
+    assert cli.main(["bench", "--layers", "mnist_conv1", "--no-progress", *argv]) == 2
+    assert says in capsys.readouterr().err
