@@ -26,11 +26,11 @@ from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
+from convkern.backend import OPS
+
 NAME = "cuda-emu"
 CUPY_NAME = "cupy-emu"
 _BACKENDS = Path(__file__).resolve().parents[2] / "convkern" / "backend"
-OPS = ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
-       "avg_pool2d_backward", "relu_forward", "relu_backward")
 GUARD = 64  # elements on each side of every array
 
 
