@@ -349,9 +349,79 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
     }
 }
 
+// Depthwise (one filter per channel), stride 1, R <= 8: a task owns a
+// channel. Each image's x plane is copied with its zero halo (the forward's
+// DepthwiseLayout) and its gy plane padded with zeros to whole vectors, so
+// every tap reads whole vectors with no edge cases; then for each filter row
+// r one pass over the rows feeds all S taps from each gy vector (S x U
+// chains). The general kernel above reads x and gy once per tap, R*S passes
+// with scalar edges (depthwise_3x3 grad weight: 2.3x the time).
+template <class T, int S>
+void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShape& s) {
+    typedef typename Vec<T>::type V;
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    constexpr int U = S <= 4 ? 2 : 1;  // chains per tap, within the 16 vector registers of AVX2
+    const DepthwiseLayout<T> lay(s);
+    const idx P = s.Ho * s.Wo, HW = s.H * s.W, RS = s.R * S;
+    const idx nv = (s.Wo + L - 1) / L, Wp = nv * L, gelems = (s.Ho * Wp + 15) / 16 * 16;
+    const int nt = threads_for(s.C);
+    T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * (lay.elems + gelems)) * sizeof(T), 0));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (idx c = 0; c < s.C; ++c) {
+        T* xpad = buf + omp_get_thread_num() * (lay.elems + gelems);
+        T* gpad = xpad + lay.elems;
+        V sum[8][S];  // [r][q], summed over the images in order
+        for (idx r = 0; r < s.R; ++r)
+            for (int q = 0; q < S; ++q) sum[r][q] = V{};
+        for (idx n = 0; n < s.N; ++n) {
+            copy_padded_plane<false>(x + (n * s.C + c) * HW, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad, lay.Hp, lay.Ws,
+                                     lay.elems);
+            copy_padded_plane<false>(gy + (n * s.C + c) * P, s.Ho, s.Wo, 0, 0, 1, 1, gpad, s.Ho, Wp, gelems);
+            for (idx r = 0; r < s.R; ++r) {
+                V acc[U][S];
+                for (int u = 0; u < U; ++u)
+                    for (int q = 0; q < S; ++q) acc[u][q] = V{};
+                for (idx ho = 0; ho < s.Ho; ++ho) {
+                    const T* grow = gpad + ho * Wp;
+                    const T* xrow = xpad + (ho + r * s.dh) * lay.Ws;
+                    idx v = 0;
+                    for (; v + U <= nv; v += U)
+#pragma GCC unroll 2
+                        for (int u = 0; u < U; ++u) {
+                            const V g = vload<V>(grow + (v + u) * L);
+#pragma GCC unroll 8
+                            for (int q = 0; q < S; ++q) acc[u][q] += vload<V>(xrow + (v + u) * L + q * s.dw) * g;
+                        }
+                    for (; v < nv; ++v) {
+                        const V g = vload<V>(grow + v * L);
+#pragma GCC unroll 8
+                        for (int q = 0; q < S; ++q) acc[0][q] += vload<V>(xrow + v * L + q * s.dw) * g;
+                    }
+                }
+                for (int q = 0; q < S; ++q)
+                    for (int u = 0; u < U; ++u) sum[r][q] += acc[u][q];
+            }
+        }
+        for (idx r = 0; r < s.R; ++r)
+            for (int q = 0; q < S; ++q) {
+                T t = T(0);
+                for (idx i = 0; i < L; ++i) t += sum[r][q][i];
+                gw[c * RS + r * S + q] = t;
+            }
+    }
+}
+
 template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s) {
     const idx Kg = s.K / s.G;
+    if (s.C == s.G && s.K == s.C && s.sh == 1 && s.sw == 1 && s.R <= 8) {
+        switch (s.S) {
+            case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);
+            case 5: return conv2d_grad_weight_depthwise<T, 5>(gy, x, gw, s);
+            case 7: return conv2d_grad_weight_depthwise<T, 7>(gy, x, gw, s);
+            default: break;  // the general kernel
+        }
+    }
     if (Kg % 8 == 0)
         conv2d_grad_weight_direct_kb<T, 8>(gy, x, gw, s);
     else if (Kg % 4 == 0)

@@ -110,6 +110,10 @@ AWKWARD = {
     "depthwise_valid_multiplier": ((1, 3, 5, 40), (6, 1, 3, 3), dict(groups=3)),
     "depthwise_1x1_image": ((2, 4, 1, 1), (4, 1, 3, 3), dict(groups=4, padding=1)),
     "depthwise_padding_larger_than_kernel": ((1, 3, 4, 37), (3, 1, 2, 2), dict(groups=3, padding=3)),
+    # depthwise grad weight: padded per-image planes, a pass per filter row (S = 3, 5, 7; R <= 8)
+    "depthwise_5x5_dilated": ((2, 5, 17, 23), (5, 1, 5, 5), dict(groups=5, padding=4, dilation=2)),
+    "depthwise_7x7_asymmetric_padding": ((1, 3, 12, 19), (3, 1, 7, 7), dict(groups=3, padding=(3, 1))),
+    "depthwise_tall_9x3": ((1, 2, 20, 9), (2, 1, 9, 3), dict(groups=2, padding=(4, 0))),
     # stride-1 grad input with >= 16 channels per group runs as a forward conv
     # of grad_output with the flipped, transposed filters (conv2d_im2col.hpp)
     "grad_as_forward_same_even_kernel": ((2, 16, 9, 8), (5, 16, 4, 2), dict(padding="same")),
