@@ -355,7 +355,7 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
 // every tap reads whole vectors with no edge cases; then for each filter row
 // r one pass over the rows feeds all S taps from each gy vector (S x U
 // chains). The general kernel above reads x and gy once per tap, R*S passes
-// with scalar edges (depthwise_3x3 grad weight: 2.3x the time).
+// with scalar edges (depthwise_3x3 grad weight: 1.5x the time on AVX2).
 template <class T, int S>
 void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShape& s) {
     typedef typename Vec<T>::type V;
