@@ -2,8 +2,11 @@
 run on the CPU emulator (tests/cuda_emu; the shared suite runs on it as the
 backend "cuda-emu"): the tiled GEMM at its tile edges, grad weight split over
 several slices of its reduction, im2col in chunks of images, relu on
-unaligned pointers, depthwise layers too wide for the shared-memory tile, and
-the 64-bit index instantiations (taken on a GPU only past 2^31 elements)."""
+unaligned pointers, depthwise layers too wide for the shared-memory tile, the
+64-bit index instantiations (taken on a GPU only past 2^31 elements), and the
+kernels with barriers (tiled GEMM, depthwise tile, grad bias) with each
+block's threads run last to first, which exposes the races a missing
+barrier causes that the first-to-last order hides."""
 
 from __future__ import annotations
 
@@ -126,3 +129,19 @@ def test_max_pool_with_64_bit_indices(emu, index64, rng, case):
 def test_avg_pool_with_64_bit_indices(emu, index64, rng, case):
     shape, kw = AVG_CASES[case]
     check_avg(NAME, np.float64, rng, randn(rng, shape, np.float64), kw)
+
+
+@pytest.fixture
+def reversed_threads(emu):
+    reverse = ctypes.CDLL(emu.gpu_module._cuda.__file__).ck_emu_reverse_threads
+    reverse(1)
+    yield
+    reverse(0)
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
+@pytest.mark.parametrize("case", ["plain_3x3", "groups", "depthwise", "wide_depthwise", "batch_1_prime_sizes",
+                                  "dilation", "stride_per_axis"])
+def test_barrier_kernels_with_threads_in_reverse(emu, reversed_threads, rng, algo, case):
+    x_shape, w_shape, kw = AWKWARD[case]
+    check_conv(NAME, algo, np.float32, rng, x_shape, w_shape, **kw)

@@ -20,6 +20,7 @@ namespace {
 
 cudaError_t g_last_error = cudaSuccess;
 bool g_force_index64 = false;
+bool g_reverse_threads = false;  // run a block's threads last to first (see ck_emu_reverse_threads)
 std::mutex g_launch_lock;  // one launch at a time: the kernels' state is global
 
 // dynamic shared memory of the running block
@@ -64,8 +65,8 @@ void run_block_with_fibers(unsigned nthreads, const dim3& block) {
         makecontext(&f.ctx, fiber_entry, 0);
     }
     for (;;) {
-        for (unsigned t = 0; t < nthreads; ++t) {
-            Fiber& f = g_fibers[t];
+        for (unsigned i = 0; i < nthreads; ++i) {
+            Fiber& f = g_fibers[g_reverse_threads ? nthreads - 1 - i : i];
             if (f.state != State::runnable) continue;
             g_current = &f;
             threadIdx = f.tid;
@@ -133,6 +134,11 @@ void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std:
 }  // namespace ck_emu
 
 extern "C" __attribute__((visibility("default"))) void ck_emu_force_index64(int on) { g_force_index64 = on != 0; }
+
+// Threads between two barriers run one after another, so a missing barrier
+// shows only where a thread reads what a thread later in the order writes;
+// the reverse order shows the other half of such races.
+extern "C" __attribute__((visibility("default"))) void ck_emu_reverse_threads(int on) { g_reverse_threads = on != 0; }
 
 cudaError_t cudaGetLastError() {
     const cudaError_t e = g_last_error;

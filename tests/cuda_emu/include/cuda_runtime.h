@@ -10,9 +10,10 @@
 // memory) and reports a violation through cudaGetLastError, as a GPU would.
 // Launches hold one lock: calls from several host threads are serialised.
 //
-// What it cannot find: data races between threads of a block (a missing
-// barrier gives the sequential answer here), warp-level behaviour, and
-// anything about speed. tests/cuda_emu/build.py rewrites `k<<<g, b, s, st>>>(a)`
+// What it cannot find: most data races between threads of a block (threads
+// run in order between barriers, so a missing barrier shows only where a
+// reader runs before its writer; tests run the barrier kernels in both
+// orders), warp-level behaviour, and anything about speed. tests/cuda_emu/build.py rewrites `k<<<g, b, s, st>>>(a)`
 // into ck_emu::launch and `extern __shared__ T n[]` into a pointer.
 #pragma once
 
