@@ -104,12 +104,17 @@ def test_the_emulator_builds_where_it_can():
         assert info.available, info.reason
 
 
+def _switch_on(emu, name: str):
+    """Sets one of the emulator's switches (runtime.cpp) for a test, then clears it."""
+    switch = getattr(ctypes.CDLL(emu.gpu_module._cuda.__file__), name)
+    switch(1)
+    yield
+    switch(0)
+
+
 @pytest.fixture
 def index64(emu):
-    force = ctypes.CDLL(emu.gpu_module._cuda.__file__).ck_emu_force_index64
-    force(1)
-    yield
-    force(0)
+    yield from _switch_on(emu, "ck_emu_force_index64")
 
 
 @pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
@@ -133,10 +138,7 @@ def test_avg_pool_with_64_bit_indices(emu, index64, rng, case):
 
 @pytest.fixture
 def reversed_threads(emu):
-    reverse = ctypes.CDLL(emu.gpu_module._cuda.__file__).ck_emu_reverse_threads
-    reverse(1)
-    yield
-    reverse(0)
+    yield from _switch_on(emu, "ck_emu_reverse_threads")
 
 
 @pytest.mark.parametrize("algo", ["direct", "im2col", "implicit"])
