@@ -475,9 +475,9 @@ def main_bench(args) -> int:
     try:
         if args.backends:
             wanted = args.backends.split(",")
-            for name in dict.fromkeys(w.partition(":")[0] for w in wanted):
-                _backends.get(name)  # unknown or unavailable: say so rather than bench something else
             plain = [w for w in wanted if ":" not in w]  # a bare backend name: all its algorithms
+            for name in plain:  # default_impls would drop an unknown or unavailable one; run() checks the rest
+                _backends.get(name)
             impls = [i for i in wanted if ":" in i] + (default_impls(plain) if plain else [])
         report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
     except (ValueError, _backends.BackendUnavailableError) as exc:

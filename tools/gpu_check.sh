@@ -7,7 +7,10 @@
 # hangs still leaves the others' results. Everything lands under $OUT (or a
 # temporary folder); the last lines printed are the summary.
 #
-#   bash tools/gpu_check.sh            # about 8-9 minutes on an H100/H200
+#   bash tools/gpu_check.sh
+#
+# The step limits add up to 560 s, inside the device tool's 600 s a command;
+# how long the steps take on a GPU has not been measured yet.
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 site="$(mktemp -d)"
@@ -24,20 +27,20 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a limit, its output in $o
 }
 cd "$repo"
 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DCONVKERN_CUDA=ON" \
-    step install 240 python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . \
+    step install 150 python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . \
     || { tail -40 "$out/install.txt"; exit 1; }
 # away from the checkout, or its convkern/ (no compiled modules) shadows the installed one
 cd "$site"
 export PYTHONPATH="$site" CONVKERN_CUDA_EMU=0
-step info 60 python3 -m convkern info
-step tests 240 python3 -m pytest "$repo/tests" -q -p no:cacheprovider -rfE -k "cuda or cupy or gpu" \
+step info 20 python3 -m convkern info
+step tests 150 python3 -m pytest "$repo/tests" -q -p no:cacheprovider -rfE -k "cuda or cupy or gpu" \
     --junitxml "$out/tests.xml"
 gpu="cuda:direct,cuda:im2col,cuda:implicit,cupy:direct,cupy:im2col"
-step bench_forward 150 python3 -m convkern bench --ops conv2d --backends "$gpu" --batch 64 \
+step bench_forward 90 python3 -m convkern bench --ops conv2d --backends "$gpu" --batch 64 \
     --json "$out/bench_forward.json" --no-progress
-step bench_backward 150 python3 -m convkern bench --ops conv2d_backward --backends "$gpu" --batch 64 \
+step bench_backward 90 python3 -m convkern bench --ops conv2d_backward --backends "$gpu" --batch 64 \
     --json "$out/bench_backward.json" --no-progress
-step bench_memory 90 python3 -m convkern bench \
+step bench_memory 60 python3 -m convkern bench \
     --ops max_pool2d,max_pool2d_backward,avg_pool2d,avg_pool2d_backward,relu,relu_backward \
     --backends cuda,cupy --batch 64 --json "$out/bench_memory.json" --no-progress
 tail -5 "$out/tests.txt"

@@ -23,8 +23,7 @@ ALGOS = ("direct", "im2col")
 
 _KERNELS = ("conv2d_forward_direct", "conv2d_grad_input_direct", "conv2d_grad_weight_direct", "conv2d_grad_bias",
             "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter",
-            "avg_pool2d_forward",
-            "avg_pool2d_backward", "relu_forward", "relu_backward")
+            "avg_pool2d_forward", "avg_pool2d_backward", "relu_forward", "relu_backward")
 _THREADS = 256
 
 try:
