@@ -25,6 +25,7 @@ _KERNELS = ("conv2d_forward_direct", "conv2d_grad_input_direct", "conv2d_grad_we
             "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter",
             "avg_pool2d_forward", "avg_pool2d_backward", "relu_forward", "relu_backward")
 _THREADS = 256
+_MAX_BLOCKS = 65535 * 16  # the kernels' grid-stride loops cover the rest
 
 try:
     import cupy
@@ -56,7 +57,7 @@ def _launch(kernel: str, dtype, total: int, args) -> None:
         return
     ctype = "float" if np.dtype(dtype) == np.float32 else "double"
     fn = _module().get_function(f"{kernel}<{ctype}>")
-    blocks = int(min((total + _THREADS - 1) // _THREADS, 65535 * 16))
+    blocks = int(min((total + _THREADS - 1) // _THREADS, _MAX_BLOCKS))
     converted = tuple(np.int64(a) if isinstance(a, (int, np.integer)) and not isinstance(a, bool) else
                       (np.int32(a) if isinstance(a, bool) else a) for a in args)
     fn((blocks,), (_THREADS,), converted)

@@ -196,6 +196,7 @@ def make_cupy_backend(library_path) -> ModuleType:
     gpu = _load_source("cupy_gpu")
     memory = GuardedMemory(RawModule)
     gpu.cupy = memory
+    gpu._MAX_BLOCKS = 3  # as the cuda build's CK_MAX_GRID_BLOCKS: every grid-stride loop wraps
     gpu._module.cache_clear()
     return _wrap(CUPY_NAME, gpu, memory, OPS)
 

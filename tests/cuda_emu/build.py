@@ -35,9 +35,11 @@ ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "cuda"
 CUPY_KERNELS = ROOT / "convkern" / "backend" / "cupy_kernels.cu"
 SKIP = {"device.cu"}  # host code for real GPUs; runtime.cpp stands in
-# CK_GEMM_MAX_GRID_Z: a grid.z cap of 3 instead of 65535, so that the tiled
-# GEMM's loop over groups/splits beyond the grid runs in ordinary tests
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-DCK_GEMM_MAX_GRID_Z=3"]
+# CK_GEMM_MAX_GRID_Z, CK_MAX_GRID_BLOCKS: caps of 3 instead of 65535 (grid.z
+# of the tiled GEMM) and 65535*32 (blocks of a grid-stride launch), so that
+# the loops past the grid run in ordinary tests
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-DCK_GEMM_MAX_GRID_Z=3",
+         "-DCK_MAX_GRID_BLOCKS=3"]
 
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^()]*\)\s*)?(\w+)\s*\(")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([\w:\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
