@@ -414,7 +414,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShap
 template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s) {
     const idx Kg = s.K / s.G;
-    if (s.C == s.G && s.K == s.C && s.sh == 1 && s.sw == 1 && s.R <= 8) {
+    if (conv_depthwise_applies(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
             case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);
             case 5: return conv2d_grad_weight_depthwise<T, 5>(gy, x, gw, s);
