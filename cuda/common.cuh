@@ -35,6 +35,8 @@ struct PoolGeom {
 void check_launch(const char* kernel);
 // Throws std::runtime_error if no device is usable (no driver, no GPU).
 void require_device();
+// Multiprocessors of the current device (asked once per device), 0 if unknown.
+int current_multiprocessors();
 
 inline bool fits_int32(i64 v) { return v < static_cast<i64>(std::numeric_limits<int>::max()); }
 

@@ -249,9 +249,9 @@ void for_each_chunk(const ConvGeom& g, i64 work_elems, F f) {
 i64 im2col_work_elems(const ConvGeom& g, i64 images) { return g.G * g.CRS() * images * g.P(); }
 
 int grad_weight_splits(const ConvGeom& g) {
-    // enough blocks to fill a large GPU (~4 per SM on 132 SMs) without
+    // enough 64 x 64 tiles to fill a large GPU (~4 per SM on 132 SMs) without
     // slicing the reduction below 4096; a function of the shape only
-    const i64 tiles = ((g.Kg() + kBM - 1) / kBM) * ((g.CRS() + kBN - 1) / kBN) * g.G;
+    const i64 tiles = ((g.Kg() + 63) / 64) * ((g.CRS() + 63) / 64) * g.G;
     const i64 red = g.N * g.P();
     i64 s = 1;
     while (tiles * s < 512 && red / (s * 2) >= 4096 && s < 64) s *= 2;

@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -37,6 +38,22 @@ void check_launch(const char* kernel) {
     }
     if (status == cudaErrorMemoryAllocation) msg = "CUDA out of memory in " + msg;
     throw std::runtime_error(msg);
+}
+
+int current_multiprocessors() {
+    static std::atomic<int> cache[64];  // 0: not asked yet
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+        cudaGetLastError();
+        return 0;
+    }
+    int n = cache[dev].load(std::memory_order_relaxed);
+    if (n == 0 && cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
+        cache[dev].store(n, std::memory_order_relaxed);
+    } else if (n == 0) {
+        cudaGetLastError();
+    }
+    return n;
 }
 
 void require_device() {

@@ -2,16 +2,23 @@
 // same kernel multiplies plain matrices, an im2col column buffer, or a column
 // tile gathered from the input on the fly (implicit GEMM).
 //
-// Block tile BM x BN over a BK-deep slice of the reduction; 256 threads as
-// 16 x 16, each holding TM x TN accumulators at rows ty + 16i, columns
-// tx + 16j (strided, so shared-memory reads of a warp hit distinct banks or
-// broadcast). Each output is reduced by one thread in a fixed order, so the
-// result does not depend on the launch: deterministic. A block walks the
-// batch * splits "z" indices from blockIdx.z in steps of gridDim.z (the grid's
-// z is capped at CK_GEMM_MAX_GRID_Z): `batch` picks a group/image set inside
-// the loaders and `split` a fixed slice of the reduction (split-K, summed in
-// order later).
+// Block tile BM x BN (64 or 128 each) over BK = 8 deep slices of the
+// reduction; 256 threads as 16 x 16, each holding (BM/16) x (BN/16)
+// accumulators in runs of four adjacent rows/columns 64 apart, so a thread
+// reads its operands from shared memory as 16-byte vectors (a 128 x 128 tile:
+// 64 FMAs per 4 vector loads) and a warp's reads are broadcasts or distinct
+// banks. Shared memory is double-buffered: the next slice is loaded from
+// global memory into registers while the current one is multiplied, one
+// barrier per slice. Each output is reduced by one thread, k in increasing
+// order, so the result depends neither on the launch nor on the tile shape:
+// deterministic, and the same bits whichever tile the host picks. A block
+// walks the batch * splits "z" indices from blockIdx.z in steps of gridDim.z
+// (the grid's z is capped at CK_GEMM_MAX_GRID_Z): `batch` picks a
+// group/image set inside the loaders and `split` a fixed slice of the
+// reduction (split-K, summed in order later).
 #pragma once
+#include <cstdint>
+
 #include "common.cuh"
 
 namespace convkern::cuda {
@@ -23,85 +30,174 @@ namespace convkern::cuda {
 #endif
 
 constexpr int kGemmThreads = 256;
-constexpr int kBM = 64, kBN = 64, kBK = 16, kTM = 4, kTN = 4;
+constexpr int kGemmBK = 8;
+// split-K slices are whole multiples of this, for every tile shape, so a
+// split's boundaries (and with them the sums) never depend on the tile
+constexpr int kSplitStep = 16;
+static_assert(kSplitStep % kGemmBK == 0, "split slices must be whole BK steps");
+
+// The tile shapes a launch can take; float picks one per problem
+// (gemm_tile_for), double always takes 64 x 64 (its 8x8 accumulators would
+// not fit the registers).
+enum class GemmTile : int { t64x64 = 1, t64x128 = 2, t128x64 = 3, t128x128 = 4 };
+
+// Tile for an M x N problem over zcount z indices on a GPU with `sms`
+// multiprocessors: 128 along a dimension longer than 64, then halved (the
+// longer side first) while the grid has fewer blocks than multiprocessors.
+// A starting point to tune on the GPU, not a measured optimum.
+inline GemmTile gemm_tile_for(i64 M, i64 N, i64 zcount, int sms) {
+    int bm = M > 64 ? 128 : 64, bn = N > 64 ? 128 : 64;
+    auto blocks = [&] { return ((M + bm - 1) / bm) * ((N + bn - 1) / bn) * zcount; };
+    while (blocks() < sms && (bm > 64 || bn > 64)) (bn >= bm ? bn : bm) = 64;
+    if (bm == 64) return bn == 64 ? GemmTile::t64x64 : GemmTile::t64x128;
+    return bn == 64 ? GemmTile::t128x64 : GemmTile::t128x128;
+}
+
+// v[0..3] = p[0..3]; p is 16-byte aligned (a run of four at a multiple of 4
+// in a row whose length is a multiple of 4): one vector load on the GPU
+template <class T>
+__device__ __forceinline__ void load_run4(const T* p, T* v) {
+#ifdef CK_CUDA_EMU
+    if (reinterpret_cast<std::uintptr_t>(p) % 16) ck_emu::fault("misaligned 16-byte shared-memory load in the tiled GEMM");
+    for (int i = 0; i < 4; ++i) v[i] = p[i];
+#else
+    if constexpr (sizeof(T) == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(p);
+        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+        const double2 q0 = reinterpret_cast<const double2*>(p)[0], q1 = reinterpret_cast<const double2*>(p)[1];
+        v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+    }
+#endif
+}
 
 // ALoad: T operator()(batch, m, k) for m < M, k < Kr.
 // BLoad: Col column(batch, n) (n may be >= N: the column then reads zeros)
 //        and T at(const Col&, batch, k) for k < Kr.
 // Store: void operator()(batch, split, m, n, value) for m < M, n < N.
-template <class T, class ALoad, class BLoad, class Store>
-__global__ void __launch_bounds__(kGemmThreads)
+template <class T, int BM, int BN, class ALoad, class BLoad, class Store>
+__global__ void __launch_bounds__(kGemmThreads, BM * BN == 128 * 64 ? 2 : 1)
     gemm_tiled_kernel(i64 M, i64 N, i64 Kr, i64 k_chunk, int splits, i64 zcount, ALoad a, BLoad b, Store store) {
-    __shared__ T As[kBK][kBM + 1];
-    __shared__ T Bs[kBK][kBN];
+    constexpr int BK = kGemmBK, TM = BM / 16, TN = BN / 16;
+    constexpr int A_LOADS = BM * BK / kGemmThreads, A_STEP = kGemmThreads / BK;
+    constexpr int B_LOADS = BK * BN / kGemmThreads, B_STEP = kGemmThreads / BN;
+    // rows padded by 4: the transposed stores of A hit 32 distinct banks and
+    // every run of four stays 16-byte aligned
+    __shared__ __align__(16) T As[2][BK][BM + 4];
+    __shared__ __align__(16) T Bs[2][BK][BN];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    // fixed load slots: A (a_kk, a_mm + A_STEP j), B (b_kk + B_STEP j, b_nn)
+    const int a_kk = tid % BK, a_mm = tid / BK;
+    const int b_nn = tid % BN, b_kk = tid / BN;
     for (i64 z = blockIdx.z; z < zcount; z += gridDim.z) {  // uniform per block: barriers stay safe
         const i64 batch = z / splits;
         const int split = static_cast<int>(z % splits);
-        const i64 m0 = static_cast<i64>(blockIdx.y) * kBM, n0 = static_cast<i64>(blockIdx.x) * kBN;
+        const i64 m0 = static_cast<i64>(blockIdx.y) * BM, n0 = static_cast<i64>(blockIdx.x) * BN;
         const i64 k_begin = split * k_chunk, k_end = min(Kr, k_begin + k_chunk);
-        // fixed load slots: A (kk, mm) with kk = tid % BK; B (kk, nn) with nn = tid % BN
-        const int a_kk = tid % kBK, a_mm = tid / kBK;  // a_mm + 16 j, j < BM * BK / 256
-        const int b_nn = tid % kBN, b_kk = tid / kBN;  // b_kk + 4 j,  j < BK * BN / 256
         const auto col = b.column(batch, n0 + b_nn);
-        T acc[kTM][kTN];
+        T ra[A_LOADS], rb[B_LOADS];
+        auto fetch = [&](i64 k0) {  // global -> registers
 #pragma unroll
-        for (int i = 0; i < kTM; ++i)
-#pragma unroll
-            for (int j = 0; j < kTN; ++j) acc[i][j] = T(0);
-        for (i64 k0 = k_begin; k0 < k_end; k0 += kBK) {
-#pragma unroll
-            for (int j = 0; j < kBM * kBK / kGemmThreads; ++j) {
-                const int mm = a_mm + 16 * j;
-                const i64 m = m0 + mm, k = k0 + a_kk;
-                As[a_kk][mm] = (m < M && k < k_end) ? a(batch, m, k) : T(0);
+            for (int j = 0; j < A_LOADS; ++j) {
+                const i64 m = m0 + a_mm + A_STEP * j, k = k0 + a_kk;
+                ra[j] = (m < M && k < k_end) ? a(batch, m, k) : T(0);
             }
 #pragma unroll
-            for (int j = 0; j < kBK * kBN / kGemmThreads; ++j) {
-                const int kk = b_kk + 4 * j;
-                const i64 k = k0 + kk;
-                Bs[kk][b_nn] = k < k_end ? b.at(col, batch, k) : T(0);
+            for (int j = 0; j < B_LOADS; ++j) {
+                const i64 k = k0 + b_kk + B_STEP * j;
+                rb[j] = k < k_end ? b.at(col, batch, k) : T(0);
             }
+        };
+        auto stash = [&](int buf) {  // registers -> shared buffer buf
+#pragma unroll
+            for (int j = 0; j < A_LOADS; ++j) As[buf][a_kk][a_mm + A_STEP * j] = ra[j];
+#pragma unroll
+            for (int j = 0; j < B_LOADS; ++j) Bs[buf][b_kk + B_STEP * j][b_nn] = rb[j];
+        };
+        T acc[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+        // the last barrier of the previous z came after its last read of
+        // either buffer, so buffer 0 is free here
+        if (k_begin < k_end) {
+            fetch(k_begin);
+            stash(0);
+        }
+        __syncthreads();
+        int buf = 0;
+        for (i64 k0 = k_begin; k0 < k_end; k0 += BK) {
+            const bool more = k0 + BK < k_end;
+            if (more) fetch(k0 + BK);  // in flight while this slice is multiplied
+#pragma unroll
+            for (int kk = 0; kk < BK; ++kk) {
+                T av[TM], bv[TN];
+#pragma unroll
+                for (int i = 0; i < TM; i += 4) load_run4(&As[buf][kk][(i / 4) * 64 + ty * 4], av + i);
+#pragma unroll
+                for (int j = 0; j < TN; j += 4) load_run4(&Bs[buf][kk][(j / 4) * 64 + tx * 4], bv + j);
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
+            }
+            // the other buffer was last read before the previous barrier
+            if (more) stash(buf ^ 1);
             __syncthreads();
-#pragma unroll
-            for (int kk = 0; kk < kBK; ++kk) {
-                T av[kTM], bv[kTN];
-#pragma unroll
-                for (int i = 0; i < kTM; ++i) av[i] = As[kk][ty + 16 * i];
-#pragma unroll
-                for (int j = 0; j < kTN; ++j) bv[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-                for (int i = 0; i < kTM; ++i)
-#pragma unroll
-                    for (int j = 0; j < kTN; ++j) acc[i][j] += av[i] * bv[j];
-            }
-            __syncthreads();
+            buf ^= 1;
         }
 #pragma unroll
-        for (int i = 0; i < kTM; ++i)
+        for (int i = 0; i < TM; ++i)
 #pragma unroll
-            for (int j = 0; j < kTN; ++j) {
-                const i64 m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            for (int j = 0; j < TN; ++j) {
+                const i64 m = m0 + (i / 4) * 64 + ty * 4 + i % 4, n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
                 if (m < M && n < N) store(batch, split, m, n, acc[i][j]);
             }
     }
 }
 
-// Launches gemm_tiled_kernel over batch * splits; throws if the grid is too large.
-template <class T, class ALoad, class BLoad, class Store>
-void launch_gemm_tiled(i64 M, i64 N, i64 Kr, i64 batch, int splits, const ALoad& a, const BLoad& b, const Store& st,
-                       cudaStream_t stream, const char* name) {
-    if (M <= 0 || N <= 0 || batch <= 0) return;
-    const i64 gx = (N + kBN - 1) / kBN, gy = (M + kBM - 1) / kBM, zcount = batch * splits;
+template <class T, int BM, int BN, class ALoad, class BLoad, class Store>
+void launch_gemm_tile(i64 M, i64 N, i64 Kr, i64 k_chunk, int splits, i64 zcount, const ALoad& a, const BLoad& b,
+                      const Store& st, cudaStream_t stream, const char* name) {
+    const i64 gx = (N + BN - 1) / BN, gy = (M + BM - 1) / BM;
     const i64 gz = zcount < CK_GEMM_MAX_GRID_Z ? zcount : CK_GEMM_MAX_GRID_Z;
     if (gx > 2147483647LL || gy > 65535)
         throw std::runtime_error(std::string(name) + ": problem too large for one launch (M=" + std::to_string(M) +
                                  ", N=" + std::to_string(N) + ")");
-    // k_chunk: whole BK steps, so the split boundaries never change a sum's order
-    const i64 k_chunk = ((Kr + splits - 1) / splits + kBK - 1) / kBK * kBK;
-    gemm_tiled_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz)),
-                           kGemmThreads, 0, stream>>>(M, N, Kr, k_chunk > 0 ? k_chunk : kBK, splits, zcount, a, b, st);
+    gemm_tiled_kernel<T, BM, BN><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                                        static_cast<unsigned>(gz)),
+                                   kGemmThreads, 0, stream>>>(M, N, Kr, k_chunk, splits, zcount, a, b, st);
     check_launch(name);
+}
+
+// Launches gemm_tiled_kernel over batch * splits with the tile gemm_tile_for
+// picks; throws if the grid is too large.
+template <class T, class ALoad, class BLoad, class Store>
+void launch_gemm_tiled(i64 M, i64 N, i64 Kr, i64 batch, int splits, const ALoad& a, const BLoad& b, const Store& st,
+                       cudaStream_t stream, const char* name) {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+    const i64 zcount = batch * splits;
+    // k_chunk: whole kSplitStep steps, so the split boundaries never change a sum's order
+    i64 k_chunk = ((Kr + splits - 1) / splits + kSplitStep - 1) / kSplitStep * kSplitStep;
+    if (k_chunk <= 0) k_chunk = kSplitStep;
+    if constexpr (sizeof(T) == 4) {
+        GemmTile tile = gemm_tile_for(M, N, zcount, current_multiprocessors());
+#ifdef CK_CUDA_EMU
+        if (ck_emu::forced_gemm_tile()) tile = static_cast<GemmTile>(ck_emu::forced_gemm_tile());
+#endif
+        switch (tile) {
+            case GemmTile::t128x128:
+                return launch_gemm_tile<T, 128, 128>(M, N, Kr, k_chunk, splits, zcount, a, b, st, stream, name);
+            case GemmTile::t128x64:
+                return launch_gemm_tile<T, 128, 64>(M, N, Kr, k_chunk, splits, zcount, a, b, st, stream, name);
+            case GemmTile::t64x128:
+                return launch_gemm_tile<T, 64, 128>(M, N, Kr, k_chunk, splits, zcount, a, b, st, stream, name);
+            case GemmTile::t64x64:
+                break;
+        }
+    }
+    launch_gemm_tile<T, 64, 64>(M, N, Kr, k_chunk, splits, zcount, a, b, st, stream, name);
 }
 
 }  // namespace convkern::cuda

@@ -1,6 +1,7 @@
 """The CUDA kernels' paths that the shared suite's small shapes do not reach,
 run on the CPU emulator (tests/cuda_emu; the shared suite runs on it as the
-backend "cuda-emu"): the tiled GEMM at its tile edges, grad weight split over
+backend "cuda-emu"): the tiled GEMM at its tile edges in each of its tile
+shapes (which must also give the same bits), grad weight split over
 several slices of its reduction, im2col in chunks of images, relu on
 unaligned pointers, depthwise layers too wide for the shared-memory tile, the
 64-bit index instantiations (taken on a GPU only past 2^31 elements), and the
@@ -10,6 +11,7 @@ barrier causes that the first-to-last order hides."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -104,12 +106,55 @@ def test_the_emulator_builds_where_it_can():
         assert info.available, info.reason
 
 
-def _switch_on(emu, name: str):
+def _switch_on(emu, name: str, value: int = 1):
     """Sets one of the emulator's switches (runtime.cpp) for a test, then clears it."""
     switch = getattr(ctypes.CDLL(emu.gpu_module._cuda.__file__), name)
-    switch(1)
-    yield
-    switch(0)
+    switch(value)
+    try:
+        yield
+    finally:
+        switch(0)
+
+
+# convkern::cuda::GemmTile (cuda/gemm_tiled.cuh): the shapes float can take
+GEMM_TILES = {"64x64": 1, "64x128": 2, "128x64": 3, "128x128": 4}
+
+
+@pytest.fixture(params=list(GEMM_TILES))
+def gemm_tile(request, emu):
+    yield from _switch_on(emu, "ck_emu_gemm_tile", GEMM_TILES[request.param])
+
+
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (127, 9, 129), (128, 8, 128), (129, 17, 65), (200, 3, 7), (5, 0, 300)])
+def test_gemm_tile_edges_per_tile(emu, gemm_tile, rng, mkn):
+    m, k, n = mkn
+    a, b = randn(rng, (m, k), np.float32), randn(rng, (k, n), np.float32)
+    assert_close(emu.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), np.float32, f"{m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("algo", ["im2col", "implicit"])
+@pytest.mark.parametrize("case", ["plain_3x3", "groups", "batch_1_prime_sizes", "gemm_tile_edges", "pointwise",
+                                  "padding_past_dilated_taps_wide_reduction", "dilation", "stride_per_axis"])
+def test_conv_per_gemm_tile(emu, gemm_tile, rng, algo, case):
+    x_shape, w_shape, kw = AWKWARD[case]
+    check_conv(NAME, algo, np.float32, rng, x_shape, w_shape, **kw)
+
+
+def test_gemm_tiles_give_the_same_bits(emu, rng):
+    """Each output is one thread's sum in k order whatever the tile, so the
+    host's choice of tile (which depends on the GPU) cannot change a result."""
+    x, w = randn(rng, (3, 20, 23, 19), np.float32), randn(rng, (130, 20, 3, 3), np.float32)
+    gy = randn(rng, (3, 130, 23, 19), np.float32)
+    results = {}
+    for name, tile in GEMM_TILES.items():
+        with contextlib.contextmanager(_switch_on)(emu, "ck_emu_gemm_tile", tile):
+            y = convkern.conv2d(x, w, padding=1, algo="implicit", backend=NAME)
+            results[name] = (y, *convkern.conv2d_backward(gy, x, w, padding=1, algo="implicit", backend=NAME))
+    first = results["64x64"]
+    assert_close(first[0], convkern.conv2d(x, w, padding=1, backend="reference"), np.float32, "forward")
+    for name, got in results.items():
+        for what, a, b in zip(("forward", "grad_input", "grad_weight", "grad_bias"), got, first):
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}: tile {name} differs from 64x64")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ namespace {
 
 cudaError_t g_last_error = cudaSuccess;
 bool g_force_index64 = false;
+int g_forced_gemm_tile = 0;
 bool g_reverse_threads = false;  // run a block's threads last to first (see ck_emu_reverse_threads)
 std::mutex g_launch_lock;  // one launch at a time: the kernels' state is global
 
@@ -100,6 +101,13 @@ void* dynamic_smem_bytes() { return g_smem.data(); }
 
 bool force_index64() { return g_force_index64; }
 
+int forced_gemm_tile() { return g_forced_gemm_tile; }
+
+void fault(const char* what) {
+    std::fprintf(stderr, "cuda emulator: %s\n", what);
+    g_last_error = cudaErrorMisalignedAddress;
+}
+
 void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std::function<void()>& body) {
     std::lock_guard<std::mutex> lock(g_launch_lock);
     // CUDA's launch limits (compute capability 7.0 and later); a violation is
@@ -135,6 +143,10 @@ void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std:
 
 extern "C" __attribute__((visibility("default"))) void ck_emu_force_index64(int on) { g_force_index64 = on != 0; }
 
+// 0: the tiled GEMM picks its tile as on a GPU; 1-4: it takes
+// convkern::cuda::GemmTile(tile) for every float problem
+extern "C" __attribute__((visibility("default"))) void ck_emu_gemm_tile(int tile) { g_forced_gemm_tile = tile; }
+
 // Threads between two barriers run one after another, so a missing barrier
 // shows only where a thread reads what a thread later in the order writes;
 // the reverse order shows the other half of such races.
@@ -152,6 +164,7 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
         case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
         case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+        case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     }
     return "cudaErrorUnknown";
 }
@@ -161,6 +174,7 @@ const char* cudaGetErrorString(cudaError_t e) {
         case cudaErrorInvalidValue: return "invalid argument";
         case cudaErrorMemoryAllocation: return "out of memory";
         case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+        case cudaErrorMisalignedAddress: return "misaligned address";
     }
     return "unknown error";
 }
@@ -191,6 +205,8 @@ void check_launch(const char* kernel) {
 }
 
 void require_device() {}
+
+int current_multiprocessors() { return 1; }
 
 int device_count(std::string*) { return 1; }
 

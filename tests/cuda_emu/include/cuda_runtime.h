@@ -36,6 +36,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned x, y, z;
@@ -62,6 +63,7 @@ enum cudaError_t {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorMisalignedAddress = 716,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
 
@@ -98,6 +100,12 @@ void syncthreads();
 // with_index_type (cuda/common.cuh) takes 64-bit indices whatever the size
 // while this is set (ck_emu_force_index64 in runtime.cpp sets it)
 bool force_index64();
+// launch_gemm_tiled (cuda/gemm_tiled.cuh) takes this tile for float while it
+// is not 0 (ck_emu_gemm_tile in runtime.cpp sets it)
+int forced_gemm_tile();
+// a fault a GPU would raise (a misaligned vector access): the next
+// cudaGetLastError reports it
+void fault(const char* what);
 // the current block's dynamic shared memory (launch's smem bytes)
 void* dynamic_smem_bytes();
 template <class T> T* dynamic_smem() { return static_cast<T*>(dynamic_smem_bytes()); }
