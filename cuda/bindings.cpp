@@ -201,6 +201,14 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("im2col_work_elems", [](const std::array<i64, 16>& geom, i64 images) {
         return ck::im2col_work_elems(conv_geom(geom), images);
     });
+    m.def("set_gemm_tile", [](int tile) {
+        try {
+            ck::set_gemm_tile(tile);
+        } catch (const std::invalid_argument& e) {
+            throw py::value_error(e.what());
+        }
+    }, "force the tiled GEMM's tile for float (1-4: 64x64, 64x128, 128x64, 128x128), process-wide; 0: automatic");
+    m.def("gemm_tile", &ck::forced_gemm_tile, "the forced tile (0: automatic)");
     m.def("grad_weight_splits", [](const std::array<i64, 16>& geom) { return ck::grad_weight_splits(conv_geom(geom)); });
     m.def("gemm", [](ptr_t a, ptr_t b, ptr_t c, i64 M, i64 N, i64 K, const std::string& dtype, ptr_t stream) {
         if (M < 0 || N < 0 || K < 0) throw py::value_error("gemm: negative size");

@@ -8,6 +8,9 @@
 // caller's work buffer; "implicit" gathers each column tile from the input as
 // the GEMM loads it and needs no buffer. Grad weight is always implicit, split
 // over fixed slices of its long reduction and summed in order (no atomics).
+#include <atomic>
+#include <stdexcept>
+
 #include "gemm_tiled.cuh"
 #include "ops.cuh"
 
@@ -244,7 +247,18 @@ void for_each_chunk(const ConvGeom& g, i64 work_elems, F f) {
     }
 }
 
+std::atomic<int> g_forced_gemm_tile{0};
+
 }  // namespace
+
+int forced_gemm_tile() { return g_forced_gemm_tile.load(std::memory_order_relaxed); }
+
+void set_gemm_tile(int tile) {
+    if (tile < 0 || tile > static_cast<int>(GemmTile::t128x128))
+        throw std::invalid_argument("gemm tile must be 0 (automatic) or 1-4 (64x64, 64x128, 128x64, 128x128), got " +
+                                    std::to_string(tile));
+    g_forced_gemm_tile.store(tile, std::memory_order_relaxed);
+}
 
 i64 im2col_work_elems(const ConvGeom& g, i64 images) { return g.G * g.CRS() * images * g.P(); }
 

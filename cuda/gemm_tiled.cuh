@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "ops.cuh"
 
 namespace convkern::cuda {
 
@@ -39,6 +40,7 @@ static_assert(kSplitStep % kGemmBK == 0, "split slices must be whole BK steps");
 // The tile shapes a launch can take; float picks one per problem
 // (gemm_tile_for), double always takes 64 x 64 (its 8x8 accumulators would
 // not fit the registers).
+// set_gemm_tile (ops.cuh) forces one by its value.
 enum class GemmTile : int { t64x64 = 1, t64x128 = 2, t128x64 = 3, t128x128 = 4 };
 
 // Tile for an M x N problem over zcount z indices on a GPU with `sms`
@@ -182,10 +184,9 @@ void launch_gemm_tiled(i64 M, i64 N, i64 Kr, i64 batch, int splits, const ALoad&
     i64 k_chunk = ((Kr + splits - 1) / splits + kSplitStep - 1) / kSplitStep * kSplitStep;
     if (k_chunk <= 0) k_chunk = kSplitStep;
     if constexpr (sizeof(T) == 4) {
-        GemmTile tile = gemm_tile_for(M, N, zcount, current_multiprocessors());
-#ifdef CK_CUDA_EMU
-        if (ck_emu::forced_gemm_tile()) tile = static_cast<GemmTile>(ck_emu::forced_gemm_tile());
-#endif
+        const int forced = forced_gemm_tile();
+        const GemmTile tile =
+            forced ? static_cast<GemmTile>(forced) : gemm_tile_for(M, N, zcount, current_multiprocessors());
         switch (tile) {
             case GemmTile::t128x128:
                 return launch_gemm_tile<T, 128, 128>(M, N, Kr, k_chunk, splits, zcount, a, b, st, stream, name);

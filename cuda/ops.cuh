@@ -56,6 +56,14 @@ i64 im2col_work_elems(const ConvGeom& g, i64 images);
 // how many reduction slices grad weight uses for g (a function of the shape)
 int grad_weight_splits(const ConvGeom& g);
 
+// The tile every float launch of the tiled GEMM takes while it is not 0: 1-4
+// are 64x64, 64x128, 128x64, 128x128 (GemmTile in gemm_tiled.cuh); 0 lets
+// the GEMM pick per problem. Process-wide, for tuning and tests; the result's
+// bits do not depend on it. set_gemm_tile throws std::invalid_argument
+// outside 0-4.
+int forced_gemm_tile();
+void set_gemm_tile(int tile);
+
 // C (M, N) = A (M, K) B (K, N), row-major with leading dimensions (tests and bench)
 template <class T>
 void gemm(const T* a, const T* b, T* c, i64 M, i64 N, i64 K, cudaStream_t stream);

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 
@@ -106,23 +107,43 @@ def test_the_emulator_builds_where_it_can():
         assert info.available, info.reason
 
 
-def _switch_on(emu, name: str, value: int = 1):
+def _switch_on(emu, name: str):
     """Sets one of the emulator's switches (runtime.cpp) for a test, then clears it."""
     switch = getattr(ctypes.CDLL(emu.gpu_module._cuda.__file__), name)
-    switch(value)
-    try:
-        yield
-    finally:
-        switch(0)
+    switch(1)
+    yield
+    switch(0)
 
 
 # convkern::cuda::GemmTile (cuda/gemm_tiled.cuh): the shapes float can take
 GEMM_TILES = {"64x64": 1, "64x128": 2, "128x64": 3, "128x128": 4}
 
 
+@contextlib.contextmanager
+def _forced_tile(emu, tile: int):
+    """The module's own tuning hook (_cuda.set_gemm_tile), cleared afterwards."""
+    emu.gpu_module._cuda.set_gemm_tile(tile)
+    try:
+        yield
+    finally:
+        emu.gpu_module._cuda.set_gemm_tile(0)
+
+
 @pytest.fixture(params=list(GEMM_TILES))
 def gemm_tile(request, emu):
-    yield from _switch_on(emu, "ck_emu_gemm_tile", GEMM_TILES[request.param])
+    with _forced_tile(emu, GEMM_TILES[request.param]):
+        yield
+
+
+def test_set_gemm_tile_checks_its_argument(emu):
+    cuda = emu.gpu_module._cuda
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match=f"gemm tile must be 0 .* got {bad}"):
+            cuda.set_gemm_tile(bad)
+    assert cuda.gemm_tile() == 0
+    with _forced_tile(emu, 3):
+        assert cuda.gemm_tile() == 3
+    assert cuda.gemm_tile() == 0
 
 
 @pytest.mark.parametrize("mkn", [(1, 1, 1), (127, 9, 129), (128, 8, 128), (129, 17, 65), (200, 3, 7), (5, 0, 300)])
@@ -147,7 +168,7 @@ def test_gemm_tiles_give_the_same_bits(emu, rng):
     gy = randn(rng, (3, 130, 23, 19), np.float32)
     results = {}
     for name, tile in GEMM_TILES.items():
-        with contextlib.contextmanager(_switch_on)(emu, "ck_emu_gemm_tile", tile):
+        with _forced_tile(emu, tile):
             y = convkern.conv2d(x, w, padding=1, algo="implicit", backend=NAME)
             results[name] = (y, *convkern.conv2d_backward(gy, x, w, padding=1, algo="implicit", backend=NAME))
     first = results["64x64"]
@@ -192,3 +213,21 @@ def reversed_threads(emu):
 def test_barrier_kernels_with_threads_in_reverse(emu, reversed_threads, rng, algo, case):
     x_shape, w_shape, kw = AWKWARD[case]
     check_conv(NAME, algo, np.float32, rng, x_shape, w_shape, **kw)
+
+
+def test_the_gemm_tile_sweep_runs(emu, tmp_path, capsys):
+    """tools/gemm_tiles.py (the tile sweep for a GPU) on the emulator, so the
+    script works when a GPU comes; the times mean nothing here."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "gemm_tiles.py")
+    spec = importlib.util.spec_from_file_location("gemm_tiles", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "tiles.json"
+    assert tool.main(["--backend", NAME, "--layers", "mnist_conv1", "--batch", "1", "--reps", "1",
+                      "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["layer"], r["pass_"]) for r in rows] == [("mnist_conv1", "forward"), ("mnist_conv1", "backward")]
+    assert all(set(r["ms"]) == set(tool.TILES) and min(r["ms"].values()) > 0 for r in rows)
+    assert "mnist_conv1" in capsys.readouterr().out
+    assert emu.gpu_module._cuda.gemm_tile() == 0
+

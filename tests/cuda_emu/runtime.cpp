@@ -20,7 +20,6 @@ namespace {
 
 cudaError_t g_last_error = cudaSuccess;
 bool g_force_index64 = false;
-int g_forced_gemm_tile = 0;
 bool g_reverse_threads = false;  // run a block's threads last to first (see ck_emu_reverse_threads)
 std::mutex g_launch_lock;  // one launch at a time: the kernels' state is global
 
@@ -101,8 +100,6 @@ void* dynamic_smem_bytes() { return g_smem.data(); }
 
 bool force_index64() { return g_force_index64; }
 
-int forced_gemm_tile() { return g_forced_gemm_tile; }
-
 void fault(const char* what) {
     std::fprintf(stderr, "cuda emulator: %s\n", what);
     g_last_error = cudaErrorMisalignedAddress;
@@ -142,10 +139,6 @@ void run_grid(bool barriers, dim3 grid, dim3 block, std::size_t smem, const std:
 }  // namespace ck_emu
 
 extern "C" __attribute__((visibility("default"))) void ck_emu_force_index64(int on) { g_force_index64 = on != 0; }
-
-// 0: the tiled GEMM picks its tile as on a GPU; 1-4: it takes
-// convkern::cuda::GemmTile(tile) for every float problem
-extern "C" __attribute__((visibility("default"))) void ck_emu_gemm_tile(int tile) { g_forced_gemm_tile = tile; }
 
 // Threads between two barriers run one after another, so a missing barrier
 // shows only where a thread reads what a thread later in the order writes;

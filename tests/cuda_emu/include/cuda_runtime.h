@@ -100,9 +100,6 @@ void syncthreads();
 // with_index_type (cuda/common.cuh) takes 64-bit indices whatever the size
 // while this is set (ck_emu_force_index64 in runtime.cpp sets it)
 bool force_index64();
-// launch_gemm_tiled (cuda/gemm_tiled.cuh) takes this tile for float while it
-// is not 0 (ck_emu_gemm_tile in runtime.cpp sets it)
-int forced_gemm_tile();
 // a fault a GPU would raise (a misaligned vector access): the next
 // cudaGetLastError reports it
 void fault(const char* what);
