@@ -20,34 +20,72 @@ namespace {
 constexpr int kThreads = 256;
 
 // ---- loaders ---------------------------------------------------------------
+// (the interface is described in gemm_tiled.cuh)
+
+// A position (hi, mid, lo) in a mixed-radix count, digits mid < MID and
+// lo < LO, moved on by kGemmBK with adds and carries: the loaders whose k
+// splits into (channel, r, s) or (image, ho, wo) walk it this way instead of
+// dividing k for every element (two or three integer divisions each).
+template <class I>
+struct Radix {
+    I MID, LO, dhi, dmid, dlo;  // kGemmBK = (dhi * MID + dmid) * LO + dlo
+    struct Pos {
+        I hi, mid, lo;
+    };
+    static Radix over(I MID, I LO) {  // host
+        const i64 step = kGemmBK, q = step / LO;
+        return Radix{MID, LO, static_cast<I>(q / MID), static_cast<I>(q % MID), static_cast<I>(step % LO)};
+    }
+    __device__ Pos at(i64 k) const {
+        const I kk = static_cast<I>(k), q = kk / LO;
+        return Pos{q / MID, q % MID, kk % LO};
+    }
+    __device__ void advance(Pos& p) const {
+        p.lo += dlo;
+        const bool c1 = p.lo >= LO;
+        if (c1) p.lo -= LO;
+        p.mid += dmid + c1;
+        const bool c2 = p.mid >= MID;
+        if (c2) p.mid -= MID;
+        p.hi += dhi + c2;
+    }
+};
 
 // w_g (Kg, CRS) row-major, batch = group
 template <class T>
-struct WeightRows {
+struct WeightRows {  // the cursor is k itself
     const T* w;
     i64 Kg, CRS;
-    __device__ T operator()(i64 g, i64 m, i64 k) const { return w[(g * Kg + m) * CRS + k]; }
+    typedef i64 Cursor;
+    __device__ Cursor cursor(i64, i64 k) const { return k; }
+    __device__ void advance(Cursor& k) const { k += kGemmBK; }
+    __device__ T load(i64 g, i64 m, Cursor k) const { return w[(g * Kg + m) * CRS + k]; }
 };
 
 // w_g^T (CRS, Kg): A(m = crs, k = output channel)
 template <class T>
-struct WeightCols {
+struct WeightCols {  // the cursor is k itself
     const T* w;
     i64 Kg, CRS;
-    __device__ T operator()(i64 g, i64 m, i64 k) const { return w[(g * Kg + k) * CRS + m]; }
+    typedef i64 Cursor;
+    __device__ Cursor cursor(i64, i64 k) const { return k; }
+    __device__ void advance(Cursor& k) const { k += kGemmBK; }
+    __device__ T load(i64 g, i64 m, Cursor k) const { return w[(g * Kg + k) * CRS + m]; }
 };
 
 // The column matrix of x, gathered: B(k = (c, r, s), n = (image, ho, wo)).
 template <class T, class I>
 struct ImplicitCols {
     const T* x;
-    I C, H, W, R, S, sh, sw, ph, pw, dh, dw, Wo, P, Cg, NP;
-    i64 image0;  // first image of this launch
+    I H, W, sh, sw, ph, pw, dh, dw, Wo, P, NP, C, Cg;
+    Radix<I> crs;  // k = (c, r, s)
+    i64 image0;    // first image of this launch
     struct Col {
         const T* plane0;  // x at (image, first channel of the group)
         I h0, w0;         // ho*sh - ph, wo*sw - pw
         bool live;
     };
+    typedef typename Radix<I>::Pos Cursor;
     __device__ Col column(i64 g, i64 n) const {
         Col c{x, 0, 0, n < NP};
         if (!c.live) return c;
@@ -57,27 +95,30 @@ struct ImplicitCols {
         c.w0 = (p % Wo) * sw - pw;
         return c;
     }
-    __device__ T at(const Col& col, i64, i64 k) const {
+    __device__ Cursor cursor(const Col&, i64, i64 k) const { return crs.at(k); }
+    __device__ void advance(Cursor& pos) const { crs.advance(pos); }
+    __device__ T load(const Col& col, i64, const Cursor& pos) const {
         if (!col.live) return T(0);
-        const I kk = static_cast<I>(k), RS = R * S;
-        const I c = kk / RS, rs = kk % RS, r = rs / S, s = rs % S;
-        const I h = col.h0 + r * dh, w = col.w0 + s * dw;
+        const I h = col.h0 + pos.mid * dh, w = col.w0 + pos.lo * dw;
         if (h < 0 || h >= H || w < 0 || w >= W) return T(0);
-        return col.plane0[(static_cast<i64>(c) * H + h) * W + w];
+        return col.plane0[(static_cast<i64>(pos.hi) * H + h) * W + w];
     }
 };
 
 // A plain row-major (M, K) matrix
 template <class T>
-struct DenseRows {
+struct DenseRows {  // the cursor is k itself
     const T* a;
     i64 K;
-    __device__ T operator()(i64, i64 m, i64 k) const { return a[m * K + k]; }
+    typedef i64 Cursor;
+    __device__ Cursor cursor(i64, i64 k) const { return k; }
+    __device__ void advance(Cursor& k) const { k += kGemmBK; }
+    __device__ T load(i64, i64 m, Cursor k) const { return a[m * K + k]; }
 };
 
 // A plain row-major (rows, ld) matrix per batch: B(k, n) = m[batch * stride + k * ld + n]
 template <class T>
-struct DenseCols {
+struct DenseCols {  // the cursor is k itself
     const T* m;
     i64 ld, batch_stride, N;
     struct Col {
@@ -85,14 +126,17 @@ struct DenseCols {
         bool live;
     };
     __device__ Col column(i64, i64 n) const { return Col{n, n < N}; }
-    __device__ T at(const Col& c, i64 batch, i64 k) const {
+    typedef i64 Cursor;
+    __device__ Cursor cursor(const Col&, i64, i64 k) const { return k; }
+    __device__ void advance(Cursor& k) const { k += kGemmBK; }
+    __device__ T load(const Col& c, i64 batch, Cursor k) const {
         return c.live ? m[batch * batch_stride + k * ld + c.n] : T(0);
     }
 };
 
 // gy as B(k = output channel, n = (image, p)) for grad input
 template <class T, class I>
-struct GradOutCols {
+struct GradOutCols {  // the cursor is k itself
     const T* gy;
     I K, Kg, P, NP;
     i64 image0;
@@ -107,7 +151,10 @@ struct GradOutCols {
         c.base = gy + ((image0 + img) * K + g * Kg) * static_cast<i64>(P) + p;
         return c;
     }
-    __device__ T at(const Col& c, i64, i64 k) const { return c.live ? c.base[k * P] : T(0); }
+    typedef i64 Cursor;
+    __device__ Cursor cursor(const Col&, i64, i64 k) const { return k; }
+    __device__ void advance(Cursor& k) const { k += kGemmBK; }
+    __device__ T load(const Col& c, i64, Cursor k) const { return c.live ? c.base[k * P] : T(0); }
 };
 
 // gy as A(m = output channel, k = (image, p)) for grad weight
@@ -115,22 +162,27 @@ template <class T, class I>
 struct GradOutRows {
     const T* gy;
     I K, Kg, P;
-    __device__ T operator()(i64 g, i64 m, i64 k) const {
-        const I img = static_cast<I>(k / P), p = static_cast<I>(k % P);
-        return gy[(static_cast<i64>(img) * K + g * Kg + m) * P + p];
+    Radix<I> ip;  // k = (image, 0, p)
+    typedef typename Radix<I>::Pos Cursor;
+    __device__ Cursor cursor(i64, i64 k) const { return ip.at(k); }
+    __device__ void advance(Cursor& pos) const { ip.advance(pos); }
+    __device__ T load(i64 g, i64 m, const Cursor& pos) const {
+        return gy[(static_cast<i64>(pos.hi) * K + g * Kg + m) * P + pos.lo];
     }
 };
 
-// The column matrix transposed, gathered: B(k = (image, p), n = (c, r, s)).
+// The column matrix transposed, gathered: B(k = (image, ho, wo), n = (c, r, s)).
 template <class T, class I>
 struct ImplicitColsT {
     const T* x;
-    I C, H, W, R, S, sh, sw, ph, pw, dh, dw, Wo, P, Cg, CRS;
+    I C, H, W, R, S, sh, sw, ph, pw, dh, dw, Cg, CRS;
+    Radix<I> hw;  // k = (image, ho, wo)
     struct Col {
         i64 chan;  // c within the group; the group is added at load time
         I roff, soff;
         bool live;
     };
+    typedef typename Radix<I>::Pos Cursor;
     __device__ Col column(i64, i64 n) const {
         Col c{0, 0, 0, n < CRS};
         if (!c.live) return c;
@@ -140,12 +192,13 @@ struct ImplicitColsT {
         c.soff = (nn % S) * dw - pw;
         return c;
     }
-    __device__ T at(const Col& c, i64 g, i64 k) const {
+    __device__ Cursor cursor(const Col&, i64, i64 k) const { return hw.at(k); }
+    __device__ void advance(Cursor& pos) const { hw.advance(pos); }
+    __device__ T load(const Col& c, i64 g, const Cursor& pos) const {
         if (!c.live) return T(0);
-        const I img = static_cast<I>(k / P), p = static_cast<I>(k % P);
-        const I h = (p / Wo) * sh + c.roff, w = (p % Wo) * sw + c.soff;
+        const I h = pos.mid * sh + c.roff, w = pos.lo * sw + c.soff;
         if (h < 0 || h >= H || w < 0 || w >= W) return T(0);
-        return x[((static_cast<i64>(img) * C + g * Cg + c.chan) * H + h) * W + w];
+        return x[((static_cast<i64>(pos.hi) * C + g * Cg + c.chan) * H + h) * W + w];
     }
 };
 
@@ -277,8 +330,8 @@ void conv2d_forward_implicit(const T* x, const T* w, const T* b, T* y, const Con
     with_index_type(fits32(g, g.N), [&](auto zero) {
         typedef decltype(zero) I;
         const I P = static_cast<I>(g.P()), NP = static_cast<I>(g.N * g.P());
-        ImplicitCols<T, I> cols{x, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.sh), I(g.sw), I(g.ph), I(g.pw),
-                                I(g.dh), I(g.dw), I(g.Wo), P, I(g.Cg()), NP, 0};
+        ImplicitCols<T, I> cols{x, I(g.H), I(g.W), I(g.sh), I(g.sw), I(g.ph), I(g.pw), I(g.dh), I(g.dw), I(g.Wo), P,
+                                NP, I(g.C), I(g.Cg()), Radix<I>::over(I(g.R), I(g.S)), 0};
         launch_gemm_tiled<T>(g.Kg(), g.N * g.P(), g.CRS(), g.G, 1, WeightRows<T>{w, g.Kg(), g.CRS()}, cols,
                              ConvOutput<T>{y, b, g.K, g.Kg(), g.P(), 0}, stream, "conv2d_forward_implicit");
     });
@@ -328,9 +381,9 @@ void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom&
     T* out = splits > 1 ? work : gw;
     with_index_type(fits32(g, g.N), [&](auto zero) {
         typedef decltype(zero) I;
-        GradOutRows<T, I> rows{gy, I(g.K), I(g.Kg()), I(g.P())};
+        GradOutRows<T, I> rows{gy, I(g.K), I(g.Kg()), I(g.P()), Radix<I>::over(1, I(g.P()))};
         ImplicitColsT<T, I> cols{x, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.sh), I(g.sw), I(g.ph), I(g.pw),
-                                 I(g.dh), I(g.dw), I(g.Wo), I(g.P()), I(g.Cg()), I(g.CRS())};
+                                 I(g.dh), I(g.dw), I(g.Cg()), I(g.CRS()), Radix<I>::over(I(g.Ho), I(g.Wo))};
         launch_gemm_tiled<T>(g.Kg(), g.CRS(), g.N * g.P(), g.G, splits, rows, cols,
                              WeightGradStore<T>{out, g.Kg(), g.CRS(), g.K}, stream, "conv2d_grad_weight_implicit");
     });

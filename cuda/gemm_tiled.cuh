@@ -73,9 +73,12 @@ __device__ __forceinline__ void load_run4(const T* p, T* v) {
 #endif
 }
 
-// ALoad: T operator()(batch, m, k) for m < M, k < Kr.
-// BLoad: Col column(batch, n) (n may be >= N: the column then reads zeros)
-//        and T at(const Col&, batch, k) for k < Kr.
+// ALoad: Cursor cursor(batch, k); void advance(Cursor&) (k += kGemmBK);
+//        T load(batch, m, const Cursor&) for m < M and the cursor's k < Kr.
+// BLoad: Col column(batch, n) (n may be >= N: the column then reads zeros),
+//        Cursor cursor(const Col&, batch, k), void advance(Cursor&) and
+//        T load(const Col&, batch, const Cursor&) for the cursor's k < Kr.
+// A cursor may be moved past Kr: it is then never loaded from.
 // Store: void operator()(batch, split, m, n, value) for m < M, n < N.
 template <class T, int BM, int BN, class ALoad, class BLoad, class Store>
 __global__ void __launch_bounds__(kGemmThreads, BM * BN == 128 * 64 ? 2 : 1)
@@ -97,17 +100,25 @@ __global__ void __launch_bounds__(kGemmThreads, BM * BN == 128 * 64 ? 2 : 1)
         const i64 m0 = static_cast<i64>(blockIdx.y) * BM, n0 = static_cast<i64>(blockIdx.x) * BN;
         const i64 k_begin = split * k_chunk, k_end = min(Kr, k_begin + k_chunk);
         const auto col = b.column(batch, n0 + b_nn);
+        // cursors at this thread's k in the first slice, each moved on by BK
+        // per fetch (loaders that would divide k per element walk it instead)
+        auto a_cur = a.cursor(batch, k_begin + a_kk);
+        typename BLoad::Cursor b_cur[B_LOADS];
+#pragma unroll
+        for (int j = 0; j < B_LOADS; ++j) b_cur[j] = b.cursor(col, batch, k_begin + b_kk + B_STEP * j);
         T ra[A_LOADS], rb[B_LOADS];
-        auto fetch = [&](i64 k0) {  // global -> registers
+        auto fetch = [&](i64 k0) {  // global -> registers: the slice at k0, the cursors' slice
+            const bool a_live = k0 + a_kk < k_end;
 #pragma unroll
             for (int j = 0; j < A_LOADS; ++j) {
-                const i64 m = m0 + a_mm + A_STEP * j, k = k0 + a_kk;
-                ra[j] = (m < M && k < k_end) ? a(batch, m, k) : T(0);
+                const i64 m = m0 + a_mm + A_STEP * j;
+                ra[j] = (a_live && m < M) ? a.load(batch, m, a_cur) : T(0);
             }
+            a.advance(a_cur);
 #pragma unroll
             for (int j = 0; j < B_LOADS; ++j) {
-                const i64 k = k0 + b_kk + B_STEP * j;
-                rb[j] = k < k_end ? b.at(col, batch, k) : T(0);
+                rb[j] = k0 + b_kk + B_STEP * j < k_end ? b.load(col, batch, b_cur[j]) : T(0);
+                b.advance(b_cur[j]);
             }
         };
         auto stash = [&](int buf) {  // registers -> shared buffer buf
