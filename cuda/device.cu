@@ -48,10 +48,13 @@ int current_multiprocessors() {
         return 0;
     }
     int n = cache[dev].load(std::memory_order_relaxed);
-    if (n == 0 && cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
-        cache[dev].store(n, std::memory_order_relaxed);
-    } else if (n == 0) {
-        cudaGetLastError();
+    if (n == 0) {
+        int asked = 0;
+        if (cudaDeviceGetAttribute(&asked, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+        cache[dev].store(n = asked, std::memory_order_relaxed);
     }
     return n;
 }

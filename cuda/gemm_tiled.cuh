@@ -38,9 +38,9 @@ constexpr int kSplitStep = 16;
 static_assert(kSplitStep % kGemmBK == 0, "split slices must be whole BK steps");
 
 // The tile shapes a launch can take; float picks one per problem
-// (gemm_tile_for), double always takes 64 x 64 (its 8x8 accumulators would
-// not fit the registers).
-// set_gemm_tile (ops.cuh) forces one by its value.
+// (gemm_tile_for) unless set_gemm_tile (ops.cuh) forces one by its value;
+// double always takes 64 x 64 (its 8x8 accumulators would not fit the
+// registers).
 enum class GemmTile : int { t64x64 = 1, t64x128 = 2, t128x64 = 3, t128x128 = 4 };
 
 // Tile for an M x N problem over zcount z indices on a GPU with `sms`
