@@ -53,24 +53,24 @@ struct Radix {
 
 // w_g (Kg, CRS) row-major, batch = group
 template <class T>
-struct WeightRows {  // the cursor is k itself
+struct WeightRows {
     const T* w;
     i64 Kg, CRS;
-    typedef i64 Cursor;
-    __device__ Cursor cursor(i64, i64 k) const { return k; }
-    __device__ void advance(Cursor& k) const { k += kGemmBK; }
-    __device__ T load(i64 g, i64 m, Cursor k) const { return w[(g * Kg + m) * CRS + k]; }
+    typedef const T* Cursor;  // at (group's row 0, k)
+    __device__ Cursor cursor(i64 g, i64 k) const { return w + g * Kg * CRS + k; }
+    __device__ void advance(Cursor& p) const { p += kGemmBK; }
+    __device__ T load(i64, i64 m, Cursor p) const { return p[m * CRS]; }
 };
 
 // w_g^T (CRS, Kg): A(m = crs, k = output channel)
 template <class T>
-struct WeightCols {  // the cursor is k itself
+struct WeightCols {
     const T* w;
     i64 Kg, CRS;
-    typedef i64 Cursor;
-    __device__ Cursor cursor(i64, i64 k) const { return k; }
-    __device__ void advance(Cursor& k) const { k += kGemmBK; }
-    __device__ T load(i64 g, i64 m, Cursor k) const { return w[(g * Kg + k) * CRS + m]; }
+    typedef const T* Cursor;  // at (output channel k, crs 0)
+    __device__ Cursor cursor(i64 g, i64 k) const { return w + (g * Kg + k) * CRS; }
+    __device__ void advance(Cursor& p) const { p += kGemmBK * CRS; }
+    __device__ T load(i64, i64 m, Cursor p) const { return p[m]; }
 };
 
 // The column matrix of x, gathered: B(k = (c, r, s), n = (image, ho, wo)).
@@ -107,18 +107,18 @@ struct ImplicitCols {
 
 // A plain row-major (M, K) matrix
 template <class T>
-struct DenseRows {  // the cursor is k itself
+struct DenseRows {
     const T* a;
     i64 K;
-    typedef i64 Cursor;
-    __device__ Cursor cursor(i64, i64 k) const { return k; }
-    __device__ void advance(Cursor& k) const { k += kGemmBK; }
-    __device__ T load(i64, i64 m, Cursor k) const { return a[m * K + k]; }
+    typedef const T* Cursor;  // at (row 0, k)
+    __device__ Cursor cursor(i64, i64 k) const { return a + k; }
+    __device__ void advance(Cursor& p) const { p += kGemmBK; }
+    __device__ T load(i64, i64 m, Cursor p) const { return p[m * K]; }
 };
 
 // A plain row-major (rows, ld) matrix per batch: B(k, n) = m[batch * stride + k * ld + n]
 template <class T>
-struct DenseCols {  // the cursor is k itself
+struct DenseCols {
     const T* m;
     i64 ld, batch_stride, N;
     struct Col {
@@ -126,17 +126,15 @@ struct DenseCols {  // the cursor is k itself
         bool live;
     };
     __device__ Col column(i64, i64 n) const { return Col{n, n < N}; }
-    typedef i64 Cursor;
-    __device__ Cursor cursor(const Col&, i64, i64 k) const { return k; }
-    __device__ void advance(Cursor& k) const { k += kGemmBK; }
-    __device__ T load(const Col& c, i64 batch, Cursor k) const {
-        return c.live ? m[batch * batch_stride + k * ld + c.n] : T(0);
-    }
+    typedef const T* Cursor;  // at (k, n); never read for a dead column
+    __device__ Cursor cursor(const Col& c, i64 batch, i64 k) const { return m + batch * batch_stride + k * ld + c.n; }
+    __device__ void advance(Cursor& p) const { p += kGemmBK * ld; }
+    __device__ T load(const Col& c, i64, Cursor p) const { return c.live ? *p : T(0); }
 };
 
 // gy as B(k = output channel, n = (image, p)) for grad input
 template <class T, class I>
-struct GradOutCols {  // the cursor is k itself
+struct GradOutCols {
     const T* gy;
     I K, Kg, P, NP;
     i64 image0;
@@ -151,10 +149,10 @@ struct GradOutCols {  // the cursor is k itself
         c.base = gy + ((image0 + img) * K + g * Kg) * static_cast<i64>(P) + p;
         return c;
     }
-    typedef i64 Cursor;
-    __device__ Cursor cursor(const Col&, i64, i64 k) const { return k; }
-    __device__ void advance(Cursor& k) const { k += kGemmBK; }
-    __device__ T load(const Col& c, i64, Cursor k) const { return c.live ? c.base[k * P] : T(0); }
+    typedef const T* Cursor;  // gy at (k, n); never read for a dead column
+    __device__ Cursor cursor(const Col& c, i64, i64 k) const { return c.base + k * P; }
+    __device__ void advance(Cursor& p) const { p += kGemmBK * static_cast<i64>(P); }
+    __device__ T load(const Col& c, i64, Cursor p) const { return c.live ? *p : T(0); }
 };
 
 // gy as A(m = output channel, k = (image, p)) for grad weight

@@ -106,18 +106,20 @@ __global__ void __launch_bounds__(kGemmThreads, BM * BN == 128 * 64 ? 2 : 1)
         typename BLoad::Cursor b_cur[B_LOADS];
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) b_cur[j] = b.cursor(col, batch, k_begin + b_kk + B_STEP * j);
+        // rows of A this thread loads that lie inside M (fixed for this z)
+        const i64 a_rows_left = M - (m0 + a_mm);
         T ra[A_LOADS], rb[B_LOADS];
         auto fetch = [&](i64 k0) {  // global -> registers: the slice at k0, the cursors' slice
-            const bool a_live = k0 + a_kk < k_end;
+            // k left in this split from k0, clamped so 32-bit compares decide every slot
+            const int k_left = static_cast<int>(min(k_end - k0, static_cast<i64>(BK)));
+            const bool a_live = a_kk < k_left;
 #pragma unroll
-            for (int j = 0; j < A_LOADS; ++j) {
-                const i64 m = m0 + a_mm + A_STEP * j;
-                ra[j] = (a_live && m < M) ? a.load(batch, m, a_cur) : T(0);
-            }
+            for (int j = 0; j < A_LOADS; ++j)
+                ra[j] = (a_live && A_STEP * j < a_rows_left) ? a.load(batch, m0 + a_mm + A_STEP * j, a_cur) : T(0);
             a.advance(a_cur);
 #pragma unroll
             for (int j = 0; j < B_LOADS; ++j) {
-                rb[j] = k0 + b_kk + B_STEP * j < k_end ? b.load(col, batch, b_cur[j]) : T(0);
+                rb[j] = b_kk + B_STEP * j < k_left ? b.load(col, batch, b_cur[j]) : T(0);
                 b.advance(b_cur[j]);
             }
         };
