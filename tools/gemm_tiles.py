@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 TILES = {"auto": 0, "64x64": 1, "64x128": 2, "128x64": 3, "128x128": 4}
-
-
-def _cpu_median_time(fn, reps: int) -> float:
-    """Median seconds per call on the host (the CPU emulator's arrays)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
     import numpy as np
 
     import convkern
-    from convkern.bench import gpu_median_time
+    from convkern.bench import gpu_median_time, median_time
     from convkern.layers import BY_NAME, CANONICAL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,7 +49,10 @@ def main(argv=None) -> int:
     if getattr(gpu.cupy, "__name__", "") == "cupy":
         xp, timer = gpu.cupy, gpu_median_time
     else:  # the emulator: NumPy arrays in, host timing
-        xp, timer = np, _cpu_median_time
+        xp = np
+
+        def timer(fn, reps):
+            return median_time(fn, min_time=0, min_reps=reps, max_reps=reps)
     rng = np.random.default_rng(0)
     rows = []
     print(f"{'layer':<16} {'pass':<9}" + "".join(f"{t:>10}" for t in TILES) + f"   (ms, batch {args.batch})")
