@@ -1,0 +1,208 @@
+"""patch(model): torch's Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and
+ReLU modules run on convkern, in place.
+
+A swapped module keeps its object, its parameters and its ``state_dict`` keys:
+only its class changes, to a subclass whose ``forward`` calls
+:mod:`convkern.torch.functional`. So checkpoints load both ways, ``isinstance``
+checks still hold, and ``copy.deepcopy``, ``model.to(...)``, ``train()/eval()``
+and DistributedDataParallel see an ordinary module. ``unpatch`` puts the
+classes back.
+
+Some modules are left to torch, with the reason kept for :func:`report`:
+subclasses with their own ``forward``, ``padding_mode`` other than "zeros",
+parameters of a dtype convkern lacks, and ops not asked for. At call time a
+swapped module hands the call back to torch (and counts it) when the input's
+dtype or device is one convkern lacks, or, for adaptive pooling, when the
+output size does not divide the input size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from . import functional as F
+
+OPS = ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu")
+
+
+@dataclass
+class Settings:
+    """What a swapped module runs with, and how often it handed calls back to torch (by reason)."""
+
+    backend: Optional[str]
+    algo: str
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+def _fallback_reason(x: Tensor) -> Optional[str]:
+    if x.dtype not in F.SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype}"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"input on {x.device}"
+    return None
+
+
+class _Patched:
+    """Mixed into each swapped class: the name shown by print(model)."""
+
+    _convkern: Settings
+
+    def _get_name(self):
+        return "convkern." + super()._get_name()
+
+    def _torch_forward(self, x: Tensor, reason: str) -> Tensor:
+        self._convkern.fallbacks[reason] += 1
+        return super().forward(x)
+
+
+class Conv2d(_Patched, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        reason = _fallback_reason(x)
+        if reason:
+            return self._torch_forward(x, reason)
+        s = self._convkern
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                        algo=s.algo, backend=s.backend)
+
+
+class MaxPool2d(_Patched, nn.MaxPool2d):
+    def forward(self, x: Tensor):
+        reason = _fallback_reason(x)
+        if reason:
+            return self._torch_forward(x, reason)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                            self.return_indices, backend=self._convkern.backend)
+
+
+class AvgPool2d(_Patched, nn.AvgPool2d):
+    def forward(self, x: Tensor) -> Tensor:
+        reason = _fallback_reason(x)
+        if reason:
+            return self._torch_forward(x, reason)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                            self.divisor_override, backend=self._convkern.backend)
+
+
+class AdaptiveAvgPool2d(_Patched, nn.AdaptiveAvgPool2d):
+    def forward(self, x: Tensor) -> Tensor:
+        reason = _fallback_reason(x)
+        if reason is None and F.adaptive_kernel(x.shape, self.output_size) is None:
+            reason = f"output size {self.output_size} does not divide input {tuple(x.shape[-2:])}"
+        if reason:
+            return self._torch_forward(x, reason)
+        return F.adaptive_avg_pool2d(x, self.output_size, backend=self._convkern.backend)
+
+
+class ReLU(_Patched, nn.ReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        reason = _fallback_reason(x)
+        if reason:
+            return self._torch_forward(x, reason)
+        return F.relu(x, self.inplace, backend=self._convkern.backend)
+
+
+# torch class -> (op name, convkern class)
+_SWAPS = {nn.Conv2d: ("conv2d", Conv2d), nn.MaxPool2d: ("max_pool2d", MaxPool2d),
+          nn.AvgPool2d: ("avg_pool2d", AvgPool2d), nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d", AdaptiveAvgPool2d),
+          nn.ReLU: ("relu", ReLU)}
+_ORIGINAL = {ours: theirs for theirs, (_, ours) in _SWAPS.items()}
+
+
+def _why_not(module: nn.Module, ops: Sequence[str]) -> Optional[str]:
+    """None if `module` can be swapped, else why not."""
+    kind = type(module)
+    op = _SWAPS[kind][0]
+    if op not in ops:
+        return f"{op} not in ops"
+    if kind is nn.Conv2d:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (convkern pads with zeros)"
+        if module.weight.dtype not in F.SUPPORTED_DTYPES:
+            return f"weight dtype {module.weight.dtype}"
+    if kind is nn.AdaptiveAvgPool2d and not isinstance(module.output_size, (int, tuple, list)):
+        return f"output_size {module.output_size!r}"
+    return None
+
+
+@dataclass
+class PatchReport:
+    """What patch() did to a model: module names swapped, those left to torch
+    with the reason, and the calls swapped modules handed back to torch."""
+
+    swapped: List[str]
+    left: Dict[str, str]
+    fallbacks: Dict[str, Dict[str, int]]
+
+    def __str__(self) -> str:
+        lines = [f"convkern.torch: {len(self.swapped)} modules swapped, {len(self.left)} left to torch"]
+        lines += [f"  left   {name or '(model)'}: {why}" for name, why in self.left.items()]
+        for name, counts in self.fallbacks.items():
+            lines += [f"  torch ran {name} {n}x: {why}" for why, n in counts.items()]
+        return "\n".join(lines)
+
+
+def patch(model: nn.Module, *, backend: Optional[str] = None, algo: str = "auto",
+          ops: Sequence[str] = OPS) -> nn.Module:
+    """Swap the model's Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and
+    ReLU modules (those of exactly these classes, among the ops named in
+    `ops`) for convkern's, in place; returns the model. Patching again
+    updates backend and algo. ``report(model)`` says what was swapped."""
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"patch: unknown ops {unknown}; the ops are {', '.join(OPS)}")
+    if not isinstance(algo, str):
+        raise TypeError(f"patch: algo must be a string, got {algo!r}")
+    left: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind in _ORIGINAL:  # patched before: new settings, same fallback counts
+            module._convkern = Settings(backend, algo, module._convkern.fallbacks)
+        elif kind in _SWAPS:
+            reason = _why_not(module, ops)
+            if reason:
+                left[name] = reason
+            else:
+                module.__class__ = _SWAPS[kind][1]
+                module._convkern = Settings(backend, algo)
+        else:
+            base = next((t for t in _SWAPS if isinstance(module, t)), None)
+            if base is not None:
+                left[name] = f"{kind.__name__} is a subclass of nn.{base.__name__} with its own behaviour"
+    model._convkern_left = left
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch(): every swapped module gets its torch class back."""
+    for module in model.modules():
+        original = _ORIGINAL.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            del module._convkern
+    model.__dict__.pop("_convkern_left", None)
+    return model
+
+
+def report(model: nn.Module) -> PatchReport:
+    """What patch() swapped in `model`, what it left to torch and why, and
+    how often swapped modules handed a call back to torch (and why)."""
+    swapped, fallbacks = [], {}
+    for name, module in model.named_modules():
+        if type(module) in _ORIGINAL:
+            swapped.append(name)
+            if module._convkern.fallbacks:
+                fallbacks[name] = dict(module._convkern.fallbacks)
+    return PatchReport(swapped, dict(getattr(model, "_convkern_left", {})), fallbacks)
+
+
+def swappable(model: nn.Module) -> List[Tuple[str, type]]:
+    """Modules patch() would swap with every op asked for (exact torch classes)."""
+    return [(n, type(m)) for n, m in model.named_modules() if type(m) in _SWAPS and _why_not(m, OPS) is None]
+
+
+__all__ = ["patch", "unpatch", "report", "PatchReport", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+           "ReLU", "OPS"]

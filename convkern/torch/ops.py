@@ -1,0 +1,314 @@
+"""The custom ops: ``torch.ops.convkern.<op>`` and their backward twins.
+
+Each forward op has autograd registered (its backward calls the matching
+``*_backward`` op, asking only for the gradients autograd needs) and a fake
+implementation that gives the output's shape, dtype and memory format without
+running a kernel, which is what ``torch.compile`` and ``torch.export`` trace.
+Backward ops have an autograd formula that refuses: convkern's backward
+kernels are not themselves differentiable, so double backward is an error.
+
+Tensors cross to convkern as NumPy views (CPU; no copy) or CuPy arrays via
+DLPack (CUDA; no copy, on torch's current stream); results come back the same
+way. convkern computes in contiguous NCHW: a channels_last input is converted
+once on the way in and the result converted back, so the output has the
+memory format torch would give (two copies until the kernels read NHWC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import functional as ck
+from ..geometry import conv2d_geometry, pool2d_geometry
+
+# ---------------------------------------------------------------- crossing
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """The format torch gives the output of a conv/pool on `t`."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def to_array(t: Tensor):
+    """A NumPy (CPU) or CuPy (CUDA) view of `t`: same memory, no copy."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    if t.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(t)
+    raise TypeError(f"convkern.torch: tensors on {t.device} are not supported (cpu and cuda are)")
+
+
+def from_array(a, fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
+    return t if fmt == torch.contiguous_format else t.contiguous(memory_format=fmt)
+
+
+def empty(t: Tensor, shape, fmt: torch.memory_format = torch.contiguous_format, dtype=None) -> Tensor:
+    return torch.empty(tuple(shape), dtype=dtype or t.dtype, device=t.device, memory_format=fmt)
+
+
+@contextlib.contextmanager
+def on_torch_stream(t: Tensor):
+    """Run CuPy work on torch's current stream for `t`'s device."""
+    if t.device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    stream = torch.cuda.current_stream(t.device)
+    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
+        yield
+
+
+def _opt(backend: str) -> Optional[str]:
+    return backend or None
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError("convkern.torch: double backward (a gradient of a gradient) is not supported: convkern's "
+                       "backward kernels are not themselves differentiable")
+
+
+def _refuse_setup(ctx, inputs, output):
+    pass
+
+
+def _padding(padding: List[int], same: bool):
+    return "same" if same else tuple(padding)
+
+
+# ---------------------------------------------------------------- conv2d
+
+
+@torch.library.custom_op("convkern::conv2d", mutates_args=())
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+           same: bool, dilation: List[int], groups: int, algo: str, backend: str) -> Tensor:
+    with on_torch_stream(input):
+        y = ck.conv2d(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
+                      _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+    return from_array(y, memory_format(input))
+
+
+@conv2d.register_fake
+def _(input, weight, bias, stride, padding, same, dilation, groups, algo, backend):
+    g = conv2d_geometry(input.shape, weight.shape, None if bias is None else bias.shape, stride,
+                        _padding(padding, same), dilation, groups)
+    shape = g.output_shape[1:] if g.unbatched else g.output_shape
+    return empty(input, shape, memory_format(input))
+
+
+@torch.library.custom_op("convkern::conv2d_backward", mutates_args=())
+def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                    same: bool, dilation: List[int], groups: int, needs: List[bool], algo: str,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with on_torch_stream(input):
+        gx, gw, gb = ck.conv2d_backward(to_array(grad_output), to_array(input), to_array(weight), stride,
+                                        _padding(padding, same), dilation, groups, needs=tuple(needs), algo=algo,
+                                        backend=_opt(backend))
+    # outputs may not alias each other: a fresh empty tensor for each gradient not asked for
+    return (input.new_empty(0) if gx is None else from_array(gx, memory_format(input)),
+            input.new_empty(0) if gw is None else from_array(gw),
+            input.new_empty(0) if gb is None else from_array(gb))
+
+
+@conv2d_backward.register_fake
+def _(grad_output, input, weight, stride, padding, same, dilation, groups, needs, algo, backend):
+    return (empty(input, input.shape, memory_format(input)) if needs[0] else input.new_empty(0),
+            empty(weight, weight.shape) if needs[1] else input.new_empty(0),
+            empty(weight, (weight.shape[0],)) if needs[2] else input.new_empty(0))
+
+
+def _conv2d_setup(ctx, inputs, output):
+    input, weight, bias, *geometry = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.geometry = geometry
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_grad(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bool(ctx.needs_input_grad[2]) and ctx.has_bias]
+    if not any(needs):
+        return (None,) * 10
+    gx, gw, gb = conv2d_backward(grad_output, input, weight, *ctx.geometry[:5], needs, *ctx.geometry[5:])
+    return (gx if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + (None,) * 7
+
+
+conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
+conv2d_backward.register_autograd(_double_backward, setup_context=_refuse_setup)
+
+# ---------------------------------------------------------------- max pooling
+
+
+@torch.library.custom_op("convkern::max_pool2d", mutates_args=())
+def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+               ceil_mode: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    fmt = memory_format(input)
+    with on_torch_stream(input):
+        y, ind = ck.max_pool2d(to_array(input), kernel_size, stride, padding, dilation, ceil_mode,
+                               return_indices=True, backend=_opt(backend))
+    return from_array(y, fmt), from_array(ind, fmt)
+
+
+def _pool_out(input, kernel_size, stride, padding, dilation, ceil_mode, op):
+    g = pool2d_geometry(input.shape, kernel_size, stride, padding, dilation, ceil_mode, op)
+    return g.output_shape[1:] if g.unbatched else g.output_shape
+
+
+@max_pool2d.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, backend):
+    shape, fmt = _pool_out(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d"), memory_format(input)
+    return empty(input, shape, fmt), empty(input, shape, fmt, torch.int64)
+
+
+@torch.library.custom_op("convkern::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(grad_output: Tensor, input: Tensor, indices: Tensor, kernel_size: List[int],
+                        stride: List[int], padding: List[int], dilation: List[int], ceil_mode: bool,
+                        backend: str) -> Tensor:
+    with on_torch_stream(input):
+        gx = ck.max_pool2d_backward(to_array(grad_output), to_array(input), to_array(indices), kernel_size, stride,
+                                    padding, dilation, ceil_mode, backend=_opt(backend))
+    return from_array(gx, memory_format(input))
+
+
+@max_pool2d_backward.register_fake
+def _(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode, backend):
+    return empty(input, input.shape, memory_format(input))
+
+
+def _max_pool2d_setup(ctx, inputs, output):
+    input, *geometry = inputs
+    ctx.save_for_backward(input, output[1])
+    ctx.geometry = geometry
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_pool2d_grad(ctx, grad_output, grad_indices):
+    input, indices = ctx.saved_tensors
+    return (max_pool2d_backward(grad_output, input, indices, *ctx.geometry),) + (None,) * 6
+
+
+max_pool2d.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup)
+max_pool2d_backward.register_autograd(_double_backward, setup_context=_refuse_setup)
+
+# ---------------------------------------------------------------- average pooling
+
+
+@torch.library.custom_op("convkern::avg_pool2d", mutates_args=())
+def avg_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool,
+               count_include_pad: bool, divisor_override: Optional[int], backend: str) -> Tensor:
+    with on_torch_stream(input):
+        y = ck.avg_pool2d(to_array(input), kernel_size, stride, padding, ceil_mode, count_include_pad,
+                          divisor_override, backend=_opt(backend))
+    return from_array(y, memory_format(input))
+
+
+@avg_pool2d.register_fake
+def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, backend):
+    return empty(input, _pool_out(input, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d"),
+                 memory_format(input))
+
+
+@torch.library.custom_op("convkern::avg_pool2d_backward", mutates_args=())
+def avg_pool2d_backward(grad_output: Tensor, input: Tensor, kernel_size: List[int], stride: List[int],
+                        padding: List[int], ceil_mode: bool, count_include_pad: bool,
+                        divisor_override: Optional[int], backend: str) -> Tensor:
+    with on_torch_stream(input):
+        gx = ck.avg_pool2d_backward(to_array(grad_output), to_array(input), kernel_size, stride, padding, ceil_mode,
+                                    count_include_pad, divisor_override, backend=_opt(backend))
+    return from_array(gx, memory_format(input))
+
+
+@avg_pool2d_backward.register_fake
+def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, backend):
+    return empty(input, input.shape, memory_format(input))
+
+
+def _avg_pool2d_setup(ctx, inputs, output):
+    input, *geometry = inputs
+    ctx.save_for_backward(input)
+    ctx.geometry = geometry
+
+
+def _avg_pool2d_grad(ctx, grad_output):
+    (input,) = ctx.saved_tensors
+    return (avg_pool2d_backward(grad_output, input, *ctx.geometry),) + (None,) * 7
+
+
+avg_pool2d.register_autograd(_avg_pool2d_grad, setup_context=_avg_pool2d_setup)
+avg_pool2d_backward.register_autograd(_double_backward, setup_context=_refuse_setup)
+
+# ---------------------------------------------------------------- relu
+
+
+def _dense_order(t: Tensor) -> Optional[List[int]]:
+    """The dimension order in which a dense but non-contiguous `t` (e.g.
+    channels_last) is contiguous, so elementwise work runs on it in place of a
+    copy; None when `t` is contiguous already or not dense."""
+    if t.is_contiguous():
+        return None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _elementwise(fn, first: Tensor, *others: Tensor) -> Tensor:
+    """fn over NumPy/CuPy views, in `first`'s memory order; the result has `first`'s strides where it is dense."""
+    order = _dense_order(first)
+    if order is None:
+        return from_array(fn(*(to_array(t) for t in (first,) + others)))
+    inverse = [order.index(d) for d in range(len(order))]
+    y = fn(*(to_array(t.permute(order)) for t in (first,) + others))
+    return from_array(y).permute(inverse)
+
+
+def _like(t: Tensor) -> Tensor:
+    return torch.empty_like(t) if _dense_order(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+@torch.library.custom_op("convkern::relu", mutates_args=())
+def relu(input: Tensor, backend: str) -> Tensor:
+    with on_torch_stream(input):
+        return _elementwise(lambda x: ck.relu(x, backend=_opt(backend)), input)
+
+
+@relu.register_fake
+def _(input, backend):
+    return _like(input)
+
+
+@torch.library.custom_op("convkern::relu_backward", mutates_args=())
+def relu_backward(grad_output: Tensor, output: Tensor, backend: str) -> Tensor:
+    with on_torch_stream(output):
+        return _elementwise(lambda y, gy: ck.relu_backward(gy, y, backend=_opt(backend)), output, grad_output)
+
+
+@relu_backward.register_fake
+def _(grad_output, output, backend):
+    return _like(output)
+
+
+def _relu_setup(ctx, inputs, output):
+    # relu's output is as good as its input for the gradient (positive, or NaN,
+    # exactly where the input is) and lets inplace relu free the input
+    ctx.save_for_backward(output)
+    ctx.backend = inputs[1]
+
+
+def _relu_grad(ctx, grad_output):
+    (output,) = ctx.saved_tensors
+    return relu_backward(grad_output, output, ctx.backend), None
+
+
+relu.register_autograd(_relu_grad, setup_context=_relu_setup)
+relu_backward.register_autograd(_double_backward, setup_context=_refuse_setup)

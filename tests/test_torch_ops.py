@@ -1,0 +1,211 @@
+"""convkern.torch, op by op: values and memory formats against torch's own
+functional ops, gradcheck in float64 on awkward geometry, the ops' torch.library
+registration (opcheck), zero-copy crossing, errors, and other backends
+through the same ops. Skipped, saying why, where torch is not installed."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: convkern.torch needs it")
+pytestmark = pytest.mark.torch
+
+import torch.nn.functional as TF  # noqa: E402
+
+import convkern  # noqa: E402
+import convkern.torch as ckt  # noqa: E402
+from convkern.torch import ops  # noqa: E402
+
+# (kwargs, input shape, weight shape): stride > kernel, dilation, groups,
+# asymmetric and "same" padding, batch 1, 1x1 images
+CONV_CASES = [
+    (dict(stride=3), (2, 3, 8, 7), (4, 3, 2, 2)),
+    (dict(padding=(2, 1), dilation=(2, 1)), (1, 2, 7, 9), (3, 2, 3, 3)),
+    (dict(groups=2, padding=1, stride=(2, 1)), (2, 4, 6, 5), (6, 2, 3, 3)),
+    (dict(padding="same", dilation=(1, 2)), (1, 3, 5, 6), (2, 3, 4, 3)),
+    (dict(padding="valid"), (2, 2, 4, 4), (3, 2, 4, 1)),
+    (dict(groups=3, padding=1), (1, 3, 5, 5), (3, 1, 3, 3)),
+    (dict(), (3, 2, 1, 1), (4, 2, 1, 1)),
+]
+MAX_CASES = [
+    (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 3, 7, 8)),
+    (dict(kernel_size=(2, 3), stride=(3, 1), dilation=(2, 1)), (1, 2, 9, 6)),
+    (dict(kernel_size=2, stride=4), (2, 2, 9, 9)),
+    (dict(kernel_size=1), (1, 2, 1, 1)),
+]
+AVG_CASES = [
+    (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), (2, 3, 7, 8)),
+    (dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), divisor_override=5), (1, 2, 6, 7)),
+    (dict(kernel_size=3, stride=4, ceil_mode=True), (2, 1, 10, 10)),
+    (dict(kernel_size=1), (1, 2, 1, 1)),
+]
+
+
+def randn(*shape, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=dtype, generator=g).requires_grad_(grad)
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, about its own copy
+@pytest.mark.parametrize("kw,xs,ws", CONV_CASES)
+def test_conv2d_gradcheck(kw, xs, ws):
+    x, w, b = randn(*xs, grad=True), randn(*ws, seed=1, grad=True), randn(ws[0], seed=2, grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ckt.conv2d(x, w, b, **kw), (x, w, b))
+    assert rel(ckt.conv2d(x, w, b, **kw), TF.conv2d(x, w, b, **kw)) < 1e-13
+
+
+@pytest.mark.parametrize("kw,xs", MAX_CASES)
+def test_max_pool2d_gradcheck(kw, xs):
+    x = randn(*xs, grad=True)
+    assert torch.autograd.gradcheck(lambda x: ckt.max_pool2d(x, **kw), (x,))
+    y, ind = ckt.max_pool2d(x, **kw, return_indices=True)
+    want, want_ind = TF.max_pool2d(x, **kw, return_indices=True)
+    assert torch.equal(y, want) and torch.equal(ind, want_ind)
+
+
+@pytest.mark.parametrize("kw,xs", AVG_CASES)
+def test_avg_pool2d_gradcheck(kw, xs):
+    x = randn(*xs, grad=True)
+    assert torch.autograd.gradcheck(lambda x: ckt.avg_pool2d(x, **kw), (x,))
+    assert rel(ckt.avg_pool2d(x, **kw), TF.avg_pool2d(x, **kw)) < 1e-14
+
+
+def test_relu_gradcheck_and_inplace():
+    x = randn(2, 3, 4, 5, grad=True)
+    with torch.no_grad():
+        x[0, 0, 0, :2] = torch.tensor([0.0, float("nan")])  # the kink and NaN pass as torch's do
+    y = ckt.relu(x)
+    assert torch.equal(y.isnan(), x.isnan()) and torch.equal(torch.nan_to_num(y), torch.nan_to_num(TF.relu(x)))
+    smooth = randn(3, 4, seed=3, grad=True)  # any shape; away from the kink
+    assert torch.autograd.gradcheck(lambda t: ckt.relu(t + 0.01 * torch.sign(t)), (smooth,))
+    a = randn(2, 3, 4, 4, seed=4, grad=True)
+    h = a * 1.0
+    out = ckt.relu(h, inplace=True)
+    assert out is h and torch.equal(h, TF.relu(a.detach()))
+    out.sum().backward()
+    assert torch.equal(a.grad, (a > 0).to(a.dtype))
+    leaf = randn(3, seed=5, grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        ckt.relu(leaf, inplace=True)  # as torch refuses an in-place op on a leaf that needs grad
+
+
+@pytest.mark.parametrize("output_size", [1, (2, 3), (None, 2)])
+def test_adaptive_avg_pool2d(output_size):
+    x = randn(2, 3, 6, 6, grad=True)
+    assert rel(ckt.adaptive_avg_pool2d(x, output_size), TF.adaptive_avg_pool2d(x, output_size)) < 1e-14
+    assert torch.autograd.gradcheck(lambda t: ckt.adaptive_avg_pool2d(t, output_size), (x,))
+    odd = randn(1, 2, 7, 5)  # 7 is not a multiple of 2: torch's own kernel runs
+    assert torch.equal(ckt.adaptive_avg_pool2d(odd, (2, 2)), TF.adaptive_avg_pool2d(odd, (2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_channels_last_in_gives_channels_last_out(dtype):
+    cl = torch.channels_last
+    x = randn(2, 4, 9, 8, dtype=dtype).contiguous(memory_format=cl).requires_grad_()
+    w = randn(6, 4, 3, 3, dtype=dtype, seed=1, grad=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    for ours, theirs in [(ckt.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1)),
+                         (ckt.max_pool2d(x, 2), TF.max_pool2d(x, 2)),
+                         (ckt.avg_pool2d(x, 3, 2, 1), TF.avg_pool2d(x, 3, 2, 1)),
+                         (ckt.relu(x), TF.relu(x))]:
+        assert ours.is_contiguous(memory_format=cl) == theirs.is_contiguous(memory_format=cl)
+        assert ours.stride() == theirs.stride()
+        assert rel(ours, theirs) <= tol
+        gy = randn(*ours.shape, dtype=dtype, seed=9)
+        g1, = torch.autograd.grad(ours, x, gy)
+        g2, = torch.autograd.grad(theirs, x, gy)
+        assert rel(g1, g2) <= tol
+
+
+def test_cpu_tensors_cross_without_copies():
+    t = randn(2, 3, 4, 5, dtype=torch.float32)
+    a = ops.to_array(t)
+    assert isinstance(a, np.ndarray) and a.ctypes.data == t.data_ptr()
+    back = ops.from_array(a)
+    assert back.data_ptr() == t.data_ptr()
+    cl = t.contiguous(memory_format=torch.channels_last)
+    # relu runs on a channels_last tensor in its own memory order: no conversion either way
+    assert ops.to_array(cl.permute(0, 2, 3, 1)).flags.c_contiguous
+
+
+def test_opcheck_every_op():
+    x = randn(2, 3, 7, 6, grad=True)
+    w = randn(4, 3, 3, 3, seed=1, grad=True)
+    b = randn(4, seed=2, grad=True)
+    cases = [(ops.conv2d, (x, w, b, [2, 1], [1, 0], False, [1, 1], 1, "auto", "")),
+             (ops.conv2d, (x, w, None, [1, 1], [0, 0], True, [1, 2], 1, "im2col", "")),
+             (ops.max_pool2d, (x, [3, 3], [2, 2], [1, 1], [1, 1], True, "")),
+             (ops.avg_pool2d, (x, [2, 3], [2, 2], [1, 0], False, False, None, "")),
+             (ops.relu, (x, ""))]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_only_requested_gradients_are_computed(monkeypatch):
+    asked = []
+    real = convkern.functional.conv2d_backward
+
+    def spy(*args, needs, **kw):
+        asked.append(tuple(needs))
+        return real(*args, needs=needs, **kw)
+
+    monkeypatch.setattr(ops.ck, "conv2d_backward", spy)
+    x, w, b = randn(1, 2, 5, 5), randn(3, 2, 3, 3, seed=1, grad=True), randn(3, seed=2)
+    ckt.conv2d(x, w, b).sum().backward()
+    assert asked == [(False, True, False)] and w.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "cuda-emu", "cupy-emu"])
+def test_other_backends_through_the_ops(backend):
+    info = {b.name: b for b in convkern.backends()}.get(backend)
+    if info is None or not info.available:
+        pytest.skip(f"backend {backend} unavailable: {info.reason if info else 'not registered'}")
+    x, w = randn(2, 3, 6, 7, grad=True), randn(4, 3, 3, 3, seed=1, grad=True)
+    y = ckt.relu(ckt.max_pool2d(ckt.conv2d(x, w, padding=1, backend=backend), 2, backend=backend), backend=backend)
+    want = TF.relu(TF.max_pool2d(TF.conv2d(x, w, padding=1), 2))
+    gy = randn(*y.shape, seed=7)
+    got, expect = torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(want, (x, w), gy)
+    assert rel(y, want) < 1e-12 and all(rel(a, b) < 1e-12 for a, b in zip(got, expect))
+
+
+def test_errors_match_convkern_functional():
+    x, w = randn(1, 3, 5, 5), randn(4, 2, 3, 3)
+    with pytest.raises(ValueError) as ours:
+        ckt.conv2d(x, w)
+    with pytest.raises(ValueError) as theirs:
+        convkern.conv2d(x.numpy(), w.numpy())
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="padding"):
+        ckt.max_pool2d(randn(1, 1, 4, 4), 2, padding=2)
+    with pytest.raises(TypeError, match="torch.int64"):
+        ckt.relu(torch.arange(4))
+    with pytest.raises(TypeError, match="float32 but input has dtype torch.float64|has dtype torch.float32"):
+        ckt.conv2d(x, w.float())
+    with pytest.raises(TypeError, match="meta"):
+        ckt.conv2d(x, torch.empty(4, 3, 3, 3, device="meta", dtype=torch.float64))
+    with pytest.raises(ValueError, match="algo"):
+        ckt.conv2d(x, randn(4, 3, 3, 3), algo="fft")
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.arange(3).requires_grad_()  # torch's own, clear refusal
+
+
+def test_double_backward_is_a_clear_error():
+    x, w = randn(1, 1, 5, 5, grad=True), randn(1, 1, 3, 3, seed=1, grad=True)
+    gx, = torch.autograd.grad(ckt.conv2d(x, w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_import_without_torch_says_what_to_install():
+    code = "import sys; sys.modules['torch'] = None\nimport convkern\ntry:\n    import convkern.torch\n" \
+           "except ImportError as e:\n    print('IMPORTERROR', e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORTERROR" in out.stdout and "pip install torch" in out.stdout, out.stdout + out.stderr
