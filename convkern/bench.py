@@ -30,7 +30,7 @@ OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_po
        "relu", "relu_backward", "gemm")
 # (M, K, N): square, and resnet_l3_3x3's forward over a batch of 8 as one GEMM
 GEMM_SHAPES = ((2048, 2048, 2048), (256, 2304, 1568))
-MEMORY_SHAPE = (8, 64, 112, 112)  # the activation ANCHORS.md times pooling and relu on
+MEMORY_SHAPE = (8, 64, 112, 112)  # a ResNet stem activation: pooling and relu are timed on it
 
 
 def median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:

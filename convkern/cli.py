@@ -134,6 +134,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
     p.add_argument("--json", help="write the report as JSON")
     p.set_defaults(func=lambda a: __import__("convkern.bench_train", fromlist=["main"]).main(a))
+    p = sub.add_parser("bench-net", help="whole networks in PyTorch, patched onto convkern, next to torch's layouts")
+    p.add_argument("--nets", help="comma-separated: resnet18, vgg11_bn, mobilenet_v2, lenet (default: all)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--size", type=int, default=112, help="input pixels of the ImageNet nets (default 112; 224 is "
+                   "theirs)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--backends", default="cpp", help="comma-separated convkern backends (default cpp)")
+    p.add_argument("--no-onnx", action="store_true", help="leave onnxruntime out even when installed")
+    p.add_argument("--profile", action="store_true", help="per-op profile of a ResNet-18 training step, both ways")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", help="write the report as JSON")
+    p.set_defaults(func=lambda a: __import__("convkern.bench_net", fromlist=["main"]).main(a))
     from .cli_train import add_parsers
 
     add_parsers(sub)

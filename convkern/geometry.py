@@ -2,7 +2,7 @@
 
 Every public function in :mod:`convkern.functional` turns its arguments into a
 geometry here first; backends receive only validated geometry and C-contiguous
-arrays. The rules follow ``torch.nn.functional`` exactly (see DESIGN.md).
+arrays. The rules follow ``torch.nn.functional`` exactly.
 Bad arguments raise ``TypeError`` (wrong kind of value) or ``ValueError``
 (right kind, wrong value), naming the argument and the shapes involved.
 """

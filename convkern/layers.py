@@ -1,4 +1,4 @@
-"""The canonical layer set (../shared/ANCHORS.md): real CNN layer shapes every
+"""The canonical layer set: real CNN layer shapes every
 speed figure is quoted on. float32, NCHW."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent GPU machine (../shared/DEVICE.md):
+# The GPU checks in one run, for a machine with an NVIDIA GPU:
 # build for sm_90 only (the quickest build there), the shared suite and
 # tests/test_gpu.py on the cuda and cupy backends, then the GPU bench rows
 # (each cuda algorithm and cupy against cuDNN with TF32 off; pooling and relu

@@ -2,7 +2,7 @@
 other backend is checked against. It computes in float64 whatever the input
 dtype and returns the input's dtype.
 
-Conventions are PyTorch's (see DESIGN.md); shapes are (N, C, H, W) throughout.
+Conventions are PyTorch's (torch.nn.functional); shapes are (N, C, H, W) throughout.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _flat_size(features: List[Module], input_shape: Tuple[int, int, int], dtype)
 
 def lenet(input_shape: Tuple[int, int, int], num_classes: int, *, dtype=np.float32, rng: Seed = None,
           dropout: float = 0.25) -> Sequential:
-    """The LeNet-like model of ANCHORS.md: conv 32 5x5 p2, relu, maxpool 2,
+    """The LeNet-like model the benchmarks use: conv 32 5x5 p2, relu, maxpool 2,
     conv 64 3x3 p1, relu, maxpool 2, flatten, linear 128, relu, dropout, linear."""
     g = generator(rng)
     c = input_shape[0]

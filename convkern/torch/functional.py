@@ -120,13 +120,37 @@ def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: Optional[str] = 
     return ops.avg_pool2d(input, kernel, kernel, [0, 0], False, True, None, _backend(backend))
 
 
+class _InplaceReLU(torch.autograd.Function):
+    """relu written into its input. Marked dirty, so autograd rebases the
+    input's history onto this op as it does for torch.relu_ (a plain
+    input.copy_(relu(input)) would leave autograd a zero gradient to fill and
+    add for the overwritten value on every backward)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, backend: str) -> Tensor:
+        input.copy_(ops.relu(input, backend))
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(input)
+        ctx.backend = backend
+        return input
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (output,) = ctx.saved_tensors
+        return ops.relu_backward(grad_output, output, ctx.backend), None
+
+
 def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None) -> Tensor:
     """``torch.nn.functional.relu``; with inplace=True the result is written
-    into `input` (as a tracked in-place op, so autograd and torch.compile see
-    it) and `input` is returned."""
+    into `input` (an in-place op autograd and torch.compile track, as torch's
+    relu_) and `input` is returned."""
     check_tensors("relu", input=input)
-    y = ops.relu(input, _backend(backend))
-    return input.copy_(y) if inplace else y
+    if not inplace:
+        return ops.relu(input, _backend(backend))
+    if torch.is_grad_enabled() and input.requires_grad and not torch.compiler.is_compiling():
+        # (a compiled graph is functionalized: there the plain copy below costs nothing extra)
+        return _InplaceReLU.apply(input, _backend(backend))
+    return input.copy_(ops.relu(input, _backend(backend)))
 
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu"]

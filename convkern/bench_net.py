@@ -1,0 +1,245 @@
+"""`convkern bench-net`: whole networks in PyTorch with their convs, pools and
+relus on convkern (convkern.torch.patch), next to torch's NCHW and
+channels_last layouts and, for inference, onnxruntime when installed.
+
+One process, interleaved rounds (every peer once per round, so the shared
+machine's state hits all of them alike), medians; every peer's eval-mode
+logits are checked against torch's before anything is timed. Ratios are to
+the faster torch layout. Also: the adapter's own cost per call on a tiny
+op, and (--profile) a per-op profile of patched ResNet-18 beside torch's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+TORCH_PEERS = ("torch NCHW", "torch channels_last")
+
+
+def machine() -> Dict[str, object]:
+    """CPU model, SIMD level, cores and threads, with the ceilings measured now."""
+    import convkern
+    from .bench import measure_ceilings
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "simd": convkern.simd_level(), "cores": os.cpu_count(),
+            "threads": convkern.get_num_threads(), **measure_ceilings(0.3)}
+
+
+def _inputs(torch, name: str, batch: int, size: int):
+    from .torch.nets import INPUT
+
+    channels, default = INPUT[name]
+    size = default if name == "lenet" else size
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, size, size, generator=g)
+
+
+def _peer_runs(torch, model, x, fmt) -> Dict[str, Callable[[], object]]:
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+
+    def train():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    return {"inference": infer, "train step": train}
+
+
+def _onnx_run(torch, model, x) -> Optional[Callable[[], object]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(model.eval(), (x,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: sess.run(None, feed)[0]
+
+
+def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: int = 5,
+        backends: Sequence[str] = ("cpp",), onnx: bool = True, progress: bool = True) -> dict:
+    import torch
+
+    import convkern.torch as ckt
+    from .torch.nets import NETS
+
+    results: List[dict] = []
+    for name in nets:
+        for batch in batches:
+            torch.manual_seed(0)
+            base = NETS[name]()
+            x = _inputs(torch, name, batch, size)
+            peers: Dict[str, Dict[str, Callable[[], object]]] = {
+                "torch NCHW": _peer_runs(torch, copy.deepcopy(base), x, torch.contiguous_format),
+                "torch channels_last": _peer_runs(torch, copy.deepcopy(base), x, torch.channels_last)}
+            for b in backends:
+                peers[f"convkern {b}"] = _peer_runs(torch, ckt.patch(copy.deepcopy(base), backend=b), x,
+                                                    torch.contiguous_format)
+            if onnx:
+                ort_run = _onnx_run(torch, copy.deepcopy(base), x)
+                if ort_run is not None:
+                    peers["onnxruntime"] = {"inference": ort_run}
+            want = peers["torch NCHW"]["inference"]().numpy()
+            for peer, fns in peers.items():  # validate before timing
+                got = np.asarray(fns["inference"]())
+                err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                if err > 1e-3:
+                    raise RuntimeError(f"bench-net: {peer}'s {name} logits differ from torch's (relative {err:.2g})")
+            samples: Dict[str, Dict[str, List[float]]] = {p: {k: [] for k in fns} for p, fns in peers.items()}
+            for fns in peers.values():  # warm-up
+                for fn in fns.values():
+                    fn()
+            for _ in range(rounds):
+                for peer, fns in peers.items():
+                    for kind, fn in fns.items():
+                        # one untimed call first: the idle threads of two OpenMP runtimes
+                        # (convkern's, torch's) spin for a while and would tax whoever runs next
+                        fn()
+                        t0 = time.perf_counter()
+                        fn()
+                        samples[peer][kind].append(time.perf_counter() - t0)
+            row = {"net": name, "batch": batch, "size": int(x.shape[-1]),
+                   "ms": {p: {k: 1e3 * statistics.median(v) for k, v in ks.items()} for p, ks in samples.items()}}
+            results.append(row)
+            if progress:
+                print(_row_text(row), flush=True)
+    return {"rounds": rounds, "rows": results}
+
+
+def _best_torch(row: dict, kind: str) -> float:
+    return min(row["ms"][p][kind] for p in TORCH_PEERS)
+
+
+def _row_text(row: dict) -> str:
+    cells = []
+    for peer, ks in row["ms"].items():
+        for kind, ms in ks.items():
+            cells.append(f"{peer} {kind} {ms:.2f} ms ({_best_torch(row, kind) / ms:.2f}x)")
+    return f"{row['net']} b{row['batch']} {row['size']}px: " + "; ".join(cells)
+
+
+def table(report: dict) -> str:
+    peers = list(report["rows"][0]["ms"]) if report["rows"] else []
+    lines = [f"ms per call, median of {report['rounds']} interleaved rounds; (Nx) = speed relative to the faster "
+             f"torch layout in that row, above 1 is faster"]
+    for kind in ("inference", "train step"):
+        lines.append(f"\n{kind}")
+        lines.append(f"{'net':<14}{'batch':>6}{'px':>5}" + "".join(f"{p:>24}" for p in peers))
+        for row in report["rows"]:
+            best = _best_torch(row, kind)
+            cells = [f"{row['ms'][p][kind]:>10.2f} ({best / row['ms'][p][kind]:.2f}x)" if kind in row["ms"][p]
+                     else "-" for p in peers]
+            lines.append(f"{row['net']:<14}{row['batch']:>6}{row['size']:>5}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def adapter_overhead(reps: int = 3000) -> Dict[str, float]:
+    """Microseconds per call of relu on a 1x1x4x4 tensor: torch's, convkern's
+    bare kernel on the NumPy view, and through convkern.torch (with and
+    without autograd): the difference is the adapter's own cost."""
+    import torch
+
+    import convkern
+    import convkern.torch as ckt
+
+    t = torch.randn(1, 1, 4, 4)
+    tg = t.clone().requires_grad_()
+    a = t.numpy()
+    calls = {"torch.relu": lambda: torch.relu(t), "convkern.relu on the NumPy view": lambda: convkern.relu(a),
+             "convkern.torch.relu": lambda: ckt.relu(t), "convkern.torch.relu, requires_grad": lambda: ckt.relu(tg)}
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(200):
+            fn()
+        best = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best.append((time.perf_counter() - t0) / reps * 1e6)
+        out[name] = min(best)
+    return out
+
+
+def profile(size: int = 112, batch: int = 8, steps: int = 3, rows: int = 14) -> str:
+    """torch.profiler's per-op table (self CPU time) for a ResNet-18 training
+    step, unpatched and patched."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import convkern.torch as ckt
+    from .torch.nets import ResNet18
+
+    torch.manual_seed(0)
+    base = ResNet18()
+    x = _inputs(torch, "resnet18", batch, size)
+    texts = []
+    for label, model in [("torch NCHW", copy.deepcopy(base)), ("convkern (patched)", ckt.patch(copy.deepcopy(base)))]:
+        step = _peer_runs(torch, model, x, torch.contiguous_format)["train step"]
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        texts.append(f"ResNet-18 training step, batch {batch}, {size}px, {steps} steps: {label}\n" +
+                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n".join(texts)
+
+
+def main(args) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("bench-net needs PyTorch: pip install torch")
+        return 2
+    from .torch.nets import NETS
+
+    nets = args.nets.split(",") if args.nets else list(NETS)
+    unknown = [n for n in nets if n not in NETS]
+    if unknown:
+        print(f"bench-net: unknown nets {unknown}; the nets are {', '.join(NETS)}")
+        return 2
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['simd']}, {info['cores']} cores, convkern threads {info['threads']}, "
+          f"torch threads {torch.get_num_threads()}; ceilings now: BLAS SGEMM {info['gemm_gflops']:.0f} GFLOP/s, "
+          f"copy {info['copy_gbs']:.1f} GB/s")
+    report = run(nets, [int(b) for b in args.batches.split(",")], args.size, args.rounds,
+                 args.backends.split(","), onnx=not args.no_onnx, progress=not args.no_progress)
+    print(table(report))
+    report["machine"] = info
+    report["adapter_us"] = adapter_overhead()
+    print("\nadapter cost, microseconds per relu call on a 1x1x4x4 tensor:")
+    for k, v in report["adapter_us"].items():
+        print(f"  {k:<40}{v:8.1f}")
+    if args.profile:
+        report["profile"] = profile(args.size)
+        print("\n" + report["profile"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
