@@ -201,6 +201,9 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("im2col_work_elems", [](const std::array<i64, 16>& geom, i64 images) {
         return ck::im2col_work_elems(conv_geom(geom), images);
     });
+    // the index-type rule, for tests: whether a problem of n elements runs on int32 indices
+    m.def("index_fits_int32", [](i64 n) { return ck::fits_int32(n); });
+    m.attr("MAX_GRID_STRIDE") = ck::kMaxGridStride;
     m.def("set_gemm_tile", [](int tile) {
         try {
             ck::set_gemm_tile(tile);

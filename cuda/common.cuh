@@ -38,15 +38,25 @@ void require_device();
 // Multiprocessors of the current device (asked once per device), 0 if unknown.
 int current_multiprocessors();
 
-inline bool fits_int32(i64 v) { return v < static_cast<i64>(std::numeric_limits<int>::max()); }
-
 // The most blocks a grid-stride launch takes (more only adds scheduling); the
 // CPU emulator's tests set it to 3 so that every grid-stride loop wraps.
 #ifndef CK_MAX_GRID_BLOCKS
 #define CK_MAX_GRID_BLOCKS (65535LL * 32)
 #endif
+// The most threads a grid-stride launch's block has (grid_for refuses more).
+constexpr int kMaxGridStrideThreads = 256;
+// The largest step of a grid-stride loop: blockDim.x * gridDim.x.
+constexpr i64 kMaxGridStride = CK_MAX_GRID_BLOCKS * kMaxGridStrideThreads;
+
+// Whether an index bound v can be int32: every index below v fits, and so
+// does the last pass of a grid-stride loop over v (i + stride with i < v),
+// which for v near 2^31 would wrap negative and still compare below v.
+inline bool fits_int32(i64 v) { return v + kMaxGridStride < static_cast<i64>(std::numeric_limits<int>::max()); }
 
 inline unsigned grid_for(i64 work, int threads) {
+    if (threads > kMaxGridStrideThreads)
+        throw std::logic_error("grid_for: more threads per block than kMaxGridStrideThreads, "
+                               "which fits_int32's headroom assumes");
     const i64 blocks = (work + threads - 1) / threads;
     const i64 cap = CK_MAX_GRID_BLOCKS;  // grid-stride loops cover the rest
     return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));

@@ -231,3 +231,26 @@ def test_the_gemm_tile_sweep_runs(emu, tmp_path, capsys):
     assert "mnist_conv1" in capsys.readouterr().out
     assert emu.gpu_module._cuda.gemm_tile() == 0
 
+
+
+def _index_rule_holds(module, stride: int) -> None:
+    limit = 2**31 - 1
+    assert module.MAX_GRID_STRIDE == stride
+    # the last bound whose grid-stride loop still steps inside int32, and the first that would wrap
+    assert module.index_fits_int32(limit - stride - 1)
+    assert not module.index_fits_int32(limit - stride)
+    # a 512x64x224x224 tensor (1.64e9 elements) passes 2^31 - stride on the real grid cap
+    assert module.index_fits_int32(512 * 64 * 224 * 224) == (512 * 64 * 224 * 224 + stride < limit)
+
+
+def test_index_type_leaves_room_for_the_grid_stride(emu):
+    _index_rule_holds(emu.gpu_module._cuda, 3 * 256)  # the emulator's lowered grid cap: 3 blocks of 256
+
+
+def test_index_type_rule_of_the_real_cuda_module():
+    try:
+        from convkern import _cuda
+    except ImportError as exc:
+        pytest.skip(f"convkern._cuda was not built here (no nvcc at build time): {exc}")
+    _index_rule_holds(_cuda, 65535 * 32 * 256)
+    assert not _cuda.index_fits_int32(512 * 64 * 224 * 224)  # max_pool2d_backward's gather would have wrapped
