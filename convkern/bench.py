@@ -87,12 +87,12 @@ def measure_ceilings(min_time: float = 0.5) -> Dict[str, float]:
 class Result:
     op: str
     problem: str
-    impl: str          # backend:algo, or torch
-    ms: float
-    rate: float        # GFLOP/s or GB/s
+    impl: str                      # backend:algo, or torch
+    ms: Optional[float]            # None: not timed (its check says why)
+    rate: Optional[float]          # GFLOP/s or GB/s
     unit: str
-    ceiling_pct: float
-    check: str         # what the output was validated against, and the error
+    ceiling_pct: Optional[float]   # of the ceiling of the row's device
+    check: str                     # what the output was validated against and the error, or why it failed
 
 
 def _torch():
@@ -277,28 +277,69 @@ def gemm_cases(shape, impls: Sequence[str], rng) -> Dict[str, Case]:
     return cases
 
 
-def _validate(cases: Dict[str, Case], truth_key: Optional[str]) -> Dict[str, str]:
+FAILED = ("MISMATCH", "ERROR", "OVER CAP")
+
+
+def _validate(cases: Dict[str, Case], truth_key: Optional[str],
+              max_call_s: Optional[float] = None) -> Dict[str, str]:
     """Each implementation's output against `truth_key`'s (torch when installed,
     else the float64 reference on small problems); with neither, against the
-    first implementation's."""
-    truth = np.asarray(cases[truth_key].output()) if truth_key else None
-    label = truth_key
+    first implementation's. A verdict starting with one of FAILED marks an
+    implementation that is not timed: it raised, it disagreed, or its call
+    took longer than max_call_s. The run goes on either way."""
+    truth, label = None, truth_key
+    if truth_key:
+        try:
+            truth = np.asarray(cases[truth_key].output())
+        except Exception as exc:  # noqa: BLE001 - a broken peer is reported, not fatal
+            truth, label = None, None
+            broken = f"ERROR {type(exc).__name__}: {exc}"
+        else:
+            broken = None
     verdicts = {}
     for impl, case in cases.items():
         if impl == truth_key:
-            verdicts[impl] = "peer" if impl.startswith("torch") else "oracle"
+            verdicts[impl] = broken or ("peer" if impl.startswith("torch") else "oracle")
             continue
-        out = np.asarray(case.output())
+        t0 = time.perf_counter()
+        try:
+            out = np.asarray(case.output())
+        except Exception as exc:  # noqa: BLE001 - one failing kernel must not end the run
+            verdicts[impl] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
+        took = time.perf_counter() - t0
         if truth is None:
             truth, label = out, impl
             verdicts[impl] = "(first)"
-            continue
-        err = relative_error(out, truth)
-        if not err <= 1e-4:
-            raise AssertionError(f"{case.op} {case.problem}: {impl} disagrees with {label} "
-                                 f"(relative error {err:.3g}); not timing it")
-        verdicts[impl] = f"{label} {err:.1e}"
+        else:
+            err = relative_error(out, truth)
+            verdicts[impl] = f"{label} {err:.1e}" if err <= 1e-4 else f"MISMATCH against {label}: relative error {err:.3g}"
+        if max_call_s is not None and took > max_call_s and not verdicts[impl].startswith("MISMATCH"):
+            t0 = time.perf_counter()  # the first call may have paid for compiling or allocating: once more
+            case.output()
+            took = time.perf_counter() - t0
+            if took > max_call_s:
+                verdicts[impl] = f"OVER CAP: one call took {took:.3g} s (cap {max_call_s:g} s); {verdicts[impl]}"
     return verdicts
+
+
+def measure_gpu_ceilings(reps: int = 20) -> Dict[str, float]:
+    """The current GPU's copy bandwidth (a 1 GiB device-to-device copy) and
+    FP32 GEMM rate (cuBLAS through CuPy at 8192^3, plain FP32: CuPy takes TF32
+    only when CUPY_TF32=1, which is refused here), by CUDA events."""
+    import cupy
+
+    if os.environ.get("CUPY_TF32", "0") != "0":
+        raise RuntimeError("CUPY_TF32 is set: the GPU GEMM ceiling must be plain FP32")
+    def copy_seconds() -> float:  # its 2 GiB are freed on return, before the GEMM's
+        src = cupy.random.default_rng(0).standard_normal(1 << 28, dtype=cupy.float32)
+        dst = cupy.empty_like(src)
+        return gpu_median_time(lambda: cupy.copyto(dst, src), reps)
+
+    copy_s = copy_seconds()
+    a = cupy.random.default_rng(1).standard_normal((8192, 8192), dtype=cupy.float32)
+    gemm_s = gpu_median_time(lambda: a @ a, max(3, reps // 4))
+    return {"gpu_copy_gbs": 2 * (1 << 28) * 4 / copy_s / 1e9, "gpu_gemm_gflops": 2 * 8192**3 / gemm_s / 1e9}
 
 
 def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
@@ -318,12 +359,23 @@ def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
 
 def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
         layers: Sequence[str] = tuple(l.name for l in CANONICAL), batch: int = 8, min_time: float = 0.5,
-        progress: bool = True) -> dict:
-    """Validate, then time, every (op, problem, implementation); returns a JSON-able report."""
+        progress: bool = True, max_call_s: Optional[float] = None, jsonl: Optional[str] = None) -> dict:
+    """Validate, then time, every (op, problem, implementation); returns a
+    JSON-able report. An implementation that raises, disagrees or (with
+    max_call_s) is too slow is recorded as such and not timed; the run goes
+    on. With `jsonl`, each row is also appended to that file as it finishes."""
     impls = list(impls or default_impls())
     for name in dict.fromkeys(impl.partition(":")[0] for impl in impls):
         _backends.get(name)  # BackendUnavailableError saying why, before anything is timed
     ceilings = measure_ceilings()
+    if any(_row_device(i) == "cuda" for i in impls):
+        ceilings.update(measure_gpu_ceilings())
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": _threads(),
+               "simd": _simd()}
+    sink = open(jsonl, "a") if jsonl else None
+    if sink:
+        sink.write(json.dumps({"machine": machine, "batch": batch, "ceilings": ceilings}) + "\n")
+        sink.flush()
     rng = np.random.default_rng(0)
     jobs = []
     for op in ops:
@@ -360,26 +412,30 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
             small = False
         truth = next((p for p in _PEERS if p in cases),
                      "reference:direct" if small else None)
-        verdicts = _validate(cases, truth)
-        ceiling = ceilings["gemm_gflops"] if cases[next(iter(cases))].unit == "GFLOP/s" else ceilings["copy_gbs"]
+        verdicts = _validate(cases, truth, max_call_s)
+        compute = cases[next(iter(cases))].unit == "GFLOP/s"
         for impl, case in cases.items():
             if impl in skip:
                 continue
-            t = gpu_median_time(case.run) if case.device == "cuda" else median_time(case.run, min_time)
-            rate = case.work / t / 1e9
-            results.append(Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling,
-                                  verdicts[impl]))
+            if verdicts[impl].startswith(FAILED):
+                row = Result(op, case.problem, impl, None, None, case.unit, None, verdicts[impl])
+            else:
+                t = gpu_median_time(case.run) if case.device == "cuda" else median_time(case.run, min_time)
+                gpu = case.device == "cuda" and "gpu_copy_gbs" in ceilings
+                ceiling = ceilings[("gpu_" if gpu else "") + ("gemm_gflops" if compute else "copy_gbs")]
+                rate = case.work / t / 1e9
+                row = Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling, verdicts[impl])
+            results.append(row)
+            if sink:
+                sink.write(json.dumps(asdict(row)) + "\n")
+                sink.flush()
         if bar:
             bar.update(1)
     if bar:
         bar.close()
-    return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": _threads(), "simd": _simd()},
-        "batch": batch,
-        "ceilings": ceilings,
-        "results": [asdict(r) for r in results],
-    }
+    if sink:
+        sink.close()
+    return {"machine": machine, "batch": batch, "ceilings": ceilings, "results": [asdict(r) for r in results]}
 
 
 def _threads() -> int:
@@ -416,8 +472,10 @@ def _row_device(impl: str) -> str:
 def table(report: dict) -> str:
     """One side-by-side table: time, rate, % of ceiling, ratio to the fastest and to torch."""
     c = report["ceilings"]
+    gpu = (f"; GPU: FP32 GEMM {c['gpu_gemm_gflops']:.0f} GFLOP/s (cuBLAS, no TF32), copy {c['gpu_copy_gbs']:.0f} GB/s"
+           if "gpu_copy_gbs" in c else "")
     lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS, OPENBLAS_* unset), "
-             f"copy {c['copy_gbs']:.1f} GB/s; {report['machine']['threads']} threads, "
+             f"copy {c['copy_gbs']:.1f} GB/s{gpu}; {report['machine']['threads']} threads, "
              f"SIMD {report['machine']['simd']}, batch {report['batch']}",
              f"{'op':<20} {'problem':<20} {'impl':<16} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "
              f"{'vs torch':>9}  checked against"]
@@ -425,9 +483,16 @@ def table(report: dict) -> str:
     for r in report["results"]:
         groups.setdefault((r["op"], r["problem"]), []).append(r)
     for (op, problem), rows in groups.items():
-        best = min(r["ms"] for r in rows)
-        peer_ms = {_row_device(r["impl"]): r["ms"] for r in rows if r["impl"] in _PEERS}
+        timed = [r for r in rows if r["ms"] is not None]
         for r in rows:
+            if r["ms"] is None:
+                lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {'-':>10} {'-':>14} {'-':>6} {'-':>8} "
+                             f"{'-':>9}  {r['check']}")
+        if not timed:
+            continue
+        best = min(r["ms"] for r in timed)
+        peer_ms = {_row_device(r["impl"]): r["ms"] for r in timed if r["impl"] in _PEERS}
+        for r in timed:
             torch_ms = peer_ms.get(_row_device(r["impl"]))  # PyTorch on the same device
             vs_torch = f"{torch_ms / r['ms']:.2f}x" if torch_ms else "-"
             lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {r['ms']:>10.3f} "
@@ -445,7 +510,7 @@ def plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install 'convkern[bench]'") from exc
-    rows = report["results"]
+    rows = [r for r in report["results"] if r["ms"] is not None]
     problems = list(dict.fromkeys(f"{r['op']}\n{r['problem']}" for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     width = 0.8 / max(len(impls), 1)
@@ -479,7 +544,8 @@ def main_bench(args) -> int:
             for name in plain:  # default_impls would drop an unknown or unavailable one; run() checks the rest
                 _backends.get(name)
             impls = [i for i in wanted if ":" in i] + (default_impls(plain) if plain else [])
-        report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress)
+        report = run(ops, impls, layers, args.batch, args.min_time, progress=not args.no_progress,
+                     max_call_s=None if args.max_call_ms is None else args.max_call_ms / 1e3, jsonl=args.jsonl)
     except (ValueError, _backends.BackendUnavailableError) as exc:
         print(f"convkern bench: {exc}", file=sys.stderr)
         return 2
@@ -491,4 +557,7 @@ def main_bench(args) -> int:
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    failed = [r for r in report["results"] if r["check"].startswith(FAILED)]
+    for r in failed:
+        print(f"convkern bench: {r['op']} {r['problem']} {r['impl']}: {r['check']}", file=sys.stderr)
+    return 1 if failed else 0

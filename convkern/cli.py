@@ -114,6 +114,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per cell (default 0.5)")
     p.add_argument("--json", help="write the full report as JSON")
     p.add_argument("--plot", help="write a bar chart PNG (needs matplotlib)")
+    p.add_argument("--jsonl", help="append each row to this file as it finishes (JSON lines)")
+    p.add_argument("--max-call-ms", type=float, help="an implementation whose checked call takes longer is "
+                   "reported and not timed")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=lambda a: __import__("convkern.bench", fromlist=["main_bench"]).main_bench(a))
     p = sub.add_parser("gate", help="performance-regression gate: instruction counts (default) or wall clock")

@@ -73,3 +73,28 @@ def test_register_rejects_bad_backends():
         convkern.register_backend("cpp", byo_backend)
     with pytest.raises(ValueError, match="implements none"):
         convkern.register_backend("empty", object())
+
+
+def test_bench_survives_a_bad_kernel(monkeypatch, tmp_path, byo):
+    """A kernel that raises, one that disagrees and one over the per-call cap
+    are recorded as such, untimed, and the run goes on: rows stream to the
+    JSON-lines file as they finish."""
+    def wrong(x):
+        return np.maximum(x, 0) + 1.0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(byo_backend, "relu_forward", wrong)
+    monkeypatch.setattr(byo_backend, "conv2d_forward", broken)
+    rows = tmp_path / "rows.jsonl"
+    report = bench.run(["conv2d", "relu"], ["cpp:im2col", "byo:direct", "numba:direct"], ["mnist_conv1"], batch=1,
+                       min_time=0.01, progress=False, max_call_s=1e-9, jsonl=str(rows))
+    check = {(r["op"], r["impl"]): r for r in report["results"]}
+    assert check[("conv2d", "byo:direct")]["check"].startswith("ERROR RuntimeError: launch failed")
+    assert check[("relu", "byo")]["check"].startswith("MISMATCH")
+    assert check[("conv2d", "numba:direct")]["check"].startswith("OVER CAP")
+    assert all(check[k]["ms"] is None for k in [("conv2d", "byo:direct"), ("relu", "byo"), ("conv2d", "numba:direct")])
+    lines = rows.read_text().splitlines()
+    assert len(lines) == 1 + len(report["results"])  # the machine first, then every row
+    assert "MISMATCH" in bench.table(report)
