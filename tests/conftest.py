@@ -10,34 +10,13 @@ CONVKERN_CUDA_EMU=0 leaves them out."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import convkern
+from cuda_emu.register import register as register_cuda_emulator
 
-
-def _register_cuda_emulator() -> None:
-    if os.environ.get("CONVKERN_CUDA_EMU", "1") == "0":
-        return
-    from cuda_emu import backend as emu_backend
-    from cuda_emu import build as emu_build
-
-    root = Path(os.environ.get("CONVKERN_CUDA_EMU_DIR") or Path(tempfile.gettempdir()) / f"convkern-cuda-emu-{os.getuid()}")
-    try:
-        cuda = emu_backend.make_backend(emu_build.load(root))
-        cupy = emu_backend.make_cupy_backend(cuda.gpu_module._cuda.__file__)
-    except emu_build.EmulatorBuildError as exc:  # no compiler: every emulated test skips, saying why
-        why = f"the CUDA emulator did not build: {exc}"
-        cuda, cupy = emu_backend.unavailable(emu_backend.NAME, why), emu_backend.unavailable(emu_backend.CUPY_NAME, why)
-    convkern.register_backend(emu_backend.NAME, cuda, device="cpu")
-    convkern.register_backend(emu_backend.CUPY_NAME, cupy, device="cpu")
-
-
-_register_cuda_emulator()
+register_cuda_emulator()
 BACKENDS = [b.name for b in convkern.backends()]
 DTYPES = [np.float32, np.float64]
 
