@@ -163,16 +163,20 @@ def _all_finite(a, device: str) -> bool:
     return bool(_xp(device).isfinite(a).all())
 
 
-def _padded(g: ConvGeometry) -> bool:
-    return bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
+def _direct_skips_padding(impl, g: ConvGeometry) -> bool:
+    """Whether the backend's direct kernels skip the taps on this problem's
+    padding (so NaN/inf weights there would not give PyTorch's NaN)."""
+    padded = bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
+    return padded and not getattr(impl, "DIRECT_PADDING_MULTIPLIES", False)
 
 
-# Direct kernels skip the taps that fall on zero padding; PyTorch multiplies
-# the zeros, and 0 * NaN or 0 * inf is NaN. Where a NaN/inf weight (forward) or
-# gradient (grad weight) meets padding, the im2col path, which multiplies the
-# zeros too, gives PyTorch's answer. The check costs a pass over the weights
-# (forward) or over grad_output (backward), and only runs for the direct path
-# of a padded convolution.
+# The CPU direct kernels skip the taps that fall on zero padding; PyTorch
+# multiplies the zeros, and 0 * NaN or 0 * inf is NaN. Where a NaN/inf weight
+# (forward) or gradient (grad weight) meets padding, the im2col path, which
+# multiplies the zeros too, gives PyTorch's answer. The check costs a pass over
+# the weights (forward) or over grad_output (backward), and only runs for the
+# direct path of a padded convolution on a backend whose direct kernels skip
+# padding (the GPU ones multiply it: there a check would sync the device).
 
 
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
@@ -191,7 +195,7 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
     algo = _resolve_algo(impl, algo, g)
-    if algo in ("direct", "auto") and _padded(g) and not _all_finite(w, device):
+    if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
         algo = "im2col"
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
@@ -226,7 +230,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     else:
         x = x.reshape(g.input_shape)
         algo = _resolve_algo(impl, algo, g)
-        if algo in ("direct", "auto") and needs[1] and _padded(g) and not _all_finite(gy, device):
+        if algo in ("direct", "auto") and needs[1] and _direct_skips_padding(impl, g) and not _all_finite(gy, device):
             gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
             _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))
         else:

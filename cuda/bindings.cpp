@@ -204,6 +204,10 @@ PYBIND11_MODULE(_cuda, m) {
     // the index-type rule, for tests: whether a problem of n elements runs on int32 indices
     m.def("index_fits_int32", [](i64 n) { return ck::fits_int32(n); });
     m.attr("MAX_GRID_STRIDE") = ck::kMaxGridStride;
+    // the float GEMM's tile rule, for tests: 1-4 as set_gemm_tile takes them
+    m.def("gemm_tile_for", [](i64 M, i64 N, i64 zcount, int sms) {
+        return ck::gemm_tile_choice(M, N, zcount, sms);
+    });
     m.def("set_gemm_tile", [](int tile) {
         try {
             ck::set_gemm_tile(tile);

@@ -22,13 +22,15 @@ __global__ void conv_forward_direct_kernel(const T* x, const T* w, const T* b, T
         for (I c = 0; c < Cg; ++c) {
             const T* xp = x + (static_cast<i64>(n) * C + g * Cg + c) * H * W;
             const T* wp = w + (static_cast<i64>(k) * Cg + c) * R * S;
+            // taps on padding multiply a zero, as a padded input would: a NaN or
+            // inf weight there gives NaN, as in PyTorch (no host-side check needed)
             for (I r = 0; r < R; ++r) {
                 const I h = ho * sh - ph + r * dh;
-                if (h < 0 || h >= H) continue;
+                const bool row_in = h >= 0 && h < H;
                 for (I s = 0; s < S; ++s) {
                     const I iw = wo * sw - pw + s * dw;
-                    if (iw < 0 || iw >= W) continue;
-                    acc += wp[r * S + s] * xp[h * W + iw];
+                    const T v = row_in && iw >= 0 && iw < W ? xp[h * W + iw] : T(0);
+                    acc += wp[r * S + s] * v;
                 }
             }
         }
@@ -99,14 +101,13 @@ __global__ void conv_grad_weight_direct_kernel(const T* gy, const T* x, T* gw, I
         const I c = (k / Kg) * Cg + cc;
         T acc = T(0);
         for (I n = 0; n < N; ++n)
-            for (I ho = 0; ho < Ho; ++ho) {
+            for (I ho = 0; ho < Ho; ++ho) {  // padding multiplies a zero, as in forward
                 const I h = ho * sh - ph + r * dh;
-                if (h < 0 || h >= H) continue;
+                const bool row_in = h >= 0 && h < H;
                 for (I wo = 0; wo < Wo; ++wo) {
                     const I iw = wo * sw - pw + s * dw;
-                    if (iw < 0 || iw >= W) continue;
-                    acc += gy[((static_cast<i64>(n) * K + k) * Ho + ho) * Wo + wo] *
-                           x[((static_cast<i64>(n) * C + c) * H + h) * W + iw];
+                    const T v = row_in && iw >= 0 && iw < W ? x[((static_cast<i64>(n) * C + c) * H + h) * W + iw] : T(0);
+                    acc += gy[((static_cast<i64>(n) * K + k) * Ho + ho) * Wo + wo] * v;
                 }
             }
         gw[i] = acc;

@@ -311,6 +311,8 @@ void set_gemm_tile(int tile) {
     g_forced_gemm_tile.store(tile, std::memory_order_relaxed);
 }
 
+int gemm_tile_choice(i64 M, i64 N, i64 zcount, int sms) { return static_cast<int>(gemm_tile_for(M, N, zcount, sms)); }
+
 i64 im2col_work_elems(const ConvGeom& g, i64 images) { return g.G * g.CRS() * images * g.P(); }
 
 int grad_weight_splits(const ConvGeom& g) {

@@ -44,15 +44,36 @@ static_assert(kSplitStep % kGemmBK == 0, "split slices must be whole BK steps");
 enum class GemmTile : int { t64x64 = 1, t64x128 = 2, t128x64 = 3, t128x128 = 4 };
 
 // Tile for an M x N problem over zcount z indices on a GPU with `sms`
-// multiprocessors: 128 along a dimension longer than 64, then halved (the
-// longer side first) while the grid has fewer blocks than multiprocessors.
-// A starting point to tune on the GPU, not a measured optimum.
+// multiprocessors, by a cost model that counts waves: blocks run
+// sms * (blocks per SM) at a time, a partly filled last wave takes as long as
+// a full one, and a wave lasts as long as one SM's share of outputs takes at
+// that tile's FFMA share of its main-loop instructions (sm_90 SASS, read by
+// tools/sass_mix.py: 0.80 at 128x128, 0.71 at 128x64 and 64x128, 0.60 at
+// 64x64). A 128 side over 64 rows or columns or fewer is never taken (half
+// of it would idle). Ties keep the larger tile. An estimate from the machine
+// code until tools/gemm_tiles.py has timed the tiles on a GPU.
 inline GemmTile gemm_tile_for(i64 M, i64 N, i64 zcount, int sms) {
-    int bm = M > 64 ? 128 : 64, bn = N > 64 ? 128 : 64;
-    auto blocks = [&] { return ((M + bm - 1) / bm) * ((N + bn - 1) / bn) * zcount; };
-    while (blocks() < sms && (bm > 64 || bn > 64)) (bn >= bm ? bn : bm) = 64;
-    if (bm == 64) return bn == 64 ? GemmTile::t64x64 : GemmTile::t64x128;
-    return bn == 64 ? GemmTile::t128x64 : GemmTile::t128x128;
+    struct Option {
+        GemmTile tile;
+        int bm, bn, per_sm;
+        double ffma_share;
+    };
+    static constexpr Option options[] = {{GemmTile::t128x128, 128, 128, 1, 0.80},
+                                         {GemmTile::t128x64, 128, 64, 2, 0.71},
+                                         {GemmTile::t64x128, 64, 128, 2, 0.71},
+                                         {GemmTile::t64x64, 64, 64, 2, 0.60}};
+    if (sms < 1) sms = 1;  // unknown: the rule still prefers big tiles on big problems
+    GemmTile best = GemmTile::t64x64;
+    double best_cost = 0;
+    for (const Option& o : options) {
+        if ((o.bm == 128 && M <= 64) || (o.bn == 128 && N <= 64)) continue;
+        const i64 blocks = ((M + o.bm - 1) / o.bm) * ((N + o.bn - 1) / o.bn) * zcount;
+        const i64 slots = static_cast<i64>(sms) * o.per_sm;
+        const double waves = static_cast<double>((blocks + slots - 1) / slots);
+        const double cost = waves * o.per_sm * o.bm * o.bn / o.ffma_share;
+        if (best_cost == 0 || cost < best_cost * (1 - 1e-9)) best = o.tile, best_cost = cost;
+    }
+    return best;
 }
 
 // v[0..3] = p[0..3]; p is 16-byte aligned (a run of four at a multiple of 4
@@ -80,8 +101,15 @@ __device__ __forceinline__ void load_run4(const T* p, T* v) {
 //        T load(const Col&, batch, const Cursor&) for the cursor's k < Kr.
 // A cursor may be moved past Kr: it is then never loaded from.
 // Store: void operator()(batch, split, m, n, value) for m < M, n < N.
+// Blocks per SM the compiler must leave room for: two 256-thread blocks cap a
+// thread at 128 registers. Float tiles up to 128x64 fit in that (107-128
+// registers unbounded); 128x128 (153-209) and every double tile (146-184)
+// would spill, so they run one block per SM.
+template <class T, int BM, int BN>
+constexpr int kGemmMinBlocks = sizeof(T) == 4 && BM * BN <= 128 * 64 ? 2 : 1;
+
 template <class T, int BM, int BN, class ALoad, class BLoad, class Store>
-__global__ void __launch_bounds__(kGemmThreads, BM * BN == 128 * 64 ? 2 : 1)
+__global__ void __launch_bounds__(kGemmThreads, kGemmMinBlocks<T, BM, BN>)
     gemm_tiled_kernel(i64 M, i64 N, i64 Kr, i64 k_chunk, int splits, i64 zcount, ALoad a, BLoad b, Store store) {
     constexpr int BK = kGemmBK, TM = BM / 16, TN = BN / 16;
     constexpr int A_LOADS = BM * BK / kGemmThreads, A_STEP = kGemmThreads / BK;

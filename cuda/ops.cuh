@@ -63,6 +63,9 @@ int grad_weight_splits(const ConvGeom& g);
 // outside 0-4.
 int forced_gemm_tile();
 void set_gemm_tile(int tile);
+// The tile (1-4, as above) the float GEMM picks for an M x N problem over
+// zcount batches and splits on `sms` multiprocessors (gemm_tile_for).
+int gemm_tile_choice(i64 M, i64 N, i64 zcount, int sms);
 
 // C (M, N) = A (M, K) B (K, N), row-major with leading dimensions (tests and bench)
 template <class T>

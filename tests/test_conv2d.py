@@ -292,3 +292,25 @@ def test_seed_worked_example(backend):
         activated = ck.relu(np.pad(out[0, 0], 1), backend=backend)
         np.testing.assert_array_equal(activated, np.pad(np.maximum(feature_map, 0), 1))
         assert activated[2, 2] == 310 and activated[1, 2] == 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's matmul seeing the NaN
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+def test_nonfinite_weights_and_gradients_meet_padding_as_in_torch(backend, algo, rng):
+    """0 * NaN and 0 * inf are NaN: where a NaN/inf weight (forward) or
+    gradient (grad weight) meets the zero padding, the result is NaN there, as
+    with PyTorch's padded input, whatever the backend and algorithm."""
+    x = randn(rng, (2, 3, 6, 7), np.float64)
+    w = randn(rng, (4, 3, 3, 3), np.float64)
+    w[1, 2, 0, 0], w[3, 0, 2, 1] = np.nan, np.inf
+    kw = dict(padding=1)
+    out = ck.conv2d(x, w, **kw, algo=algo, backend=backend)
+    ref = ck.conv2d(x, w, **kw, backend="reference")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isnan(ref[:, 3]).any()  # the inf tap on the bottom padding
+    gy = randn(rng, ref.shape, np.float64)
+    gy[0, 2, 0, 0], gy[1, 0, -1, -1] = np.inf, np.nan
+    finite_w = randn(rng, w.shape, np.float64)
+    _, gw, _ = ck.conv2d_backward(gy, x, finite_w, **kw, needs=(False, True, False), algo=algo, backend=backend)
+    _, gw_ref, _ = ck.conv2d_backward(gy, x, finite_w, **kw, needs=(False, True, False), backend="reference")
+    np.testing.assert_array_equal(np.isnan(gw), np.isnan(gw_ref))

@@ -254,3 +254,16 @@ def test_index_type_rule_of_the_real_cuda_module():
         pytest.skip(f"convkern._cuda was not built here (no nvcc at build time): {exc}")
     _index_rule_holds(_cuda, 65535 * 32 * 256)
     assert not _cuda.index_fits_int32(512 * 64 * 224 * 224)  # max_pool2d_backward's gather would have wrapped
+
+
+def test_gemm_tile_rule_counts_waves(emu):
+    """The float GEMM's tile rule on a 132-SM GPU (1-4: 64x64, 64x128, 128x64, 128x128)."""
+    pick = emu.gpu_module._cuda.gemm_tile_for
+    assert pick(4096, 4096, 1, 132) == 4              # 8 full waves of 128x128 tiles
+    assert pick(1024, 1024, 1, 132) == 1              # 64 big tiles would leave half the SMs idle
+    assert pick(64, 100000, 1, 132) in (1, 2)         # never 128 rows over 64
+    assert pick(100000, 48, 1, 132) in (1, 3)         # never 128 columns over 48
+    # 133 tiles of 128x128 are two waves, the second with one block: 64x64 makes it
+    # three well-filled waves at a lower FFMA share; the model counts both
+    assert pick(128, 128 * 133, 1, 132) in (1, 4)
+    assert pick(256, 128 * 98, 1, 0) == 4             # an unknown SM count still prefers big tiles on big problems

@@ -23,6 +23,9 @@ from ..geometry import ConvGeometry, PoolGeometry
 NAME = "cuda"
 DEVICE = "cuda"
 ALGOS = ("direct", "im2col", "implicit")
+# the direct kernels multiply padding zeros (NaN/inf meet them as in PyTorch),
+# so conv2d needs no look at the weights first (a device-to-host sync per call)
+DIRECT_PADDING_MULTIPLIES = True
 
 # im2col's column buffer is built for as many images at a time as fit here
 _WORK_BYTES = 256 << 20

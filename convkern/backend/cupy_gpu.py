@@ -20,6 +20,9 @@ from ..geometry import ConvGeometry, PoolGeometry
 NAME = "cupy"
 DEVICE = "cuda"
 ALGOS = ("direct", "im2col")
+# the direct kernels multiply padding zeros (NaN/inf meet them as in PyTorch),
+# so conv2d needs no look at the weights first (a device-to-host sync per call)
+DIRECT_PADDING_MULTIPLIES = True
 
 _KERNELS = ("conv2d_forward_direct", "conv2d_grad_input_direct", "conv2d_grad_weight_direct", "conv2d_grad_bias",
             "im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "max_pool2d_backward_scatter",

@@ -33,13 +33,15 @@ __global__ void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, 
         for (i64 c = 0; c < Cg; ++c) {
             const T* xp = x + ((n * C + g * Cg + c) * H) * W;
             const T* wp = w + (k * Cg + c) * R * S;
+            // taps on padding multiply a zero, as a padded input would: a NaN or
+            // inf weight there gives NaN, as in PyTorch (no host-side check needed)
             for (i64 r = 0; r < R; ++r) {
                 const i64 h = ho * sh - ph + r * dh;
-                if (h < 0 || h >= H) continue;
+                const bool row_in = h >= 0 && h < H;
                 for (i64 s = 0; s < S; ++s) {
                     const i64 iw = wo * sw - pw + s * dw;
-                    if (iw < 0 || iw >= W) continue;
-                    acc += wp[r * S + s] * xp[h * W + iw];
+                    const T v = row_in && iw >= 0 && iw < W ? xp[h * W + iw] : T(0);
+                    acc += wp[r * S + s] * v;
                 }
             }
         }
@@ -82,13 +84,13 @@ __global__ void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, i64 N,
         const i64 c = (k / Kg) * Cg + cc;
         T acc = T(0);
         for (i64 n = 0; n < N; ++n)
-            for (i64 ho = 0; ho < Ho; ++ho) {
+            for (i64 ho = 0; ho < Ho; ++ho) {  // padding multiplies a zero, as in forward
                 const i64 h = ho * sh - ph + r * dh;
-                if (h < 0 || h >= H) continue;
+                const bool row_in = h >= 0 && h < H;
                 for (i64 wo = 0; wo < Wo; ++wo) {
                     const i64 iw = wo * sw - pw + s * dw;
-                    if (iw < 0 || iw >= W) continue;
-                    acc += gy[((n * K + k) * Ho + ho) * Wo + wo] * x[((n * C + c) * H + h) * W + iw];
+                    const T v = row_in && iw >= 0 && iw < W ? x[((n * C + c) * H + h) * W + iw] : T(0);
+                    acc += gy[((n * K + k) * Ho + ho) * Wo + wo] * v;
                 }
             }
         gw[i] = acc;

@@ -115,6 +115,7 @@ def _wrap(name: str, gpu: ModuleType, memory: GuardedMemory, ops) -> ModuleType:
     """The backend `name`: gpu's ops, checking the guards after each, returning NumPy arrays."""
     backend = ModuleType(f"convkern_tests.{name}")
     backend.NAME, backend.DEVICE, backend.ALGOS = name, "cpu", gpu.ALGOS
+    backend.DIRECT_PADDING_MULTIPLIES = gpu.DIRECT_PADDING_MULTIPLIES
     backend.available = lambda: (True, "")
     backend.gpu_module, backend.memory = gpu, memory
 
