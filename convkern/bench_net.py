@@ -186,12 +186,31 @@ def adapter_overhead(reps: int = 3000) -> Dict[str, float]:
     return out
 
 
-def profile(size: int = 112, batch: int = 8, steps: int = 3, rows: int = 14) -> str:
-    """torch.profiler's per-op table (self CPU time) for a ResNet-18 training
-    step, unpatched and patched."""
+TORCH_OWN = ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::add", "aten::add_")
+
+
+def _profiled_step(model, x, steps: int):
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    step = _peer_runs(torch, model, x, torch.contiguous_format)["train step"]
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    averages = prof.key_averages()
+    own = sum(e.self_cpu_time_total for e in averages if e.key in TORCH_OWN) / 1e3 / steps
+    return averages, own
+
+
+def profile(size: int = 112, batch: int = 8, steps: int = 3, rows: int = 14, rounds: int = 3) -> dict:
+    """torch.profiler's per-op table (self CPU time) for a ResNet-18 training
+    step, unpatched and patched, and the time of torch's own ops in it
+    (BatchNorm and adds, which stay torch's in the patched model) both ways,
+    median over `rounds` alternating rounds: how much convkern's kernels
+    running beside torch's slow torch's own."""
+    import torch
 
     import convkern.torch as ckt
     from .torch.nets import ResNet18
@@ -199,16 +218,21 @@ def profile(size: int = 112, batch: int = 8, steps: int = 3, rows: int = 14) -> 
     torch.manual_seed(0)
     base = ResNet18()
     x = _inputs(torch, "resnet18", batch, size)
-    texts = []
-    for label, model in [("torch NCHW", copy.deepcopy(base)), ("convkern (patched)", ckt.patch(copy.deepcopy(base)))]:
-        step = _peer_runs(torch, model, x, torch.contiguous_format)["train step"]
-        step()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        texts.append(f"ResNet-18 training step, batch {batch}, {size}px, {steps} steps: {label}\n" +
-                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    return "\n".join(texts)
+    models = {"torch NCHW": copy.deepcopy(base), "convkern (patched)": ckt.patch(copy.deepcopy(base))}
+    own: Dict[str, List[float]] = {k: [] for k in models}
+    tables = {}
+    for _ in range(rounds):
+        for label, model in models.items():
+            averages, ms = _profiled_step(model, x, steps)
+            own[label].append(ms)
+            tables[label] = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    medians = {k: statistics.median(v) for k, v in own.items()}
+    text = "\n".join(f"ResNet-18 training step, batch {batch}, {size}px, {steps} steps: {label}\n{table}"
+                     for label, table in tables.items())
+    text += (f"\ntorch's own ops ({', '.join(TORCH_OWN)}) per training step, median of {rounds} rounds: "
+             f"{medians['torch NCHW']:.2f} ms unpatched, {medians['convkern (patched)']:.2f} ms patched "
+             f"({medians['convkern (patched)'] / medians['torch NCHW']:.2f}x)")
+    return {"text": text, "torch_own_ms": medians}
 
 
 def main(args) -> int:
@@ -238,7 +262,7 @@ def main(args) -> int:
         print(f"  {k:<40}{v:8.1f}")
     if args.profile:
         report["profile"] = profile(args.size)
-        print("\n" + report["profile"])
+        print("\n" + report["profile"]["text"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

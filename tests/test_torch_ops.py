@@ -209,3 +209,16 @@ def test_import_without_torch_says_what_to_install():
            "except ImportError as e:\n    print('IMPORTERROR', e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "IMPORTERROR" in out.stdout and "pip install torch" in out.stdout, out.stdout + out.stderr
+
+
+def test_kernels_take_torchs_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ckt.relu(randn(4, 4))
+        assert convkern.get_num_threads() == 1
+        torch.set_num_threads(2)
+        ckt.conv2d(randn(1, 1, 4, 4), randn(1, 1, 3, 3))
+        assert convkern.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

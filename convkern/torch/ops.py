@@ -57,10 +57,26 @@ def empty(t: Tensor, shape, fmt: torch.memory_format = torch.contiguous_format, 
     return torch.empty(tuple(shape), dtype=dtype or t.dtype, device=t.device, memory_format=fmt)
 
 
+_threads_set = [0]
+
+
+def _follow_torch_threads() -> None:
+    """convkern's kernels take torch's intra-op thread count. (The two share one
+    OpenMP runtime: both load libgomp.so.1, and the second to load gets the
+    first's; so no second pool spins beside torch's.)"""
+    n = torch.get_num_threads()
+    if n != _threads_set[0]:
+        import convkern
+
+        convkern.set_num_threads(n)
+        _threads_set[0] = n
+
+
 @contextlib.contextmanager
 def on_torch_stream(t: Tensor):
-    """Run CuPy work on torch's current stream for `t`'s device."""
+    """Run CPU work with torch's thread count, CuPy work on torch's current stream for `t`'s device."""
     if t.device.type != "cuda":
+        _follow_torch_threads()
         yield
         return
     import cupy
