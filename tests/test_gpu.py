@@ -224,3 +224,41 @@ def test_gpu_out_of_memory_is_a_memory_error_and_the_library_keeps_working(backe
     out = convkern.conv2d(cupy.asarray(xs), cupy.asarray(ws), padding=1, backend=backend)
     np.testing.assert_allclose(cupy.asnumpy(out), convkern.conv2d(xs, ws, padding=1, backend="reference"),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cupy"])
+def test_patched_torch_model_on_cuda_tensors(backend):
+    """convkern.torch on CUDA tensors: DLPack both ways on torch's current
+    stream; a patched LeNet's logits and gradients against the unpatched one
+    (float64, so any difference is the kernels', not rounding)."""
+    info = convkern.backend.info(backend)
+    if not info.available:
+        pytest.skip(f"{backend} backend unavailable: {info.reason}")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    import copy
+
+    import convkern.torch as ckt
+    from convkern.torch.nets import LeNet
+
+    torch.manual_seed(0)
+    model = LeNet(num_classes=5).double().cuda().eval()
+    patched = ckt.patch(copy.deepcopy(model), backend=backend)
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # a non-default stream: the kernels must run on it
+        outs = []
+        for m in (model, patched):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.sum().backward()
+            outs.append((y.detach(), xi.grad, [p.grad.clone() for p in m.parameters()]))
+            m.zero_grad()
+    stream.synchronize()
+    (y1, g1, p1), (y2, g2, p2) = outs
+    assert y2.is_cuda and not ckt.report(patched).fallbacks
+    torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
+    for a, b in zip(p2, p1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -139,11 +139,11 @@ def test_opcheck_every_op():
     x = randn(2, 3, 7, 6, grad=True)
     w = randn(4, 3, 3, 3, seed=1, grad=True)
     b = randn(4, seed=2, grad=True)
-    cases = [(ops.conv2d, (x, w, b, [2, 1], [1, 0], False, [1, 1], 1, "auto", "")),
-             (ops.conv2d, (x, w, None, [1, 1], [0, 0], True, [1, 2], 1, "im2col", "")),
-             (ops.max_pool2d, (x, [3, 3], [2, 2], [1, 1], [1, 1], True, "")),
-             (ops.avg_pool2d, (x, [2, 3], [2, 2], [1, 0], False, False, None, "")),
-             (ops.relu, (x, ""))]
+    cases = [(ops.conv2d.op, (x, w, b, [2, 1], [1, 0], False, [1, 1], 1, "auto", "")),
+             (ops.conv2d.op, (x, w, None, [1, 1], [0, 0], True, [1, 2], 1, "im2col", "")),
+             (ops.max_pool2d.op, (x, [3, 3], [2, 2], [1, 1], [1, 1], True, "")),
+             (ops.avg_pool2d.op, (x, [2, 3], [2, 2], [1, 0], False, False, None, "")),
+             (ops.relu.op, (x, ""))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
@@ -222,3 +222,31 @@ def test_kernels_take_torchs_thread_count():
         assert convkern.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_registered_ops_have_the_eager_paths_gradients():
+    """Eager calls skip the dispatcher (ops.Op.call); the registered ops, which
+    compiled and exported code runs, must give the same values and gradients."""
+    x, w, b = randn(2, 3, 7, 6, grad=True), randn(4, 3, 3, 3, seed=1, grad=True), randn(4, seed=2, grad=True)
+    cases = [(ops.conv2d, (x, w, b, [2, 1], [1, 2], False, [1, 1], 1, "auto", "")),
+             (ops.conv2d, (x, w, None, [1, 1], [0, 0], True, [2, 1], 1, "direct", "")),
+             (ops.max_pool2d, (x, [3, 2], [2, 2], [1, 1], [1, 2], True, "")),
+             (ops.avg_pool2d, (x, [2, 3], [2, 1], [1, 1], True, False, 5, "")),
+             (ops.relu, (x, ""))]
+    for op, args in cases:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 - max_pool2d's indices
+        eager, registered = first(op.call(*args)), first(op.op(*args))
+        assert torch.equal(eager, registered)
+        gy = randn(*eager.shape, seed=3)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(eager, tensors, gy),
+                                                      torch.autograd.grad(registered, tensors, gy)))
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+        def through_registered(*t, op=op, args=args, slots=slots):
+            filled = list(args)
+            for i, v in zip(slots, t):
+                filled[i] = v
+            return first(op.op(*filled))
+
+        assert torch.autograd.gradcheck(through_registered, tuple(tensors))

@@ -64,8 +64,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         same, pad = False, _pair(padding, "padding")
     if not isinstance(algo, str):
         raise TypeError(f"algo must be a string, got {algo!r}")
-    return ops.conv2d(input, weight, bias, _pair(stride, "stride"), pad, same, _pair(dilation, "dilation"),
-                      groups, algo, _backend(backend))
+    return ops.conv2d.call(input, weight, bias, _pair(stride, "stride"), pad, same, _pair(dilation, "dilation"),
+                           groups, algo, _backend(backend))
 
 
 def _stride(stride, kernel_size):
@@ -78,9 +78,9 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
                return_indices: bool = False, *, backend: Optional[str] = None):
     """``torch.nn.functional.max_pool2d`` on convkern (indices are h*W + w per plane, as torch's)."""
     check_tensors("max_pool2d", input=input)
-    y, ind = ops.max_pool2d(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
-                            _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode),
-                            _backend(backend))
+    y, ind = ops.max_pool2d.call(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
+                                 _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode),
+                                 _backend(backend))
     return (y, ind) if return_indices else y
 
 
@@ -89,9 +89,9 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
                backend: Optional[str] = None) -> Tensor:
     """``torch.nn.functional.avg_pool2d`` on convkern."""
     check_tensors("avg_pool2d", input=input)
-    return ops.avg_pool2d(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
-                          _pair(padding, "padding"), bool(ceil_mode), bool(count_include_pad), divisor_override,
-                          _backend(backend))
+    return ops.avg_pool2d.call(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
+                               _pair(padding, "padding"), bool(ceil_mode), bool(count_include_pad), divisor_override,
+                               _backend(backend))
 
 
 def adaptive_kernel(size, output_size):
@@ -117,7 +117,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size, *, backend: Optional[str] = 
     kernel = adaptive_kernel(input.shape, output_size)
     if kernel is None:
         return F.adaptive_avg_pool2d(input, output_size)
-    return ops.avg_pool2d(input, kernel, kernel, [0, 0], False, True, None, _backend(backend))
+    return ops.avg_pool2d.call(input, kernel, kernel, [0, 0], False, True, None, _backend(backend))
 
 
 class _InplaceReLU(torch.autograd.Function):
@@ -128,7 +128,7 @@ class _InplaceReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, backend: str) -> Tensor:
-        input.copy_(ops.relu(input, backend))
+        input.copy_(ops.relu.impl(input, backend))
         ctx.mark_dirty(input)
         ctx.save_for_backward(input)
         ctx.backend = backend
@@ -137,7 +137,8 @@ class _InplaceReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (output,) = ctx.saved_tensors
-        return ops.relu_backward(grad_output, output, ctx.backend), None
+        backward = ops.relu.backward_op if torch.is_grad_enabled() else ops.relu.backward_impl
+        return backward(grad_output, output, ctx.backend), None
 
 
 def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -146,11 +147,11 @@ def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None)
     relu_) and `input` is returned."""
     check_tensors("relu", input=input)
     if not inplace:
-        return ops.relu(input, _backend(backend))
+        return ops.relu.call(input, _backend(backend))
     if torch.is_grad_enabled() and input.requires_grad and not torch.compiler.is_compiling():
         # (a compiled graph is functionalized: there the plain copy below costs nothing extra)
         return _InplaceReLU.apply(input, _backend(backend))
-    return input.copy_(ops.relu(input, _backend(backend)))
+    return input.copy_(ops.relu.call(input, _backend(backend)))
 
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu"]
