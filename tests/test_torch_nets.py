@@ -82,7 +82,8 @@ def test_patched_network_matches_torch(name, dtype):
     assert_same(ours, run(model, x), dtype, name)
 
 
-@pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in NAMES] + [("lenet", torch.float32)])
+@pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in NAMES] + [("lenet", torch.float32)],
+                         ids=[f"{n}-float64" for n in NAMES] + ["lenet-float32"])
 def test_five_sgd_steps_end_at_the_same_parameters(name, dtype):
     """In float32 only LeNet: deeper float32 runs cross ReLU kinks and
     max-pool ties at different steps than any other float32 implementation
