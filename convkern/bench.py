@@ -112,6 +112,7 @@ class Case:
     run: Callable[[], object]
     output: Callable[[], np.ndarray]
     device: str = "cpu"  # "cuda": timed with CUDA events after warm-up
+    ran: str = ""        # for algo "auto": the algorithm the backend's rule picked
 
 
 def _device_of(backend_name: str) -> str:
@@ -185,6 +186,13 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
     cases = {}
     for impl in impls:
         name, _, algo = impl.partition(":")
+        module = _backends.get(name)
+        problem = getattr(module, "algo_problem", None)
+        if algo not in ("", "auto") and problem is not None and problem(g, algo, backward):
+            continue  # the algorithm cannot run this layer (convkern says why when asked for it)
+        ran = ""
+        if algo == "auto" and hasattr(module, "choose_algo"):
+            ran = module.choose_algo(g, backward) if name == "cpp" else module.choose_algo(g)
         device = _device_of(name)
         (xd, wd, bd, gyd), back = _on_device(device, x, w, b, gy)
         if backward:
@@ -193,7 +201,8 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
         else:
             def run(name=name, algo=algo, xd=xd, wd=wd, bd=bd):
                 return F.conv2d(xd, wd, bd, **kw, algo=algo, backend=name)
-        cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, (lambda run=run, back=back: back(run())), device)
+        cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, (lambda run=run, back=back: back(run())), device,
+                           ran)
     tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
     if tg is not None:
         run_cudnn = _torch_conv(tg, [tg.from_numpy(a).cuda() for a in (x, w, b, gy)], kw, backward)
@@ -342,6 +351,24 @@ def measure_gpu_ceilings(reps: int = 20) -> Dict[str, float]:
     return {"gpu_copy_gbs": 2 * (1 << 28) * 4 / copy_s / 1e9, "gpu_gemm_gflops": 2 * 8192**3 / gemm_s / 1e9}
 
 
+ROUNDS = 5
+
+
+def _interleaved_times(cases: Dict[str, Case], min_time: float, rounds: int = ROUNDS) -> Dict[str, float]:
+    """Median seconds per call of each case over `rounds` rounds that take
+    every case in turn: a shared machine's state (and whatever the previous
+    kernel left behind) then falls on all of them alike, where timing one
+    case to the end and then the next favoured whichever came later."""
+    samples: Dict[str, List[float]] = {impl: [] for impl in cases}
+    for _ in range(rounds):
+        for impl, case in cases.items():
+            if case.device == "cuda":
+                samples[impl].append(gpu_median_time(case.run, reps=10))
+            else:
+                samples[impl].append(median_time(case.run, min_time / rounds, min_reps=2))
+    return {impl: statistics.median(v) for impl, v in samples.items()}
+
+
 def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
     """backend:algo for every available backend (the reference is the oracle, not a contender)."""
     out = []
@@ -414,17 +441,20 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
                      "reference:direct" if small else None)
         verdicts = _validate(cases, truth, max_call_s)
         compute = cases[next(iter(cases))].unit == "GFLOP/s"
+        seconds = _interleaved_times({i: c for i, c in cases.items()
+                                      if i not in skip and not verdicts[i].startswith(FAILED)}, min_time)
         for impl, case in cases.items():
             if impl in skip:
                 continue
             if verdicts[impl].startswith(FAILED):
                 row = Result(op, case.problem, impl, None, None, case.unit, None, verdicts[impl])
             else:
-                t = gpu_median_time(case.run) if case.device == "cuda" else median_time(case.run, min_time)
+                t = seconds[impl]
                 gpu = case.device == "cuda" and "gpu_copy_gbs" in ceilings
                 ceiling = ceilings[("gpu_" if gpu else "") + ("gemm_gflops" if compute else "copy_gbs")]
                 rate = case.work / t / 1e9
-                row = Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling, verdicts[impl])
+                check = f"ran {case.ran}; {verdicts[impl]}" if case.ran else verdicts[impl]
+                row = Result(op, case.problem, impl, t * 1e3, rate, case.unit, 100 * rate / ceiling, check)
             results.append(row)
             if sink:
                 sink.write(json.dumps(asdict(row)) + "\n")

@@ -21,7 +21,6 @@ from .geometry import (ConvGeometry, IntPair, Padding, PoolGeometry, check_divis
                        pool2d_geometry)
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_ALGOS = ("auto", "direct", "im2col", "implicit")
 
 
 def _device_of(a) -> str:
@@ -116,9 +115,9 @@ def _zeros(device: str, shape, dtype):
     return _xp(device).zeros(shape, dtype=dtype)
 
 
-def _check_algo(algo: str) -> str:
-    if algo not in _ALGOS:
-        raise ValueError(f"algo must be one of {', '.join(map(repr, _ALGOS))}, got {algo!r}")
+def _check_algo(algo) -> str:
+    if not isinstance(algo, str):
+        raise TypeError(f"algo must be a string, got {algo!r}")
     return algo
 
 
@@ -147,15 +146,23 @@ def _unbatch(a, unbatched: bool):
 # ---------------------------------------------------------------- conv2d
 
 
-def _resolve_algo(impl, algo: str, g: ConvGeometry) -> str:
-    if algo == "auto":
-        return impl.choose_algo(g) if hasattr(impl, "choose_algo") else algo
-    # every backend takes "direct" and "im2col" (the reference computes either
-    # the one clear way); the others exist only where a backend offers them
-    offered = getattr(impl, "ALGOS", None)
-    if algo not in ("direct", "im2col") and offered is not None and algo not in offered:
+def algorithms(backend: Optional[str] = None, device: str = "cpu") -> Tuple[str, ...]:
+    """The conv2d algorithms `backend` (default: the one chosen for `device`)
+    runs by name, and "auto" (its own rule)."""
+    impl = _backends.select(device, backend, "conv2d_forward")
+    return tuple(getattr(impl, "ALGOS", ("direct", "im2col"))) + ("auto",)
+
+
+def _resolve_algo(impl, algo: str) -> str:
+    """algo as the backend takes it: "auto" passes through (each backend
+    resolves it in one place of its own); a name the backend does not offer
+    is refused, listing what it does. Every backend takes "direct" and
+    "im2col" (the reference computes either the one clear way)."""
+    offered = tuple(getattr(impl, "ALGOS", ("direct", "im2col")))
+    if algo not in ("auto", "direct", "im2col") and algo not in offered:
         name = getattr(impl, "NAME", getattr(impl, "__name__", "this backend"))
-        raise ValueError(f"algo {algo!r} is not offered by backend {name!r}; it has {', '.join(map(repr, offered))}")
+        raise ValueError(f"algo {algo!r} is not offered by backend {name!r}; it has "
+                         f"{', '.join(map(repr, offered + ('auto',)))}")
     return algo
 
 
@@ -187,14 +194,17 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     padding: int, (ph, pw), "valid" or "same" (stride 1 only; the odd pixel goes
     bottom/right). Returns (N, K, Ho, Wo) (or (K, Ho, Wo)) with
     Ho = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1.
-    algo: "direct", "im2col", "implicit" (the cuda backend's implicit GEMM) or
-    "auto" (the backend's rule).
+    algo: "auto" (the backend's rule) or an algorithm the backend offers by
+    name, which then runs exactly that (``convkern.algorithms(backend)`` lists
+    them): "direct" and "im2col" everywhere; on cpp also "depthwise",
+    "shifted" and "winograd"; on cuda "implicit". A named algorithm that
+    cannot run this problem raises ValueError saying why.
     """
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
-    algo = _resolve_algo(impl, algo, g)
+    algo = _resolve_algo(impl, algo)
     if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
         algo = "im2col"
     if g.N == 0:
@@ -229,7 +239,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         gb = _zeros(device, (g.K,), dtype) if needs[2] else None
     else:
         x = x.reshape(g.input_shape)
-        algo = _resolve_algo(impl, algo, g)
+        algo = _resolve_algo(impl, algo)
         if algo in ("direct", "auto") and needs[1] and _direct_skips_padding(impl, g) and not _all_finite(gy, device):
             gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
             _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))
@@ -345,5 +355,5 @@ def relu_backward(grad_output, input, *, backend: Optional[str] = None):
     return impl.relu_backward(gy, x)
 
 
-__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+__all__ = ["algorithms", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
            "avg_pool2d_backward", "relu", "relu_backward", "ConvGeometry", "PoolGeometry"]

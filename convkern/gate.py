@@ -109,14 +109,14 @@ def _case_table(scale: int = 1) -> Dict[str, Callable[[np.random.Generator, str]
 
     small = ((2, 16, 14, 14), (32, 16, 3, 3))
     return {
-        "conv2d_im2col_3x3": conv_fwd("im2col", *small, padding=1),
+        # each case names the algorithm it runs (cpp; other backends run their own)
+        "conv2d_shifted_3x3": conv_fwd("shifted", *small, padding=1),
         "conv2d_direct_3x3": conv_fwd("direct", *small, padding=1),
         "conv2d_im2col_1x1": conv_fwd("im2col", (2, 32, 14, 14), (16, 32, 1, 1)),
-        "conv2d_direct_depthwise": conv_fwd("direct", (2, 32, 14, 14), (32, 1, 3, 3), padding=1, groups=32),
-        "conv2d_im2col_stride2": conv_fwd("im2col", (2, 8, 21, 21), (16, 8, 5, 5), stride=2, padding=2),
-        # 3x3 with C*K >= 8192 and 256 tiles: the cpp backend's Winograd path at every SIMD level
-        "conv2d_winograd_3x3": conv_fwd("im2col", (1, 64, 32, 32), (128, 64, 3, 3), padding=1),
-        "conv2d_backward_im2col": conv_bwd("im2col", *small, padding=1),
+        "conv2d_depthwise": conv_fwd("depthwise", (2, 32, 14, 14), (32, 1, 3, 3), padding=1, groups=32),
+        "conv2d_shifted_stride2": conv_fwd("shifted", (2, 8, 21, 21), (16, 8, 5, 5), stride=2, padding=2),
+        "conv2d_winograd_3x3": conv_fwd("winograd", (1, 64, 32, 32), (128, 64, 3, 3), padding=1),
+        "conv2d_backward_shifted": conv_bwd("shifted", *small, padding=1),
         "conv2d_backward_direct": conv_bwd("direct", *small, padding=1),
         "max_pool2d_2x2": pool("max_pool2d", (4, 16, 24, 24), kernel_size=2),
         "max_pool2d_3x3s2p1": pool("max_pool2d", (4, 16, 24, 24), kernel_size=3, stride=2, padding=1),

@@ -25,6 +25,9 @@
 #include "common.hpp"
 
 namespace py = pybind11;
+using convkern::active_kernels;
+using convkern::conv_algo_from_name;
+using convkern::ConvAlgo;
 using convkern::ConvShape;
 using convkern::idx;
 using convkern::PoolShape;
@@ -115,15 +118,22 @@ T* mptr(py::array& a) {
     return static_cast<T*>(a.mutable_data());
 }
 
-bool use_im2col(const std::string& algo) {
-    if (algo == "im2col") return true;
-    if (algo == "direct") return false;
-    throw py::value_error("algo must be 'direct' or 'im2col', got '" + algo + "'");
+// The algorithm named `algo` for s, or a ValueError saying why it cannot run
+// s. Backward without grad input, every algorithm but depthwise can (the
+// weight and bias gradients of shifted and winograd are im2col's).
+ConvAlgo conv_algo(const std::string& algo, const ConvShape& s, bool backward, bool grad_input = true) {
+    ConvAlgo a;
+    if (!conv_algo_from_name(algo, a))
+        throw py::value_error("algo must be one of 'direct', 'depthwise', 'im2col', 'shifted', 'winograd', 'auto'; "
+                              "got '" + algo + "'");
+    if (backward && !grad_input && a != ConvAlgo::depthwise) return a;
+    if (const char* why = active_kernels().conv_algo_problem(a, s, backward)) throw py::value_error(why);
+    return a;
 }
 
 template <class T>
 py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
-                           bool im2col) {
+                           ConvAlgo algo) {
     DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.C * s.H * s.W);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
@@ -139,8 +149,8 @@ py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::obj
     const T* wp = cptr<T>(w);
     T* yp = mptr<T>(y);
     kernel_region([&] {
-        auto& o = ops<T>();
-        (im2col ? o.conv2d_forward_im2col : o.conv2d_forward_direct)(xp, wp, bp, yp, s);
+        convkern::note_conv_algo(ConvAlgo::auto_);
+        ops<T>().conv2d_forward[static_cast<int>(algo)](xp, wp, bp, yp, s);
     });
     return y;
 }
@@ -148,14 +158,14 @@ py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::obj
 py::array conv2d_forward(const py::array& x, const py::array& w, const py::object& b,
                          const std::array<idx, 16>& geom, const std::string& algo) {
     ConvShape s = conv_shape(geom);
-    bool im2col = use_im2col(algo);
-    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, im2col);
-    return conv2d_forward_t<double>(x, w, b, s, im2col);
+    const ConvAlgo a = conv_algo(algo, s, false);
+    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, a);
+    return conv2d_forward_t<double>(x, w, b, s, a);
 }
 
 template <class T>
 py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::array& w, const ConvShape& s,
-                            bool im2col, bool need_gx, bool need_gw, bool need_gb) {
+                            ConvAlgo algo, bool need_gx, bool need_gw, bool need_gb) {
     DType dt = dtype_of(gy, "grad_output");
     require(gy, "grad_output", dt, s.N * s.K * s.Ho * s.Wo);
     require(x, "x", dt, s.N * s.C * s.H * s.W);
@@ -181,8 +191,8 @@ py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::a
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     kernel_region([&] {
-        auto& o = ops<T>();
-        (im2col ? o.conv2d_backward_im2col : o.conv2d_backward_direct)(gyp, xp, wp, gxp, gwp, gbp, s);
+        convkern::note_conv_algo(algo);  // the kernels that run grad input note themselves
+        ops<T>().conv2d_backward[static_cast<int>(algo)](gyp, xp, wp, gxp, gwp, gbp, s);
     });
     return py::make_tuple(gx, gw, gb);
 }
@@ -191,10 +201,10 @@ py::tuple conv2d_backward(const py::array& gy, const py::array& x, const py::arr
                           const std::array<idx, 16>& geom, const std::string& algo, bool need_gx, bool need_gw,
                           bool need_gb) {
     ConvShape s = conv_shape(geom);
-    bool im2col = use_im2col(algo);
+    const ConvAlgo a = conv_algo(algo, s, true, need_gx);
     if (dtype_of(gy, "grad_output") == DType::f32)
-        return conv2d_backward_t<float>(gy, x, w, s, im2col, need_gx, need_gw, need_gb);
-    return conv2d_backward_t<double>(gy, x, w, s, im2col, need_gx, need_gw, need_gb);
+        return conv2d_backward_t<float>(gy, x, w, s, a, need_gx, need_gw, need_gb);
+    return conv2d_backward_t<double>(gy, x, w, s, a, need_gx, need_gw, need_gb);
 }
 
 // indices=false (max_pool2d without return_indices) skips the int64 index
@@ -401,6 +411,26 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("algo"));
     m.def("conv2d_backward", &conv2d_backward, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
           py::arg("geom"), py::arg("algo"), py::arg("need_input"), py::arg("need_weight"), py::arg("need_bias"));
+    m.def(
+        "conv_algo_problem",
+        [](const std::array<idx, 16>& geom, const std::string& algo, bool backward) -> py::object {
+            ConvAlgo a;
+            if (!conv_algo_from_name(algo, a)) return py::str("unknown algorithm '" + algo + "'");
+            const char* why = active_kernels().conv_algo_problem(a, conv_shape(geom), backward);
+            return why ? py::object(py::str(why)) : py::object(py::none());
+        },
+        py::arg("geom"), py::arg("algo"), py::arg("backward"),
+        "Why algorithm `algo` cannot run this conv (backward: its grad input), or None.");
+    m.def(
+        "last_conv_algo", [] { return std::string(convkern::conv_algo_name(convkern::last_conv_algo())); },
+        "The algorithm this thread's last conv2d call ran (backward: for grad input).");
+    m.def(
+        "conv_auto_algo",
+        [](const std::array<idx, 16>& geom, bool backward, const std::string& dtype) {
+            return std::string(active_kernels().conv_auto_algo(conv_shape(geom), backward, dtype == "float64"));
+        },
+        py::arg("geom"), py::arg("backward"), py::arg("dtype"),
+        "The algorithm algo='auto' runs for this conv (backward: for its grad input).");
     m.def("max_pool2d_forward", &max_pool2d_forward, py::arg("x"), py::arg("geom"), py::arg("indices") = true);
     m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("grad_output"), py::arg("indices"), py::arg("geom"));
     m.def("avg_pool2d_forward", &avg_pool2d_forward, py::arg("x"), py::arg("geom"), py::arg("count_include_pad"),

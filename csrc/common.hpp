@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace convkern {
 
@@ -34,13 +35,34 @@ struct PoolShape {
     idx divisor_override;  // 0: none
 };
 
+// conv2d algorithms, each a slot in the op table. direct: the direct loops;
+// depthwise: padded planes, one filter each (C == groups, stride 1); im2col: the
+// column matrix in bands times the packed GEMM; shifted: an implicit GEMM over
+// a padded copy of the input (or its phase planes when strided); winograd:
+// F(2x2, 3x3) (3x3, stride 1, no dilation). Backward, shifted and winograd run
+// the input gradient as the forward conv of grad_output with the flipped
+// filters (stride 1) and the weight gradient by im2col; depthwise runs its input
+// gradient as a depthwise conv where that has one filter per channel (K == C),
+// else by the direct loops. auto_: the rule.
+enum class ConvAlgo : int { direct = 0, depthwise, im2col, shifted, winograd, auto_ };
+constexpr int kConvAlgos = 6;
+// "direct", ..., "auto"; from_name returns false for an unknown name
+const char* conv_algo_name(ConvAlgo a);
+bool conv_algo_from_name(const std::string& name, ConvAlgo& a);
+// What the calling thread's last conv2d call ran (backward: for grad input,
+// else the algorithm named): each kernel notes itself as it starts, so "auto"
+// and the fallbacks report what really ran. auto_ means nothing was noted.
+void note_conv_algo(ConvAlgo a);
+ConvAlgo last_conv_algo();
+
 template <class T>
 struct OpTable {
-    void (*conv2d_forward_direct)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
-    void (*conv2d_forward_im2col)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
+    typedef void (*ConvForward)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
     // gx/gw/gb may be null: that gradient is not computed.
-    void (*conv2d_backward_direct)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
-    void (*conv2d_backward_im2col)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
+    typedef void (*ConvBackward)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
+    // one slot per ConvAlgo; auto is the library's rule (conv_auto_algo says what it runs)
+    ConvForward conv2d_forward[kConvAlgos];
+    ConvBackward conv2d_backward[kConvAlgos];
     void (*max_pool2d_forward)(const T* x, T* y, std::int64_t* ind, const PoolShape&);
     // returns false if an index lies outside its plane (nothing is written for it)
     bool (*max_pool2d_backward)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&);
@@ -53,10 +75,17 @@ struct OpTable {
                  T* C, idx ldc, bool accumulate);
 };
 
+// Why algorithm a cannot run s (backward: its gradients), or null if it can.
+typedef const char* (*ConvAlgoProblem)(ConvAlgo a, const ConvShape& s, bool backward);
+// The algorithm ConvAlgo::auto_ runs for s (forward; backward: the grad input's), by name.
+typedef const char* (*ConvAutoAlgo)(const ConvShape& s, bool backward, bool f64);
+
 struct KernelTable {
     const char* isa;
     OpTable<float> f32;
     OpTable<double> f64;
+    ConvAlgoProblem conv_algo_problem;
+    ConvAutoAlgo conv_auto_algo;
 };
 
 // One table per compiled ISA level (kernels_isa.cpp, built once per level).

@@ -195,6 +195,7 @@ void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const Conv
 
 template <class T>
 void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    note_conv_algo(ConvAlgo::depthwise);
     const idx Kg = s.K / s.G, P = s.Ho * s.Wo, RS = s.R * s.S;
     const DepthwiseLayout<T> lay(s);
     const idx tasks = s.N * s.G;
@@ -211,15 +212,21 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
     }
 }
 
-// y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b
+// Whether conv2d_forward_direct hands s to the depthwise kernel: a padded
+// plane per thread, so only while that plane stays small.
 template <class T>
-void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+bool depthwise_plane_fits(const ConvShape& s) {
+    constexpr idx kMaxPlaneBytes = idx(4) << 20;
+    return conv_depthwise_applies(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
+}
+
+// y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b; depthwise
+// problems go to the depthwise kernel unless `generic` (algo "direct" named)
+template <class T>
+void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool generic = false) {
     const idx Kg = s.K / s.G;
-    if (conv_depthwise_applies(s)) {
-        const DepthwiseLayout<T> lay(s);
-        constexpr idx kMaxPlaneBytes = idx(4) << 20;
-        if (lay.elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes) return conv2d_forward_depthwise(x, w, b, y, s);
-    }
+    if (!generic && depthwise_plane_fits<T>(s)) return conv2d_forward_depthwise(x, w, b, y, s);
+    note_conv_algo(ConvAlgo::direct);
     if (Kg % 8 == 0)
         conv2d_forward_direct_kb<T, 8>(x, w, b, y, s);
     else if (Kg % 4 == 0)
@@ -270,15 +277,16 @@ void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvS
 // Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
 // the register-tiled forward kernel. Otherwise each input plane gathers.
 template <class T>
-void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s) {
+void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s, bool generic = false) {
     ConvShape t;
     if (!grad_input_conv_shape(s, t)) {
+        note_conv_algo(ConvAlgo::direct);
         conv2d_grad_input_direct_planes(gy, w, gx, s);
         return;
     }
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 1));
     flip_transpose_filters(w, s, wt);
-    conv2d_forward_direct(gy, wt, static_cast<const T*>(nullptr), gx, t);
+    conv2d_forward_direct(gy, wt, static_cast<const T*>(nullptr), gx, t, generic);
 }
 
 // gw (K, C/G, R, S): a task owns KB filters x one input channel; for each tap
@@ -412,9 +420,9 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShap
 }
 
 template <class T>
-void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s) {
+void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s, bool generic = false) {
     const idx Kg = s.K / s.G;
-    if (conv_depthwise_applies(s) && s.K == s.C && s.R <= 8) {
+    if (!generic && conv_depthwise_applies(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
             case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);
             case 5: return conv2d_grad_weight_depthwise<T, 5>(gy, x, gw, s);
@@ -432,9 +440,11 @@ void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& 
         conv2d_grad_weight_direct_kb<T, 1>(gy, x, gw, s);
 }
 
+// Depthwise problems take the depthwise kernels unless `generic`.
 template <class T>
-void conv2d_backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
-    if (gx) conv2d_grad_input_direct(gy, w, gx, s);
-    if (gw) conv2d_grad_weight_direct(gy, x, gw, s);
+void conv2d_backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s,
+                            bool generic = false) {
+    if (gx) conv2d_grad_input_direct(gy, w, gx, s, generic);
+    if (gw) conv2d_grad_weight_direct(gy, x, gw, s, generic);
     if (gb) bias_grad(gy, gb, s);
 }

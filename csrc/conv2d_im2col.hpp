@@ -118,6 +118,7 @@ void for_each_image_group(const ConvShape& s, idx scratch_elems, Body body) {
 
 template <class T>
 void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    note_conv_algo(ConvAlgo::im2col);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const bool pointwise = conv_is_pointwise(s);
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
@@ -170,14 +171,18 @@ bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvShape& s) {
     return true;
 }
 
+// grad input by col2im, or (with `as_forward`, where it applies) as the
+// forward conv of gy with the flipped filters by conv2d_forward_gemm's rule
 template <class T>
-void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s,
+                            bool as_forward = true) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S, HW = s.H * s.W;
     const bool pointwise = conv_is_pointwise(s);
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
     const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
-    if (gx && grad_input_as_forward(gy, w, gx, s)) gx = nullptr;  // done
+    if (gx && as_forward && grad_input_as_forward(gy, w, gx, s)) gx = nullptr;  // done
     if (gx) {
+        note_conv_algo(ConvAlgo::im2col);
         // w_g^T, packed once per call
         const idx wpk_elems = packed_a_elems<T>(CRS, Kg);
         T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));

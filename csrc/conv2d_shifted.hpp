@@ -128,6 +128,7 @@ inline void shifted_micro(idx kc, const T* Ap, const T* xb, const idx* off, T* C
 
 template <class T>
 void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    note_conv_algo(ConvAlgo::shifted);
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;

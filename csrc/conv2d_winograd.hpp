@@ -234,6 +234,7 @@ void winograd_output_block(const T* M, const T* b, const ConvShape& s, const Win
 // direct sum gives +-inf; the caller then takes another algorithm.
 template <class T>
 bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    note_conv_algo(ConvAlgo::winograd);
     const WinogradLayout<T> lay(s);
     const idx TB = lay.tb;
     // workspace slot 1: padded batch, then the packed transformed filters

@@ -21,19 +21,13 @@ namespace {
 #include "avg_pool2d.hpp"
 #include "relu.hpp"
 
-// The GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
+// auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
 // Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
 // planes stay modest the shifted implicit GEMM (no column matrix), strided
-// ones only with few output channels; the rest im2col in bands. Measured on
-// the canonical layers (batch 8, AVX-512): shifted 1.37x im2col's speed on
-// resnet_l1_3x3, 1.13x on resnet_l3_3x3, 1.06x on vgg_3x3, even on
-// mnist_conv2; slower (0.85x) on mnist_conv1, whose 25-long reduction cannot
-// pay for the padded copy and the extra positions. Strided (AVX2, batch 8):
-// im2col's copies cost in proportion to 1/K, so the shifted GEMM is 1.1-1.25x
-// faster with 64 output channels (resnet_stem, 3x3/2 from 32 and 64
-// channels), even at 128, and 0.7-0.9x at 256 and more (down_3x3_s2, a 1x1/2
-// shortcut from 1024 to 2048), where its micro-kernel's scattered B loads
-// cost more than the copies it saves.
+// ones only with few output channels (im2col's copies cost in proportion to
+// 1/K, the shifted micro-kernel's scattered loads do not); short reductions
+// (fewer than 32 taps) cannot pay for its padded copy. The rest im2col in
+// bands. The measurements behind the thresholds: docs/performance.md.
 template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
@@ -54,13 +48,133 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvSha
     conv2d_forward_im2col(x, w, b, y, s);
 }
 
+// auto's first choice: the direct kernels where the reduction per output is
+// too short for a GEMM to pay for packing (depthwise-like grouped convs, tiny
+// kernels over few channels). A one-channel input with a real kernel (a
+// grayscale CNN's first layer) still goes to the GEMM: (64, 1, 28, 28) *
+// (32, 1, 5, 5) ran 1.5x faster forward and 30x faster for grad input there.
+inline bool auto_takes_direct(const ConvShape& s) {
+    const idx Cg = s.C / s.G;
+    return (s.G > 1 && Cg == 1) || Cg * s.R * s.S < 16;
+}
+
+template <class T>
+void forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    conv2d_forward_direct(x, w, b, y, s, true);
+}
+template <class T>
+void forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    // Winograd's transforms subtract inputs (inf - inf = NaN where a direct sum
+    // gives inf): with non-finite data it hands the call to im2col
+    if (!conv2d_forward_winograd(x, w, b, y, s)) conv2d_forward_im2col(x, w, b, y, s);
+}
+template <class T>
+void forward_auto(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+    if (auto_takes_direct(s)) return conv2d_forward_direct(x, w, b, y, s);
+    conv2d_forward_gemm(x, w, b, y, s);
+}
+
+template <class T>
+void backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    conv2d_backward_direct(gy, x, w, gx, gw, gb, s, true);
+}
+template <class T>
+void backward_depthwise(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    conv2d_backward_direct(gy, x, w, gx, gw, gb, s, false);
+}
+template <class T>
+void backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
+}
+// grad input as the stride-1 forward conv of gy with the flipped filters, by
+// Forward; grad weight and bias by im2col
+template <class T, void (*Forward)(const T*, const T*, const T*, T*, const ConvShape&)>
+void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    ConvShape t;
+    if (gx && grad_input_conv_shape(s, t)) {
+        // slot 2: the forward algorithms use 0 and 1
+        T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
+        flip_transpose_filters(w, s, wt);
+        Forward(gy, wt, static_cast<const T*>(nullptr), gx, t);
+        gx = nullptr;
+    }
+    conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
+}
+template <class T>
+void backward_auto(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    if (!gx) note_conv_algo(auto_takes_direct(s) ? ConvAlgo::direct : ConvAlgo::im2col);  // the weight gradient's
+    if (auto_takes_direct(s)) return conv2d_backward_direct(gy, x, w, gx, gw, gb, s);
+    conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, true);
+}
+
+const char* algo_problem(ConvAlgo a, const ConvShape& s, bool backward) {
+    ConvShape t;
+    switch (a) {
+        case ConvAlgo::depthwise:
+            return conv_depthwise_applies(s) ? nullptr : "depthwise needs groups == input channels and stride 1";
+        case ConvAlgo::shifted:
+            if (!backward)
+                return conv_shifted_applies(s) ? nullptr
+                                                : "shifted has nothing to shift in a 1x1 stride-1 unpadded conv "
+                                                  "(a plain GEMM: use im2col)";
+            if (!grad_input_conv_shape(s, t))
+                return "shifted backward runs grad input as a stride-1 conv: it needs stride 1 and padding no "
+                       "larger than the dilated kernel";
+            return conv_shifted_applies(t) ? nullptr : "shifted has nothing to shift in grad input's 1x1 conv";
+        case ConvAlgo::winograd:
+            if (!backward)
+                return conv_winograd_applies(s) ? nullptr
+                                                 : "winograd needs a 3x3 kernel, stride 1, no dilation and groups 1";
+            if (!grad_input_conv_shape(s, t) || !conv_winograd_applies(t))
+                return "winograd backward runs grad input as a 3x3 stride-1 conv: it needs a 3x3 kernel, stride 1, "
+                       "no dilation, groups 1 and padding of at most 2";
+            return nullptr;
+        default:
+            return nullptr;
+    }
+}
+
+// What forward_auto (backward: the grad input of backward_auto) runs for s.
+template <class T>
+const char* auto_algo_t(const ConvShape& s, bool backward) {
+    if (auto_takes_direct(s)) return depthwise_plane_fits<T>(s) ? "depthwise" : "direct";
+    ConvShape t = s;
+    if (backward && !(s.C / s.G >= 16 && grad_input_conv_shape(s, t))) return "im2col";
+    constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
+    if (conv_winograd_pays(t)) {
+        const WinogradLayout<T> lay(t);
+        if ((lay.x_elems + idx(16) * (t.K + 16) * t.C) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes)
+            return "winograd";
+    }
+    constexpr idx kMaxStridedShiftedChannels = 64;
+    const bool strided = t.sh > 1 || t.sw > 1;
+    if (conv_shifted_applies(t) && t.C / t.G * t.R * t.S >= kMinShiftedReduction &&
+        !(strided && t.K / t.G > kMaxStridedShiftedChannels) &&
+        (ShiftedLayout<T>(t).x_elems + ShiftedLayout<T>(t).y_elems) * static_cast<idx>(sizeof(T)) <= kMaxShiftedBytes)
+        return "shifted";
+    return "im2col";
+}
+
+const char* auto_algo(const ConvShape& s, bool backward, bool f64) {
+    return f64 ? auto_algo_t<double>(s, backward) : auto_algo_t<float>(s, backward);
+}
+
 template <class T>
 OpTable<T> make_table() {
     OpTable<T> t;
-    t.conv2d_forward_direct = &conv2d_forward_direct<T>;
-    t.conv2d_forward_im2col = &conv2d_forward_gemm<T>;
-    t.conv2d_backward_direct = &conv2d_backward_direct<T>;
-    t.conv2d_backward_im2col = &conv2d_backward_im2col<T>;
+    const auto slot = [](ConvAlgo a) { return static_cast<int>(a); };
+    t.conv2d_forward[slot(ConvAlgo::direct)] = &forward_direct<T>;
+    t.conv2d_forward[slot(ConvAlgo::depthwise)] = &conv2d_forward_depthwise<T>;
+    t.conv2d_forward[slot(ConvAlgo::im2col)] = &conv2d_forward_im2col<T>;
+    t.conv2d_forward[slot(ConvAlgo::shifted)] = &conv2d_forward_shifted<T>;
+    t.conv2d_forward[slot(ConvAlgo::winograd)] = &forward_winograd<T>;
+    t.conv2d_forward[slot(ConvAlgo::auto_)] = &forward_auto<T>;
+    t.conv2d_backward[slot(ConvAlgo::direct)] = &backward_direct<T>;
+    t.conv2d_backward[slot(ConvAlgo::depthwise)] = &backward_depthwise<T>;
+    t.conv2d_backward[slot(ConvAlgo::im2col)] = &backward_im2col<T>;
+    t.conv2d_backward[slot(ConvAlgo::shifted)] = &backward_via_forward<T, conv2d_forward_shifted<T>>;
+    t.conv2d_backward[slot(ConvAlgo::winograd)] = &backward_via_forward<T, forward_winograd<T>>;
+    t.conv2d_backward[slot(ConvAlgo::auto_)] = &backward_auto<T>;
     t.max_pool2d_forward = &max_pool2d_forward<T>;
     t.max_pool2d_backward = &max_pool2d_backward<T>;
     t.avg_pool2d_forward = &avg_pool2d_forward<T>;
@@ -82,6 +196,8 @@ const KernelTable& CK_CAT(kernel_table_, CK_ISA)() {
         CK_STR(CK_ISA),
         CK_ISA::make_table<float>(),
         CK_ISA::make_table<double>(),
+        &CK_ISA::algo_problem,
+        &CK_ISA::auto_algo,
     };
     return table;
 }

@@ -187,3 +187,33 @@ void* workspace(std::size_t bytes, int slot) {
 }
 
 }  // namespace convkern
+
+namespace convkern {
+
+namespace {
+constexpr const char* kConvAlgoNames[kConvAlgos] = {"direct", "depthwise", "im2col", "shifted", "winograd", "auto"};
+}
+
+const char* conv_algo_name(ConvAlgo a) { return kConvAlgoNames[static_cast<int>(a)]; }
+
+bool conv_algo_from_name(const std::string& name, ConvAlgo& a) {
+    for (int i = 0; i < kConvAlgos; ++i)
+        if (name == kConvAlgoNames[i]) {
+            a = static_cast<ConvAlgo>(i);
+            return true;
+        }
+    return false;
+}
+
+}  // namespace convkern
+
+namespace convkern {
+
+namespace {
+thread_local ConvAlgo g_last_conv_algo = ConvAlgo::auto_;
+}
+
+void note_conv_algo(ConvAlgo a) { g_last_conv_algo = a; }
+ConvAlgo last_conv_algo() { return g_last_conv_algo; }
+
+}  // namespace convkern

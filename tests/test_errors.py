@@ -30,7 +30,7 @@ W = np.random.default_rng(1).standard_normal((6, 4, 3, 3)).astype(np.float32)
     ((X[:, :, :2, :2], W), {}, ValueError, r"output would be 0x0.*smaller than the dilated kernel 3x3"),
     ((X, W), dict(dilation=5), ValueError, r"output would be"),
     ((X, W, np.zeros(5, np.float32)), {}, ValueError, r"bias must have shape \(6,\) .* got \(5,\)"),
-    ((X, W), dict(algo="winograd"), ValueError, r"algo must be one of"),
+    ((X, W), dict(algo="fft"), ValueError, r"algo 'fft' is not offered by backend 'cpp'; it has 'direct', 'depthwise'"),
     ((X.astype(np.int32), W), {}, TypeError, r"input has dtype int32; supported dtypes are float32 and float64"),
     ((X.astype(np.float16), W.astype(np.float16)), {}, TypeError, r"input has dtype float16"),
     ((X, W.astype(np.float64)), {}, TypeError, r"weight has dtype float64 but input has dtype float32"),

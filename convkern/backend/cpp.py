@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -10,7 +10,9 @@ from ..geometry import ConvGeometry, PoolGeometry
 
 NAME = "cpp"
 DEVICE = "cpu"
-ALGOS = ("direct", "im2col")
+# each runs exactly what it names (see algo_problem for where each applies);
+# "auto" is the C++ rule, which choose_algo reports
+ALGOS = ("direct", "depthwise", "im2col", "shifted", "winograd")
 
 try:
     from .. import _cpu  # type: ignore[attr-defined]
@@ -24,29 +26,30 @@ def available() -> Tuple[bool, str]:
     return (_cpu is not None), _IMPORT_ERROR
 
 
-def choose_algo(g: ConvGeometry) -> str:
-    """The `algo="auto"` rule: im2col+GEMM unless the reduction per output is too
-    short for the GEMM to pay for building the column matrix: depthwise-like
-    grouped convolutions and tiny kernels over few channels. A one-channel
-    input with a real kernel (a grayscale CNN's first layer) still goes to the
-    GEMM: (64, 1, 28, 28) * (32, 1, 5, 5) runs 1.5x faster forward and 30x
-    faster for grad input there than direct."""
-    reduction = (g.C // g.groups) * g.R * g.S
-    if (g.groups > 1 and g.C // g.groups == 1) or reduction < 16:
-        return "direct"
-    return "im2col"
+def choose_algo(g: ConvGeometry, backward: bool = False, dtype="float32") -> str:
+    """What algo="auto" runs for g (backward: for its grad input). The rule
+    itself lives in the C++ module (csrc/kernels_isa.cpp), where the kernels
+    and their workspace limits are; this reports its choice."""
+    return _cpu.conv_auto_algo(g.as_tuple(), bool(backward), np.dtype(dtype).name)
+
+
+def algo_problem(g: ConvGeometry, algo: str, backward: bool = False) -> Optional[str]:
+    """Why `algo` cannot run g (backward: its grad input), or None."""
+    return _cpu.conv_algo_problem(g.as_tuple(), algo, bool(backward))
+
+
+def last_algo() -> str:
+    """The algorithm this thread's last conv2d call ran (backward: for its grad
+    input): what "auto" picked, and where a named one handed the call on
+    (winograd gives non-finite data to im2col)."""
+    return _cpu.last_conv_algo()
 
 
 def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
-    if algo == "auto":
-        algo = choose_algo(g)
-    y = _cpu.conv2d_forward(x, weight, bias, g.as_tuple(), algo)
-    return y
+    return _cpu.conv2d_forward(x, weight, bias, g.as_tuple(), algo)
 
 
 def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(True, True, True)):
-    if algo == "auto":
-        algo = choose_algo(g)
     return tuple(_cpu.conv2d_backward(grad_output, x, weight, g.as_tuple(), algo,
                                       bool(needs[0]), bool(needs[1]), bool(needs[2])))
 

@@ -4,9 +4,11 @@ convkern._cuda) on CuPy arrays, on CuPy's current stream.
 Algorithms: "direct" (one thread per output; depthwise layers stage tiles in
 shared memory), "im2col" (a column buffer in chunks of images, then the tiled
 GEMM) and "implicit" (the tiled GEMM gathering its column tiles straight from
-the input; no buffer). Grad weight always runs as an implicit GEMM split over
-fixed slices of its reduction, summed in order; every backward pass is
-deterministic (no atomics).
+the input; no buffer). Backward: grad input by the direct kernel ("direct") or
+the im2col GEMM ("im2col", and "implicit", which has no grad-input kernel of
+its own); grad weight by the direct kernel ("direct") or an implicit GEMM
+split over fixed slices of its reduction, summed in order. Every backward pass
+is deterministic (no atomics).
 
 The kernels read raw device pointers, so every array is made C-contiguous and
 of the op's dtype first (RawKernel-style launches ignore strides).

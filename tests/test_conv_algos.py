@@ -1,0 +1,129 @@
+"""conv2d algorithms by name: each runs exactly what it names, on every
+problem it can run, against the float64 reference (forward and every
+gradient); a problem it cannot run is refused saying why; "auto" runs the
+algorithm the backend's rule reports."""
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern.backend import cpp
+from convkern.geometry import conv2d_geometry
+from convkern.layers import CANONICAL
+from helpers import assert_close, randn
+
+# (x shape, w shape, kwargs) that each cpp algorithm runs, awkward ones included
+RUNS = {
+    "direct": [((1, 3, 7, 5), (4, 3, 2, 3), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+               ((2, 4, 6, 6), (6, 2, 3, 3), dict(groups=2, padding="same")),
+               ((2, 6, 9, 9), (6, 1, 3, 3), dict(groups=6, padding=1))],
+    "depthwise": [((2, 6, 9, 8), (6, 1, 3, 3), dict(groups=6, padding=1)),
+                  ((1, 4, 7, 11), (8, 1, 5, 3), dict(groups=4, padding=(2, 0), dilation=(1, 2))),
+                  ((1, 3, 5, 5), (3, 1, 7, 7), dict(groups=3, padding=3))],
+    "im2col": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
+               ((1, 4, 9, 9), (6, 2, 3, 2), dict(stride=2, groups=2, dilation=(2, 1))),
+               ((3, 8, 5, 5), (4, 8, 1, 1), {})],
+    "shifted": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
+                ((1, 4, 11, 9), (6, 2, 3, 3), dict(groups=2, padding=(1, 2), dilation=2)),
+                ((2, 3, 13, 12), (5, 3, 5, 5), dict(padding="same"))],
+    "winograd": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
+                 ((1, 3, 9, 10), (4, 3, 3, 3), {}),
+                 ((1, 2, 5, 3), (3, 2, 3, 3), dict(padding=2))],
+}
+# forward-only problems (the backward needs stride 1 and padding within the kernel's reach)
+FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))]}
+REFUSED = [
+    ("winograd", (1, 2, 8, 8), (3, 2, 5, 5), {}, False, "winograd needs a 3x3 kernel"),
+    ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(stride=2), False, "stride 1"),
+    ("winograd", (1, 4, 8, 8), (4, 2, 3, 3), dict(groups=2), False, "groups 1"),
+    ("depthwise", (1, 2, 8, 8), (3, 2, 3, 3), {}, False, "depthwise needs groups == input channels"),
+    ("shifted", (1, 2, 8, 8), (3, 2, 1, 1), {}, False, "nothing to shift"),
+    ("shifted", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2), True, "needs stride 1"),
+    ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(padding=3), True, "padding of at most 2"),
+]
+
+
+def _check(algo, x_shape, w_shape, kw, dtype, rng, backward=True):
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, (w_shape[0],), dtype)
+    what = f"{algo} x{x_shape} w{w_shape} {kw}"
+    want = convkern.conv2d(x, w, b, **kw, backend="reference")
+    assert_close(convkern.conv2d(x, w, b, **kw, algo=algo, backend="cpp"), want, dtype, what)
+    assert cpp.last_algo() == algo, f"{what}: ran {cpp.last_algo()}"
+    if not backward:
+        return
+    gy = randn(rng, want.shape, dtype)
+    got = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend="cpp")
+    # depthwise's grad input is a depthwise conv only with one filter per channel
+    grad_input_algo = "direct" if algo == "depthwise" and w_shape[0] != x_shape[1] else algo
+    assert cpp.last_algo() == grad_input_algo, f"{what} backward: grad input ran {cpp.last_algo()}"
+    ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+    for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, ref):
+        assert_close(g, r, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("algo", list(RUNS))
+def test_each_algorithm_against_the_reference(algo, dtype, rng):
+    for x_shape, w_shape, kw in RUNS[algo]:
+        _check(algo, x_shape, w_shape, kw, dtype, rng)
+    for x_shape, w_shape, kw in FORWARD_ONLY.get(algo, []):
+        _check(algo, x_shape, w_shape, kw, dtype, rng, backward=False)
+
+
+@pytest.mark.parametrize("algo,x_shape,w_shape,kw,backward,why", REFUSED)
+def test_an_algorithm_refuses_what_it_cannot_run(algo, x_shape, w_shape, kw, backward, why):
+    x, w = np.ones(x_shape, np.float32), np.ones(w_shape, np.float32)
+    y = convkern.conv2d(x, w, **kw, backend="reference")
+    with pytest.raises(ValueError, match=why):
+        if backward:
+            convkern.conv2d_backward(np.ones_like(y), x, w, **kw, algo=algo, backend="cpp")
+        else:
+            convkern.conv2d(x, w, **kw, algo=algo, backend="cpp")
+
+
+def test_weight_gradients_alone_need_no_grad_input_path(rng):
+    """shifted and winograd take their input gradient as a stride-1 conv; the
+    weight and bias gradients are im2col's, so they run wherever asked alone."""
+    x, w = randn(rng, (1, 2, 9, 9), np.float64), randn(rng, (3, 2, 3, 3), np.float64)
+    gy = randn(rng, convkern.conv2d(x, w, stride=2, backend="reference").shape, np.float64)
+    ref = convkern.conv2d_backward(gy, x, w, stride=2, backend="reference")
+    for algo in ("shifted", "winograd"):
+        _, gw, gb = convkern.conv2d_backward(gy, x, w, stride=2, needs=(False, True, True), algo=algo, backend="cpp")
+        assert_close(gw, ref[1], np.float64, algo) and assert_close(gb, ref[2], np.float64, algo)
+
+
+def test_algorithms_lists_what_each_backend_runs_by_name():
+    assert convkern.algorithms("cpp") == ("direct", "depthwise", "im2col", "shifted", "winograd", "auto")
+    assert convkern.algorithms("numba") == ("direct", "im2col", "auto")
+    x, w = np.ones((1, 2, 6, 6), np.float32), np.ones((3, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="algo 'winograd' is not offered by backend 'numba'; it has 'direct', 'im2col'"):
+        convkern.conv2d(x, w, algo="winograd", backend="numba")
+
+
+@pytest.mark.parametrize("layer", [layer.name for layer in CANONICAL])
+def test_auto_runs_the_algorithm_it_reports(layer, rng):
+    """"auto" runs what its rule reports (the kernels note themselves as they
+    run), forward and for the input gradient, and gives that algorithm's bits."""
+    spec = next(c for c in CANONICAL if c.name == layer)
+    x_shape, w_shape = spec.shapes(1)
+    kw = spec.kwargs()
+    g = conv2d_geometry(x_shape, w_shape, None, **kw)
+    x, w = randn(rng, x_shape, np.float32), randn(rng, w_shape, np.float32)
+    auto = convkern.conv2d(x, w, **kw, backend="cpp")
+    ran = cpp.choose_algo(g)
+    assert cpp.last_algo() == ran
+    np.testing.assert_array_equal(auto, convkern.conv2d(x, w, **kw, algo=ran, backend="cpp"), err_msg=f"auto ran {ran}")
+    gy = randn(rng, g.output_shape, np.float32)
+    convkern.conv2d_backward(gy, x, w, **kw, needs=(True, False, False), backend="cpp")
+    assert cpp.last_algo() == cpp.choose_algo(g, backward=True)
+
+
+def test_winograd_hands_non_finite_data_to_im2col(rng):
+    """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
+    inf): with non-finite data the answer is im2col's, the reference's pattern."""
+    x, w = randn(rng, (1, 4, 8, 8), np.float64), randn(rng, (3, 4, 3, 3), np.float64)
+    x[0, 1, 3, 3] = np.inf
+    got = convkern.conv2d(x, w, padding=1, algo="winograd", backend="cpp")
+    assert cpp.last_algo() == "im2col"
+    ref = convkern.conv2d(x, w, padding=1, backend="reference")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
