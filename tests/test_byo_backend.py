@@ -98,3 +98,26 @@ def test_bench_survives_a_bad_kernel(monkeypatch, tmp_path, byo):
     lines = rows.read_text().splitlines()
     assert len(lines) == 1 + len(report["results"])  # the machine first, then every row
     assert "MISMATCH" in bench.table(report)
+
+
+def test_every_built_in_backend_fits_the_contract():
+    from convkern.backend import contract
+
+    for name in ("cpp", "numba", "reference", "cuda", "cupy", "cuda-emu", "cupy-emu"):
+        info = registry.info(name)
+        if not info.available:
+            continue
+        assert "conv2d_forward" in contract.check(name, registry.get(name)), name
+
+
+def test_registering_a_function_that_does_not_fit_names_it():
+    import types
+
+    bad = types.SimpleNamespace(NAME="bad", conv2d_forward=lambda x, weight, g: x, relu_forward=lambda x: x)
+    with pytest.raises(ValueError, match=r"backend 'bad': conv2d_forward\(x, weight, g\) does not match the contract "
+                                         r"conv2d_forward\(x, weight, bias, g: ConvGeometry, algo: str\)"):
+        convkern.register_backend("bad", bad)
+    assert "bad" not in [b.name for b in convkern.backends()]
+    extra_ok = types.SimpleNamespace(NAME="fine", relu_forward=lambda x, *, scale=1.0: x)
+    convkern.register_backend("fine", extra_ok)
+    registry._REGISTERED.pop("fine", None), registry._MODULES.pop("fine", None), registry._DEVICES.pop("fine", None)

@@ -1,8 +1,8 @@
 """The backend registry (package `convkern.backend`; `convkern.backends()` lists it).
 
-Every backend is a module implementing the same functions (see reference.py
-for the set and their contracts) plus ``NAME``, ``DEVICE``, ``ALGOS`` and
-``available() -> (bool, reason)``. Modules are imported lazily, so a missing
+Every backend is a module implementing some of the functions of the written
+contract (contract.py: exact signatures and duties) plus ``NAME``,
+``DEVICE``, ``ALGOS`` and ``available() -> (bool, reason)``. Modules are imported lazily, so a missing
 optional dependency never breaks ``import convkern``.
 
 Bring your own kernels: ``convkern.register_backend(name, module)``, or an
@@ -62,7 +62,9 @@ def register_backend(name: str, module, device: Optional[str] = None) -> None:
     dev = device or getattr(module, "DEVICE", "cpu")
     if dev not in ("cpu", "cuda"):
         raise ValueError(f"backend {name!r}: device must be 'cpu' or 'cuda', got {dev!r}")
-    if not any(hasattr(module, op) for op in OPS):
+    from .contract import check
+
+    if not any(op in check(name, module) for op in OPS):  # ValueError naming a function that does not fit
         raise ValueError(f"backend {name!r} implements none of {', '.join(OPS)}")
     _REGISTERED[name] = module
     _MODULES[name] = getattr(module, "__name__", name)
