@@ -1,4 +1,5 @@
-"""The ``convkern`` command: info and verify."""
+"""The ``convkern`` command: info, verify, bench, bench-train, bench-net, gate,
+train, predict and featuremaps (the last three in cli_train)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ import sys
 from typing import List, Optional
 
 import numpy as np
+
+
+def _deferred(module: str, function: str):
+    """A subcommand whose module is imported only when it runs: the bench and
+    gate modules pull in more than `convkern info` needs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+    return run
 
 
 def _build_config() -> dict:
@@ -118,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-call-ms", type=float, help="an implementation whose checked call takes longer is "
                    "reported and not timed")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda a: __import__("convkern.bench", fromlist=["main_bench"]).main_bench(a))
+    p.set_defaults(func=_deferred("convkern.bench", "main_bench"))
     p = sub.add_parser("gate", help="performance-regression gate: instruction counts (default) or wall clock")
     p.add_argument("--wallclock", action="store_true", help="the coarse wall-clock gate instead")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
@@ -129,14 +138,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=21, help="wall-clock rounds (default 21)")
     p.add_argument("--update", action="store_true", help="write the baseline instead of checking")
     p.add_argument("--reason", help="with --update: why the new figures are right (kept in the file)")
-    p.set_defaults(func=lambda a: __import__("convkern.gate", fromlist=["main_gate"]).main_gate(a))
+    p.set_defaults(func=_deferred("convkern.gate", "main_gate"))
     p = sub.add_parser("bench-train", help="the LeNet-like model's training step and inference, next to PyTorch")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--backends", help="comma-separated convkern backends (default cpp)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
     p.add_argument("--json", help="write the report as JSON")
-    p.set_defaults(func=lambda a: __import__("convkern.bench_train", fromlist=["main"]).main(a))
+    p.set_defaults(func=_deferred("convkern.bench_train", "main"))
     p = sub.add_parser("bench-net", help="whole networks in PyTorch, patched onto convkern, next to torch's layouts")
     p.add_argument("--nets", help="comma-separated: resnet18, vgg11_bn, mobilenet_v2, lenet (default: all)")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -148,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="per-op profile of a ResNet-18 training step, both ways")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the report as JSON")
-    p.set_defaults(func=lambda a: __import__("convkern.bench_net", fromlist=["main"]).main(a))
+    p.set_defaults(func=_deferred("convkern.bench_net", "main"))
     from .cli_train import add_parsers
 
     add_parsers(sub)

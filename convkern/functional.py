@@ -17,29 +17,13 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from . import backend as _backends
+from .arrays import array_module as _xp
+from .arrays import cupy_or_none as _cupy
+from .arrays import device_of as _device_of
 from .geometry import (ConvGeometry, IntPair, Padding, PoolGeometry, check_divisor, conv2d_geometry,
                        pool2d_geometry)
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _device_of(a) -> str:
-    if isinstance(a, np.ndarray):
-        return "cpu"
-    if hasattr(a, "__cuda_array_interface__"):
-        return "cuda"
-    if hasattr(a, "__dlpack_device__"):
-        kind = a.__dlpack_device__()[0]
-        return "cpu" if int(kind) == 1 else "cuda"
-    return "cpu"
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError:
-        return None
-    return cupy
 
 
 def _as_array(a, name: str, op: str):
@@ -95,11 +79,6 @@ def _prepare(op: str, named: Sequence[Tuple[str, object]]):
         arrays.append(arr)
     arrays = [None if a is None else _contiguous(a, device, dtype) for a in arrays]
     return arrays, device, dtype
-
-
-def _xp(device: str):
-    """The array module for a device: NumPy, or CuPy for GPU arrays."""
-    return np if device == "cpu" else _cupy()
 
 
 def _contiguous(a, device: str, dtype):

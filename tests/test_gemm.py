@@ -1,5 +1,6 @@
-"""The packed GEMM behind im2col, at sizes around its register tile (MR=6,
-NR=2 vector widths) and cache blocks (KC=512, MC=144); edge tiles take the 4- and 8-row and one-vector kernels."""
+"""The packed GEMM behind im2col, at sizes around its register tile (MR=12
+rows with AVX-512, 6 otherwise; NR=2 vector widths) and cache blocks
+(KC=512, MC=144); edge tiles take the smaller-row and one-vector kernels."""
 
 import numpy as np
 import pytest

@@ -13,7 +13,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..functional import _device_of, _xp
+from ..arrays import array_module as _xp
+from ..arrays import cupy_or_none
+from ..arrays import device_of as _device_of
 
 
 def array_module(a):
@@ -121,8 +123,7 @@ class Module:
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda":
-            from ..functional import _cupy
-            if _cupy() is None:
+            if cupy_or_none() is None:
                 raise RuntimeError("device='cuda' needs CuPy (pip install cupy-cuda13x)")
         for p in self.parameters():
             data = p.data
