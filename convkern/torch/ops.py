@@ -130,20 +130,18 @@ class Op:
         self.backward_op.register_autograd(_double_backward, setup_context=_refuse_setup)
         op = self
 
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                output = impl(*args)
-                setup(ctx, args, output)
-                return output
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup(ctx, args, output)
+            return output
 
-            @staticmethod
-            def backward(ctx, *grads):
-                # with create_graph, the registered backward op: its autograd refuses double backward
-                return grad(ctx, op.backward_op if torch.is_grad_enabled() else op.backward_impl, *grads)
+        def backward(ctx, *grads):
+            # with create_graph, the registered backward op: its autograd refuses double backward
+            return grad(ctx, op.backward_op if torch.is_grad_enabled() else op.backward_impl, *grads)
 
-        Function.__name__ = Function.__qualname__ = f"{name}_function"
-        self.function = Function
+        # named per op, so profiles show convkern_conv2d / convkern_conv2dBackward
+        self.function = type(f"convkern_{name}", (torch.autograd.Function,),
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
         return self.op(*args)
