@@ -8,6 +8,7 @@ Used by ``convkern bench`` and by the pytest-benchmark suite in bench/.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -112,7 +113,7 @@ class Case:
     run: Callable[[], object]
     output: Callable[[], np.ndarray]
     device: str = "cpu"  # "cuda": timed with CUDA events after warm-up
-    ran: str = ""        # for algo "auto": the algorithm the backend's rule picked
+    ran: object = ""     # for algo "auto": what ran (a callable asked right after the checked call)
 
 
 def _device_of(backend_name: str) -> str:
@@ -172,6 +173,13 @@ def _torch_conv(torch, tensors, kw, backward: bool) -> Callable[[], object]:
     return run
 
 
+def _what_ran(module) -> str:
+    """The algorithm a backend's last conv call ran, and whether measured or by its rules."""
+    from . import tune
+
+    return f"{module.last_algo()} ({'rules' if tune.mode() == 'off' else 'measured'})"
+
+
 def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool, rng) -> Dict[str, Case]:
     layer = BY_NAME[layer_name]
     xs, ws = layer.shapes(batch)
@@ -190,9 +198,11 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
         problem = getattr(module, "algo_problem", None)
         if algo not in ("", "auto") and problem is not None and problem(g, algo, backward):
             continue  # the algorithm cannot run this layer (convkern says why when asked for it)
-        ran = ""
-        if algo == "auto" and hasattr(module, "choose_algo"):
-            ran = module.choose_algo(g, backward) if name == "cpp" else module.choose_algo(g)
+        ran: object = ""
+        if algo == "auto" and hasattr(module, "last_algo"):
+            ran = functools.partial(_what_ran, module)
+        elif algo == "auto" and hasattr(module, "choose_algo"):
+            ran = f"{module.choose_algo(g)} (rules)"
         device = _device_of(name)
         (xd, wd, bd, gyd), back = _on_device(device, x, w, b, gy)
         if backward:
@@ -317,6 +327,8 @@ def _validate(cases: Dict[str, Case], truth_key: Optional[str],
             verdicts[impl] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             continue
         took = time.perf_counter() - t0
+        if callable(case.ran):
+            case.ran = case.ran()  # what this call ran, before another kernel runs
         if truth is None:
             truth, label = out, impl
             verdicts[impl] = "(first)"

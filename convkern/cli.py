@@ -61,6 +61,14 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"convkern.set_num_threads change it)")
     except ImportError:
         pass
+    from . import machine, tune
+
+    print(f"machine: {machine.describe()}")
+    try:
+        st = tune.status()
+        print(f"tuning: CONVKERN_TUNE={st['mode']} ({st['choices']} choices in {st['cache']})")
+    except ValueError as exc:
+        print(f"tuning: {exc}")
     print("backends:")
     for b in convkern.backends():
         print(f"  {b}")
@@ -76,6 +84,56 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  device {i}: {d['name']} (sm_{cc.replace('.', '')}, {d['multiprocessors']} SMs, "
                   f"{d['total_memory'] / 2**30:.1f} GiB)")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure now what algo="auto" will measure on first sight: the
+    canonical layers at --batch, or the convs of a model file from convkern
+    train (one training step at --batch), forward and backward."""
+    from . import tune
+
+    with tune.forced("exhaustive" if args.exhaustive else "on"):
+        before = dict(tune._stats)
+        if args.model:
+            from . import nn
+
+            model, header = nn.load_model(args.model)
+            x = np.random.default_rng(0).random((args.batch,) + tuple(header["input_shape"])).astype(
+                next(iter(model.parameters())).data.dtype)
+            model.train()
+            y = model(x)
+            model.backward(np.ones_like(y))
+        else:
+            from .layers import BY_NAME, CANONICAL
+
+            names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
+            unknown = [n for n in names if n not in BY_NAME]
+            if unknown:
+                print(f"convkern tune: unknown layers {unknown}; known: {', '.join(BY_NAME)}", file=sys.stderr)
+                return 2
+            rng = np.random.default_rng(0)
+            for name in names:
+                layer = BY_NAME[name]
+                xs, ws = layer.shapes(args.batch)
+                x, w = rng.standard_normal(xs).astype(args.dtype), rng.standard_normal(ws).astype(args.dtype)
+                y = convkern_conv2d(x, w, **layer.kwargs())
+                convkern_conv2d_backward(rng.standard_normal(y.shape).astype(args.dtype), x, w, **layer.kwargs())
+        st = tune.status()
+    print(f"measured {st['measured'] - before['measured']} problems, {st['remembered'] - before['remembered']} "
+          f"already known; {st['choices']} choices in {st['cache']}")
+    return 0
+
+
+def convkern_conv2d(*args, **kwargs):
+    from .functional import conv2d
+
+    return conv2d(*args, **kwargs)
+
+
+def convkern_conv2d_backward(*args, **kwargs):
+    from .functional import conv2d_backward
+
+    return conv2d_backward(*args, **kwargs)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -113,6 +171,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run, printed)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("tune", help="measure and remember the fastest conv2d algorithm for layers ahead of use")
+    p.add_argument("--layers", help="comma-separated canonical layer names (default: all)")
+    p.add_argument("--model", help="a model file from convkern train: tune its convs instead")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--exhaustive", action="store_true", help="measure longer (a quiet machine, stabler choices)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("bench", help="side-by-side benchmark of backends/algorithms (and PyTorch if installed)")
     p.add_argument("--ops", default="conv2d", help="comma-separated: conv2d, conv2d_backward, max_pool2d, "
                    "avg_pool2d and relu (each also _backward), gemm (default conv2d)")

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from . import backend as _backends
+from . import tune as _tune
 from .arrays import array_module as _xp
 from .arrays import cupy_or_none as _cupy
 from .arrays import device_of as _device_of
@@ -145,6 +146,23 @@ def _resolve_algo(impl, algo: str) -> str:
     return algo
 
 
+def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
+    """algo="auto" on a backend that says which algorithms can run g: the
+    measured best (convkern.tune), or "auto" (the backend's rules) when
+    tuning is off or there is nothing to choose between."""
+    problem = getattr(impl, "algo_problem", None)
+    if problem is None or _tune.mode() == "off":
+        return "auto"
+    grad_input = op == "backward" and needs[0]
+    candidates = [a for a in getattr(impl, "ALGOS", ()) if not problem(g, a, grad_input)]
+    if len(candidates) < 2:
+        return candidates[0] if candidates else "auto"
+    threads = impl.threads() if hasattr(impl, "threads") else 0
+    key = _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
+                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
+    return _tune.choose(key, candidates, run)
+
+
 def _all_finite(a, device: str) -> bool:
     return bool(_xp(device).isfinite(a).all())
 
@@ -184,11 +202,14 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
     algo = _resolve_algo(impl, algo)
-    if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
-        algo = "im2col"
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
-    y = impl.conv2d_forward(x.reshape(g.input_shape), w, b, g, algo)
+    x = x.reshape(g.input_shape)
+    if algo == "auto":
+        algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(x, w, b, g, a))
+    if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
+        algo = "im2col"
+    y = impl.conv2d_forward(x, w, b, g, algo)
     return _unbatch(y, g.unbatched)
 
 
@@ -219,6 +240,8 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     else:
         x = x.reshape(g.input_shape)
         algo = _resolve_algo(impl, algo)
+        if algo == "auto":
+            algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gy, x, w, g, a, needs))
         if algo in ("direct", "auto") and needs[1] and _direct_skips_padding(impl, g) and not _all_finite(gy, device):
             gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
             _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))

@@ -10,11 +10,24 @@ CONVKERN_CUDA_EMU=0 leaves them out."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-import convkern
-from cuda_emu.register import register as register_cuda_emulator
+# The suite runs with the autotuner off (auto = the backends' rules, the same
+# choices on every run) and never touches the user's cache; the tuner's own
+# tests turn it on. Set before convkern is imported, and inherited by the
+# commands the tests start.
+os.environ["CONVKERN_TUNE"] = "off"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="convkern-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import convkern  # noqa: E402
+from cuda_emu.register import register as register_cuda_emulator  # noqa: E402
 
 register_cuda_emulator()
 BACKENDS = [b.name for b in convkern.backends()]

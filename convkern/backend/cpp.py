@@ -38,6 +38,10 @@ def algo_problem(g: ConvGeometry, algo: str, backward: bool = False) -> Optional
     return _cpu.conv_algo_problem(g.as_tuple(), algo, bool(backward))
 
 
+def threads() -> int:
+    return int(_cpu.num_threads())
+
+
 def last_algo() -> str:
     """The algorithm this thread's last conv2d call ran (backward: for its grad
     input): what "auto" picked, and where a named one handed the call on

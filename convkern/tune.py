@@ -1,0 +1,211 @@
+"""The measuring autotuner behind ``algo="auto"``, after FFTW's wisdom and
+``torch.backends.cudnn.benchmark``: the first time a backend sees a conv
+problem (shape, stride, padding, dilation, groups, dtype, pass, thread
+count), it times every algorithm that can run it on the call's own arrays,
+remembers the fastest, and runs that from then on. The choices live in memory
+for the process and in a per-machine file under the XDG cache directory, so
+a later process on the same machine and build measures nothing.
+
+``CONVKERN_TUNE`` sets the mode:
+
+- ``on`` (the default): measure on first sight, a few calls per algorithm.
+  The rules behind ``auto`` were tuned on one CPU family and are off by 1.2x
+  and more on others (see docs/performance.md); measuring costs a few calls
+  once per problem and machine, and the cache file makes even that a one-off.
+- ``exhaustive``: measure longer (for a quiet machine and stable choices).
+- ``off``: the backend's rules only, nothing measured or read.
+
+The cache file is JSON (nothing in it is executed or unpickled), written
+atomically; it is keyed by the CPU's identity and the compiled module, and a
+file that is corrupt or was made on another machine or build is ignored with
+a warning. Only backends that say which algorithms can run a problem
+(``algo_problem``: cpp) are tuned; a named algorithm is never replaced.
+Choices are per thread count, and bit-identical for a given choice: tests
+that compare bits, the regression gates and distributed ranks run with
+``CONVKERN_TUNE=off`` or a choice made once and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import machine
+
+MODES = ("off", "on", "exhaustive")
+FORMAT = 1
+_lock = threading.RLock()
+_memory: Dict[str, str] = {}
+_loaded_from: Optional[str] = None
+_override: List[str] = []  # set by forced(); innermost last
+_stats = {"measured": 0, "remembered": 0}
+
+
+def mode() -> str:
+    """The tuning mode now: forced() if active, else CONVKERN_TUNE (default "on")."""
+    if _override:
+        return _override[-1]
+    value = os.environ.get("CONVKERN_TUNE", "on").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"CONVKERN_TUNE must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def forced(value: str) -> Iterator[None]:
+    """Run a block with the given tuning mode, whatever CONVKERN_TUNE says."""
+    if value not in MODES:
+        raise ValueError(f"tuning mode must be one of {', '.join(MODES)}, got {value!r}")
+    _override.append(value)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _build_id() -> str:
+    """Changes when the compiled kernels do: a digest of the C++ module file."""
+    try:
+        from . import _cpu  # type: ignore[attr-defined]
+
+        with open(_cpu.__file__, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (ImportError, OSError):
+        return "none"
+
+
+_build_cache: List[str] = []
+
+
+def build_id() -> str:
+    if not _build_cache:
+        _build_cache.append(_build_id())
+    return _build_cache[0]
+
+
+def machine_key() -> Dict[str, object]:
+    m = machine.identity()
+    return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
+            "stepping": m["stepping"], "cores": m["cores"], "caches": m["caches"], "build": build_id()}
+
+
+def cache_path() -> str:
+    """The per-machine cache file (its name digests the machine key)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(root, "convkern", f"tune-{digest}.json")
+
+
+def _load() -> None:
+    """Read the cache file once per process (and again if its path changes)."""
+    global _loaded_from
+    path = cache_path()
+    if _loaded_from == path:
+        return
+    _loaded_from = path
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"convkern: ignoring the tuning cache {path}: unreadable ({exc})", RuntimeWarning, stacklevel=3)
+        return
+    if (not isinstance(data, dict) or data.get("format") != FORMAT or data.get("machine") != machine_key()
+            or not isinstance(data.get("choices"), dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in data["choices"].items())):
+        warnings.warn(f"convkern: ignoring the tuning cache {path}: made for another machine or build, or not "
+                      f"a convkern tuning file", RuntimeWarning, stacklevel=3)
+        return
+    for key, algo in data["choices"].items():
+        _memory.setdefault(key, algo)
+
+
+def _save() -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        payload = {"format": FORMAT, "machine": machine_key(), "choices": dict(sorted(_memory.items()))}
+        fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    except OSError as exc:  # a read-only home: the choices still hold for this process
+        warnings.warn(f"convkern: could not write the tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def key(backend: str, op: str, geometry: Tuple[int, ...], dtype: str, threads: int,
+        extra: Sequence[object] = ()) -> str:
+    return "|".join(str(p) for p in (backend, op, dtype, threads, ",".join(map(str, geometry)), *extra))
+
+
+def _seconds(run: Callable[[], object], exhaustive: bool, beat: float = float("inf")) -> float:
+    """Best of a few timed calls after a warm-up call (a fresh workspace, first
+    touch); a candidate whose warm-up took over 4x `beat` (the best so far) is
+    not timed further: the direct loops on a large layer take 30x a GEMM's."""
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    if first > 4 * beat:
+        return first
+    calls, budget = (10, 0.2) if exhaustive else (3, 0.02)
+    best, start, n = float("inf"), time.perf_counter(), 0
+    while n < calls or (time.perf_counter() - start < budget and n < 10 * calls):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best
+
+
+def choose(cache_key: str, candidates: Sequence[str], run: Callable[[str], object]) -> str:
+    """The remembered algorithm for `cache_key`, or the fastest of `candidates`
+    timed now through run(algo) (and remembered)."""
+    with _lock:
+        _load()
+        known = _memory.get(cache_key)
+        if known in candidates:
+            _stats["remembered"] += 1
+            return known
+        exhaustive = mode() == "exhaustive"
+        times: Dict[str, float] = {}
+        for algo in candidates:
+            times[algo] = _seconds(lambda algo=algo: run(algo), exhaustive, min(times.values(), default=float("inf")))
+        best = min(times, key=times.get)
+        _memory[cache_key] = best
+        _stats["measured"] += 1
+        _save()
+        return best
+
+
+def chosen(cache_key: str) -> Optional[str]:
+    """What was chosen for `cache_key` (None: not measured; auto's rules apply)."""
+    with _lock:
+        _load()
+        return _memory.get(cache_key)
+
+
+def status() -> Dict[str, object]:
+    """Mode, cache file, choices held and this process's measured/remembered counts."""
+    with _lock:
+        try:
+            _load()
+        except ValueError:
+            pass
+        return {"mode": os.environ.get("CONVKERN_TUNE", "on"), "cache": cache_path(), "choices": len(_memory),
+                **_stats}
+
+
+def forget() -> None:
+    """Drop every choice held in memory (the cache file stays)."""
+    global _loaded_from
+    with _lock:
+        _memory.clear()
+        _loaded_from = None

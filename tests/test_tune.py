@@ -1,0 +1,131 @@
+"""The autotuner behind algo="auto" (convkern.tune): it measures the
+algorithms that can run a problem once, remembers the fastest in memory and
+in a per-machine cache file, never replaces a named algorithm, and its choice
+gives that algorithm's own bits. (The rest of the suite runs with it off.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern import tune
+from convkern.backend import cpp
+from convkern.geometry import conv2d_geometry
+from helpers import assert_close, randn
+
+X, W, KW = (2, 16, 12, 12), (16, 16, 3, 3), dict(padding=1)  # direct, im2col, shifted and winograd all run it
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONVKERN_TUNE", "on")
+    tune.forget()
+    before = dict(tune._stats)
+    yield tmp_path
+    tune.forget()
+    tune._stats.update(before)
+
+
+def open_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _counts():
+    return tune._stats["measured"], tune._stats["remembered"]
+
+
+def test_auto_measures_once_then_remembers(tuning, rng):
+    x, w = randn(rng, X, np.float32), randn(rng, W, np.float32)
+    m0, r0 = _counts()
+    y = convkern.conv2d(x, w, **KW)
+    chosen = cpp.last_algo()
+    assert chosen in ("direct", "im2col", "shifted", "winograd") and _counts() == (m0 + 1, r0)
+    y2 = convkern.conv2d(x, w, **KW)
+    assert _counts() == (m0 + 1, r0 + 1) and cpp.last_algo() == chosen
+    # the tuned result is the chosen algorithm's, bit for bit, and the reference's within float32 rounding
+    np.testing.assert_array_equal(y, convkern.conv2d(x, w, **KW, algo=chosen))
+    np.testing.assert_array_equal(y, y2)
+    assert_close(y, convkern.conv2d(x, w, **KW, backend="reference"), np.float32, f"tuned {chosen}")
+    gy = randn(rng, y.shape, np.float32)
+    grads = convkern.conv2d_backward(gy, x, w, **KW)  # a pass of its own: measured separately
+    assert _counts()[0] == m0 + 2
+    for g, r in zip(grads, convkern.conv2d_backward(gy, x, w, **KW, backend="reference")):
+        assert_close(g, r, np.float32, "tuned backward")
+
+
+def test_the_cache_file_serves_the_next_process(tuning, rng):
+    x, w = randn(rng, X, np.float64), randn(rng, W, np.float64)
+    convkern.conv2d(x, w, **KW)
+    path = tune.cache_path()
+    data = json.loads(open_text(path))
+    assert data["format"] == tune.FORMAT and data["machine"] == tune.machine_key() and len(data["choices"]) == 1
+    code = ("import numpy as np, convkern\nfrom convkern import tune\nfrom convkern.backend import cpp\n"
+            f"x = np.random.default_rng(0).standard_normal({X}); w = np.ones({W})\n"
+            f"convkern.conv2d(x, w, padding=1)\nprint(tune._stats['measured'], tune._stats['remembered'], "
+            f"cpp.last_algo())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, XDG_CACHE_HOME=str(tuning), CONVKERN_TUNE="on"))
+    measured, remembered, algo = out.stdout.split()
+    assert (measured, remembered, algo) == ("0", "1", list(data["choices"].values())[0]), out.stderr
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "machine": {"cpu": "elsewhere"},
+                                                              "choices": {"k": "im2col"}})])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning(tuning, rng, content):
+    os.makedirs(os.path.dirname(tune.cache_path()), exist_ok=True)
+    with open(tune.cache_path(), "w") as f:
+        f.write(content)
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning cache"):
+        convkern.conv2d(randn(rng, X, np.float32), randn(rng, W, np.float32), **KW)
+    assert json.loads(open_text(tune.cache_path()))["machine"] == tune.machine_key()  # rewritten, valid
+
+
+def test_off_means_the_rules_and_a_named_algorithm_is_never_replaced(tuning, rng, monkeypatch):
+    x, w = randn(rng, X, np.float32), randn(rng, W, np.float32)
+    m0, _ = _counts()
+    convkern.conv2d(x, w, **KW, algo="im2col")
+    assert cpp.last_algo() == "im2col" and _counts()[0] == m0
+    monkeypatch.setenv("CONVKERN_TUNE", "off")
+    convkern.conv2d(x, w, **KW)
+    g = conv2d_geometry(X, W, None, **KW)
+    assert cpp.last_algo() == cpp.choose_algo(g) and _counts()[0] == m0
+    monkeypatch.setenv("CONVKERN_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="CONVKERN_TUNE must be one of off, on, exhaustive"):
+        convkern.conv2d(x, w, **KW)
+
+
+def test_exhaustive_and_forced_modes(tuning, rng):
+    with tune.forced("exhaustive"):
+        convkern.conv2d(randn(rng, X, np.float32), randn(rng, W, np.float32), **KW)
+    assert tune.status()["choices"] == 1
+    with tune.forced("off"):
+        m0, _ = _counts()
+        convkern.conv2d(randn(rng, (1, 16, 9, 9), np.float32), randn(rng, W, np.float32), **KW)
+        assert _counts()[0] == m0
+    with pytest.raises(ValueError):
+        with tune.forced("always"):
+            pass
+
+
+def test_convkern_tune_measures_ahead_of_use(tuning, tmp_path, capsys):
+    from convkern import nn
+    from convkern.cli import main
+
+    assert main(["tune", "--layers", "mnist_conv1,resnet_l1_3x3", "--batch", "1"]) == 0
+    assert "measured 4 problems, 0 already known" in capsys.readouterr().out
+    assert main(["tune", "--layers", "mnist_conv1", "--batch", "1"]) == 0
+    assert "measured 0 problems, 2 already known" in capsys.readouterr().out
+    path = tmp_path / "m.npz"
+    nn.save(path, nn.build("lenet", (1, 28, 28), 10, rng=0), meta={"arch": "lenet", "input_shape": [1, 28, 28],
+                                                                  "num_classes": 10})
+    assert main(["tune", "--model", str(path), "--batch", "2"]) == 0
+    assert "measured 0 problems" not in capsys.readouterr().out  # its two convs at batch 2, forward and backward
+    assert main(["tune", "--model", str(path), "--batch", "2"]) == 0
+    assert "measured 0 problems" in capsys.readouterr().out
+    assert main(["tune", "--layers", "nope"]) == 2
