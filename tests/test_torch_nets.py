@@ -238,14 +238,16 @@ def test_patched_model_trains_under_ddp(tmp_path):
             torch.nn.functional.cross_entropy(reference(x), t).backward()
             opt.step(); ref_opt.step()
         worst = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), reference.parameters()))
-        print(f"rank {{rank}} worst {{worst:.3g}} swapped {{len(ckt.report(model).swapped)}}")
+        from convkern.backend import cpp
+        print(f"rank {{rank}} worst {{worst:.3g}} swapped {{len(ckt.report(model).swapped)}} cpp {{cpp.available()[0]}}")
         dist.destroy_process_group()
     """))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # cwd away from the checkout, whose convkern/ lacks the compiled modules of the installed package
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for r in (0, 1)]
+                              text=True, env=env, cwd=str(tmp_path)) for r in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         worst = float(out.split("worst ")[1].split()[0])
-        assert worst <= 1e-12 and "swapped 7" in out, out
+        assert worst <= 1e-12 and "swapped 7" in out and "cpp True" in out, out

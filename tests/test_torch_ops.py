@@ -204,10 +204,10 @@ def test_double_backward_is_a_clear_error():
         gx.sum().backward()
 
 
-def test_import_without_torch_says_what_to_install():
+def test_import_without_torch_says_what_to_install(tmp_path):
     code = "import sys; sys.modules['torch'] = None\nimport convkern\ntry:\n    import convkern.torch\n" \
            "except ImportError as e:\n    print('IMPORTERROR', e)\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert "IMPORTERROR" in out.stdout and "pip install torch" in out.stdout, out.stdout + out.stderr
 
 

@@ -69,8 +69,10 @@ def test_the_cache_file_serves_the_next_process(tuning, rng):
             f"x = np.random.default_rng(0).standard_normal({X}); w = np.ones({W})\n"
             f"convkern.conv2d(x, w, padding=1)\nprint(tune._stats['measured'], tune._stats['remembered'], "
             f"cpp.last_algo())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    # cwd away from the checkout: its convkern/ has no compiled modules where the package is installed
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(tuning),
                          env=dict(os.environ, XDG_CACHE_HOME=str(tuning), CONVKERN_TUNE="on"))
+    assert out.returncode == 0, out.stderr[-3000:]
     measured, remembered, algo = out.stdout.split()
     assert (measured, remembered, algo) == ("0", "1", list(data["choices"].values())[0]), out.stderr
 

@@ -74,6 +74,7 @@ if [ $dry -eq 1 ]; then
     tool=(python3 "$repo/tests/cuda_emu/run.py")
     cuda=cuda-emu cupy=cupy-emu
     export CONVKERN_CUDA_EMU=1
+    cd "$site"  # as below: the checkout's convkern/ has no compiled modules where the package is installed
 else
     CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DCONVKERN_CUDA=ON" \
         step install 50 python3 -m pip install -q --no-build-isolation --no-deps --target "$site" . \
