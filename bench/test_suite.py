@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convkern import bench
-from convkern.layers import CANONICAL
+from convkern.canonical import CANONICAL
 
 IMPLS = bench.default_impls()
 PEERS = IMPLS + ["torch"]

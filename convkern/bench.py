@@ -24,7 +24,7 @@ import numpy as np
 from . import backend as _backends
 from . import functional as F
 from .geometry import conv2d_geometry
-from .layers import BY_NAME, CANONICAL
+from .canonical import BY_NAME, CANONICAL
 from .verify import relative_error
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
@@ -220,9 +220,15 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
                                     lambda: run_cudnn().detach().cpu().numpy(), "cuda")
     torch = _torch()
     if torch is not None and (tg is None or any(c.device == "cpu" for c in cases.values())):
-        # the CPU peer only beside CPU contenders: a GPU run compares with cuDNN
-        run_torch = _torch_conv(torch, [torch.from_numpy(a) for a in (x, w, b, gy)], kw, backward)
+        # the CPU peers only beside CPU contenders (a GPU run compares with cuDNN), in
+        # both of torch's layouts: channels_last is the one its users switch to for speed
+        tensors = [torch.from_numpy(a) for a in (x, w, b, gy)]
+        run_torch = _torch_conv(torch, tensors, kw, backward)
         cases["torch"] = Case(op, layer_name, work, "GFLOP/s", run_torch, lambda: run_torch().detach().numpy())
+        cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
+        run_cl = _torch_conv(torch, cl, kw, backward)
+        cases["torch:channels_last"] = Case(op, layer_name, work, "GFLOP/s", run_cl,
+                                            lambda: run_cl().detach().contiguous().numpy())
     return cases
 
 
@@ -257,8 +263,12 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
         peers.append(("torch:cuda", tg, "cuda"))
     if _torch() is not None and any(c.device == "cpu" for c in cases.values()):
         peers.append(("torch", _torch(), "cpu"))
+    if _torch() is not None and any(c.device == "cpu" for c in cases.values()) and not op.startswith("relu"):
+        peers.append(("torch:channels_last", _torch(), "cpu"))  # relu does not care about layout
     for peer, torch, device in peers:
         tx, tgp, tgy, tind = (torch.from_numpy(a).to(device) for a in (x, gp, gy, ind))
+        if peer == "torch:channels_last":
+            tx, tgp, tgy, tind = (t.contiguous(memory_format=torch.channels_last) for t in (tx, tgp, tgy, tind))
         aten = torch.ops.aten
         tfn = {
             "max_pool2d": lambda: torch.nn.functional.max_pool2d(tx, 2),
@@ -270,7 +280,8 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
             "relu": lambda: torch.relu(tx),
             "relu_backward": lambda: aten.threshold_backward(tgy, tx, 0),
         }[op]
-        cases[peer] = Case(op, problem, work, "GB/s", tfn, (lambda tfn=tfn: tfn().cpu().numpy()), device)
+        cases[peer] = Case(op, problem, work, "GB/s", tfn, (lambda tfn=tfn: tfn().cpu().contiguous().numpy()),
+                           device)
     return cases
 
 
@@ -498,13 +509,13 @@ def _simd() -> str:
         return "unknown"
 
 
-_PEERS = ("torch", "torch:cudnn", "torch:cuda")
+_PEERS = ("torch", "torch:channels_last", "torch:cudnn", "torch:cuda")
 
 
 def _row_device(impl: str) -> str:
     name = impl.partition(":")[0]
     if name == "torch":
-        return "cpu" if impl == "torch" else "cuda"
+        return "cpu" if impl in ("torch", "torch:channels_last") else "cuda"
     try:
         return _device_of(name)
     except Exception:  # noqa: BLE001 - a backend gone since the run: informative only
@@ -519,7 +530,7 @@ def table(report: dict) -> str:
     lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS, OPENBLAS_* unset), "
              f"copy {c['copy_gbs']:.1f} GB/s{gpu}; {report['machine']['threads']} threads, "
              f"SIMD {report['machine']['simd']}, batch {report['batch']}",
-             f"{'op':<20} {'problem':<20} {'impl':<16} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "
+             f"{'op':<20} {'problem':<20} {'impl':<20} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "
              f"{'vs torch':>9}  checked against"]
     groups: Dict[tuple, List[dict]] = {}
     for r in report["results"]:
@@ -528,18 +539,24 @@ def table(report: dict) -> str:
         timed = [r for r in rows if r["ms"] is not None]
         for r in rows:
             if r["ms"] is None:
-                lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {'-':>10} {'-':>14} {'-':>6} {'-':>8} "
+                lines.append(f"{op:<20} {problem:<20} {r['impl']:<20} {'-':>10} {'-':>14} {'-':>6} {'-':>8} "
                              f"{'-':>9}  {r['check']}")
         if not timed:
             continue
         best = min(r["ms"] for r in timed)
-        peer_ms = {_row_device(r["impl"]): r["ms"] for r in timed if r["impl"] in _PEERS}
+        peer_ms: Dict[str, float] = {}  # the faster PyTorch layout on each device
+        for r in timed:
+            if r["impl"] in _PEERS:
+                device = _row_device(r["impl"])
+                peer_ms[device] = min(r["ms"], peer_ms.get(device, float("inf")))
         for r in timed:
             torch_ms = peer_ms.get(_row_device(r["impl"]))  # PyTorch on the same device
             vs_torch = f"{torch_ms / r['ms']:.2f}x" if torch_ms else "-"
-            lines.append(f"{op:<20} {problem:<20} {r['impl']:<16} {r['ms']:>10.3f} "
+            lines.append(f"{op:<20} {problem:<20} {r['impl']:<20} {r['ms']:>10.3f} "
                          f"{r['rate']:>8.1f} {r['unit']:<5} {r['ceiling_pct']:>5.0f}% {best / r['ms']:>7.2f}x "
                          f"{vs_torch:>9}  {r['check']}")
+    lines.append("vs torch: speed relative to the faster of PyTorch's layouts (NCHW, channels_last) on the row's "
+                 "device; above 1 is faster")
     return "\n".join(lines)
 
 

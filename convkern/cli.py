@@ -104,7 +104,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             y = model(x)
             model.backward(np.ones_like(y))
         else:
-            from .layers import BY_NAME, CANONICAL
+            from .canonical import BY_NAME, CANONICAL
 
             names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
             unknown = [n for n in names if n not in BY_NAME]

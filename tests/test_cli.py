@@ -76,7 +76,7 @@ def test_bench_backend_algo_pairs_select_exactly_those(tmp_path):
     import json
 
     impls = {r["impl"] for r in json.loads(out.read_text())["results"]}
-    assert impls <= {"cpp:im2col", "torch"} and "cpp:im2col" in impls
+    assert impls <= {"cpp:im2col", "torch", "torch:channels_last"} and "cpp:im2col" in impls
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -86,3 +86,14 @@ def test_bench_backend_algo_pairs_select_exactly_those(tmp_path):
 def test_bench_refuses_bad_choices_before_timing(capsys, argv, says):
     assert cli.main(["bench", "--layers", "mnist_conv1", "--no-progress", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_the_old_name_of_the_canonical_layers_still_works_and_warns():
+    import importlib
+
+    sys.modules.pop("convkern.layers", None)
+    with pytest.warns(DeprecationWarning, match="convkern.layers is now convkern.canonical"):
+        old = importlib.import_module("convkern.layers")
+    from convkern import canonical
+
+    assert old.CANONICAL is canonical.CANONICAL and old.BY_NAME is canonical.BY_NAME

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     import convkern
     from convkern.bench import gpu_median_time, median_time
-    from convkern.layers import BY_NAME, CANONICAL
+    from convkern.canonical import BY_NAME, CANONICAL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
