@@ -293,12 +293,22 @@ def simd_level() -> str:
     return cpp._cpu.simd_level()
 
 
-def wallclock_values(data: dict, level: str) -> Optional[Dict[str, float]]:
-    """The wall-clock baseline for a SIMD level, or None. Times against NumPy
-    depend on the vector width (AVX-512 has kernels AVX2 lacks: the 2x2 max
-    pool ran 5x its AVX-512 ratio on an AVX2 machine), so each level keeps
-    its own; the instruction gate, pinned to AVX2, covers every machine."""
-    return data.get("by_simd", {}).get(level)
+def machine_kind() -> str:
+    """What a wall-clock baseline is kept per: the SIMD level and the CPU's
+    vendor and family. Times against NumPy depend on both: AVX-512 has kernels
+    AVX2 lacks (the 2x2 max pool ran 5x its AVX-512 ratio on an AVX2 machine),
+    and relu ran 1.7-1.8x its AMD ratio on an AVX-512 Intel Xeon."""
+    from . import machine
+
+    m = machine.identity()
+    return f"{simd_level()} {m['vendor'] or 'unknown-vendor'} family {m['family'] or '?'}"
+
+
+def wallclock_values(data: dict, kind: str) -> Optional[Dict[str, float]]:
+    """The wall-clock baseline for a machine kind, or None: a machine of a kind
+    without one is not judged by this gate (the instruction gate, pinned to
+    AVX2 and one thread, covers every machine)."""
+    return data.get("by_machine", {}).get(kind)
 
 
 def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) -> None:
@@ -309,12 +319,13 @@ def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) 
         "kind": kind,
         "conditions": ("callgrind, CONVKERN_SIMD=avx2, OMP_NUM_THREADS=1, float32" if kind == "instructions"
                        else f"1 thread, batch x{WALL_SCALE}, median of interleaved rounds of "
-                            "case time / (numpy sort of 32K floats + 16 MiB copy) time, per SIMD level"),
+                            "case time / (numpy sort of 32K floats + 16 MiB copy) time, per machine kind "
+                            "(SIMD level, CPU vendor and family)"),
     }
     if kind == "wallclock":
-        level = simd_level()
-        entry["simd"] = level
-        data["by_simd"] = {**old.get("by_simd", {}), level: values}
+        machine = machine_kind()
+        entry["machine"] = machine
+        data["by_machine"] = {**old.get("by_machine", {}), machine: values}
     else:
         data["values"] = values
     history.append(entry)
@@ -340,9 +351,9 @@ def main_gate(args) -> int:
         kind, path, limit = "wallclock", Path(args.baseline or DEFAULT_WALLCLOCK), 1.0 + args.wall_threshold
         if not args.update:
             data = load_baseline(path)
-            if wallclock_values(data, simd_level()) is None:
-                print(f"no wall-clock baseline for SIMD level {simd_level()} in {path} (recorded: "
-                      f"{', '.join(sorted(data.get('by_simd', {}))) or 'none'}): not judged here; the "
+            if wallclock_values(data, machine_kind()) is None:
+                print(f"no wall-clock baseline for this machine kind ({machine_kind()}) in {path} (recorded: "
+                      f"{'; '.join(sorted(data.get('by_machine', {}))) or 'none'}): not judged here; the "
                       "instruction gate still is. Record one on such a machine with `convkern gate --wallclock "
                       "--update --reason ...`")
                 return 0
@@ -362,7 +373,7 @@ def main_gate(args) -> int:
         return 0
     data = load_baseline(path)
     if kind == "wallclock":
-        base = wallclock_values(data, simd_level())
+        base = wallclock_values(data, machine_kind())
         verdicts, state = compare_wallclock(base, now, limit)
         if any(v.failed for v in verdicts):
             # a real slowdown persists; a burst of load on a shared machine rarely does

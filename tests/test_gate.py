@@ -52,24 +52,26 @@ def test_wallclock_gate_trips_when_slowed(tmp_path):
     assert "FAIL" in r.stdout
 
 
-def test_wallclock_baselines_are_kept_per_simd_level(tmp_path):
-    """A baseline recorded at another SIMD level is not used: times against NumPy
-    depend on the vector width. Updating keeps the other levels' baselines."""
+def test_wallclock_baselines_are_kept_per_machine_kind(tmp_path):
+    """A baseline recorded on another kind of machine (SIMD level, CPU vendor
+    and family) is not used: times against NumPy depend on both. Updating
+    keeps the other kinds' baselines."""
     baseline = tmp_path / "wall.json"
-    baseline.write_text(json.dumps({"kind": "wallclock", "by_simd": {"other": {"relu": 1e-9}}, "history": []}))
+    other = "avx512 GenuineIntel family 6"
+    baseline.write_text(json.dumps({"kind": "wallclock", "by_machine": {other: {"relu": 1e-9}}, "history": []}))
     run = [sys.executable, "-m", "convkern", "gate", "--wallclock", "--cases", "relu", "--baseline", str(baseline),
            "--rounds", "3"]
     r = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"no wall-clock baseline for SIMD level {gate.simd_level()}" in r.stdout
+    assert f"no wall-clock baseline for this machine kind ({gate.machine_kind()})" in r.stdout
     r = subprocess.run(run + ["--update", "--reason", "test"], capture_output=True, text=True, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(baseline.read_text())
-    assert set(data["by_simd"]) == {"other", gate.simd_level()}
-    assert data["history"][-1]["simd"] == gate.simd_level()
-    # the level's own baseline is judged: 1e-9 for relu would fail every run
-    data["by_simd"][gate.simd_level()] = {"relu": 1e-9}
+    assert set(data["by_machine"]) == {other, gate.machine_kind()}
+    assert data["history"][-1]["machine"] == gate.machine_kind()
+    # the kind's own baseline is judged: 1e-9 for relu would fail every run
+    data["by_machine"][gate.machine_kind()] = {"relu": 1e-9}
     baseline.write_text(json.dumps(data))
     r = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
