@@ -377,6 +377,28 @@ def measure_gpu_ceilings(reps: int = 20) -> Dict[str, float]:
 ROUNDS = 5
 
 
+def interleaved_peer_ms(peers: Dict[str, Dict[str, Callable[[], object]]], rounds: int,
+                        reps: int = 1) -> Dict[str, Dict[str, float]]:
+    """Median milliseconds per call of each peer's each call, over `rounds`
+    rounds that take every one in turn, after a warm-up call of each (for
+    whole-model timings: bench-train, bench-net). Each timed run follows an
+    untimed call of the same function: OpenMP's idle threads spin for a while
+    after a parallel region and would otherwise tax whoever runs next."""
+    samples: Dict[str, Dict[str, List[float]]] = {p: {k: [] for k in fns} for p, fns in peers.items()}
+    for fns in peers.values():  # warm-up: workspaces, JIT, first touch, tuning
+        for fn in fns.values():
+            fn()
+    for _ in range(rounds):
+        for p, fns in peers.items():
+            for k, fn in fns.items():
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                samples[p][k].append((time.perf_counter() - t0) / reps)
+    return {p: {k: 1e3 * statistics.median(v) for k, v in ks.items()} for p, ks in samples.items()}
+
+
 def _interleaved_times(cases: Dict[str, Case], min_time: float, rounds: int = ROUNDS) -> Dict[str, float]:
     """Median seconds per call of each case over `rounds` rounds that take
     every case in turn: a shared machine's state (and whatever the previous

@@ -86,6 +86,7 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
     import torch
 
     import convkern.torch as ckt
+    from .bench import interleaved_peer_ms
     from .torch.nets import NETS
 
     results: List[dict] = []
@@ -110,21 +111,7 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
                 err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                 if err > 1e-3:
                     raise RuntimeError(f"bench-net: {peer}'s {name} logits differ from torch's (relative {err:.2g})")
-            samples: Dict[str, Dict[str, List[float]]] = {p: {k: [] for k in fns} for p, fns in peers.items()}
-            for fns in peers.values():  # warm-up
-                for fn in fns.values():
-                    fn()
-            for _ in range(rounds):
-                for peer, fns in peers.items():
-                    for kind, fn in fns.items():
-                        # one untimed call first: the idle threads of two OpenMP runtimes
-                        # (convkern's, torch's) spin for a while and would tax whoever runs next
-                        fn()
-                        t0 = time.perf_counter()
-                        fn()
-                        samples[peer][kind].append(time.perf_counter() - t0)
-            row = {"net": name, "batch": batch, "size": int(x.shape[-1]),
-                   "ms": {p: {k: 1e3 * statistics.median(v) for k, v in ks.items()} for p, ks in samples.items()}}
+            row = {"net": name, "batch": batch, "size": int(x.shape[-1]), "ms": interleaved_peer_ms(peers, rounds)}
             results.append(row)
             if progress:
                 print(_row_text(row), flush=True)

@@ -7,8 +7,6 @@ convkern's before anything is timed."""
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -73,7 +71,7 @@ def _torch_runs(torch, channels_last: bool, state, x, y) -> Dict[str, Callable[[
 
 def run(batch: int = 64, rounds: int = 15, backends: Optional[List[str]] = None, with_torch: bool = True,
         reps: int = 3) -> dict:
-    from .bench import _torch
+    from .bench import _torch, interleaved_peer_ms
 
     rng = np.random.default_rng(0)
     x = rng.random((batch,) + INPUT, dtype=np.float32)
@@ -95,22 +93,7 @@ def run(batch: int = 64, rounds: int = 15, backends: Optional[List[str]] = None,
             ref = out
         elif not np.allclose(out, ref, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"bench-train: {name}'s logits differ from {next(iter(peers))}'s")
-    samples: Dict[str, Dict[str, List[float]]] = {p: {k: [] for k in runs} for p, runs in peers.items()}
-    for runs in peers.values():  # warm-up: workspaces, JIT, first touch
-        for fn in runs.values():
-            fn()
-    for _ in range(rounds):
-        for p, runs in peers.items():
-            for k, fn in runs.items():
-                # one untimed call first: two OpenMP runtimes (ours, torch's) whose
-                # idle threads spin for a while would otherwise tax whoever runs next
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                samples[p][k].append((time.perf_counter() - t0) / reps)
-    return {"batch": batch, "rounds": rounds, "reps": reps,
-            "median_ms": {p: {k: 1e3 * statistics.median(v) for k, v in ks.items()} for p, ks in samples.items()}}
+    return {"batch": batch, "rounds": rounds, "reps": reps, "median_ms": interleaved_peer_ms(peers, rounds, reps)}
 
 
 def table(report: dict) -> str:
