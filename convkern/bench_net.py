@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -27,15 +26,10 @@ TORCH_PEERS = ("torch NCHW", "torch channels_last")
 def machine() -> Dict[str, object]:
     """CPU model, SIMD level, cores and threads, with the ceilings measured now."""
     import convkern
+    from . import machine as this_machine
     from .bench import measure_ceilings
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "simd": convkern.simd_level(), "cores": os.cpu_count(),
+    return {"cpu": this_machine.describe(), "simd": convkern.simd_level(), "cores": os.cpu_count(),
             "threads": convkern.get_num_threads(), **measure_ceilings(0.3)}
 
 
@@ -236,7 +230,7 @@ def main(args) -> int:
         print(f"bench-net: unknown nets {unknown}; the nets are {', '.join(NETS)}")
         return 2
     info = machine()
-    print(f"machine: {info['cpu']}, {info['simd']}, {info['cores']} cores, convkern threads {info['threads']}, "
+    print(f"machine: {info['cpu']}, {info['simd']}, convkern threads {info['threads']}, "
           f"torch threads {torch.get_num_threads()}; ceilings now: BLAS SGEMM {info['gemm_gflops']:.0f} GFLOP/s, "
           f"copy {info['copy_gbs']:.1f} GB/s")
     report = run(nets, [int(b) for b in args.batches.split(",")], args.size, args.rounds,

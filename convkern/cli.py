@@ -105,6 +105,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             model.backward(np.ones_like(y))
         else:
             from .canonical import BY_NAME, CANONICAL
+            from .functional import conv2d, conv2d_backward
 
             names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
             unknown = [n for n in names if n not in BY_NAME]
@@ -116,24 +117,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 layer = BY_NAME[name]
                 xs, ws = layer.shapes(args.batch)
                 x, w = rng.standard_normal(xs).astype(args.dtype), rng.standard_normal(ws).astype(args.dtype)
-                y = convkern_conv2d(x, w, **layer.kwargs())
-                convkern_conv2d_backward(rng.standard_normal(y.shape).astype(args.dtype), x, w, **layer.kwargs())
+                y = conv2d(x, w, **layer.kwargs())
+                conv2d_backward(rng.standard_normal(y.shape).astype(args.dtype), x, w, **layer.kwargs())
         st = tune.status()
     print(f"measured {st['measured'] - before['measured']} problems, {st['remembered'] - before['remembered']} "
           f"already known; {st['choices']} choices in {st['cache']}")
     return 0
-
-
-def convkern_conv2d(*args, **kwargs):
-    from .functional import conv2d
-
-    return conv2d(*args, **kwargs)
-
-
-def convkern_conv2d_backward(*args, **kwargs):
-    from .functional import conv2d_backward
-
-    return conv2d_backward(*args, **kwargs)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

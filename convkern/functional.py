@@ -153,13 +153,16 @@ def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
     problem = getattr(impl, "algo_problem", None)
     if problem is None or _tune.mode() == "off":
         return "auto"
+    threads = impl.threads() if hasattr(impl, "threads") else 0
+    key = _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
+                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
+    known = _tune.remembered(key)  # the common case: no need to ask which algorithms can run g
+    if known is not None:
+        return known
     grad_input = op == "backward" and needs[0]
     candidates = [a for a in getattr(impl, "ALGOS", ()) if not problem(g, a, grad_input)]
     if len(candidates) < 2:
         return candidates[0] if candidates else "auto"
-    threads = impl.threads() if hasattr(impl, "threads") else 0
-    key = _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
-                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
     return _tune.choose(key, candidates, run)
 
 

@@ -28,6 +28,7 @@ that compare bits, the regression gates and distributed ranks run with
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -70,7 +71,8 @@ def forced(value: str) -> Iterator[None]:
         _override.pop()
 
 
-def _build_id() -> str:
+@functools.lru_cache(maxsize=1)
+def build_id() -> str:
     """Changes when the compiled kernels do: a digest of the C++ module file."""
     try:
         from . import _cpu  # type: ignore[attr-defined]
@@ -81,26 +83,21 @@ def _build_id() -> str:
         return "none"
 
 
-_build_cache: List[str] = []
-
-
-def build_id() -> str:
-    if not _build_cache:
-        _build_cache.append(_build_id())
-    return _build_cache[0]
-
-
 def machine_key() -> Dict[str, object]:
     m = machine.identity()
     return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
             "stepping": m["stepping"], "cores": m["cores"], "caches": m["caches"], "build": build_id()}
 
 
+@functools.lru_cache(maxsize=1)
+def _machine_digest() -> str:
+    return hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_path() -> str:
     """The per-machine cache file (its name digests the machine key)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    digest = hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(root, "convkern", f"tune-{digest}.json")
+    return os.path.join(root, "convkern", f"tune-{_machine_digest()}.json")
 
 
 def _load() -> None:
@@ -185,20 +182,21 @@ def choose(cache_key: str, candidates: Sequence[str], run: Callable[[str], objec
         return best
 
 
-def chosen(cache_key: str) -> Optional[str]:
-    """What was chosen for `cache_key` (None: not measured; auto's rules apply)."""
+def remembered(cache_key: str) -> Optional[str]:
+    """The algorithm chosen for `cache_key` before (in this process or the
+    cache file), counted as remembered; None if it has not been measured."""
     with _lock:
         _load()
-        return _memory.get(cache_key)
+        known = _memory.get(cache_key)
+        if known is not None:
+            _stats["remembered"] += 1
+        return known
 
 
 def status() -> Dict[str, object]:
     """Mode, cache file, choices held and this process's measured/remembered counts."""
     with _lock:
-        try:
-            _load()
-        except ValueError:
-            pass
+        _load()
         return {"mode": os.environ.get("CONVKERN_TUNE", "on"), "cache": cache_path(), "choices": len(_memory),
                 **_stats}
 

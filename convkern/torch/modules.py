@@ -47,61 +47,58 @@ def _fallback_reason(x: Tensor) -> Optional[str]:
 
 
 class _Patched:
-    """Mixed into each swapped class: the name shown by print(model)."""
+    """Mixed into each swapped class: the forward that hands a call convkern
+    cannot take back to torch (and counts it), and the name print(model) shows.
+    Each class gives _convkern_forward, and may add reasons in _fallback."""
 
     _convkern: Settings
 
     def _get_name(self):
         return "convkern." + super()._get_name()
 
-    def _torch_forward(self, x: Tensor, reason: str) -> Tensor:
-        self._convkern.fallbacks[reason] += 1
-        return super().forward(x)
+    def _fallback(self, x: Tensor) -> Optional[str]:
+        return _fallback_reason(x)
+
+    def forward(self, x: Tensor):
+        reason = self._fallback(x)
+        if reason:
+            self._convkern.fallbacks[reason] += 1
+            return super().forward(x)
+        return self._convkern_forward(x)
 
 
 class Conv2d(_Patched, nn.Conv2d):
-    def forward(self, x: Tensor) -> Tensor:
-        reason = _fallback_reason(x)
-        if reason:
-            return self._torch_forward(x, reason)
+    def _convkern_forward(self, x: Tensor) -> Tensor:
         s = self._convkern
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         algo=s.algo, backend=s.backend)
 
 
 class MaxPool2d(_Patched, nn.MaxPool2d):
-    def forward(self, x: Tensor):
-        reason = _fallback_reason(x)
-        if reason:
-            return self._torch_forward(x, reason)
+    def _convkern_forward(self, x: Tensor):
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
                             self.return_indices, backend=self._convkern.backend)
 
 
 class AvgPool2d(_Patched, nn.AvgPool2d):
-    def forward(self, x: Tensor) -> Tensor:
-        reason = _fallback_reason(x)
-        if reason:
-            return self._torch_forward(x, reason)
+    def _convkern_forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
                             self.divisor_override, backend=self._convkern.backend)
 
 
 class AdaptiveAvgPool2d(_Patched, nn.AdaptiveAvgPool2d):
-    def forward(self, x: Tensor) -> Tensor:
+    def _fallback(self, x: Tensor) -> Optional[str]:
         reason = _fallback_reason(x)
         if reason is None and F.adaptive_kernel(x.shape, self.output_size) is None:
             reason = f"output size {self.output_size} does not divide input {tuple(x.shape[-2:])}"
-        if reason:
-            return self._torch_forward(x, reason)
+        return reason
+
+    def _convkern_forward(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(x, self.output_size, backend=self._convkern.backend)
 
 
 class ReLU(_Patched, nn.ReLU):
-    def forward(self, x: Tensor) -> Tensor:
-        reason = _fallback_reason(x)
-        if reason:
-            return self._torch_forward(x, reason)
+    def _convkern_forward(self, x: Tensor) -> Tensor:
         return F.relu(x, self.inplace, backend=self._convkern.backend)
 
 
