@@ -1,5 +1,6 @@
 """The ``convkern`` command: info, verify, bench, bench-train, bench-net, gate,
-train, predict and featuremaps (the last three in cli_train)."""
+train, predict and featuremaps (the last three in cli_train) and bench-dist
+(in distributed.bench)."""
 
 from __future__ import annotations
 
@@ -213,8 +214,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", help="write the report as JSON")
     p.set_defaults(func=_deferred("convkern.bench_net", "main"))
     from .cli_train import add_parsers
+    from .distributed.bench import add_parser as add_bench_dist
 
     add_parsers(sub)
+    add_bench_dist(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

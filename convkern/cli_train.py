@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .data import Augment
+from .distributed.comm import DistributedError, world
 from .nn import ARCHITECTURES
 from .train import DATASETS, OPTIMIZERS, SCHEDULES, TrainConfig
 
@@ -43,6 +44,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-flush-denormal", action="store_true",
                    help="keep denormal floats in the kernels (exact IEEE; slower once gradients get tiny)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("runs across processes, and resuming")
+    g.add_argument("--distributed", action="store_true",
+                   help="be one rank of an MPI job: mpiexec -n 2 convkern train --distributed (batch size is "
+                        "per rank; rank 0 writes the files)")
+    g.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a rank may wait in a collective before aborting the job (default: "
+                        "CONVKERN_DIST_TIMEOUT or 60)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch, keeping the checkpoint (continue with --resume)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint, under the config saved there "
+                        "(the flags above still apply; other training flags are ignored)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="classify image files with a trained model")
@@ -68,10 +81,15 @@ def cmd_train(args) -> int:
         seed=args.seed, out=args.out, val_fraction=args.val_fraction, shapes_train=args.shapes_train,
         image_size=args.image_size, progress=not args.no_progress, flush_denormal=not args.no_flush_denormal,
         augment=Augment(args.crop_padding, args.hflip, args.rotate, args.brightness, args.contrast, args.noise,
-                        args.cutout))
+                        args.cutout),
+        distributed=args.distributed, dist_timeout=args.dist_timeout, stop_after=args.stop_after,
+        resume=args.resume)
     try:
         result = fit(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, DistributedError) as exc:
+        comm = world()
+        if comm.size > 1:  # the other ranks would wait for this one in their next collective
+            comm.abort(f"convkern train: rank {comm.rank} of {comm.size}: {exc}", code=2)
         print(f"convkern train: {exc}", file=sys.stderr)
         return 2
     return 130 if result["interrupted"] else 0

@@ -13,6 +13,10 @@ a later process on the same machine and build measures nothing.
   and more on others (see docs/performance.md); measuring costs a few calls
   once per problem and machine, and the cache file makes even that a one-off.
 - ``exhaustive``: measure longer (for a quiet machine and stable choices).
+- ``recall``: the choices already held (cache file, or adopted from another
+  process with ``adopt``), the backend's rules elsewhere; nothing measured.
+  Distributed ranks run so after rank 0 has tuned: a rank must not time its
+  kernels while the others load the same cores.
 - ``off``: the backend's rules only, nothing measured or read.
 
 The cache file is JSON (nothing in it is executed or unpickled), written
@@ -40,7 +44,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import machine
 
-MODES = ("off", "on", "exhaustive")
+MODES = ("off", "on", "exhaustive", "recall")
 FORMAT = 1
 _lock = threading.RLock()
 _memory: Dict[str, str] = {}
@@ -191,6 +195,21 @@ def remembered(cache_key: str) -> Optional[str]:
         if known is not None:
             _stats["remembered"] += 1
         return known
+
+
+def choices() -> Dict[str, str]:
+    """Every choice held (cache file and this process), to hand to other processes."""
+    with _lock:
+        _load()
+        return dict(_memory)
+
+
+def adopt(made: Dict[str, str]) -> None:
+    """Take another process's choices (replacing ours where both have one):
+    a distributed job tunes on one rank and adopts its choices on the rest."""
+    with _lock:
+        _load()
+        _memory.update({str(k): str(v) for k, v in made.items()})
 
 
 def status() -> Dict[str, object]:

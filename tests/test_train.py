@@ -109,3 +109,60 @@ def test_bench_train_runs_and_reports(capsys):
     assert main(["bench-train", "--rounds", "1", "--batch", "4", "--no-torch"]) == 0
     out = capsys.readouterr().out
     assert "convkern cpp" in out and "train step" in out and "inference b4" in out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_stop_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, optimizer):
+    """Optimizer state, schedule, data order, augmentation and dropout masks all carry over."""
+    base = dict(arch="small", epochs=3, shapes_train=200, image_size=12, progress=False, optimizer=optimizer,
+                schedule="step", augment=Augment(crop_padding=1, hflip=True, noise=0.05))
+    fit(TrainConfig(out=str(tmp_path / "full"), **base), log=lambda *_: None)
+    part = fit(TrainConfig(out=str(tmp_path / "part"), stop_after=1, **base), log=lambda *_: None)
+    assert part["stopped"] and len(part["history"]) == 1
+    resumed = fit(TrainConfig(resume=str(tmp_path / "part"), epochs=99, progress=False), log=lambda *_: None)
+    assert resumed["config"]["epochs"] == 3, "a resumed run keeps its saved config"
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    a, b = (nn.serialize.read(tmp_path / d / "last.npz")[1] for d in ("full", "part"))
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert [r["train_loss"] for r in full["history"]] == [r["train_loss"] for r in resumed["history"]]
+
+
+def test_checkpoint_round_trips_optimizer_state(tmp_path):
+    rng = np.random.default_rng(0)
+    model = nn.build("small", (1, 12, 12), 3, rng=0)
+    opt = nn.Adam(model.parameters(), lr=3e-3)
+    sched = nn.StepLR(opt, step_size=1, gamma=0.5)
+    crit = nn.CrossEntropyLoss()
+    x, y = rng.standard_normal((6, 1, 12, 12)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2])
+    for _ in range(3):
+        opt.zero_grad()
+        crit(model(x), y)
+        model.backward(crit.backward(), need_input_grad=False)
+        opt.step()
+    sched.step()
+    nn.save_checkpoint(tmp_path / "c.npz", model, opt, sched,
+                       {"epoch": 1, "arch": "small", "input_shape": [1, 12, 12], "num_classes": 3})
+    model2 = nn.build("small", (1, 12, 12), 3, rng=1)
+    opt2 = nn.Adam(model2.parameters())
+    sched2 = nn.StepLR(opt2, step_size=1, gamma=0.5)
+    header = nn.load_checkpoint(tmp_path / "c.npz", model2, opt2, sched2)
+    assert header["epoch"] == 1 and sched2.epoch == 1 and opt2.lr == opt.lr == 1.5e-3
+    for i, st in opt.state.items():
+        assert opt2.state[i]["step"] == st["step"] == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert np.array_equal(opt2.state[i][k], st[k]) and opt2.state[i][k].dtype == np.float32
+    for (k, v), (_, w) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert np.array_equal(v, w), k
+    with pytest.raises(ValueError, match="holds Adam state; the optimizer is SGD"):
+        nn.load_checkpoint(tmp_path / "c.npz", model2, nn.SGD(model2.parameters(), lr=0.1))
+    nn.save(tmp_path / "m.npz", model)
+    with pytest.raises(ValueError, match="without optimizer state"):
+        nn.load_checkpoint(tmp_path / "m.npz", model2, opt2)
+    assert nn.load_model(tmp_path / "c.npz")[0].num_parameters() == model.num_parameters()
+
+
+def test_resume_from_a_directory_without_a_checkpoint_is_clear(tmp_path):
+    with pytest.raises(ValueError, match="cannot resume from .*does not exist"):
+        fit(TrainConfig(resume=str(tmp_path), progress=False), log=lambda *_: None)

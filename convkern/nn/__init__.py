@@ -17,10 +17,11 @@ from .loss import CrossEntropyLoss, log_softmax, softmax
 from .models import ARCHITECTURES, build
 from .module import Module, Parameter, Sequential
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, Optimizer, StepLR
-from .serialize import load_into, load_model, save
+from .serialize import load_checkpoint, load_into, load_model, save, save_checkpoint
 
 __all__ = [
     "Module", "Parameter", "Sequential", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Dropout", "Dropout2d",
     "Flatten", "Linear", "CrossEntropyLoss", "softmax", "log_softmax", "Optimizer", "SGD", "Adam", "AdamW",
     "StepLR", "CosineAnnealingLR", "ARCHITECTURES", "build", "save", "load_model", "load_into", "manual_seed",
+    "save_checkpoint", "load_checkpoint",
 ]

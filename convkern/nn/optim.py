@@ -35,6 +35,32 @@ class Optimizer:
     def _update(self, p: Parameter, g, state: dict) -> None:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """lr, initial_lr and the per-parameter state (momentum buffers, Adam
+        moments and step counts), keyed by parameter position; enough to
+        resume training exactly."""
+        return {"lr": self.lr, "initial_lr": self.initial_lr,
+                "state": {i: dict(st) for i, st in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore what state_dict() gave; arrays go to each parameter's device and dtype."""
+        state = {int(i): st for i, st in sd["state"].items()}
+        for i, st in state.items():
+            if not 0 <= i < len(self.params):
+                raise ValueError(f"{type(self).__name__}: state for parameter {i}, but there are "
+                                 f"{len(self.params)} parameters")
+            for k, v in st.items():
+                if hasattr(v, "shape") and tuple(v.shape) != self.params[i].shape:
+                    raise ValueError(f"{type(self).__name__}: state {k!r} of parameter {i} has shape "
+                                     f"{tuple(v.shape)}, the parameter {self.params[i].shape}")
+        self.lr, self.initial_lr = float(sd["lr"]), float(sd["initial_lr"])
+        self.state = {}
+        for i, st in state.items():
+            p = self.params[i]
+            xp = array_module(p.data)
+            self.state[i] = {k: (xp.array(v, dtype=p.data.dtype) if hasattr(v, "shape") else v)
+                             for k, v in st.items()}
+
 
 class SGD(Optimizer):
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
@@ -121,6 +147,12 @@ class _Schedule:
 
     def get_last_lr(self) -> float:
         return self.optimizer.lr
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch = int(sd["epoch"])  # the optimizer's own state holds its lr
 
 
 class StepLR(_Schedule):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -17,13 +17,16 @@ from .module import Module
 FORMAT = "convkern-model"
 VERSION = 1
 _HEADER = "__convkern__"
+_EXTRA = "extra/"
 
 
-def save(path, model: Module, meta: Optional[dict] = None) -> Path:
+def save(path, model: Module, meta: Optional[dict] = None, extra: Optional[Dict[str, np.ndarray]] = None) -> Path:
     """Write the model's parameters and `meta` (JSON-serialisable; `arch`,
-    `input_shape` and `num_classes` let load_model rebuild it) to `path`."""
+    `input_shape` and `num_classes` let load_model rebuild it) to `path`;
+    `extra` arrays (a checkpoint's optimizer state) go beside them."""
     header = dict(meta or {}, format=FORMAT, version=VERSION)
     arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"{_EXTRA}{k}": v for k, v in (extra or {}).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -46,6 +49,7 @@ def _read_members(path: Path, f) -> Tuple[object, dict]:
         try:
             header = json.loads(bytes(z[_HEADER]).decode())
             state = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
+            state.update({k: z[k] for k in z.files if k.startswith(_EXTRA)})
         except MemoryError as exc:  # a member declaring an absurd shape
             raise ValueError(f"{path}: the model file declares arrays too large to load") from exc
         except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
@@ -69,7 +73,57 @@ def read(path) -> Tuple[dict, dict]:
     if header.get("version") != VERSION:
         raise ValueError(f"{path} has model format version {header.get('version')}; this convkern reads "
                          f"version {VERSION}")
-    return header, state
+    return header, {k: v for k, v in state.items() if not k.startswith(_EXTRA)}
+
+
+def save_checkpoint(path, model: Module, optimizer, schedule=None, meta: Optional[dict] = None) -> Path:
+    """A model file that also holds the optimizer's state (momentum buffers,
+    Adam moments, step counts, lr) and the schedule's epoch: everything
+    load_checkpoint needs to continue training where it stopped. It is still
+    a model file (load_model reads it). Written to a temporary file and
+    renamed, so a crash never leaves a truncated checkpoint."""
+    sd = optimizer.state_dict()
+    arrays, scalars = {}, {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                arrays[f"optim/{i}/{k}"] = _host(v)
+            else:
+                scalars[f"{i}/{k}"] = v
+    header = dict(meta or {}, optimizer={"type": type(optimizer).__name__, "lr": sd["lr"],
+                                         "initial_lr": sd["initial_lr"], "scalars": scalars},
+                  schedule=None if schedule is None else schedule.state_dict())
+    return save(path, model, header, arrays)
+
+
+def load_checkpoint(path, model: Module, optimizer, schedule=None) -> dict:
+    """Restore a save_checkpoint file into `model`, `optimizer` (of the same
+    type) and `schedule`; returns the header."""
+    path = Path(path)
+    header = load_into(model, path)
+    opt = header.get("optimizer")
+    if not isinstance(opt, dict):
+        raise ValueError(f"{path} is a model file without optimizer state, not a checkpoint")
+    if opt.get("type") != type(optimizer).__name__:
+        raise ValueError(f"{path} holds {opt.get('type')} state; the optimizer is {type(optimizer).__name__}")
+    with open(path, "rb") as f:
+        _, members = _read_members(path, f)
+    state: Dict[int, dict] = {}
+    for k, v in members.items():
+        if k.startswith(_EXTRA + "optim/"):
+            i, name = k[len(_EXTRA + "optim/"):].split("/", 1)
+            state.setdefault(int(i), {})[name] = v
+    for k, v in opt.get("scalars", {}).items():
+        i, name = k.split("/", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"lr": opt["lr"], "initial_lr": opt["initial_lr"], "state": state})
+    if schedule is not None and header.get("schedule") is not None:
+        schedule.load_state_dict(header["schedule"])
+    return header
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and hasattr(a, "__cuda_array_interface__") else np.asarray(a)
 
 
 def load_into(model: Module, path) -> dict:
