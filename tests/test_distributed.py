@@ -278,10 +278,11 @@ def test_resume_on_two_ranks_ends_where_an_uninterrupted_run_does(tmp_path):
 @needs_mpi
 def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path):
     proc, seconds = mpirun(tmp_path, 2, WORKER, "raise", str(tmp_path), timeout=120)
-    assert proc.returncode != 0
-    assert seconds < 60
-    assert "rank 1 of 2 failed with RuntimeError: injected failure in the loss" in proc.stderr
-    assert "[rank 1] Traceback" in proc.stderr
+    why = f"rc {proc.returncode}, stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode != 0, why
+    assert seconds < 60, why
+    assert "rank 1 of 2 failed with RuntimeError: injected failure in the loss" in proc.stderr, why
+    assert "[rank 1] Traceback" in proc.stderr, why
     model, header = nn.load_model(tmp_path / "run" / "last.npz")
     assert header["epoch"] == 1 and model.num_parameters() > 0
 

@@ -262,3 +262,28 @@ def test_patched_torch_model_on_cuda_tensors(backend):
     torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
     for a, b in zip(p2, p1):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_single_rank_nccl_through_data_parallel_buckets(tmp_path):
+    """The most NCCL that can run on a one-GPU machine: one rank's allreduce
+    and broadcast of DataParallel's buckets leave them unchanged."""
+    _cupy_or_skip()
+    import importlib
+    import json
+    import os
+    import sys
+
+    try:
+        importlib.import_module("cupy.cuda.nccl")
+        importlib.import_module("mpi4py")
+    except ImportError as exc:
+        pytest.skip(f"NCCL through CuPy and mpi4py are needed: {exc}")
+    mpiexec = pathlib.Path(sys.executable).with_name("mpiexec")
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    worker = str(pathlib.Path(__file__).with_name("dist_worker.py"))
+    p = subprocess.run([mpiexec, "-n", "1", sys.executable, worker, "nccl", str(tmp_path)], cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "nccl.json").read_text()) == {"ok": True}

@@ -28,6 +28,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 DEFAULT_TIMEOUT = 60.0
+ABORT_GRACE = 1.0  # seconds between an aborting rank's message and MPI_Abort
 
 # Set by the launchers that start ranks: MPICH/Intel MPI (hydra), Open MPI,
 # PMIx-based launchers, MVAPICH. A process started without one of them is a
@@ -172,6 +173,10 @@ class MPIComm(LocalComm):
 
     def abort(self, message: str, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
+        # The launcher forwards each rank's output through a pipe and stops
+        # reading once it sees the abort: give it a moment to drain the pipe,
+        # or the message saying why the job ended can be lost.
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
     # -- GPUs
@@ -237,7 +242,8 @@ def _install_excepthook(comm: MPIComm) -> None:
             return
         text = "".join(traceback.format_exception(kind, value, tb))
         prefix = f"[rank {comm.rank}] "
-        print("".join(prefix + line + "\n" for line in text.rstrip().splitlines()), file=sys.stderr, end="")
+        print("".join(prefix + line + "\n" for line in text.rstrip().splitlines()), file=sys.stderr, end="",
+              flush=True)
         comm.abort(f"convkern.distributed: rank {comm.rank} of {comm.size} failed with {kind.__name__}: {value}; "
                    f"aborting every rank", code=1)
 
