@@ -10,6 +10,7 @@ Shapes: input (N, C, H, W) or unbatched (C, H, W); weight (K, C/groups, R, S).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Optional, Sequence, Tuple
@@ -17,6 +18,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from . import backend as _backends
+from . import strided
 from . import tune as _tune
 from .arrays import array_module as _xp
 from .arrays import cupy_or_none as _cupy
@@ -61,9 +63,10 @@ def _float_dtype(a, name: str, op: str) -> np.dtype:
     return native
 
 
-def _prepare(op: str, named: Sequence[Tuple[str, object]]):
-    """Arrays as C-contiguous native-endian floats of one dtype on one device.
-    Returns (arrays, device, dtype). None entries stay None."""
+def _prepare(op: str, named: Sequence[Tuple[str, object]], contiguous: bool = True):
+    """Arrays as C-contiguous native-endian floats of one dtype on one device
+    (with contiguous=False: checked but as given, for ops that take views a
+    block at a time). Returns (arrays, device, dtype). None entries stay None."""
     arrays, device, dtype, first = [], None, None, None
     for name, value in named:
         if value is None:
@@ -78,7 +81,8 @@ def _prepare(op: str, named: Sequence[Tuple[str, object]]):
         elif dt != dtype:
             raise TypeError(f"{op}: {name} has dtype {dt} but {first} has dtype {dtype}; use one dtype")
         arrays.append(arr)
-    arrays = [None if a is None else _contiguous(a, device, dtype) for a in arrays]
+    if contiguous:
+        arrays = [None if a is None else _contiguous(a, device, dtype) for a in arrays]
     return arrays, device, dtype
 
 
@@ -267,15 +271,21 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     ties keep the first position; indices (int64, with the output's shape) are
     h*W + w within each (n, c) plane. Returns out, or (out, indices).
     """
-    (x,), device, dtype = _prepare("max_pool2d", [("input", input)])
+    (x,), device, dtype = _prepare("max_pool2d", [("input", input)], contiguous=False)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
     impl = _backends.select(device, backend, "max_pool2d_forward")
+    if not return_indices and _takes_keyword(impl.max_pool2d_forward, "indices"):
+        def run(xb, gb):
+            return impl.max_pool2d_forward(xb, gb, indices=False)
+    else:
+        def run(xb, gb):
+            return impl.max_pool2d_forward(xb, gb)
     if g.N == 0:
         y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
-    elif not return_indices and _takes_keyword(impl.max_pool2d_forward, "indices"):
-        y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g, indices=False)
+    elif device == "cpu" and strided.worth_blocking(x, dtype):
+        y, ind = _pool_blocks(x.reshape(g.input_shape), g, dtype, run, two=True)
     else:
-        y, ind = impl.max_pool2d_forward(x.reshape(g.input_shape), g)
+        y, ind = run(_contiguous(x, device, dtype).reshape(g.input_shape), g)
     y = _unbatch(y, g.unbatched)
     return (y, _unbatch(ind, g.unbatched)) if return_indices else y
 
@@ -285,7 +295,8 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
                         backend: Optional[str] = None):
     """Gradient of max_pool2d w.r.t. its input: each output's gradient goes to
     the position its index names. Returns an array shaped like input."""
-    (gy, x), device, dtype = _prepare("max_pool2d_backward", [("grad_output", grad_output), ("input", input)])
+    (gy, x), device, dtype = _prepare("max_pool2d_backward", [("grad_output", grad_output), ("input", input)],
+                                      contiguous=False)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d_backward")
     gy = _check_shape(gy, g.output_shape, "grad_output", "max_pool2d_backward", g.unbatched)
     ind, ind_device = _as_array(indices, "indices", "max_pool2d_backward")
@@ -293,12 +304,14 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
         raise ValueError(f"max_pool2d_backward: indices are on {ind_device} but grad_output is on {device}")
     if np.dtype(ind.dtype).kind not in "iu":
         raise TypeError(f"max_pool2d_backward: indices must be an integer array, got dtype {ind.dtype}")
-    ind = _check_shape(_contiguous(ind, device, np.int64), g.output_shape, "indices", "max_pool2d_backward",
-                       g.unbatched)
+    ind = _check_shape(ind, g.output_shape, "indices", "max_pool2d_backward", g.unbatched)
     impl = _backends.select(device, backend, "max_pool2d_backward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
-    return _unbatch(impl.max_pool2d_backward(gy, ind, g), g.unbatched)
+    if device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(ind, np.int64)):
+        return _unbatch(_pool_backward_blocks(g, dtype, impl.max_pool2d_backward, gy, ind), g.unbatched)
+    return _unbatch(impl.max_pool2d_backward(_contiguous(gy, device, dtype), _contiguous(ind, device, np.int64), g),
+                    g.unbatched)
 
 
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
@@ -309,28 +322,40 @@ def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     The divisor is divisor_override if given, else the window size clipped to
     the padded input (count_include_pad=True) or to the real input (False).
     """
-    (x,), device, dtype = _prepare("avg_pool2d", [("input", input)])
+    (x,), device, dtype = _prepare("avg_pool2d", [("input", input)], contiguous=False)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
     div = check_divisor(divisor_override)
     impl = _backends.select(device, backend, "avg_pool2d_forward")
+
+    def run(xb, gb):
+        return impl.avg_pool2d_forward(xb, gb, bool(count_include_pad), div)
+
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
-    y = impl.avg_pool2d_forward(x.reshape(g.input_shape), g, bool(count_include_pad), div)
-    return _unbatch(y, g.unbatched)
+    if device == "cpu" and strided.worth_blocking(x, dtype):
+        return _unbatch(_pool_blocks(x.reshape(g.input_shape), g, dtype, run), g.unbatched)
+    return _unbatch(run(_contiguous(x, device, dtype).reshape(g.input_shape), g), g.unbatched)
 
 
 def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Optional[IntPair] = None,
                         padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                         divisor_override: Optional[int] = None, *, backend: Optional[str] = None):
     """Gradient of avg_pool2d w.r.t. its input (shaped like input)."""
-    (gy, x), device, dtype = _prepare("avg_pool2d_backward", [("grad_output", grad_output), ("input", input)])
+    (gy, x), device, dtype = _prepare("avg_pool2d_backward", [("grad_output", grad_output), ("input", input)],
+                                      contiguous=False)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d_backward")
     gy = _check_shape(gy, g.output_shape, "grad_output", "avg_pool2d_backward", g.unbatched)
     div = check_divisor(divisor_override)
     impl = _backends.select(device, backend, "avg_pool2d_backward")
+
+    def run(gyb, gb):
+        return impl.avg_pool2d_backward(gyb, gb, bool(count_include_pad), div)
+
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
-    return _unbatch(impl.avg_pool2d_backward(gy, g, bool(count_include_pad), div), g.unbatched)
+    if device == "cpu" and strided.worth_blocking(gy, dtype):
+        return _unbatch(_pool_backward_blocks(g, dtype, run, gy), g.unbatched)
+    return _unbatch(run(_contiguous(gy, device, dtype), g), g.unbatched)
 
 
 # ---------------------------------------------------------------- relu
@@ -340,13 +365,15 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
     """max(input, 0) elementwise, any shape; NaN stays NaN. With inplace=True
     the result is written into `input` (which must be a writeable array of
     float32/float64) and `input` is returned."""
-    (x,), device, dtype = _prepare("relu", [("input", input)])
+    (x,), device, dtype = _prepare("relu", [("input", input)], contiguous=False)
     impl = _backends.select(device, backend, "relu_forward")
     if inplace:
         xp = _xp(device)
         if xp is None or not isinstance(input, xp.ndarray) or not input.flags.writeable:
             raise ValueError("relu: inplace=True needs a writeable NumPy or CuPy array")
-    y = impl.relu_forward(x)
+    if device == "cpu" and strided.worth_blocking(x, dtype):
+        return _elementwise_blocks(impl.relu_forward, input if inplace else np.empty(x.shape, dtype), dtype, x)
+    y = impl.relu_forward(_contiguous(x, device, dtype))
     if inplace:
         input[...] = y
         return input
@@ -355,11 +382,53 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
 
 def relu_backward(grad_output, input, *, backend: Optional[str] = None):
     """grad_output where input > 0 (or is NaN), else 0."""
-    (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)])
+    (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)],
+                                      contiguous=False)
     if gy.shape != x.shape:
         raise ValueError(f"relu_backward: grad_output shape {gy.shape} differs from input shape {x.shape}")
     impl = _backends.select(device, backend, "relu_backward")
-    return impl.relu_backward(gy, x)
+    if device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(x, dtype)):
+        return _elementwise_blocks(impl.relu_backward, np.empty(x.shape, dtype), dtype, gy, x)
+    return impl.relu_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype))
+
+
+def _elementwise_blocks(kernel, out: np.ndarray, dtype, *inputs) -> np.ndarray:
+    """out = kernel(*inputs), a bounded block at a time (convkern.strided)."""
+    for idx in strided.blocks(out.shape, np.dtype(dtype).itemsize):
+        out[idx] = kernel(*(np.ascontiguousarray(a[idx], dtype=dtype) for a in inputs)).reshape(out[idx].shape)
+    return out
+
+
+def _pool_backward_blocks(g, dtype, kernel, gy: np.ndarray, ind: Optional[np.ndarray] = None) -> np.ndarray:
+    """A pooling backward over blocks of whole planes of a grad_output (and
+    indices) that would need a copy: kernel(gy block[, ind block], geometry)."""
+    N, C, H, W = g.input_shape
+    gx = np.empty(g.input_shape, dtype)
+    for n, cs in strided.plane_blocks(N, C, max(H * W, g.Ho * g.Wo), np.dtype(dtype).itemsize):
+        gb = dataclasses.replace(g, N=1, C=len(range(C)[cs]))
+        args = [np.ascontiguousarray(gy[n:n + 1, cs], dtype=dtype)]
+        if ind is not None:
+            args.append(np.ascontiguousarray(ind[n:n + 1, cs], dtype=np.int64))
+        gx[n:n + 1, cs] = kernel(*args, gb)
+    return gx
+
+
+def _pool_blocks(x: np.ndarray, g, dtype, run, two: bool = False):
+    """A pooling forward over blocks of whole (n, c) planes of a view that
+    would need a copy: run(block, its geometry) on each, results written into
+    the full output(s). Max pooling's indices are within a plane, so they
+    hold as they come."""
+    N, C, H, W = g.input_shape
+    y, ind = np.empty(g.output_shape, dtype), None
+    for n, cs in strided.plane_blocks(N, C, H * W, np.dtype(dtype).itemsize):
+        block = np.ascontiguousarray(x[n:n + 1, cs], dtype=dtype)
+        got = run(block, dataclasses.replace(g, N=1, C=block.shape[1]))
+        y[n:n + 1, cs] = got[0] if two else got
+        if two and got[1] is not None:  # max pooling without indices asked gives None
+            if ind is None:
+                ind = np.empty(g.output_shape, np.int64)
+            ind[n:n + 1, cs] = got[1]
+    return (y, ind) if two else y
 
 
 __all__ = ["algorithms", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
