@@ -284,6 +284,8 @@ def _fit(cfg: TrainConfig, dtype, out: Path, log, comm: LocalComm, tuning: str) 
             f"{train.input_shape}, classes {', '.join(train.classes)}")
         log(f"model {cfg.arch}: {model.num_parameters():,} parameters; {cfg.optimizer} lr {opt.initial_lr:g}, "
             f"{cfg.schedule} schedule, {cfg.epochs} epochs of batch {cfg.batch_size}, {cfg.device}{ranks}")
+        if comm.size > 1:
+            log(comm.roster())
         if first > 1:
             log(f"resumed from {out / 'last.npz'} after epoch {first - 1}")
         interrupted = stopped = False

@@ -59,6 +59,22 @@ def raise_mid_epoch(out: Path) -> None:
                     distributed=True))
 
 
+def die(out: Path) -> None:
+    """Rank 1 is killed outright (no exception, no hook) in the middle of training."""
+    import os
+    import signal
+
+    from convkern import distributed as dist
+    from convkern.train import TrainConfig, fit
+
+    comm = dist.init()
+    if comm.rank == 1:
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+    fit(TrainConfig(epochs=50, batch_size=32, shapes_train=640, out=str(out / "run"), progress=False,
+                    distributed=True))
+
+
 def hang(out: Path, seconds: float) -> None:
     """Rank 1 never joins rank 0's allreduce."""
     from convkern import distributed as dist
@@ -123,6 +139,7 @@ if __name__ == "__main__":
     {"steps": lambda: steps(where, sys.argv[3], sys.argv[4], int(sys.argv[5])),
      "raise": lambda: raise_mid_epoch(where),
      "hang": lambda: hang(where, float(sys.argv[3])),
+     "die": lambda: die(where),
      "disagree": lambda: disagree(where),
      "tuning": lambda: tuning(where),
      "nccl": lambda: nccl_single_rank(where)}[what]()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,17 @@ def test_a_rank_that_raises_ends_the_job_naming_it(tmp_path):
     assert "[rank 1] Traceback" in proc.stderr, why
     model, header = nn.load_model(tmp_path / "run" / "last.npz")
     assert header["epoch"] == 1 and model.num_parameters() > 0
+
+
+@needs_mpi
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    proc, seconds = mpirun(tmp_path, 2, WORKER, "die", str(tmp_path), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert seconds < 60
+    pid = re.search(r"rank 1 pid (\d+) on ", proc.stdout)
+    assert pid, "the log names each rank's pid: " + proc.stdout[:2000]
+    assert re.search(rf"BAD TERMINATION.*\n.*PID {pid.group(1)} ", out), out[-3000:]
 
 
 @needs_mpi

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import socket
 import sys
 import time
 import traceback
@@ -87,6 +88,12 @@ class LocalComm:
 
     def barrier(self, what: str = "barrier", idle: bool = False, timeout: Optional[float] = None) -> None:
         return None
+
+    def roster(self) -> str:
+        """Each rank's process id and host, one line: the launcher names a
+        rank that died by its pid, so a job's log should say which is which."""
+        who = self.allgather_obj((os.getpid(), socket.gethostname()), "the roster")
+        return ", ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(who))
 
     def abort(self, message: str, code: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
