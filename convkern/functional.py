@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from . import backend as _backends
-from . import strided
+from . import layout, strided
 from . import tune as _tune
 from .arrays import array_module as _xp
 from .arrays import cupy_or_none as _cupy
@@ -172,6 +172,47 @@ def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
     return _tune.choose(key, candidates, run)
 
 
+def _native(a, dtype):
+    """`a` in the native byte order and `dtype`, keeping its strides (a view when it is already)."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _runs_nhwc(impl, op: str, g: ConvGeometry, algo: str, checked, device: str) -> bool:
+    """Whether a channels_last conv runs on the backend's NHWC kernels: the
+    backend has them, the algorithm is the backend's choice ("auto"), and
+    `checked` (the weights forward, grad_output for the weight gradient) is
+    finite where the NHWC depthwise loops would skip padding taps whose
+    zeros PyTorch multiplies (0 * inf = NaN)."""
+    if device != "cpu" or algo != "auto" or not hasattr(impl, op):
+        return False
+    depthwise_padded = g.groups == g.C == g.K and g.groups > 1 and (g.pad_top or g.pad_left or g.pad_bottom
+                                                                    or g.pad_right)
+    return not (depthwise_padded and checked is not None and not _all_finite(checked, device))
+
+
+def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
+    """For a channels_last conv on a backend with NHWC kernels: "nhwc" (run
+    them) or "nchw" (convert, run the NCHW algorithms, convert back). The
+    NHWC kernels are implicit GEMMs; where the NCHW side has Winograd (3x3,
+    stride 1) its fewer multiplications can repay the two copies. Measured
+    by the autotuner like the algorithms (convkern.tune); with tuning off,
+    the rule: NCHW where auto would run Winograd forward, else NHWC."""
+    chooser = getattr(impl, "choose_algo", None)
+    rule = "nchw" if op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd" else "nhwc"
+    mode = _tune.mode()
+    if mode == "off" or getattr(impl, "algo_problem", None) is None:
+        return rule
+    threads = impl.threads() if hasattr(impl, "threads") else 0
+    key = _tune.key(getattr(impl, "NAME", "?"), op + ":channels_last", g.as_tuple(), np.dtype(dtype).name, threads,
+                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
+    known = _tune.remembered(key)
+    if known in ("nhwc", "nchw"):
+        return known
+    if mode == "recall":
+        return rule
+    return _tune.choose(key, ["nhwc", "nchw"], lambda a: native() if a == "nhwc" else via_nchw())
+
+
 def _all_finite(a, device: str) -> bool:
     return bool(_xp(device).isfinite(a).all())
 
@@ -206,14 +247,30 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     "shifted" and "winograd"; on cuda "implicit". A named algorithm that
     cannot run this problem raises ValueError saying why.
     """
-    (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)])
+    (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)],
+                                        contiguous=False)
+    w, b = _contiguous(w, device, dtype), None if b is None else _contiguous(b, device, dtype)
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
     algo = _resolve_algo(impl, algo)
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
-    x = x.reshape(g.input_shape)
+    if layout.is_channels_last(x):
+        def via_nchw():
+            return layout.to_channels_last(conv2d(_contiguous(x, device, dtype), w, b, stride, padding, dilation,
+                                                  groups, algo=algo, backend=backend))
+
+        if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
+            xn = layout.nhwc(_native(x, dtype))
+
+            def native():
+                return layout.from_nhwc(impl.conv2d_forward_nhwc(xn, w, b, g))
+
+            if _layout_choice(impl, "forward", g, dtype, None, native, via_nchw) == "nhwc":
+                return native()
+        return via_nchw()
+    x = _contiguous(x, device, dtype).reshape(g.input_shape)
     if algo == "auto":
         algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(x, w, b, g, a))
     if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
@@ -235,13 +292,32 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         raise ValueError(f"conv2d_backward: needs must be three booleans (input, weight, bias), got {needs!r}")
     needs = tuple(bool(n) for n in needs)
     (gy, x, w), device, dtype = _prepare("conv2d_backward", [("grad_output", grad_output), ("input", input),
-                                                             ("weight", weight)])
+                                                             ("weight", weight)], contiguous=False)
+    w = _contiguous(w, device, dtype)
     g = conv2d_geometry(x.shape, w.shape, None, stride, padding, dilation, groups)
     gy = _check_shape(gy, g.output_shape, "grad_output", "conv2d_backward", g.unbatched)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
         return None, None, None
+    if g.N > 0 and layout.is_channels_last(x):
+        algo = _resolve_algo(impl, algo)
+        def via_nchw():
+            gx, gw, gb = conv2d_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype), w, stride,
+                                         padding, dilation, groups, needs=needs, algo=algo, backend=backend)
+            return (None if gx is None else layout.to_channels_last(gx)), gw, gb
+
+        if _runs_nhwc(impl, "conv2d_backward_nhwc", g, algo, gy if needs[1] else None, device):
+            gyn, xn = layout.nhwc(_native(gy, dtype)), layout.nhwc(_native(x, dtype))
+
+            def native():
+                gx, gw, gb = impl.conv2d_backward_nhwc(gyn, xn, w, g, needs)
+                return (None if gx is None else layout.from_nhwc(gx)), gw, gb
+
+            if _layout_choice(impl, "backward", g, dtype, needs, native, via_nchw) == "nhwc":
+                return native()
+        return via_nchw()
+    gy, x = _contiguous(gy, device, dtype), _contiguous(x, device, dtype)
     if g.N == 0:
         gx = _zeros(device, g.input_shape, dtype) if needs[0] else None
         gw = _zeros(device, g.weight_shape, dtype) if needs[1] else None
@@ -280,12 +356,19 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     else:
         def run(xb, gb):
             return impl.max_pool2d_forward(xb, gb)
+    cl = layout.is_channels_last(x)
     if g.N == 0:
         y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
+    elif cl and hasattr(impl, "max_pool2d_forward_nhwc"):
+        y, ind = impl.max_pool2d_forward_nhwc(layout.nhwc(_native(x, dtype)), g, bool(return_indices))
+        y, ind = layout.from_nhwc(y), None if ind is None else layout.from_nhwc(ind)
+        cl = False  # already channels_last
     elif device == "cpu" and strided.worth_blocking(x, dtype):
         y, ind = _pool_blocks(x.reshape(g.input_shape), g, dtype, run, two=True)
     else:
         y, ind = run(_contiguous(x, device, dtype).reshape(g.input_shape), g)
+    if cl:  # a backend without channels_last kernels: the output takes the input's layout
+        y, ind = layout.to_channels_last(y), None if ind is None else layout.to_channels_last(ind)
     y = _unbatch(y, g.unbatched)
     return (y, _unbatch(ind, g.unbatched)) if return_indices else y
 
@@ -308,6 +391,13 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
     impl = _backends.select(device, backend, "max_pool2d_backward")
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
+    if layout.is_channels_last(x):
+        if hasattr(impl, "max_pool2d_backward_nhwc"):
+            return layout.from_nhwc(impl.max_pool2d_backward_nhwc(
+                layout.nhwc(_native(gy, dtype)), layout.nhwc(ind.astype(np.int64, copy=False)), g))
+        return layout.to_channels_last(max_pool2d_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype),
+                                                           ind, kernel_size, stride, padding, dilation, ceil_mode,
+                                                           backend=backend))
     if device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(ind, np.int64)):
         return _unbatch(_pool_backward_blocks(g, dtype, impl.max_pool2d_backward, gy, ind), g.unbatched)
     return _unbatch(impl.max_pool2d_backward(_contiguous(gy, device, dtype), _contiguous(ind, device, np.int64), g),
@@ -332,6 +422,11 @@ def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
 
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
+    if layout.is_channels_last(x):
+        if hasattr(impl, "avg_pool2d_forward_nhwc"):
+            return layout.from_nhwc(impl.avg_pool2d_forward_nhwc(layout.nhwc(_native(x, dtype)), g,
+                                                                 bool(count_include_pad), div))
+        return layout.to_channels_last(run(_contiguous(x, device, dtype), g))
     if device == "cpu" and strided.worth_blocking(x, dtype):
         return _unbatch(_pool_blocks(x.reshape(g.input_shape), g, dtype, run), g.unbatched)
     return _unbatch(run(_contiguous(x, device, dtype).reshape(g.input_shape), g), g.unbatched)
@@ -353,6 +448,11 @@ def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Option
 
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
+    if layout.is_channels_last(x):
+        if hasattr(impl, "avg_pool2d_backward_nhwc"):
+            return layout.from_nhwc(impl.avg_pool2d_backward_nhwc(layout.nhwc(_native(gy, dtype)), g,
+                                                                  bool(count_include_pad), div))
+        return layout.to_channels_last(run(_contiguous(gy, device, dtype), g))
     if device == "cpu" and strided.worth_blocking(gy, dtype):
         return _unbatch(_pool_backward_blocks(g, dtype, run, gy), g.unbatched)
     return _unbatch(run(_contiguous(gy, device, dtype), g), g.unbatched)
@@ -371,9 +471,13 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
         xp = _xp(device)
         if xp is None or not isinstance(input, xp.ndarray) or not input.flags.writeable:
             raise ValueError("relu: inplace=True needs a writeable NumPy or CuPy array")
-    if device == "cpu" and strided.worth_blocking(x, dtype):
+    order = layout.dense_order(x) if x.dtype == dtype else None
+    if order is not None:  # channels_last or another dense layout: run on the memory as it lies
+        y = impl.relu_forward(x.transpose(order)).transpose(layout.inverse(order))
+    elif device == "cpu" and strided.worth_blocking(x, dtype):
         return _elementwise_blocks(impl.relu_forward, input if inplace else np.empty(x.shape, dtype), dtype, x)
-    y = impl.relu_forward(_contiguous(x, device, dtype))
+    else:
+        y = impl.relu_forward(_contiguous(x, device, dtype))
     if inplace:
         input[...] = y
         return input
@@ -387,6 +491,9 @@ def relu_backward(grad_output, input, *, backend: Optional[str] = None):
     if gy.shape != x.shape:
         raise ValueError(f"relu_backward: grad_output shape {gy.shape} differs from input shape {x.shape}")
     impl = _backends.select(device, backend, "relu_backward")
+    order = layout.dense_order(x) if x.dtype == dtype and gy.dtype == dtype else None
+    if order is not None and layout.dense_order(gy) == order:  # both in one dense layout: as they lie
+        return impl.relu_backward(gy.transpose(order), x.transpose(order)).transpose(layout.inverse(order))
     if device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(x, dtype)):
         return _elementwise_blocks(impl.relu_backward, np.empty(x.shape, dtype), dtype, gy, x)
     return impl.relu_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype))

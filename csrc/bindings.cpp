@@ -3,120 +3,9 @@
 // kernel. The Python layer (convkern/functional.py) has already validated the
 // arguments and computed the geometry; these checks are the last line of
 // defence against a buffer overrun, not the user-facing error messages.
-#include <array>
-#include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <stdexcept>
-#include <string>
-
-#include <omp.h>
-#if __has_include(<valgrind/callgrind.h>)
-#include <valgrind/callgrind.h>
-#define CONVKERN_CALLGRIND 1
-#else
-#define CONVKERN_CALLGRIND 0
-#define CALLGRIND_DUMP_STATS
-#endif
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
-#include "common.hpp"
-
-namespace py = pybind11;
-using convkern::active_kernels;
-using convkern::conv_algo_from_name;
-using convkern::ConvAlgo;
-using convkern::ConvShape;
-using convkern::idx;
-using convkern::PoolShape;
+#include "bindings_util.hpp"
 
 namespace {
-
-// Every kernel runs inside kernel_region, with the GIL released. The
-// instruction-count gate (convkern/gate.py) tells callgrind to count only
-// inside this function (--toggle-collect=*kernel_region*), so it must keep its
-// own symbol: never inlined, and the module is not stripped (CMakeLists.txt).
-// Under callgrind each call ends with a dump of its own counts (a no-op of a
-// few instructions otherwise).
-// CONVKERN_DEBUG_REPEAT=n runs each kernel n times: a deliberately slowed
-// build that the regression gates' own tests must catch.
-int debug_repeat() {
-    static const int n = [] {
-        const char* v = std::getenv("CONVKERN_DEBUG_REPEAT");
-        const int r = v ? std::atoi(v) : 1;
-        return r > 1 ? r : 1;
-    }();
-    return n;
-}
-
-__attribute__((noinline)) void kernel_region(const std::function<void()>& kernel) {
-    py::gil_scoped_release nogil;
-    convkern::DenormalScope denormals;
-    for (int i = 0; i < debug_repeat(); ++i) kernel();
-    CALLGRIND_DUMP_STATS;
-}
-
-enum class DType { f32, f64 };
-
-DType dtype_of(const py::array& a, const char* name) {
-    const py::dtype dt = a.dtype();
-    const bool native = dt.byteorder() == '=' || dt.byteorder() == '<' || dt.byteorder() == '|';
-    if (native && dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
-    if (native && dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
-    throw py::type_error(std::string(name) + ": expected float32 or float64, got " +
-                         py::str(a.dtype()).cast<std::string>());
-}
-
-void require(const py::array& a, const char* name, DType dt, idx numel) {
-    if (dtype_of(a, name) != dt) throw py::type_error(std::string(name) + ": dtype differs from the input's");
-    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-    if (a.size() != numel)
-        throw py::value_error(std::string(name) + ": has " + std::to_string(a.size()) + " elements, geometry needs " +
-                              std::to_string(numel));
-}
-
-template <class T>
-const convkern::OpTable<T>& ops() {
-    if constexpr (std::is_same<T, float>::value)
-        return convkern::active_kernels().f32;
-    else
-        return convkern::active_kernels().f64;
-}
-
-ConvShape conv_shape(const std::array<idx, 16>& g) {
-    ConvShape s{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]};
-    for (idx v : g)
-        if (v < 0) throw py::value_error("conv geometry: negative entry");
-    if (s.G <= 0 || s.C % s.G || s.K % s.G || s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0)
-        throw py::value_error("conv geometry: invalid groups/stride/dilation");
-    return s;
-}
-
-PoolShape pool_shape(const std::array<idx, 13>& g, bool count_include_pad, idx divisor_override) {
-    PoolShape p{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                count_include_pad, divisor_override};
-    for (idx v : g)
-        if (v < 0) throw py::value_error("pool geometry: negative entry");
-    if (p.kh <= 0 || p.kw <= 0 || p.sh <= 0 || p.sw <= 0 || p.dh <= 0 || p.dw <= 0)
-        throw py::value_error("pool geometry: invalid kernel/stride/dilation");
-    return p;
-}
-
-template <class T>
-py::array_t<T> empty(std::vector<idx> shape) {
-    return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-}
-
-template <class T>
-const T* cptr(const py::array& a) {
-    return static_cast<const T*>(a.data());
-}
-template <class T>
-T* mptr(py::array& a) {
-    return static_cast<T*>(a.mutable_data());
-}
 
 // The algorithm named `algo` for s, or a ValueError saying why it cannot run
 // s. Backward without grad input, every algorithm but depthwise can (the
@@ -134,16 +23,10 @@ ConvAlgo conv_algo(const std::string& algo, const ConvShape& s, bool backward, b
 template <class T>
 py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
                            ConvAlgo algo) {
-    DType dt = dtype_of(x, "x");
+    const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.C * s.H * s.W);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
-    py::array barr;
-    const T* bp = nullptr;
-    if (!b.is_none()) {
-        barr = py::reinterpret_borrow<py::array>(b);
-        require(barr, "bias", dt, s.K);
-        bp = cptr<T>(barr);
-    }
+    const T* bp = bias_ptr<T>(b, dt, s.K);
     py::array y = empty<T>({s.N, s.K, s.Ho, s.Wo});
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
@@ -170,23 +53,8 @@ py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::a
     require(gy, "grad_output", dt, s.N * s.K * s.Ho * s.Wo);
     require(x, "x", dt, s.N * s.C * s.H * s.W);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
-    py::object gx = py::none(), gw = py::none(), gb = py::none();
-    T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
-    if (need_gx) {
-        py::array a = empty<T>({s.N, s.C, s.H, s.W});
-        gxp = mptr<T>(a);
-        gx = a;
-    }
-    if (need_gw) {
-        py::array a = empty<T>({s.K, s.C / s.G, s.R, s.S});
-        gwp = mptr<T>(a);
-        gw = a;
-    }
-    if (need_gb) {
-        py::array a = empty<T>({s.K});
-        gbp = mptr<T>(a);
-        gb = a;
-    }
+    const ConvGrads<T> out({s.N, s.C, s.H, s.W}, s, need_gx, need_gw, need_gb);
+    T *gxp = out.gxp, *gwp = out.gwp, *gbp = out.gbp;
     const T* gyp = cptr<T>(gy);
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
@@ -194,7 +62,7 @@ py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::a
         convkern::note_conv_algo(algo);  // the kernels that run grad input note themselves
         ops<T>().conv2d_backward[static_cast<int>(algo)](gyp, xp, wp, gxp, gwp, gbp, s);
     });
-    return py::make_tuple(gx, gw, gb);
+    return out.tuple();
 }
 
 py::tuple conv2d_backward(const py::array& gy, const py::array& x, const py::array& w,
@@ -440,4 +308,5 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("relu_forward", &relu_forward, py::arg("x"));
     m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));
     m.def("gemm", &gemm, py::arg("a"), py::arg("b"), "C = A @ B with the packed GEMM (2-D, C-contiguous)");
+    bind_nhwc(m);
 }

@@ -68,6 +68,15 @@ struct OpTable {
     bool (*max_pool2d_backward)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&);
     void (*avg_pool2d_forward)(const T* x, T* y, const PoolShape&);
     void (*avg_pool2d_backward)(const T* gy, T* gx, const PoolShape&);
+    // channels_last: x, y, gx and gy are NHWC; weights stay (K, C/G, R, S).
+    // relu: the conv's output goes through relu before it is stored.
+    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvShape&, bool relu);
+    ConvBackward conv2d_backward_nhwc;
+    // PoolShape.planes is N here; C channels per pixel
+    void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolShape&, idx C);
+    bool (*max_pool2d_backward_nhwc)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&, idx C);
+    void (*avg_pool2d_forward_nhwc)(const T* x, T* y, const PoolShape&, idx C);
+    void (*avg_pool2d_backward_nhwc)(const T* gy, T* gx, const PoolShape&, idx C);
     void (*relu_forward)(const T* x, T* y, idx n);
     void (*relu_backward)(const T* gy, const T* x, T* gx, idx n);
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.

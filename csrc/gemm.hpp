@@ -70,30 +70,12 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
-// RT x (NV vectors) tile of C from panels packed for the full MR x NR tile.
-// Edge tiles use the smallest RT (a multiple of 4) and NV that cover them, so
-// a 64-row M (5 full panels + 4 rows) or a 196-column N (6 full panels + 4
-// columns) wastes at most 3 rows and one vector instead of most of a tile.
+// C (mr x nr of an RT x NV-vector tile) = c (+ C).
 template <class T, int RT, int NV>
-inline void gemm_micro_t(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
-                         bool accumulate) {
-    typedef GemmBlocking<T> GB;
-    typedef typename GB::V V;
-    constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
-    V c[RT][NV] = {};
-    for (idx k = 0; k < kc; ++k) {
-        V b[NV];
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
-#pragma GCC unroll 12
-        for (int i = 0; i < RT; ++i) {
-            const T a = Ap[i];
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
-        }
-        Ap += MR;
-        Bp += NR;
-    }
+__attribute__((always_inline)) inline void store_tile(const typename GemmBlocking<T>::V (&c)[RT][NV], T* C,
+                                                     idx ldc, idx mr, idx nr, bool accumulate) {
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int L = GemmBlocking<T>::L;
     if (mr == RT && nr == NV * L) {
         for (int i = 0; i < RT; ++i) {
             T* row = C + i * ldc;
@@ -114,9 +96,67 @@ inline void gemm_micro_t(idx kc, const T* __restrict Ap, const T* __restrict Bp,
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NV * L + j] : tile[i * NV * L + j];
 }
 
+// RT x (NV vectors) tile of C from panels packed for the full MR x NR tile.
+// Edge tiles use the smallest RT (a multiple of 4) and NV that cover them, so
+// a 64-row M (5 full panels + 4 rows) or a 196-column N (6 full panels + 4
+// columns) wastes at most 3 rows and one vector instead of most of a tile.
+// gemm_micro and its tiles are always inlined: with two GEMM drivers calling
+// them GCC otherwise makes them out-of-line calls (6-8% more instructions on
+// a small 1x1 conv and a Winograd layer, counted by the instruction gate)
+template <class T, int RT, int NV>
+__attribute__((always_inline)) inline void gemm_micro_t(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
+                         bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    typedef typename GB::V V;
+    constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
+    V c[RT][NV] = {};
+    for (idx k = 0; k < kc; ++k) {
+        V b[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
+#pragma GCC unroll 12
+        for (int i = 0; i < RT; ++i) {
+            const T a = Ap[i];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+        }
+        Ap += MR;
+        Bp += NR;
+    }
+    store_tile<T, RT, NV>(c, C, ldc, mr, nr, accumulate);
+}
+
+// The indirect form (an implicit GEMM): row i of A is read at rows[i] +
+// off[k] instead of from a packed panel, so a conv's input patches need no
+// copy (the offsets walk an NHWC patch). RT = MR: only whole row panels.
+template <class T, int NV>
+inline void gemm_micro_indirect(idx kc, const T* const* rows, const idx* __restrict off, const T* __restrict Bp,
+                                T* C, idx ldc, idx nr, bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    typedef typename GB::V V;
+    constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
+    V c[MR][NV] = {};
+    const T* r[MR];
+    for (int i = 0; i < MR; ++i) r[i] = rows[i];
+    for (idx k = 0; k < kc; ++k) {
+        V b[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
+        const idx o = off[k];
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+            const T a = r[i][o];
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+        }
+        Bp += NR;
+    }
+    store_tile<T, MR, NV>(c, C, ldc, MR, nr, accumulate);
+}
+
 template <class T>
-inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C, idx ldc, idx mr, idx nr,
-                       bool accumulate) {
+__attribute__((always_inline)) inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C,
+                                                      idx ldc, idx mr, idx nr, bool accumulate) {
     typedef GemmBlocking<T> GB;
     static_assert(GB::MR == 12 || GB::MR == 6, "edge dispatch assumes MR 12 (AVX-512) or 6");
     const bool one = nr <= GB::L;

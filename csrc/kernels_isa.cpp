@@ -1,6 +1,8 @@
 // Compiled once per SIMD level (see CMakeLists.txt): CK_ISA names the level
 // and the -m flags decide what the vector code becomes. Produces that level's
 // kernel table.
+#include <unistd.h>
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -12,6 +14,7 @@ namespace CK_ISA {
 namespace {
 #include "kernel_util.hpp"
 #include "gemm.hpp"
+#include "gemm_rows.hpp"
 #include "conv2d_common.hpp"
 #include "conv2d_direct.hpp"
 #include "conv2d_im2col.hpp"
@@ -19,6 +22,8 @@ namespace {
 #include "conv2d_winograd.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"
+#include "conv2d_nhwc.hpp"
+#include "pool2d_nhwc.hpp"
 #include "relu.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
@@ -179,6 +184,12 @@ OpTable<T> make_table() {
     t.max_pool2d_backward = &max_pool2d_backward<T>;
     t.avg_pool2d_forward = &avg_pool2d_forward<T>;
     t.avg_pool2d_backward = &avg_pool2d_backward<T>;
+    t.conv2d_forward_nhwc = &conv2d_forward_nhwc<T>;
+    t.conv2d_backward_nhwc = &conv2d_backward_nhwc<T>;
+    t.max_pool2d_forward_nhwc = &max_pool2d_forward_nhwc<T>;
+    t.max_pool2d_backward_nhwc = &max_pool2d_backward_nhwc<T>;
+    t.avg_pool2d_forward_nhwc = &avg_pool2d_forward_nhwc<T>;
+    t.avg_pool2d_backward_nhwc = &avg_pool2d_backward_nhwc<T>;
     t.relu_forward = &relu_forward<T>;
     t.relu_backward = &relu_backward<T>;
     t.gemm = &gemm<T>;

@@ -16,6 +16,7 @@ import torch.nn.functional as TF  # noqa: E402
 
 import convkern  # noqa: E402
 import convkern.torch as ckt  # noqa: E402
+from convkern import tune  # noqa: E402
 from convkern.torch import ops  # noqa: E402
 
 # (kwargs, input shape, weight shape): stride > kernel, dilation, groups,
@@ -250,3 +251,32 @@ def test_registered_ops_have_the_eager_paths_gradients():
             return first(op.op(*filled))
 
         assert torch.autograd.gradcheck(through_registered, tuple(tensors))
+
+
+def test_channels_last_tensors_cross_without_copies(monkeypatch):
+    """A channels_last model on cpp: every conv and pool reads the tensor's
+    memory as it lies (layout.nhwc returns views) and returns channels_last."""
+    from convkern import layout
+
+    copies = []
+    real = layout.nhwc
+
+    def watching(a):
+        out = real(a)
+        copies.append(not np.shares_memory(out, a))
+        return out
+
+    monkeypatch.setattr(layout, "nhwc", watching)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.AvgPool2d(2))
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    want = model(x)
+    ckt.patch(model)
+    with tune.forced("off"):
+        got = model(x.requires_grad_())
+        got.backward(torch.randn_like(got))  # channels_last, as torch makes it
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert copies and not any(copies), f"{sum(copies)} of {len(copies)} NHWC crossings copied"

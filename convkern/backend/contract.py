@@ -61,10 +61,41 @@ def gemm(a, b):
     """a (M, K) @ b (K, N), for the tests and the bench (not an op of OPS)."""
 
 
+# Channels_last forms, optional: a backend with them gets channels_last
+# (NHWC-strided) arrays as C-contiguous (N, H, W, C) buffers and returns
+# (N, Ho, Wo, K) ones; without them convkern converts to NCHW and back.
+# Weights stay (K, C/groups, R, S); pool geometries still count N*C planes.
+
+
+def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False):
+    """y (N, Ho, Wo, K) from x (N, H, W, C); relu=True stores relu(y) (a fused epilogue)."""
+
+
+def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):
+    """(grad_input (N, H, W, C), grad_weight, grad_bias) from grad_output (N, Ho, Wo, K)."""
+
+
+def max_pool2d_forward_nhwc(x, g: PoolGeometry, indices: bool = True):
+    """(y, indices), both (N, Ho, Wo, C); indices as max_pool2d_forward's (h*W + w per plane)."""
+
+
+def max_pool2d_backward_nhwc(grad_output, indices, g: PoolGeometry):
+    """grad_input (N, H, W, C)."""
+
+
+def avg_pool2d_forward_nhwc(x, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
+    """y (N, Ho, Wo, C)."""
+
+
+def avg_pool2d_backward_nhwc(grad_output, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
+    """grad_input (N, H, W, C)."""
+
+
 CONTRACT: Dict[str, inspect.Signature] = {
     f.__name__: inspect.signature(f)
     for f in (conv2d_forward, conv2d_backward, max_pool2d_forward, max_pool2d_backward, avg_pool2d_forward,
-              avg_pool2d_backward, relu_forward, relu_backward, gemm)
+              avg_pool2d_backward, relu_forward, relu_backward, gemm, conv2d_forward_nhwc, conv2d_backward_nhwc,
+              max_pool2d_forward_nhwc, max_pool2d_backward_nhwc, avg_pool2d_forward_nhwc, avg_pool2d_backward_nhwc)
 }
 # parameters a backend may leave out (then it is never passed)
 OPTIONAL = {"max_pool2d_forward": ("indices",)}

@@ -79,6 +79,37 @@ def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = 
     return gx.reshape(g.input_shape)
 
 
+# channels_last: arrays in and out are C-contiguous (N, H, W, C); weights (K, C/G, R, S)
+
+
+def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False):
+    """y (N, Ho, Wo, K); relu=True applies relu before storing (fused)."""
+    return _cpu.conv2d_forward_nhwc(x, weight, bias, g.as_tuple(), bool(relu))
+
+
+def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):
+    return tuple(_cpu.conv2d_backward_nhwc(grad_output, x, weight, g.as_tuple(), bool(needs[0]), bool(needs[1]),
+                                           bool(needs[2])))
+
+
+def max_pool2d_forward_nhwc(x, g: PoolGeometry, indices: bool = True):
+    return tuple(_cpu.max_pool2d_forward_nhwc(x, g.as_tuple(), g.C, bool(indices)))
+
+
+def max_pool2d_backward_nhwc(grad_output, indices, g: PoolGeometry):
+    return _cpu.max_pool2d_backward_nhwc(grad_output, indices, g.as_tuple(), g.C)
+
+
+def avg_pool2d_forward_nhwc(x, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
+    return _cpu.avg_pool2d_forward_nhwc(x, g.as_tuple(), g.C, bool(count_include_pad), int(divisor_override))
+
+
+def avg_pool2d_backward_nhwc(grad_output, g: PoolGeometry, count_include_pad: bool = True,
+                             divisor_override: int = 0):
+    return _cpu.avg_pool2d_backward_nhwc(grad_output, g.as_tuple(), g.C, bool(count_include_pad),
+                                         int(divisor_override))
+
+
 def relu_forward(x):
     return _cpu.relu_forward(x)
 

@@ -18,9 +18,9 @@ traced code gets the registered ops.
 
 Tensors cross to convkern as NumPy views (CPU; no copy) or CuPy arrays via
 DLPack (CUDA; no copy, on torch's current stream); results come back the same
-way. convkern computes in contiguous NCHW: a channels_last input is converted
-once on the way in and the result converted back, so the output has the
-memory format torch would give (two copies until the kernels read NHWC).
+way. A channels_last tensor crosses as a channels_last array, which the cpp
+backend's NHWC kernels read and write as it lies: the output is channels_last,
+as torch would give it, with no copy either way (other backends convert).
 """
 
 from __future__ import annotations

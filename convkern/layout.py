@@ -1,0 +1,54 @@
+"""Memory layouts, PyTorch's way: arrays keep the logical (N, C, H, W) shape,
+and channels_last means NHWC strides, such as
+``np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)``.
+
+The layout is read from the strides. An op's output has its input's layout
+(a channels_last input gives a channels_last output), as in torch. Where the
+backend has channels_last kernels (cpp) the data is read and written in NHWC
+order with no transposes; elsewhere the op converts, at the cost of a copy
+each way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+
+def is_channels_last(a) -> bool:
+    """A 4-D NumPy array with NHWC strides that is not also C-contiguous (one
+    channel, or 1x1 planes, are both layouts at once: those count as NCHW)."""
+    return (isinstance(a, np.ndarray) and a.ndim == 4 and not a.flags.c_contiguous
+            and a.transpose(0, 2, 3, 1).flags.c_contiguous)
+
+
+def nhwc(a) -> np.ndarray:
+    """The (N, H, W, C) C-contiguous form of a logical (N, C, H, W) array: a
+    view of a channels_last array, a copy of anything else."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def from_nhwc(a: np.ndarray) -> np.ndarray:
+    """The logical (N, C, H, W) view of an (N, H, W, C) array: channels_last."""
+    return a.transpose(0, 3, 1, 2)
+
+
+def to_channels_last(a: np.ndarray) -> np.ndarray:
+    """`a` in channels_last layout (a copy unless it is already)."""
+    return a if is_channels_last(a) else from_nhwc(nhwc(a))
+
+
+def dense_order(a) -> Optional[Tuple[int, ...]]:
+    """The axis order in which a dense but not C-contiguous NumPy array is
+    C-contiguous (channels_last, any transpose of a contiguous array), so that
+    elementwise work can run on its memory as it lies; None if `a` is
+    C-contiguous already or not dense."""
+    if not isinstance(a, np.ndarray) or a.flags.c_contiguous or a.ndim < 2:
+        return None
+    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+def inverse(order: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(int(i) for i in np.argsort(order))

@@ -1,0 +1,161 @@
+// pybind11 bindings of the channels_last (NHWC) kernels: arrays arrive as
+// C-contiguous (N, H, W, C) buffers (the NHWC view of a channels_last array)
+// and outputs leave as (N, Ho, Wo, K) ones; weights stay (K, C/G, R, S).
+#include "bindings_util.hpp"
+
+namespace {
+
+template <class T>
+py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
+                                bool relu) {
+    const DType dt = dtype_of(x, "x");
+    require(x, "x", dt, s.N * s.H * s.W * s.C);
+    require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
+    const T* bp = bias_ptr<T>(b, dt, s.K);
+    py::array y = empty<T>({s.N, s.Ho, s.Wo, s.K});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = mptr<T>(y);
+    kernel_region([&] { ops<T>().conv2d_forward_nhwc(xp, wp, bp, yp, s, relu); });
+    return y;
+}
+
+py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::object& b,
+                              const std::array<idx, 16>& geom, bool relu) {
+    const ConvShape s = conv_shape(geom);
+    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_nhwc_t<float>(x, w, b, s, relu);
+    return conv2d_forward_nhwc_t<double>(x, w, b, s, relu);
+}
+
+template <class T>
+py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const py::array& w, const ConvShape& s,
+                                 bool need_gx, bool need_gw, bool need_gb) {
+    const DType dt = dtype_of(gy, "grad_output");
+    require(gy, "grad_output", dt, s.N * s.Ho * s.Wo * s.K);
+    require(x, "x", dt, s.N * s.H * s.W * s.C);
+    require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
+    const ConvGrads<T> out({s.N, s.H, s.W, s.C}, s, need_gx, need_gw, need_gb);
+    T *gxp = out.gxp, *gwp = out.gwp, *gbp = out.gbp;
+    const T* gyp = cptr<T>(gy);
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    kernel_region([&] { ops<T>().conv2d_backward_nhwc(gyp, xp, wp, gxp, gwp, gbp, s); });
+    return out.tuple();
+}
+
+py::tuple conv2d_backward_nhwc(const py::array& gy, const py::array& x, const py::array& w,
+                               const std::array<idx, 16>& geom, bool need_gx, bool need_gw, bool need_gb) {
+    const ConvShape s = conv_shape(geom);
+    if (dtype_of(gy, "grad_output") == DType::f32)
+        return conv2d_backward_nhwc_t<float>(gy, x, w, s, need_gx, need_gw, need_gb);
+    return conv2d_backward_nhwc_t<double>(gy, x, w, s, need_gx, need_gw, need_gb);
+}
+
+// The pool geometry's first entry is N*C planes; these kernels want N and C.
+PoolShape nhwc_pool_shape(const std::array<idx, 13>& geom, idx channels, bool count_include_pad,
+                          idx divisor_override) {
+    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+    if (channels <= 0 || p.planes % channels) throw py::value_error("pool geometry: planes not a multiple of C");
+    p.planes /= channels;
+    return p;
+}
+
+template <class T>
+py::tuple max_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx C, bool with_indices) {
+    require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W * C);
+    py::array y = empty<T>({p.planes, p.Ho, p.Wo, C});
+    py::object ind = py::none();
+    std::int64_t* ip = nullptr;
+    if (with_indices) {
+        py::array_t<std::int64_t> arr(std::vector<py::ssize_t>{p.planes, p.Ho, p.Wo, C});
+        ip = arr.mutable_data();
+        ind = arr;
+    }
+    const T* xp = cptr<T>(x);
+    T* yp = mptr<T>(y);
+    kernel_region([&] { ops<T>().max_pool2d_forward_nhwc(xp, yp, ip, p, C); });
+    return py::make_tuple(y, ind);
+}
+
+py::tuple max_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 13>& geom, idx channels,
+                                  bool with_indices) {
+    const PoolShape p = nhwc_pool_shape(geom, channels, true, 0);
+    if (dtype_of(x, "x") == DType::f32) return max_pool2d_forward_nhwc_t<float>(x, p, channels, with_indices);
+    return max_pool2d_forward_nhwc_t<double>(x, p, channels, with_indices);
+}
+
+template <class T>
+py::array max_pool2d_backward_nhwc_t(const py::array& gy, const py::array& ind, const PoolShape& p, idx C) {
+    require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo * C);
+    if (ind.dtype().kind() != 'i' || ind.dtype().itemsize() != 8) throw py::type_error("indices: expected int64");
+    if (!(ind.flags() & py::array::c_style)) throw py::value_error("indices: must be C-contiguous");
+    if (ind.size() != gy.size()) throw py::value_error("indices: must have grad_output's shape");
+    py::array gx = empty<T>({p.planes, p.H, p.W, C});
+    const T* gyp = cptr<T>(gy);
+    const auto* ip = static_cast<const std::int64_t*>(ind.data());
+    T* gxp = mptr<T>(gx);
+    bool ok = true;
+    kernel_region([&] { ok = ops<T>().max_pool2d_backward_nhwc(gyp, ip, gxp, p, C); });
+    if (!ok)
+        throw py::value_error("indices: an index lies outside its (H*W = " + std::to_string(p.H * p.W) +
+                              ") input plane");
+    return gx;
+}
+
+py::array max_pool2d_backward_nhwc(const py::array& gy, const py::array& ind, const std::array<idx, 13>& geom,
+                                   idx channels) {
+    const PoolShape p = nhwc_pool_shape(geom, channels, true, 0);
+    if (dtype_of(gy, "grad_output") == DType::f32) return max_pool2d_backward_nhwc_t<float>(gy, ind, p, channels);
+    return max_pool2d_backward_nhwc_t<double>(gy, ind, p, channels);
+}
+
+template <class T>
+py::array avg_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx C) {
+    require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W * C);
+    py::array y = empty<T>({p.planes, p.Ho, p.Wo, C});
+    const T* xp = cptr<T>(x);
+    T* yp = mptr<T>(y);
+    kernel_region([&] { ops<T>().avg_pool2d_forward_nhwc(xp, yp, p, C); });
+    return y;
+}
+
+py::array avg_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 13>& geom, idx channels,
+                                  bool count_include_pad, idx divisor_override) {
+    const PoolShape p = nhwc_pool_shape(geom, channels, count_include_pad, divisor_override);
+    if (dtype_of(x, "x") == DType::f32) return avg_pool2d_forward_nhwc_t<float>(x, p, channels);
+    return avg_pool2d_forward_nhwc_t<double>(x, p, channels);
+}
+
+template <class T>
+py::array avg_pool2d_backward_nhwc_t(const py::array& gy, const PoolShape& p, idx C) {
+    require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo * C);
+    py::array gx = empty<T>({p.planes, p.H, p.W, C});
+    const T* gyp = cptr<T>(gy);
+    T* gxp = mptr<T>(gx);
+    kernel_region([&] { ops<T>().avg_pool2d_backward_nhwc(gyp, gxp, p, C); });
+    return gx;
+}
+
+py::array avg_pool2d_backward_nhwc(const py::array& gy, const std::array<idx, 13>& geom, idx channels,
+                                   bool count_include_pad, idx divisor_override) {
+    const PoolShape p = nhwc_pool_shape(geom, channels, count_include_pad, divisor_override);
+    if (dtype_of(gy, "grad_output") == DType::f32) return avg_pool2d_backward_nhwc_t<float>(gy, p, channels);
+    return avg_pool2d_backward_nhwc_t<double>(gy, p, channels);
+}
+
+}  // namespace
+
+void bind_nhwc(py::module_& m) {
+    m.def("conv2d_forward_nhwc", &conv2d_forward_nhwc, py::arg("x"), py::arg("weight"), py::arg("bias"),
+          py::arg("geom"), py::arg("relu") = false);
+    m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
+          py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true);
+    m.def("max_pool2d_forward_nhwc", &max_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),
+          py::arg("indices") = true);
+    m.def("max_pool2d_backward_nhwc", &max_pool2d_backward_nhwc, py::arg("grad_output"), py::arg("indices"),
+          py::arg("geom"), py::arg("channels"));
+    m.def("avg_pool2d_forward_nhwc", &avg_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),
+          py::arg("count_include_pad"), py::arg("divisor_override"));
+    m.def("avg_pool2d_backward_nhwc", &avg_pool2d_backward_nhwc, py::arg("grad_output"), py::arg("geom"),
+          py::arg("channels"), py::arg("count_include_pad"), py::arg("divisor_override"));
+}

@@ -1,0 +1,468 @@
+// conv2d on channels_last (NHWC) arrays, forward and backward, with the
+// output and input gradient in NHWC too: no transposes on the way in or out.
+//
+// In NHWC an output pixel's receptive field is R*S runs of C contiguous
+// input channels, and the output is a row-major (pixels x K) matrix. So the
+// forward conv is Y (M x K) = col (M x R*S*C) * W' (R*S*C x K), M = N*Ho*Wo,
+// where a column-matrix row is a copy of those runs (for stride-1 undilated
+// rows, S*C contiguous elements per kernel row), built in bands of output
+// pixels that stay in L2 and handed to the packed GEMM. A 1x1 stride-1
+// unpadded conv reads the input as the column matrix directly. The weights are
+// reordered once per call to (K, R, S, C/G), in the patch's order.
+//
+// Bands are spread over threads, each output row written by one band: the
+// reduction order per output is fixed, so results do not depend on the thread
+// count. The grad weight sums images in a fixed number of chunks (a function of
+// the shape only); grad input gathers each input pixel's contributions in a
+// fixed tap order. Depthwise convs (groups == C == K) run direct loops that
+// vectorize across channels.
+
+template <class T>
+void weights_to_krsc(const T* w, T* wr, const ConvShape& s) {
+    const idx Cg = s.C / s.G, RS = s.R * s.S;
+    for (idx k = 0; k < s.K; ++k)
+        for (idx c = 0; c < Cg; ++c)
+            for (idx rs = 0; rs < RS; ++rs) wr[(k * RS + rs) * Cg + c] = w[(k * Cg + c) * RS + rs];
+}
+
+template <class T>
+void weights_from_krsc(const T* wr, T* w, const ConvShape& s) {
+    const idx Cg = s.C / s.G, RS = s.R * s.S;
+    for (idx k = 0; k < s.K; ++k)
+        for (idx c = 0; c < Cg; ++c)
+            for (idx rs = 0; rs < RS; ++rs) w[(k * Cg + c) * RS + rs] = wr[(k * RS + rs) * Cg + c];
+}
+
+template <class T>
+inline void copy_run(T* dst, const T* src, idx n) {
+    if (n >= 16) {
+        std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(T));
+        return;
+    }
+    for (idx i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+template <class T>
+inline void zero_run(T* dst, idx n) {
+    for (idx i = 0; i < n; ++i) dst[i] = T(0);
+}
+
+// Rows [m0, m1) of group g's column matrix: row m = (n, ho, wo), columns
+// (r, q, c) with zeros where the tap reads padding.
+template <class T>
+void nhwc_im2col(const T* x, T* col, idx m0, idx m1, idx g, const ConvShape& s) {
+    const idx Cg = s.C / s.G, P = s.Ho * s.Wo, SC = s.S * Cg, RSC = s.R * SC;
+    const bool runs = s.G == 1 && s.dw == 1;  // a kernel row's S taps are one run of S*C elements
+    for (idx m = m0; m < m1; ++m) {
+        const idx n = m / P, p = m % P, ho = p / s.Wo, wo = p % s.Wo;
+        T* row = col + (m - m0) * RSC;
+        const idx iw0 = wo * s.sw - s.pw;
+        for (idx r = 0; r < s.R; ++r) {
+            const idx ih = ho * s.sh - s.ph + r * s.dh;
+            T* dst = row + r * SC;
+            if (ih < 0 || ih >= s.H) {
+                zero_run(dst, SC);
+                continue;
+            }
+            const T* xrow = x + (n * s.H + ih) * s.W * s.C + g * Cg;
+            if (runs) {
+                const idx q0 = imax(0, -iw0), q1 = imin(s.S, s.W - iw0);
+                if (q1 <= q0) {
+                    zero_run(dst, SC);
+                    continue;
+                }
+                zero_run(dst, q0 * Cg);
+                copy_run(dst + q0 * Cg, xrow + (iw0 + q0) * s.C, (q1 - q0) * Cg);
+                zero_run(dst + q1 * Cg, (s.S - q1) * Cg);
+                continue;
+            }
+            for (idx q = 0; q < s.S; ++q) {
+                const idx iw = iw0 + q * s.dw;
+                if (iw < 0 || iw >= s.W)
+                    zero_run(dst + q * Cg, Cg);
+                else
+                    copy_run(dst + q * Cg, xrow + iw * s.C, Cg);
+            }
+        }
+    }
+}
+
+// Output pixels per band: a column-matrix band of about 256 KiB (a share of
+// L2 beside the GEMM's packed panels), a whole number of the GEMM's row
+// panels, at least one.
+template <class T>
+idx nhwc_band_rows(idx rsc, idx M) {
+    constexpr idx kBandBytes = idx(256) << 10, MR = GemmBlocking<T>::MR;
+    idx rows = kBandBytes / imax(rsc * static_cast<idx>(sizeof(T)), 1);
+    rows = imax(MR, rows / MR * MR);
+    return imin(rows, M);
+}
+
+// fn(ho, wo, tap) for every output pixel whose tap (r, q) (tap = r*S + q)
+// reads input pixel (ih, iw), in tap order: the gather form of grad input.
+template <class Fn>
+inline void for_each_tap_into(const ConvShape& s, idx ih, idx iw, const Fn& fn) {
+    for (idx r = 0; r < s.R; ++r) {
+        const idx hnum = ih + s.ph - r * s.dh;
+        if (hnum < 0 || hnum % s.sh) continue;
+        const idx ho = hnum / s.sh;
+        if (ho >= s.Ho) continue;
+        for (idx q = 0; q < s.S; ++q) {
+            const idx wnum = iw + s.pw - q * s.dw;
+            if (wnum < 0 || wnum % s.sw) continue;
+            const idx wo = wnum / s.sw;
+            if (wo < s.Wo) fn(ho, wo, r * s.S + q);
+        }
+    }
+}
+
+inline bool nhwc_is_depthwise(const ConvShape& s) { return s.G == s.C && s.K == s.C && s.G > 1; }
+
+// ---- depthwise: y[n, ho, wo, c] = sum_rq x[n, ih, iw, c] * w[c, r, q]
+
+template <class T>
+void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool relu) {
+    const idx C = s.C, RS = s.R * s.S, rows = s.N * s.Ho;
+    T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(RS * C) * sizeof(T), 2));
+    for (idx c = 0; c < C; ++c)  // (r, q, c): a tap's weights contiguous across channels
+        for (idx rs = 0; rs < RS; ++rs) wt[rs * C + c] = w[c * RS + rs];
+#pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
+    for (idx t = 0; t < rows; ++t) {
+        const idx n = t / s.Ho, ho = t % s.Ho;
+        typedef typename Vec<T>::type V;
+        constexpr int L = CK_VEC_BYTES / sizeof(T), NV = 4, CB = NV * L;
+        idx taps[64][2];  // (input offset, weight offset) of the window's in-range taps; R*S <= 64 here
+        for (idx wo = 0; wo < s.Wo; ++wo) {
+            T* out = y + ((n * s.Ho + ho) * s.Wo + wo) * C;
+            idx nt = 0;
+            for (idx r = 0; r < s.R; ++r) {
+                const idx ih = ho * s.sh - s.ph + r * s.dh;
+                if (ih < 0 || ih >= s.H) continue;
+                for (idx q = 0; q < s.S; ++q) {
+                    const idx iw = wo * s.sw - s.pw + q * s.dw;
+                    if (iw < 0 || iw >= s.W) continue;
+                    taps[nt][0] = ((n * s.H + ih) * s.W + iw) * C;
+                    taps[nt][1] = (r * s.S + q) * C;
+                    ++nt;
+                }
+            }
+            idx c = 0;
+            for (; c + CB <= C; c += CB) {  // CB channels in registers across all taps
+                V acc[NV];
+                for (int v = 0; v < NV; ++v) acc[v] = b ? vload<V>(b + c + v * L) : V{};
+                for (idx k = 0; k < nt; ++k) {
+                    const T* in = x + taps[k][0] + c;
+                    const T* wv = wt + taps[k][1] + c;
+                    for (int v = 0; v < NV; ++v) acc[v] += vload<V>(in + v * L) * vload<V>(wv + v * L);
+                }
+                for (int v = 0; v < NV; ++v) vstore(out + c + v * L, acc[v]);
+            }
+            for (; c + L <= C; c += L) {
+                V acc = b ? vload<V>(b + c) : V{};
+                for (idx k = 0; k < nt; ++k) acc += vload<V>(x + taps[k][0] + c) * vload<V>(wt + taps[k][1] + c);
+                vstore(out + c, acc);
+            }
+            for (idx cc = c; cc < C; ++cc) {
+                T a = b ? b[cc] : T(0);
+                for (idx k = 0; k < nt; ++k) a += x[taps[k][0] + cc] * wt[taps[k][1] + cc];
+                out[cc] = a;
+            }
+            if (relu)
+                for (idx cc = 0; cc < C; ++cc) out[cc] = (out[cc] > T(0) || out[cc] != out[cc]) ? out[cc] : T(0);
+        }
+    }
+}
+
+template <class T>
+void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, const ConvShape& s) {
+    const idx C = s.C, RS = s.R * s.S;
+    if (gx) {
+        T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(RS * C) * sizeof(T), 2));
+        for (idx c = 0; c < C; ++c)
+            for (idx rs = 0; rs < RS; ++rs) wt[rs * C + c] = w[c * RS + rs];
+        const idx rows = s.N * s.H;
+        // gather: input pixel (ih, iw) takes tap (r, q) of output (ho, wo) where
+        // ih = ho*sh - ph + r*dh; taps in a fixed order
+#pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
+        for (idx t = 0; t < rows; ++t) {
+            const idx n = t / s.H, ih = t % s.H;
+            for (idx iw = 0; iw < s.W; ++iw) {
+                T* out = gx + ((n * s.H + ih) * s.W + iw) * C;
+                for (idx c = 0; c < C; ++c) out[c] = T(0);
+                for_each_tap_into(s, ih, iw, [&](idx ho, idx wo, idx tap) {
+                    const T* g = gy + ((n * s.Ho + ho) * s.Wo + wo) * C;
+                    const T* wv = wt + tap * C;
+#pragma omp simd
+                    for (idx c = 0; c < C; ++c) out[c] += g[c] * wv[c];
+                });
+            }
+        }
+    }
+    if (gw) {
+        // (r, q, c) partial sums per fixed chunk of images, then chunks in order
+        const idx wsize = RS * C, chunks = imax(1, imin(s.N, 8));
+        T* part = static_cast<T*>(workspace(static_cast<std::size_t>(chunks * wsize) * sizeof(T), 1));
+#pragma omp parallel for num_threads(threads_for(chunks)) schedule(dynamic, 1)
+        for (idx j = 0; j < chunks; ++j) {
+            T* acc = part + j * wsize;
+            for (idx i = 0; i < wsize; ++i) acc[i] = T(0);
+            for (idx n = j * s.N / chunks; n < (j + 1) * s.N / chunks; ++n)
+                for (idx ho = 0; ho < s.Ho; ++ho)
+                    for (idx wo = 0; wo < s.Wo; ++wo) {
+                        const T* g = gy + ((n * s.Ho + ho) * s.Wo + wo) * C;
+                        for (idx r = 0; r < s.R; ++r) {
+                            const idx ih = ho * s.sh - s.ph + r * s.dh;
+                            if (ih < 0 || ih >= s.H) continue;
+                            for (idx q = 0; q < s.S; ++q) {
+                                const idx iw = wo * s.sw - s.pw + q * s.dw;
+                                if (iw < 0 || iw >= s.W) continue;
+                                const T* in = x + ((n * s.H + ih) * s.W + iw) * C;
+                                T* a = acc + (r * s.S + q) * C;
+#pragma omp simd
+                                for (idx c = 0; c < C; ++c) a[c] += g[c] * in[c];
+                            }
+                        }
+                    }
+        }
+        for (idx c = 0; c < C; ++c)
+            for (idx rs = 0; rs < RS; ++rs) {
+                T v = part[rs * C + c];
+                for (idx j = 1; j < chunks; ++j) v += part[j * wsize + rs * C + c];
+                gw[c * RS + rs] = v;
+            }
+    }
+}
+
+// ---- the GEMM forms
+
+// Per patch column j = (r, q, c) of a group: its offset from the patch's
+// first element in the NHWC input, and its tap's row and column offsets (for
+// the bounds test at the borders). Made once per call.
+struct PatchTable {
+    idx* off;
+    idx* dr;
+    idx* dq;
+};
+
+inline PatchTable patch_table(const ConvShape& s, void* mem) {
+    const idx Cg = s.C / s.G, RSC = s.R * s.S * Cg;
+    PatchTable t{static_cast<idx*>(mem), static_cast<idx*>(mem) + RSC, static_cast<idx*>(mem) + 2 * RSC};
+    for (idx j = 0; j < RSC; ++j) {
+        const idx rs = j / Cg, c = j % Cg;
+        t.dr[j] = (rs / s.S) * s.dh;
+        t.dq[j] = (rs % s.S) * s.dw;
+        t.off[j] = (t.dr[j] * s.W + t.dq[j]) * s.C + c;
+    }
+    return t;
+}
+
+// Group g's (virtual) column matrix, read from the NHWC input in place: an
+// MR-row panel whose patches all lie inside the input goes to the indirect
+// micro-kernel (row pointers plus the table's offsets, no copy); a panel
+// touching the border is packed, with zeros for padding.
+template <class T>
+struct NhwcPatches {
+    const T* x;
+    const ConvShape& s;
+    idx g;
+    PatchTable t;
+    const T* patch(idx m, idx& ih0, idx& iw0) const {
+        const idx P = s.Ho * s.Wo, n = m / P, p = m % P, ho = p / s.Wo, wo = p % s.Wo;
+        ih0 = ho * s.sh - s.ph;
+        iw0 = wo * s.sw - s.pw;
+        return x + ((n * s.H + ih0) * s.W + iw0) * s.C + g * (s.C / s.G);
+    }
+    bool inside(idx ih0, idx iw0) const {
+        return ih0 >= 0 && ih0 + (s.R - 1) * s.dh < s.H && iw0 >= 0 && iw0 + (s.S - 1) * s.dw < s.W;
+    }
+    bool indirect(idx i0, idx live, const T** rows) const {
+        constexpr int MR = GemmBlocking<T>::MR;
+        if (live < MR) return false;
+        for (int i = 0; i < MR; ++i) {
+            idx ih0, iw0;
+            rows[i] = patch(i0 + i, ih0, iw0);
+            if (!inside(ih0, iw0)) return false;
+        }
+        return true;
+    }
+    const idx* offsets(idx pc) const { return t.off + pc; }
+    void panel(idx i0, idx live, idx pc, idx kc, T* Ap) const {
+        constexpr int MR = GemmBlocking<T>::MR;
+        const idx* off = t.off + pc;
+        const idx* dr = t.dr + pc;
+        const idx* dq = t.dq + pc;
+        for (idx i = 0; i < MR; ++i) {
+            T* dst = Ap + i;
+            if (i >= live) {
+                for (idx k = 0; k < kc; ++k) dst[k * MR] = T(0);
+                continue;
+            }
+            idx ih0, iw0;
+            const T* base = patch(i0 + i, ih0, iw0);
+            if (inside(ih0, iw0)) {
+                for (idx k = 0; k < kc; ++k) dst[k * MR] = base[off[k]];
+                continue;
+            }
+            for (idx k = 0; k < kc; ++k) {
+                const idx ih = ih0 + dr[k], iw = iw0 + dq[k];
+                dst[k * MR] = (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) ? base[off[k]] : T(0);
+            }
+        }
+    }
+};
+
+template <class T>
+void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool relu) {
+    if (nhwc_is_depthwise(s) && s.R * s.S <= 64) return depthwise_nhwc_forward(x, w, b, y, s, relu);
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
+    const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
+    T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(wr_elems) * sizeof(T) + 3 * RSC * sizeof(idx), 2));
+    weights_to_krsc(w, wr, s);
+    T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(RSC, Kg)) * sizeof(T), 1));
+    // With padding, a zero-padded copy of the input (one pass, against R*S
+    // reads of every element by the GEMM) leaves no border rows: every full
+    // panel goes to the indirect micro-kernel.
+    ConvShape sp = s;
+    const T* xs = x;
+    const idx Hp = imax(s.H + s.ph, (s.Ho - 1) * s.sh + (s.R - 1) * s.dh + 1);
+    const idx Wp = imax(s.W + s.pw, (s.Wo - 1) * s.sw + (s.S - 1) * s.dw + 1);
+    if (Hp != s.H || Wp != s.W) {
+        T* xp = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * Hp * Wp * s.C) * sizeof(T), 0));
+        const idx prow = s.N * Hp;
+#pragma omp parallel for num_threads(threads_for(prow)) schedule(static)
+        for (idx t = 0; t < prow; ++t) {
+            const idx n = t / Hp, h = t % Hp - s.ph;
+            T* dst = xp + t * Wp * s.C;
+            if (h < 0 || h >= s.H) {
+                std::memset(dst, 0, static_cast<std::size_t>(Wp * s.C) * sizeof(T));
+                continue;
+            }
+            std::memset(dst, 0, static_cast<std::size_t>(s.pw * s.C) * sizeof(T));
+            std::memcpy(dst + s.pw * s.C, x + (n * s.H + h) * s.W * s.C, static_cast<std::size_t>(s.W * s.C) * sizeof(T));
+            std::memset(dst + (s.pw + s.W) * s.C, 0, static_cast<std::size_t>((Wp - s.pw - s.W) * s.C) * sizeof(T));
+        }
+        sp.H = Hp;
+        sp.W = Wp;
+        sp.ph = sp.pw = 0;
+        xs = xp;
+    }
+    const PatchTable table = patch_table(sp, wr + wr_elems);
+    for (idx g = 0; g < s.G; ++g) {
+        // B (RSC x Kg): B[j, k] = wr[(g*Kg + k) * RSC + j]
+        pack_b_full(RSC, Kg, wr + g * Kg * RSC, idx(1), RSC, bp);
+        T* yg = y + g * Kg;
+        const T* bg = b ? b + g * Kg : nullptr;
+        const auto epilogue = [&](idx i0, idx i1, idx j0, idx j1) {
+            if (!bg && !relu) return;
+            for (idx m = i0; m < i1; ++m) {
+                T* row = yg + m * s.K;
+                if (bg)
+                    for (idx k = j0; k < j1; ++k) row[k] += bg[k];
+                if (relu)
+                    for (idx k = j0; k < j1; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
+            }
+        };
+        gemm_rows(M, Kg, RSC, NhwcPatches<T>{xs, sp, g, table}, bp, yg, s.K, epilogue);
+    }
+}
+
+template <class T>
+void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+    if (gb) {  // column sums of gy (M x K), in double, rows in order
+        const idx M = s.N * s.Ho * s.Wo;
+        double* acc = static_cast<double*>(workspace(static_cast<std::size_t>(s.K) * sizeof(double), 1));
+        for (idx k = 0; k < s.K; ++k) acc[k] = 0.0;
+        for (idx m = 0; m < M; ++m) {
+            const T* row = gy + m * s.K;
+            for (idx k = 0; k < s.K; ++k) acc[k] += static_cast<double>(row[k]);
+        }
+        for (idx k = 0; k < s.K; ++k) gb[k] = static_cast<T>(acc[k]);
+    }
+    if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
+    typedef GemmBlocking<T> GB;
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
+    const bool pointwise = s.G == 1 && conv_is_pointwise(s);
+    if (gw) {
+        // gW_g (Kg x RSC) = gy_g^T (Kg x M) col_g (M x RSC), images summed in a
+        // fixed number of chunks, each serially, then the chunks in order
+        const idx wsize = s.K * RSC, chunks = gw_chunks<T>(s, wsize);
+        const idx band = nhwc_band_rows<T>(RSC, P);
+        const idx col_elems = (band * RSC + 15) / 16 * 16;
+        const idx scratch = col_elems + (GB::pack_elems + 15) / 16 * 16;
+        const int nt = num_threads();
+        const bool outer = nt > 1 && chunks > 1;
+        T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));
+        T* part = static_cast<T*>(workspace(static_cast<std::size_t>((chunks + 1) * wsize) * sizeof(T), 1));
+        auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
+            if (n0 == n1)
+                for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
+            for (idx n = n0; n < n1; ++n)
+                for (idx p0 = 0; p0 < P; p0 += band) {
+                    const idx m0 = n * P + p0, m1 = imin(n * P + P, m0 + band);
+                    for (idx g = 0; g < s.G; ++g) {
+                        const T* col = x + m0 * s.C;
+                        if (!pointwise) {
+                            nhwc_im2col(x, sbuf, m0, m1, g, s);
+                            col = sbuf;
+                        }
+                        gemm_blocked(Kg, RSC, m1 - m0, gy + m0 * s.K + g * Kg, idx(1), s.K, col, pointwise ? s.C : RSC,
+                                     idx(1), dst + g * Kg * RSC, RSC, n > n0 || p0 > 0, sbuf + col_elems, inner);
+                    }
+                }
+        };
+        if (outer) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (idx j = 0; j < chunks; ++j)
+                accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize,
+                           buf + omp_get_thread_num() * scratch, false);
+        } else {
+            for (idx j = 0; j < chunks; ++j) accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
+        }
+        T* sum = part + chunks * wsize;
+        for (idx i = 0; i < wsize; ++i) {
+            T v = part[i];
+            for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
+            sum[i] = v;
+        }
+        weights_from_krsc(sum, gw, s);
+    }
+    if (gx) {
+        T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * RSC) * sizeof(T), 2));
+        weights_to_krsc(w, wr, s);
+        if (pointwise) {  // gx (M x C) = gy (M x K) W (K x C)
+            T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(s.K, s.C)) * sizeof(T), 1));
+            pack_b_full(s.K, s.C, wr, s.C, idx(1), bp);
+            gemm_rows(M, s.C, s.K, StridedRows<T>{gy, s.K, idx(1)}, bp, gx, s.C, [](idx, idx, idx, idx) {});
+            return;
+        }
+        // gcol (pixels x RSC) = gy (pixels x Kg) W_g (Kg x RSC) for a chunk of
+        // images, then each input pixel gathers its taps in a fixed order
+        const idx per_image = P * RSC;
+        const idx imgs = imax(1, imin(s.N, (idx(32) << 20) / imax(per_image * static_cast<idx>(sizeof(T)), 1)));
+        T* gcol = static_cast<T*>(workspace(static_cast<std::size_t>(imgs * per_image) * sizeof(T), 0));
+        T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(Kg, RSC)) * sizeof(T), 1));
+        const auto no_epilogue = [](idx, idx, idx, idx) {};
+        for (idx g = 0; g < s.G; ++g) {
+            pack_b_full(Kg, RSC, wr + g * Kg * RSC, RSC, idx(1), bp);  // B (Kg x RSC) = W_g
+            for (idx n0 = 0; n0 < s.N; n0 += imgs) {
+                const idx n1 = imin(s.N, n0 + imgs), rows = (n1 - n0) * P;
+                gemm_rows(rows, RSC, Kg, StridedRows<T>{gy + n0 * P * s.K + g * Kg, s.K, idx(1)}, bp, gcol, RSC,
+                          no_epilogue);
+                const idx prow = (n1 - n0) * s.H;
+#pragma omp parallel for num_threads(threads_for(prow)) schedule(static)
+                for (idx t = 0; t < prow; ++t) {
+                    const idx n = n0 + t / s.H, ih = t % s.H;
+                    for (idx iw = 0; iw < s.W; ++iw) {
+                        T* out = gx + ((n * s.H + ih) * s.W + iw) * s.C + g * Cg;
+                        for (idx c = 0; c < Cg; ++c) out[c] = T(0);
+                        for_each_tap_into(s, ih, iw, [&](idx ho, idx wo, idx tap) {
+                            const T* src = gcol + (((n - n0) * s.Ho + ho) * s.Wo + wo) * RSC + tap * Cg;
+#pragma omp simd
+                            for (idx c = 0; c < Cg; ++c) out[c] += src[c];
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+"""channels_last (NHWC-strided) arrays: every op gives the float64
+reference's answer, its output keeps the input's layout, and on cpp the NHWC
+kernels run without transposing (their outputs are views of NHWC buffers).
+Awkward shapes included: groups, depthwise, strides, dilation, asymmetric
+padding, 1x1, one-pixel rows, NaN and ties in pooling."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import convkern as ck
+from convkern import layout
+from convkern.backend import cpp
+
+BACKENDS = ["cpp", "numba", "reference"]
+
+
+def cl(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def tol(dtype):
+    return dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+CONVS = [  # x shape, w shape, stride, padding, dilation, groups
+    ((2, 3, 9, 11), (4, 3, 3, 3), 1, 1, 1, 1),
+    ((3, 8, 10, 7), (8, 1, 3, 3), 1, 1, 1, 8),       # depthwise
+    ((2, 12, 9, 9), (12, 1, 3, 3), 2, 1, 1, 12),     # depthwise, strided
+    ((2, 6, 12, 12), (9, 2, 3, 3), 2, 1, 1, 3),      # groups
+    ((2, 5, 8, 8), (7, 5, 1, 1), 1, 0, 1, 1),        # pointwise
+    ((2, 16, 7, 7), (16, 16, 1, 1), 2, 0, 1, 1),     # strided 1x1
+    ((1, 4, 13, 9), (6, 4, 5, 3), 2, 2, 2, 1),       # dilated
+    ((4, 2, 28, 28), (32, 2, 5, 5), 1, 2, 1, 1),     # a first layer
+    ((1, 3, 6, 6), (2, 3, 3, 3), 1, (0, 2), (2, 1), 1),
+    ((2, 3, 1, 17), (5, 3, 1, 3), 1, (0, 1), 1, 1),  # one-pixel rows
+    ((2, 4, 7, 7), (6, 4, 3, 3), 1, "same", 1, 1),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: "x".join(map(str, c[0])) + "-" + "x".join(map(str, c[1])))
+def test_conv2d_forward_and_backward(backend, dtype, case):
+    xs, ws, stride, padding, dilation, groups = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    want = ck.conv2d(x64, w64, b64, **kw, backend="reference")
+    y = ck.conv2d(cl(x), w, b, **kw, backend=backend)
+    assert layout.is_channels_last(y) or y.shape[1] == 1
+    np.testing.assert_allclose(y, want, **tol(dtype))
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    wants = ck.conv2d_backward(gy.astype(np.float64), x64, w64, **kw, backend="reference")
+    got = ck.conv2d_backward(cl(gy), cl(x), w, **kw, backend=backend)
+    assert layout.is_channels_last(got[0]) or got[0].shape[1] == 1
+    for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, wants):
+        np.testing.assert_allclose(g, r, **tol(dtype), err_msg=name)
+    only_gw = ck.conv2d_backward(cl(gy), cl(x), w, **kw, needs=(False, True, False), backend=backend)
+    assert only_gw[0] is None and only_gw[2] is None
+    np.testing.assert_allclose(only_gw[1], wants[1], **tol(dtype))
+
+
+def test_cpp_runs_nhwc_kernels_without_transposes():
+    rng = np.random.default_rng(0)
+    x = cl(rng.standard_normal((2, 8, 10, 10)).astype(np.float32))
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    y = ck.conv2d(x, w, padding=1, backend="cpp")
+    # a view of a fresh (N, Ho, Wo, K) buffer: nothing transposed the result
+    assert y.base is not None and y.base.shape == (2, 10, 10, 16) and y.base.flags.c_contiguous
+    p, i = ck.max_pool2d(y, 2, return_indices=True, backend="cpp")
+    assert p.base.shape == (2, 5, 5, 16) and i.base.shape == (2, 5, 5, 16)
+    assert ck.avg_pool2d(y, 2, backend="cpp").base.shape == (2, 5, 5, 16)
+    r = ck.relu(y, backend="cpp")
+    assert layout.is_channels_last(r) and r.base is not None
+
+
+def test_fused_relu_epilogue_matches_conv_then_relu():
+    rng = np.random.default_rng(1)
+    for shape, wshape, kw in [((2, 6, 9, 9), (8, 6, 3, 3), dict(padding=1)), ((2, 6, 9, 9), (6, 1, 3, 3), {}),
+                              ((3, 5, 4, 4), (7, 5, 1, 1), {})]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[0, 0, 0, 0] = np.nan
+        w = rng.standard_normal(wshape).astype(np.float32)
+        b = rng.standard_normal(wshape[0]).astype(np.float32)
+        groups = shape[1] if wshape[1] == 1 else 1
+        g = ck.conv2d_geometry(shape, wshape, (wshape[0],), **kw, groups=groups)
+        fused = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, relu=True)
+        plain = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, relu=False)
+        np.testing.assert_array_equal(fused, np.where(np.isnan(plain) | (plain > 0), plain, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2),
+                                dict(kernel_size=3, stride=1, padding=1, dilation=2),
+                                dict(kernel_size=(2, 3), stride=(1, 2), ceil_mode=True)], ids=str)
+def test_pooling(backend, dtype, kw):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 9, 11)).astype(dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[1, 2, :3, :3] = 0.5  # ties: the first position wins
+    y, i = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
+    yc, ic = ck.max_pool2d(cl(x), **kw, return_indices=True, backend=backend)
+    assert layout.is_channels_last(yc) and layout.is_channels_last(ic)
+    np.testing.assert_array_equal(yc, y)
+    np.testing.assert_array_equal(ic, i)
+    np.testing.assert_array_equal(ck.max_pool2d(cl(x), **kw, backend=backend), y)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    want = ck.max_pool2d_backward(gy, x, i, **kw, backend="reference")
+    got = ck.max_pool2d_backward(cl(gy), cl(x), ic, **kw, backend=backend)
+    assert layout.is_channels_last(got)
+    np.testing.assert_allclose(got, want, **tol(dtype))
+    if kw.get("dilation", 1) != 1:
+        return
+    akw = {k: v for k, v in kw.items() if k != "dilation"}
+    for cip in (True, False):
+        want = ck.avg_pool2d(x, **akw, count_include_pad=cip, backend="reference")
+        got = ck.avg_pool2d(cl(x), **akw, count_include_pad=cip, backend=backend)
+        assert layout.is_channels_last(got)
+        np.testing.assert_allclose(got, want, **tol(dtype))
+        want = ck.avg_pool2d_backward(gy, x, **akw, count_include_pad=cip, backend="reference")
+        got = ck.avg_pool2d_backward(cl(gy), cl(x), **akw, count_include_pad=cip, backend=backend)
+        assert layout.is_channels_last(got)
+        np.testing.assert_allclose(got, want, **tol(dtype))
+
+
+def test_max_pool_backward_rejects_foreign_indices_in_nhwc():
+    x = cl(np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32))
+    y, i = ck.max_pool2d(x, 2, return_indices=True)
+    bad = i.copy()
+    bad[0, 1, 0, 0] = 99
+    with pytest.raises(ValueError, match="outside its"):
+        ck.max_pool2d_backward(np.ones_like(y), x, bad, 2)
+
+
+def test_depthwise_nan_weight_meeting_padding_is_nan_as_in_torch():
+    """The NHWC depthwise loops skip padding taps; a NaN/inf weight there
+    must still give NaN (PyTorch multiplies the zeros), so the call goes to
+    a kernel that multiplies them."""
+    rng = np.random.default_rng(3)
+    x = cl(rng.standard_normal((1, 4, 5, 5)).astype(np.float32))
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    w[1, 0, 0, 0] = np.inf
+    y = ck.conv2d(x, w, padding=1, groups=4)
+    want = ck.conv2d(np.ascontiguousarray(x, dtype=np.float64), w.astype(np.float64), padding=1, groups=4,
+                     backend="reference")
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    assert np.isnan(y[0, 1, 0, 0]) and layout.is_channels_last(y)
+
+
+def test_relu_keeps_any_dense_layout():
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    for v in (cl(base), base.transpose(1, 0, 3, 2), np.ascontiguousarray(base.transpose(3, 2, 1, 0)).T):
+        y = ck.relu(v)
+        assert y.strides == v.strides or layout.dense_order(y) == layout.dense_order(v)
+        np.testing.assert_array_equal(y, np.maximum(v, 0))
+        g = ck.relu_backward(v, v)
+        np.testing.assert_array_equal(g, np.where(v > 0, v, 0))
+
+
+def test_layout_detection():
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    assert not layout.is_channels_last(x)
+    assert layout.is_channels_last(cl(x))
+    assert not layout.is_channels_last(cl(np.zeros((2, 1, 4, 5), np.float32)))  # both at once: NCHW
+    assert not layout.is_channels_last(x[:, :, ::2])
+    assert layout.dense_order(cl(x)) == (0, 2, 3, 1)
+    assert layout.dense_order(x) is None and layout.dense_order(x[:, :, ::2]) is None
