@@ -195,6 +195,9 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
     for impl in impls:
         name, _, algo = impl.partition(":")
         module = _backends.get(name)
+        if algo == "channels_last":  # the backend's own choice on channels_last arrays
+            cases[impl] = _channels_last_case(name, op, layer_name, work, x, w, b, gy, kw, backward)
+            continue
         problem = getattr(module, "algo_problem", None)
         if algo not in ("", "auto") and problem is not None and problem(g, algo, backward):
             continue  # the algorithm cannot run this layer (convkern says why when asked for it)
@@ -232,6 +235,23 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
     return cases
 
 
+def _channels_last_case(name: str, op: str, layer_name: str, work: float, x, w, b, gy, kw, backward: bool) -> Case:
+    """The backend's own choice (auto) on channels_last arrays: its NHWC
+    kernels, or the NCHW algorithms behind two layout copies where the
+    autotuner found that faster."""
+    from .layout import is_channels_last, to_channels_last
+
+    xc, gyc = to_channels_last(x), to_channels_last(gy)
+    ran = (lambda: F.last_layout().upper() + " kernels") if is_channels_last(xc) else "NCHW (one channel: both layouts)"
+    if backward:
+        def run():
+            return F.conv2d_backward(gyc, xc, w, **kw, needs=(True, True, False), backend=name)[0]
+    else:
+        def run():
+            return F.conv2d(xc, w, b, **kw, backend=name)
+    return Case(op, layer_name, work, "GFLOP/s", run, lambda: np.ascontiguousarray(run()), "cpu", ran)
+
+
 def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
     """Pooling (2x2, stride 2) and relu, forward or backward; work = bytes read + written."""
     x = rng.standard_normal(shape).astype(np.float32)
@@ -257,6 +277,13 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
         arrays, back = _on_device(device, x, gp, gy, ind)
         run = (lambda be=be, arrays=arrays: fn(be, *arrays))
         cases[be] = Case(op, problem, work, "GB/s", run, (lambda run=run, back=back: back(run())), device)
+    for impl in impls:  # the NHWC kernels, on channels_last arrays
+        if impl.endswith(":channels_last") and not op.startswith("relu"):
+            from .layout import to_channels_last
+
+            arrays = [to_channels_last(a) for a in (x, gp, gy, ind)]
+            run = (lambda be=impl.partition(":")[0], arrays=arrays: fn(be, *arrays))
+            cases[impl] = Case(op, problem, work, "GB/s", run, (lambda run=run: np.ascontiguousarray(run())))
     tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
     peers = []  # (name, torch, device): PyTorch beside each device's contenders
     if tg is not None:
@@ -424,6 +451,8 @@ def default_impls(names: Optional[Sequence[str]] = None) -> List[str]:
             continue
         module = _backends.get(info.name)
         out += [f"{info.name}:{a}" for a in getattr(module, "ALGOS", ("direct",))]
+        if hasattr(module, "conv2d_forward_nhwc"):
+            out.append(f"{info.name}:channels_last")
     if names and "reference" in names:
         out.append("reference:direct")
     return out

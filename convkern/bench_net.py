@@ -95,6 +95,8 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
             for b in backends:
                 peers[f"convkern {b}"] = _peer_runs(torch, ckt.patch(copy.deepcopy(base), backend=b), x,
                                                     torch.contiguous_format)
+                peers[f"convkern {b} channels_last"] = _peer_runs(
+                    torch, ckt.patch(copy.deepcopy(base), backend=b), x, torch.channels_last)
             if onnx:
                 ort_run = _onnx_run(torch, copy.deepcopy(base), x)
                 if ort_run is not None:

@@ -197,6 +197,21 @@ def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nch
     stride 1) its fewer multiplications can repay the two copies. Measured
     by the autotuner like the algorithms (convkern.tune); with tuning off,
     the rule: NCHW where auto would run Winograd forward, else NHWC."""
+    choice = _layout_choice_made(impl, op, g, dtype, needs, native, via_nchw)
+    _last_layout[0] = choice
+    return choice
+
+
+_last_layout = [""]
+
+
+def last_layout() -> str:
+    """What the last channels_last conv on a backend with NHWC kernels ran:
+    "nhwc" (its NHWC kernels) or "nchw" (converted to NCHW and back)."""
+    return _last_layout[0]
+
+
+def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
     chooser = getattr(impl, "choose_algo", None)
     rule = "nchw" if op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd" else "nhwc"
     mode = _tune.mode()
@@ -210,7 +225,9 @@ def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nch
         return known
     if mode == "recall":
         return rule
-    return _tune.choose(key, ["nhwc", "nchw"], lambda a: native() if a == "nhwc" else via_nchw())
+    # NCHW first: its first call tunes the NCHW algorithms, which must not count
+    # against it (a candidate whose first call is 4x the best so far is dropped)
+    return _tune.choose(key, ["nchw", "nhwc"], lambda a: native() if a == "nhwc" else via_nchw())
 
 
 def _all_finite(a, device: str) -> bool:
@@ -258,7 +275,7 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     if layout.is_channels_last(x):
         def via_nchw():
-            return layout.to_channels_last(conv2d(_contiguous(x, device, dtype), w, b, stride, padding, dilation,
+            return layout.to_channels_last(conv2d(layout.nchw(_native(x, dtype)), w, b, stride, padding, dilation,
                                                   groups, algo=algo, backend=backend))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
@@ -303,7 +320,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     if g.N > 0 and layout.is_channels_last(x):
         algo = _resolve_algo(impl, algo)
         def via_nchw():
-            gx, gw, gb = conv2d_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype), w, stride,
+            gx, gw, gb = conv2d_backward(layout.nchw(_native(gy, dtype)), layout.nchw(_native(x, dtype)), w, stride,
                                          padding, dilation, groups, needs=needs, algo=algo, backend=backend)
             return (None if gx is None else layout.to_channels_last(gx)), gw, gb
 

@@ -23,10 +23,37 @@ def is_channels_last(a) -> bool:
             and a.transpose(0, 2, 3, 1).flags.c_contiguous)
 
 
+def _transposer():
+    """The C++ tiled transpose, or None where the compiled module is missing."""
+    try:
+        from . import _cpu  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _cpu.transpose_batched
+
+
+def _fast(a) -> bool:
+    return a.dtype in (np.float32, np.float64) and a.dtype.isnative and a.size > 0 and _transposer() is not None
+
+
 def nhwc(a) -> np.ndarray:
     """The (N, H, W, C) C-contiguous form of a logical (N, C, H, W) array: a
-    view of a channels_last array, a copy of anything else."""
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    view of a channels_last array, a copy of anything else (NCHW by the tiled
+    C++ transpose)."""
+    t = a.transpose(0, 2, 3, 1)
+    if t.flags.c_contiguous or not (a.flags.c_contiguous and _fast(a)):
+        return np.ascontiguousarray(t)
+    n, c, h, w = a.shape
+    return _transposer()(a.reshape(n, c, h * w)).reshape(n, h, w, c)
+
+
+def nchw(a) -> np.ndarray:
+    """A C-contiguous (N, C, H, W) copy of a channels_last array (or `a` made
+    contiguous, if it is not channels_last)."""
+    if not (is_channels_last(a) and _fast(a)):
+        return np.ascontiguousarray(a)
+    n, c, h, w = a.shape
+    return _transposer()(a.transpose(0, 2, 3, 1).reshape(n, h * w, c)).reshape(n, c, h, w)
 
 
 def from_nhwc(a: np.ndarray) -> np.ndarray:

@@ -143,9 +143,28 @@ py::array avg_pool2d_backward_nhwc(const py::array& gy, const std::array<idx, 13
     return avg_pool2d_backward_nhwc_t<double>(gy, p, channels);
 }
 
+template <class T>
+py::array transpose_batched_t(const py::array& a) {
+    if (a.ndim() != 3) throw py::value_error("transpose_batched: need a (batches, rows, cols) array");
+    const idx nb = a.shape(0), rows = a.shape(1), cols = a.shape(2);
+    require(a, "a", dtype_of(a, "a"), nb * rows * cols);
+    py::array out = empty<T>({nb, cols, rows});
+    const T* src = cptr<T>(a);
+    T* dst = mptr<T>(out);
+    kernel_region([&] { ops<T>().transpose_batched(src, dst, nb, rows, cols); });
+    return out;
+}
+
+py::array transpose_batched(const py::array& a) {
+    if (dtype_of(a, "a") == DType::f32) return transpose_batched_t<float>(a);
+    return transpose_batched_t<double>(a);
+}
+
 }  // namespace
 
 void bind_nhwc(py::module_& m) {
+    m.def("transpose_batched", &transpose_batched, py::arg("a"),
+          "(B, R, C) -> (B, C, R), C-contiguous: NCHW <-> NHWC in cache-sized tiles");
     m.def("conv2d_forward_nhwc", &conv2d_forward_nhwc, py::arg("x"), py::arg("weight"), py::arg("bias"),
           py::arg("geom"), py::arg("relu") = false);
     m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),

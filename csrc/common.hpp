@@ -77,6 +77,8 @@ struct OpTable {
     bool (*max_pool2d_backward_nhwc)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&, idx C);
     void (*avg_pool2d_forward_nhwc)(const T* x, T* y, const PoolShape&, idx C);
     void (*avg_pool2d_backward_nhwc)(const T* gy, T* gx, const PoolShape&, idx C);
+    // dst (batches, cols, rows) = src (batches, rows, cols) transposed per batch
+    void (*transpose_batched)(const T* src, T* dst, idx batches, idx rows, idx cols);
     void (*relu_forward)(const T* x, T* y, idx n);
     void (*relu_backward)(const T* gy, const T* x, T* gx, idx n);
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.

@@ -25,6 +25,7 @@ namespace {
 #include "conv2d_nhwc.hpp"
 #include "pool2d_nhwc.hpp"
 #include "relu.hpp"
+#include "transpose.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
 // Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
@@ -190,6 +191,7 @@ OpTable<T> make_table() {
     t.max_pool2d_backward_nhwc = &max_pool2d_backward_nhwc<T>;
     t.avg_pool2d_forward_nhwc = &avg_pool2d_forward_nhwc<T>;
     t.avg_pool2d_backward_nhwc = &avg_pool2d_backward_nhwc<T>;
+    t.transpose_batched = &transpose_batched<T>;
     t.relu_forward = &relu_forward<T>;
     t.relu_backward = &relu_backward<T>;
     t.gemm = &gemm<T>;

@@ -5,6 +5,33 @@
 // index -1. The innermost loops run across channels, which are contiguous.
 // PoolShape.planes is the image count N here; `C` is passed beside it.
 
+// out[c] = the window's max (NaN wins) for every channel, L channels a vector
+template <class T>
+inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstart, idx wend, const PoolShape& p,
+                            idx C) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    idx c = 0;
+    for (; c + L <= C; c += L) {
+        V m = V{} - __builtin_inf();
+        for (idx h = hstart; h < hend; h += p.dh)
+            for (idx w = wstart; w < wend; w += p.dw) {
+                const V v = vload<V>(px + (h * p.W + w) * C + c);
+                m = ((v > m) | (v != v)) ? v : m;
+            }
+        vstore(out + c, m);
+    }
+    for (; c < C; ++c) {
+        T m = -__builtin_inf();
+        for (idx h = hstart; h < hend; h += p.dh)
+            for (idx w = wstart; w < wend; w += p.dw) {
+                const T v = px[(h * p.W + w) * C + c];
+                m = ((v > m) | (v != v)) ? v : m;
+            }
+        out[c] = m;
+    }
+}
+
 template <class T>
 void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolShape& p, idx C) {
     const idx rows = p.planes * p.Ho;
@@ -18,27 +45,22 @@ void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolShap
             const std::int64_t first = (hstart < hend && wstart < wend) ? hstart * p.W + wstart : -1;
             T* out = y + ((n * p.Ho + ho) * p.Wo + wo) * C;
             std::int64_t* oi = ind ? ind + ((n * p.Ho + ho) * p.Wo + wo) * C : nullptr;
+            if (!oi) {  // vectors of channels kept in registers over the window, stored once
+                max_window_nhwc(x + n * p.H * p.W * C, out, hstart, hend, wstart, wend, p, C);
+                continue;
+            }
             for (idx c = 0; c < C; ++c) out[c] = -__builtin_inf();
-            if (oi)
-                for (idx c = 0; c < C; ++c) oi[c] = first;
+            for (idx c = 0; c < C; ++c) oi[c] = first;
             for (idx h = hstart; h < hend; h += p.dh)
                 for (idx w = wstart; w < wend; w += p.dw) {
                     const T* in = x + ((n * p.H + h) * p.W + w) * C;
                     const std::int64_t pos = h * p.W + w;
-                    if (oi) {
 #pragma omp simd
-                        for (idx c = 0; c < C; ++c) {  // max_step across channels
-                            const T v = in[c];
-                            const bool take = (v > out[c]) | (v != v);
-                            out[c] = take ? v : out[c];
-                            oi[c] = take ? pos : oi[c];
-                        }
-                    } else {
-#pragma omp simd
-                        for (idx c = 0; c < C; ++c) {
-                            const T v = in[c], m = out[c];
-                            out[c] = ((v > m) | (v != v)) ? v : m;
-                        }
+                    for (idx c = 0; c < C; ++c) {  // max_step across channels
+                        const T v = in[c];
+                        const bool take = (v > out[c]) | (v != v);
+                        out[c] = take ? v : out[c];
+                        oi[c] = take ? pos : oi[c];
                     }
                 }
         }
