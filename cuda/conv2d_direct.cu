@@ -151,8 +151,12 @@ void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvG
     if (n <= 0) return;
     if (g.Cg() == 1) {  // depthwise: stage the input tile if it fits comfortably in shared memory
         const i64 in_tw = (kTW - 1) * g.sw + (g.S - 1) * g.dw + 1, in_th = (kTH - 1) * g.sh + (g.R - 1) * g.dh + 1;
-        const i64 bytes = in_tw * in_th * static_cast<i64>(sizeof(T));
-        if (bytes <= 32 * 1024 && g.N * g.K <= 65535LL * 32768) {
+        // each side bounded before the product: with a stride near 2^31 both
+        // sides are ~1e10 and their product overflows into a "small" size
+        const bool tile_fits = in_tw <= 32 * 1024 && in_th <= 32 * 1024 &&
+                               in_tw * in_th * static_cast<i64>(sizeof(T)) <= 32 * 1024;
+        const i64 bytes = tile_fits ? in_tw * in_th * static_cast<i64>(sizeof(T)) : 0;
+        if (tile_fits && g.N * g.K <= 65535LL * 32768) {
             const dim3 grid(static_cast<unsigned>((g.Wo + kTW - 1) / kTW), static_cast<unsigned>((g.Ho + kTH - 1) / kTH),
                             static_cast<unsigned>(g.N * g.K));
             if (grid.y <= 65535 && grid.z <= 65535) {

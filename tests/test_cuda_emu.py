@@ -47,6 +47,17 @@ def test_gemm_tile_edges(emu, rng, dtype, mkn):
     assert_close(emu.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), dtype, f"{m}x{k}x{n}")
 
 
+@pytest.mark.parametrize("stride", [2**31 - 1, 2**20])
+def test_depthwise_with_a_huge_stride_skips_the_shared_memory_tile(emu, rng, stride):
+    """The staged tile's size is (31 * stride) x (7 * stride) elements: with a
+    stride near 2^31 the product overflowed into a small size, and the launch
+    asked for a nonsense configuration (found by the fuzz test)."""
+    x, w = randn(rng, (1, 2, 3, 3), np.float32), randn(rng, (2, 1, 1, 1), np.float32)
+    got = convkern.conv2d(x, w, stride=stride, groups=2, backend=NAME)
+    want = convkern.conv2d(x, w, stride=stride, groups=2, backend="reference")
+    assert_close(got, want, np.float32, f"stride {stride}")
+
+
 def test_grad_weight_split_over_the_reduction(emu, rng):
     x, w = randn(rng, (4, 3, 64, 64), np.float64), randn(rng, (5, 3, 3, 3), np.float64)
     g = conv2d_geometry(x.shape, w.shape, padding=1)

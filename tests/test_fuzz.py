@@ -1,6 +1,6 @@
 """Property-based fuzzing of the public ops with extreme arguments: zero-size
 dimensions, huge and negative stride/padding/dilation, NaN/inf values, wrong
-dtypes, byte-swapped, read-only and negative-stride views. Each case either
+dtypes, byte-swapped, read-only, negative-stride and channels_last views. Each case either
 gives the float64 reference's answer or raises ValueError/TypeError/MemoryError
 exactly when the reference does - never a crash, a hang or a different answer.
 
@@ -56,7 +56,8 @@ def arrays(draw, shape):
         flat[rng.integers(0, flat.size, k)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     with np.errstate(all="ignore"):  # 1e30 overflows float16, NaN has no int32
         a = np.asarray(a.astype(dtype))
-    layout = draw(st.sampled_from(["c", "c", "reversed", "strided", "swapped", "readonly"]))
+    layout = draw(st.sampled_from(["c", "c", "reversed", "strided", "swapped", "readonly", "channels_last",
+                                   "channels_last_swapped"]))
     if layout == "reversed" and a.ndim:
         a = np.ascontiguousarray(a[..., ::-1])[..., ::-1]  # same values, negative last stride
     elif layout == "strided" and a.ndim:
@@ -67,6 +68,10 @@ def arrays(draw, shape):
         a = a.astype(a.dtype.newbyteorder(">"))
     elif layout == "readonly":
         a.flags.writeable = False
+    elif layout.startswith("channels_last") and a.ndim == 4:  # NHWC strides, as torch's channels_last
+        a = np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        if layout.endswith("swapped"):
+            a = a.astype(a.dtype.newbyteorder(">"))
     return a
 
 
