@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -219,7 +220,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_parsers(sub)
     add_bench_dist(sub)
     args = parser.parse_args(argv)
+    _keep_freed_memory()
     return args.func(args)
+
+
+def _keep_freed_memory() -> None:
+    """The commands are whole processes of ours: keep freed memory for reuse
+    (convkern.keep_freed_memory) unless CONVKERN_KEEP_FREED_MEMORY=0."""
+    if os.environ.get("CONVKERN_KEEP_FREED_MEMORY", "1").strip() == "0":
+        return
+    import convkern
+
+    try:
+        convkern.keep_freed_memory()
+    except convkern.BackendUnavailableError:  # no compiled module: nothing to tune
+        pass
 
 
 if __name__ == "__main__":

@@ -275,6 +275,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("set_num_threads", &convkern::set_num_threads);
     m.def("set_flush_denormal", &convkern::set_flush_denormal, py::arg("on"));
     m.def("flush_denormal", &convkern::flush_denormal);
+    m.def("keep_freed_memory", &convkern::keep_freed_memory);
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("geom"),
           py::arg("algo"));
     m.def("conv2d_backward", &conv2d_backward, py::arg("grad_output"), py::arg("x"), py::arg("weight"),

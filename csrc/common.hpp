@@ -137,6 +137,10 @@ class DenormalScope {
     bool restore_ = false;
 };
 
+// glibc's malloc told to keep freed memory instead of returning it to the OS
+// (process-wide); false where the C library is not glibc.
+bool keep_freed_memory();
+
 // Per-calling-thread scratch memory, reused across calls so large buffers are
 // not page-faulted in again each time. Returns 64-byte aligned storage of at
 // least `bytes`; contents are undefined. Throws std::bad_alloc. Call it outside

@@ -9,6 +9,9 @@
 #include <string>
 
 #include <omp.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -155,6 +158,20 @@ DenormalScope::DenormalScope() {
 DenormalScope::~DenormalScope() {
 #if defined(__x86_64__) || defined(__i386__)
     if (restore_) _mm_setcsr(saved_);
+#endif
+}
+
+bool keep_freed_memory() {
+#if defined(__GLIBC__)
+    // A freed block of several MB is otherwise trimmed from the heap or
+    // unmapped, and the next array of that size is faulted in page by page:
+    // up to 2,000 page faults a LeNet forward, relu and pooling 5-10x slower.
+    // Blocks up to 32 MB come from the heap, up to 1 GiB of free heap is kept,
+    // and growing the heap adds 64 MB of slack.
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 &&
+           mallopt(M_TOP_PAD, 64 << 20) == 1;
+#else
+    return false;
 #endif
 }
 
