@@ -225,8 +225,10 @@ def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, vi
         return known
     if mode == "recall":
         return rule
-    # NCHW first: its first call tunes the NCHW algorithms, which must not count
-    # against it (a candidate whose first call is 4x the best so far is dropped)
+    # the NCHW path's first call tunes the NCHW algorithms: made before the
+    # timing, so that it does not count against that path (a candidate whose
+    # warm-up takes 4x the fastest one's is dropped)
+    via_nchw()
     return _tune.choose(key, ["nchw", "nhwc"], lambda a: native() if a == "nhwc" else via_nchw())
 
 

@@ -147,21 +147,28 @@ def key(backend: str, op: str, geometry: Tuple[int, ...], dtype: str, threads: i
     return "|".join(str(p) for p in (backend, op, dtype, threads, ",".join(map(str, geometry)), *extra))
 
 
-def _seconds(run: Callable[[], object], exhaustive: bool, beat: float = float("inf")) -> float:
-    """Best of a few timed calls after a warm-up call (a fresh workspace, first
-    touch); a candidate whose warm-up took over 4x `beat` (the best so far) is
-    not timed further: the direct loops on a large layer take 30x a GEMM's."""
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    if first > 4 * beat:
-        return first
-    calls, budget = (10, 0.2) if exhaustive else (3, 0.02)
-    best, start, n = float("inf"), time.perf_counter(), 0
-    while n < calls or (time.perf_counter() - start < budget and n < 10 * calls):
+def _timings(runs: Dict[str, Callable[[], object]], exhaustive: bool) -> Dict[str, float]:
+    """Each candidate's best time over interleaved rounds (A, B, A, B, ...),
+    after one warm-up call each (a fresh workspace, first touch): on a shared
+    machine a load that comes and goes then hits every candidate alike,
+    where timing them one after another would hand the quiet moment to one.
+    A candidate whose warm-up took over 4x the fastest warm-up is not timed
+    further: the direct loops on a large layer take 30x a GEMM's."""
+    first: Dict[str, float] = {}
+    for algo, run in runs.items():
         t0 = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - t0)
+        first[algo] = time.perf_counter() - t0
+    fastest = min(first.values())
+    live = [a for a in runs if first[a] <= 4 * fastest]
+    best = {a: first[a] for a in runs}
+    rounds, budget = (10, 0.2 * len(live)) if exhaustive else (3, 0.02 * len(live))
+    start, n = time.perf_counter(), 0
+    while n < rounds or (time.perf_counter() - start < budget and n < 10 * rounds):
+        for algo in live:
+            t0 = time.perf_counter()
+            runs[algo]()
+            best[algo] = min(best[algo], time.perf_counter() - t0)
         n += 1
     return best
 
@@ -175,10 +182,7 @@ def choose(cache_key: str, candidates: Sequence[str], run: Callable[[str], objec
         if known in candidates:
             _stats["remembered"] += 1
             return known
-        exhaustive = mode() == "exhaustive"
-        times: Dict[str, float] = {}
-        for algo in candidates:
-            times[algo] = _seconds(lambda algo=algo: run(algo), exhaustive, min(times.values(), default=float("inf")))
+        times = _timings({a: (lambda a=a: run(a)) for a in candidates}, mode() == "exhaustive")
         best = min(times, key=times.get)
         _memory[cache_key] = best
         _stats["measured"] += 1
