@@ -490,6 +490,11 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
         xp = _xp(device)
         if xp is None or not isinstance(input, xp.ndarray) or not input.flags.writeable:
             raise ValueError("relu: inplace=True needs a writeable NumPy or CuPy array")
+    if inplace and x.dtype == dtype and hasattr(impl, "relu_forward_inplace"):
+        view = x if x.flags.c_contiguous else x.transpose(layout.dense_order(x) or range(x.ndim))
+        if view.flags.c_contiguous:  # over the memory as it lies: no second array, no copy back
+            impl.relu_forward_inplace(view)
+            return input
     order = layout.dense_order(x) if x.dtype == dtype else None
     if order is not None:  # channels_last or another dense layout: run on the memory as it lies
         y = impl.relu_forward(x.transpose(order)).transpose(layout.inverse(order))

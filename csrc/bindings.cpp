@@ -182,6 +182,22 @@ py::array relu_forward_t(const py::array& x) {
     return y;
 }
 
+// relu written over x itself (the kernel reads each element before writing
+// it): torch's relu_ and inplace=True without a second array and a copy back
+void relu_forward_inplace(py::array& x) {
+    const DType dt = dtype_of(x, "x");
+    require(x, "x", dt, x.size());
+    if (!x.writeable()) throw py::value_error("x: read-only");
+    const idx n = x.size();
+    if (dt == DType::f32) {
+        float* p = mptr<float>(x);
+        kernel_region([&] { ops<float>().relu_forward(p, p, n); });
+    } else {
+        double* p = mptr<double>(x);
+        kernel_region([&] { ops<double>().relu_forward(p, p, n); });
+    }
+}
+
 py::array relu_forward(const py::array& x) {
     if (dtype_of(x, "x") == DType::f32) return relu_forward_t<float>(x);
     return relu_forward_t<double>(x);
@@ -307,6 +323,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("avg_pool2d_backward", &avg_pool2d_backward, py::arg("grad_output"), py::arg("geom"),
           py::arg("count_include_pad"), py::arg("divisor_override"));
     m.def("relu_forward", &relu_forward, py::arg("x"));
+    m.def("relu_forward_inplace", &relu_forward_inplace, py::arg("x"));
     m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));
     m.def("gemm", &gemm, py::arg("a"), py::arg("b"), "C = A @ B with the packed GEMM (2-D, C-contiguous)");
     bind_nhwc(m);

@@ -280,3 +280,26 @@ def test_channels_last_tensors_cross_without_copies(monkeypatch):
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert copies and not any(copies), f"{sum(copies)} of {len(copies)} NHWC crossings copied"
+
+
+def test_inplace_relu_without_grad_still_bumps_the_version():
+    """The no-grad in-place relu writes through NumPy, behind autograd's
+    back: it bumps the tensor's version, so a backward that saved the tensor
+    refuses instead of using the overwritten values."""
+    a = torch.randn(5, requires_grad=True)
+    b = torch.randn(5)
+    c = a * b  # saves b for a's gradient
+    before = b._version
+    out = ckt.relu(b, inplace=True)
+    assert out is b and b._version > before and bool((b >= 0).all())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.sum().backward()
+
+
+def test_inplace_relu_writes_through_any_dense_layout():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    want = torch.relu(x)
+    ptr = x.data_ptr()
+    assert ckt.relu(x, inplace=True) is x and x.data_ptr() == ptr
+    torch.testing.assert_close(x, want)
+    assert x.is_contiguous(memory_format=torch.channels_last)

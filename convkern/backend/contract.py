@@ -53,6 +53,10 @@ def relu_forward(x):
     """max(x, 0), any shape; NaN stays NaN."""
 
 
+def relu_forward_inplace(x):
+    """Optional: relu written over x itself (writeable, C-contiguous); returns None."""
+
+
 def relu_backward(grad_output, x):
     """grad_output where x > 0 or x is NaN, else 0."""
 
@@ -94,7 +98,7 @@ def avg_pool2d_backward_nhwc(grad_output, g: PoolGeometry, count_include_pad: bo
 CONTRACT: Dict[str, inspect.Signature] = {
     f.__name__: inspect.signature(f)
     for f in (conv2d_forward, conv2d_backward, max_pool2d_forward, max_pool2d_backward, avg_pool2d_forward,
-              avg_pool2d_backward, relu_forward, relu_backward, gemm, conv2d_forward_nhwc, conv2d_backward_nhwc,
+              avg_pool2d_backward, relu_forward, relu_forward_inplace, relu_backward, gemm, conv2d_forward_nhwc, conv2d_backward_nhwc,
               max_pool2d_forward_nhwc, max_pool2d_backward_nhwc, avg_pool2d_forward_nhwc, avg_pool2d_backward_nhwc)
 }
 # parameters a backend may leave out (then it is never passed)

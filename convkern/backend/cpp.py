@@ -114,6 +114,11 @@ def relu_forward(x):
     return _cpu.relu_forward(x)
 
 
+def relu_forward_inplace(x) -> None:
+    """relu written over x (writeable, C-contiguous)."""
+    _cpu.relu_forward_inplace(x)
+
+
 def relu_backward(grad_output, x):
     return _cpu.relu_backward(grad_output, x)
 

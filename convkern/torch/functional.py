@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
+from .. import functional as ck
 from ..geometry import pair
 from . import ops
 
@@ -128,7 +130,11 @@ class _InplaceReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, backend: str) -> Tensor:
-        input.copy_(ops.relu.impl(input, backend))
+        if input.device.type == "cpu":  # the kernel writes over the tensor's memory
+            with ops.on_torch_stream(input):
+                ck.relu(ops.to_array(input), inplace=True, backend=ops._opt(backend))
+        else:
+            input.copy_(ops.relu.impl(input, backend))
         ctx.mark_dirty(input)
         ctx.save_for_backward(input)
         ctx.backend = backend
@@ -151,6 +157,12 @@ def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None)
     if torch.is_grad_enabled() and input.requires_grad and not torch.compiler.is_compiling():
         # (a compiled graph is functionalized: there the plain copy below costs nothing extra)
         return _InplaceReLU.apply(input, _backend(backend))
+    if input.device.type == "cpu" and not torch.compiler.is_compiling():
+        ck.relu(ops.to_array(input), inplace=True, backend=ops._opt(_backend(backend)))
+        # written behind autograd's back: bump the version as an in-place torch op
+        # does, so a backward that saved this tensor sees it changed and refuses
+        increment_version(input)
+        return input
     return input.copy_(ops.relu.call(input, _backend(backend)))
 
 
