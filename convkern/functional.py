@@ -150,6 +150,13 @@ def _resolve_algo(impl, algo: str) -> str:
     return algo
 
 
+def _tune_key(impl, op: str, g: ConvGeometry, dtype, needs) -> str:
+    """The tuning cache's key for a conv problem on a backend (choices are per thread count)."""
+    threads = impl.threads() if hasattr(impl, "threads") else 0
+    return _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
+                     () if needs is None else ("".join("1" if n else "0" for n in needs),))
+
+
 def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
     """algo="auto" on a backend that says which algorithms can run g: the
     measured best (convkern.tune), or "auto" (the backend's rules) when
@@ -157,9 +164,7 @@ def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
     problem = getattr(impl, "algo_problem", None)
     if problem is None or _tune.mode() == "off":
         return "auto"
-    threads = impl.threads() if hasattr(impl, "threads") else 0
-    key = _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
-                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
+    key = _tune_key(impl, op, g, dtype, needs)
     known = _tune.remembered(key)  # the common case: no need to ask which algorithms can run g
     if known is not None:
         return known
@@ -185,8 +190,7 @@ def _runs_nhwc(impl, op: str, g: ConvGeometry, algo: str, checked, device: str) 
     zeros PyTorch multiplies (0 * inf = NaN)."""
     if device != "cpu" or algo != "auto" or not hasattr(impl, op):
         return False
-    depthwise_padded = g.groups == g.C == g.K and g.groups > 1 and (g.pad_top or g.pad_left or g.pad_bottom
-                                                                    or g.pad_right)
+    depthwise_padded = g.groups == g.C == g.K and g.groups > 1 and _padded(g)
     return not (depthwise_padded and checked is not None and not _all_finite(checked, device))
 
 
@@ -217,9 +221,7 @@ def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, vi
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
         return rule
-    threads = impl.threads() if hasattr(impl, "threads") else 0
-    key = _tune.key(getattr(impl, "NAME", "?"), op + ":channels_last", g.as_tuple(), np.dtype(dtype).name, threads,
-                    () if needs is None else ("".join("1" if n else "0" for n in needs),))
+    key = _tune_key(impl, op + ":channels_last", g, dtype, needs)
     known = _tune.remembered(key)
     if known in ("nhwc", "nchw"):
         return known
@@ -236,11 +238,14 @@ def _all_finite(a, device: str) -> bool:
     return bool(_xp(device).isfinite(a).all())
 
 
+def _padded(g: ConvGeometry) -> bool:
+    return bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
+
+
 def _direct_skips_padding(impl, g: ConvGeometry) -> bool:
     """Whether the backend's direct kernels skip the taps on this problem's
     padding (so NaN/inf weights there would not give PyTorch's NaN)."""
-    padded = bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
-    return padded and not getattr(impl, "DIRECT_PADDING_MULTIPLIES", False)
+    return _padded(g) and not getattr(impl, "DIRECT_PADDING_MULTIPLIES", False)
 
 
 # The CPU direct kernels skip the taps that fall on zero padding; PyTorch
