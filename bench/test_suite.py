@@ -10,8 +10,8 @@ import functools
 import numpy as np
 import pytest
 
-from convkern import bench
-from convkern.canonical import CANONICAL
+from convkern.perf import bench
+from convkern.perf.canonical import CANONICAL
 
 IMPLS = bench.default_impls()
 PEERS = IMPLS + ["torch"]

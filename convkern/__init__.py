@@ -20,6 +20,9 @@ from .backend import backends as _backend_list
 from .functional import (algorithms, avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, max_pool2d,
                          max_pool2d_backward, relu, relu_backward)
 from .geometry import ConvGeometry, PoolGeometry, conv2d_geometry, pool2d_geometry
+from . import _moved
+
+_moved.install()
 
 __version__ = "0.1.0"
 

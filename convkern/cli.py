@@ -1,6 +1,7 @@
-"""The ``convkern`` command: info, verify, bench, bench-train, bench-net, gate,
-train, predict and featuremaps (the last three in cli_train) and bench-dist
-(in distributed.bench)."""
+"""The ``convkern`` command. Library commands live here (info, tune, verify);
+the performance tools' (bench, bench-train, bench-net, gate) in convkern.perf,
+imported only when they run; the application's (train, predict, featuremaps)
+in convkern.app.cli_train; bench-dist in convkern.distributed.bench."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             y = model(x)
             model.backward(np.ones_like(y))
         else:
-            from .canonical import BY_NAME, CANONICAL
+            from .perf.canonical import BY_NAME, CANONICAL
             from .functional import conv2d, conv2d_backward
 
             names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
@@ -128,7 +129,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import TOLERANCE, verify
+    from .perf.verify import TOLERANCE, verify
 
     names = args.backends.split(",") if args.backends else None
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % (2**32))
@@ -183,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-call-ms", type=float, help="an implementation whose checked call takes longer is "
                    "reported and not timed")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_deferred("convkern.bench", "main_bench"))
+    p.set_defaults(func=_deferred("convkern.perf.bench", "main_bench"))
     p = sub.add_parser("gate", help="performance-regression gate: instruction counts (default) or wall clock")
     p.add_argument("--wallclock", action="store_true", help="the coarse wall-clock gate instead")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
@@ -194,14 +195,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=21, help="wall-clock rounds (default 21)")
     p.add_argument("--update", action="store_true", help="write the baseline instead of checking")
     p.add_argument("--reason", help="with --update: why the new figures are right (kept in the file)")
-    p.set_defaults(func=_deferred("convkern.gate", "main_gate"))
+    p.set_defaults(func=_deferred("convkern.perf.gate", "main_gate"))
     p = sub.add_parser("bench-train", help="the LeNet-like model's training step and inference, next to PyTorch")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--backends", help="comma-separated convkern backends (default cpp)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
     p.add_argument("--json", help="write the report as JSON")
-    p.set_defaults(func=_deferred("convkern.bench_train", "main"))
+    p.set_defaults(func=_deferred("convkern.perf.bench_train", "main"))
     p = sub.add_parser("bench-net", help="whole networks in PyTorch, patched onto convkern, next to torch's layouts")
     p.add_argument("--nets", help="comma-separated: resnet18, vgg11_bn, mobilenet_v2, lenet (default: all)")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -213,8 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="per-op profile of a ResNet-18 training step, both ways")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the report as JSON")
-    p.set_defaults(func=_deferred("convkern.bench_net", "main"))
-    from .cli_train import add_parsers
+    p.set_defaults(func=_deferred("convkern.perf.bench_net", "main"))
+    from .app.cli_train import add_parsers
     from .distributed.bench import add_parser as add_bench_dist
 
     add_parsers(sub)

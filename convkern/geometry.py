@@ -115,7 +115,8 @@ class ConvGeometry:
         return 2 * self.N * self.K * self.Ho * self.Wo * (self.C // self.groups) * self.R * self.S
 
     def as_tuple(self) -> Tuple[int, ...]:
-        """The 16-int layout the compiled backends take."""
+        """The geometry as every compiled kernel takes it: the fields of the C
+        struct ConvGeom (include/convkern/geometry.h), in CONV_GEOM_FIELDS order."""
         return (self.N, self.C, self.H, self.W, self.K, self.R, self.S, self.groups,
                 self.stride[0], self.stride[1], self.pad_top, self.pad_left,
                 self.dilation[0], self.dilation[1], self.Ho, self.Wo)
@@ -197,11 +198,31 @@ class PoolGeometry:
     def output_shape(self) -> Tuple[int, int, int, int]:
         return (self.N, self.C, self.Ho, self.Wo)
 
-    def as_tuple(self) -> Tuple[int, ...]:
-        """The 13-int layout the compiled backends take."""
+    def as_tuple(self, count_include_pad: bool = True, divisor_override: int = 0) -> Tuple[int, ...]:
+        """The geometry as every compiled kernel takes it: the fields of the C
+        struct PoolGeom (include/convkern/geometry.h), in POOL_GEOM_FIELDS
+        order. The last two matter to average pooling only (0: no divisor)."""
         return (self.N * self.C, self.H, self.W, self.kernel[0], self.kernel[1], self.stride[0],
                 self.stride[1], self.padding[0], self.padding[1], self.dilation[0], self.dilation[1],
-                self.Ho, self.Wo)
+                self.Ho, self.Wo, int(bool(count_include_pad)), int(divisor_override or 0))
+
+
+# The field order of as_tuple(), which is the C structs' (CK_CONV_GEOM_FIELDS
+# and CK_POOL_GEOM_FIELDS in include/convkern/geometry.h); check_layout holds a
+# compiled module to it.
+CONV_GEOM_FIELDS = ("N", "C", "H", "W", "K", "R", "S", "G", "sh", "sw", "ph", "pw", "dh", "dw", "Ho", "Wo")
+POOL_GEOM_FIELDS = ("planes", "H", "W", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "Ho", "Wo",
+                    "count_include_pad", "divisor_override")
+
+
+def check_layout(module_name: str, fields: Tuple[str, str]) -> None:
+    """Raise ImportError unless a compiled module's geometry structs (its
+    geometry_fields()) are the layout as_tuple() packs: a module built from
+    other sources would read every problem wrongly."""
+    conv, pool = (tuple(f.split(",")) for f in fields)
+    if conv != CONV_GEOM_FIELDS or pool != POOL_GEOM_FIELDS:
+        raise ImportError(f"{module_name} was built with another geometry layout (conv {conv}, pool {pool}; "
+                          f"this convkern packs conv {CONV_GEOM_FIELDS}, pool {POOL_GEOM_FIELDS}): rebuild it")
 
 
 def pool_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool) -> int:

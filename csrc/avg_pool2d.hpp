@@ -7,7 +7,7 @@ struct AvgWindow {
     idx divisor;         // 0: empty window
 };
 
-inline AvgWindow avg_window(idx ho, idx wo, const PoolShape& p) {
+inline AvgWindow avg_window(idx ho, idx wo, const PoolGeom& p) {
     idx h0 = ho * p.sh - p.ph, w0 = wo * p.sw - p.pw;
     idx h1 = imin(h0 + p.kh, p.H + p.ph), w1 = imin(w0 + p.kw, p.W + p.pw);
     const idx pool_size = (h1 - h0) * (w1 - w0);
@@ -29,7 +29,7 @@ inline AvgWindow avg_window(idx ho, idx wo, const PoolShape& p) {
 // Output columns [lo, hi) of row ho whose 2x2 window lies inside the input
 // (the common pooling layer): no clipping, divisor 4 or the override. Empty
 // range when the layer is not 2x2 or the row's window leaves the input.
-inline void avg_interior_2x2(idx ho, const PoolShape& p, idx& lo, idx& hi) {
+inline void avg_interior_2x2(idx ho, const PoolGeom& p, idx& lo, idx& hi) {
     lo = hi = 0;
     const idx h0 = ho * p.sh - p.ph;
     if (p.kh != 2 || p.kw != 2 || h0 < 0 || h0 + 1 >= p.H) return;
@@ -38,7 +38,7 @@ inline void avg_interior_2x2(idx ho, const PoolShape& p, idx& lo, idx& hi) {
 
 // The general window sum for outputs [wo_begin, wo_end) of row ho.
 template <class T>
-inline void avg_row_forward(const T* xp, T* yp, idx ho, idx wo_begin, idx wo_end, const PoolShape& p) {
+inline void avg_row_forward(const T* xp, T* yp, idx ho, idx wo_begin, idx wo_end, const PoolGeom& p) {
     for (idx wo = wo_begin; wo < wo_end; ++wo) {
         const AvgWindow a = avg_window(ho, wo, p);
         T sum = 0;
@@ -49,7 +49,7 @@ inline void avg_row_forward(const T* xp, T* yp, idx ho, idx wo_begin, idx wo_end
 }
 
 template <class T>
-void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
+void avg_pool2d_forward(const T* x, T* y, const PoolGeom& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
     const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
@@ -76,7 +76,7 @@ void avg_pool2d_forward(const T* x, T* y, const PoolShape& p) {
 
 // Each output of row ho, columns [wo_begin, wo_end), spreads its share over its window.
 template <class T>
-inline void avg_row_backward(const T* g, T* gp, idx ho, idx wo_begin, idx wo_end, const PoolShape& p) {
+inline void avg_row_backward(const T* g, T* gp, idx ho, idx wo_begin, idx wo_end, const PoolGeom& p) {
     for (idx wo = wo_begin; wo < wo_end; ++wo) {
         const AvgWindow a = avg_window(ho, wo, p);
         if (!a.divisor) continue;
@@ -90,7 +90,7 @@ inline void avg_row_backward(const T* g, T* gp, idx ho, idx wo_begin, idx wo_end
 // share (or none, past the last window), so each element is written once
 // instead of zeroed and then accumulated: one pass over gx, not two.
 template <class T>
-void avg_pool_2x2s2_backward_plane(const T* g, T* gp, T div, const PoolShape& p) {
+void avg_pool_2x2s2_backward_plane(const T* g, T* gp, T div, const PoolGeom& p) {
     for (idx ho = 0; ho < p.Ho; ++ho) {
         const T* grow = g + ho * p.Wo;
         T* r0 = gp + 2 * ho * p.W;
@@ -108,7 +108,7 @@ void avg_pool_2x2s2_backward_plane(const T* g, T* gp, T div, const PoolShape& p)
 }
 
 template <class T>
-void avg_pool2d_backward(const T* gy, T* gx, const PoolShape& p) {
+void avg_pool2d_backward(const T* gy, T* gx, const PoolGeom& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
     const T div = static_cast<T>(p.divisor_override ? p.divisor_override : 4);
     const bool tiles = p.kh == 2 && p.kw == 2 && p.sh == 2 && p.sw == 2 && p.ph == 0 && p.pw == 0 &&

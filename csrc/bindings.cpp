@@ -10,7 +10,7 @@ namespace {
 // The algorithm named `algo` for s, or a ValueError saying why it cannot run
 // s. Backward without grad input, every algorithm but depthwise can (the
 // weight and bias gradients of shifted and winograd are im2col's).
-ConvAlgo conv_algo(const std::string& algo, const ConvShape& s, bool backward, bool grad_input = true) {
+ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bool grad_input = true) {
     ConvAlgo a;
     if (!conv_algo_from_name(algo, a))
         throw py::value_error("algo must be one of 'direct', 'depthwise', 'im2col', 'shifted', 'winograd', 'auto'; "
@@ -21,7 +21,7 @@ ConvAlgo conv_algo(const std::string& algo, const ConvShape& s, bool backward, b
 }
 
 template <class T>
-py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
+py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvGeom& s,
                            ConvAlgo algo) {
     const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.C * s.H * s.W);
@@ -40,14 +40,14 @@ py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::obj
 
 py::array conv2d_forward(const py::array& x, const py::array& w, const py::object& b,
                          const std::array<idx, 16>& geom, const std::string& algo) {
-    ConvShape s = conv_shape(geom);
+    ConvGeom s = conv_geom(geom);
     const ConvAlgo a = conv_algo(algo, s, false);
     if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, a);
     return conv2d_forward_t<double>(x, w, b, s, a);
 }
 
 template <class T>
-py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::array& w, const ConvShape& s,
+py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::array& w, const ConvGeom& s,
                             ConvAlgo algo, bool need_gx, bool need_gw, bool need_gb) {
     DType dt = dtype_of(gy, "grad_output");
     require(gy, "grad_output", dt, s.N * s.K * s.Ho * s.Wo);
@@ -68,7 +68,7 @@ py::tuple conv2d_backward_t(const py::array& gy, const py::array& x, const py::a
 py::tuple conv2d_backward(const py::array& gy, const py::array& x, const py::array& w,
                           const std::array<idx, 16>& geom, const std::string& algo, bool need_gx, bool need_gw,
                           bool need_gb) {
-    ConvShape s = conv_shape(geom);
+    ConvGeom s = conv_geom(geom);
     const ConvAlgo a = conv_algo(algo, s, true, need_gx);
     if (dtype_of(gy, "grad_output") == DType::f32)
         return conv2d_backward_t<float>(gy, x, w, s, a, need_gx, need_gw, need_gb);
@@ -79,7 +79,7 @@ py::tuple conv2d_backward(const py::array& gy, const py::array& x, const py::arr
 // plane, which is twice the size of a float32 output: inference pooling then
 // moves a third fewer bytes.
 template <class T>
-py::tuple max_pool2d_forward_t(const py::array& x, const PoolShape& p, bool with_indices) {
+py::tuple max_pool2d_forward_t(const py::array& x, const PoolGeom& p, bool with_indices) {
     DType dt = dtype_of(x, "x");
     require(x, "x", dt, p.planes * p.H * p.W);
     py::array y = empty<T>({p.planes, p.Ho, p.Wo});
@@ -98,14 +98,14 @@ py::tuple max_pool2d_forward_t(const py::array& x, const PoolShape& p, bool with
     return py::make_tuple(y, ind);
 }
 
-py::tuple max_pool2d_forward(const py::array& x, const std::array<idx, 13>& geom, bool with_indices) {
-    PoolShape p = pool_shape(geom, true, 0);
+py::tuple max_pool2d_forward(const py::array& x, const std::array<idx, 15>& geom, bool with_indices) {
+    PoolGeom p = pool_geom(geom);
     if (dtype_of(x, "x") == DType::f32) return max_pool2d_forward_t<float>(x, p, with_indices);
     return max_pool2d_forward_t<double>(x, p, with_indices);
 }
 
 template <class T>
-py::array max_pool2d_backward_t(const py::array& gy, const py::array& ind, const PoolShape& p) {
+py::array max_pool2d_backward_t(const py::array& gy, const py::array& ind, const PoolGeom& p) {
     DType dt = dtype_of(gy, "grad_output");
     require(gy, "grad_output", dt, p.planes * p.Ho * p.Wo);
     if (ind.dtype().kind() != 'i' || ind.dtype().itemsize() != 8) throw py::type_error("indices: expected int64");
@@ -125,14 +125,14 @@ py::array max_pool2d_backward_t(const py::array& gy, const py::array& ind, const
     return gx;
 }
 
-py::array max_pool2d_backward(const py::array& gy, const py::array& ind, const std::array<idx, 13>& geom) {
-    PoolShape p = pool_shape(geom, true, 0);
+py::array max_pool2d_backward(const py::array& gy, const py::array& ind, const std::array<idx, 15>& geom) {
+    PoolGeom p = pool_geom(geom);
     if (dtype_of(gy, "grad_output") == DType::f32) return max_pool2d_backward_t<float>(gy, ind, p);
     return max_pool2d_backward_t<double>(gy, ind, p);
 }
 
 template <class T>
-py::array avg_pool2d_forward_t(const py::array& x, const PoolShape& p) {
+py::array avg_pool2d_forward_t(const py::array& x, const PoolGeom& p) {
     require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W);
     py::array y = empty<T>({p.planes, p.Ho, p.Wo});
     const T* xp = cptr<T>(x);
@@ -143,15 +143,14 @@ py::array avg_pool2d_forward_t(const py::array& x, const PoolShape& p) {
     return y;
 }
 
-py::array avg_pool2d_forward(const py::array& x, const std::array<idx, 13>& geom, bool count_include_pad,
-                             idx divisor_override) {
-    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+py::array avg_pool2d_forward(const py::array& x, const std::array<idx, 15>& geom) {
+    PoolGeom p = pool_geom(geom);
     if (dtype_of(x, "x") == DType::f32) return avg_pool2d_forward_t<float>(x, p);
     return avg_pool2d_forward_t<double>(x, p);
 }
 
 template <class T>
-py::array avg_pool2d_backward_t(const py::array& gy, const PoolShape& p) {
+py::array avg_pool2d_backward_t(const py::array& gy, const PoolGeom& p) {
     require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo);
     py::array gx = empty<T>({p.planes, p.H, p.W});
     const T* gyp = cptr<T>(gy);
@@ -162,9 +161,8 @@ py::array avg_pool2d_backward_t(const py::array& gy, const PoolShape& p) {
     return gx;
 }
 
-py::array avg_pool2d_backward(const py::array& gy, const std::array<idx, 13>& geom, bool count_include_pad,
-                              idx divisor_override) {
-    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+py::array avg_pool2d_backward(const py::array& gy, const std::array<idx, 15>& geom) {
+    PoolGeom p = pool_geom(geom);
     if (dtype_of(gy, "grad_output") == DType::f32) return avg_pool2d_backward_t<float>(gy, p);
     return avg_pool2d_backward_t<double>(gy, p);
 }
@@ -285,6 +283,8 @@ PYBIND11_MODULE(_cpu, m) {
         }
     });
     m.def("build_info", &build_info);
+    m.def("geometry_fields", [] { return py::make_tuple(CK_CONV_GEOM_FIELDS, CK_POOL_GEOM_FIELDS); },
+          "the field order of the conv and pool geometry structs, as convkern.geometry checks it");
     m.def("simd_level", [] { return std::string(convkern::simd_level_name(convkern::active_simd_level())); });
     m.def("set_simd_level", [](const std::string& s) { convkern::set_simd_level(parse_simd(s)); });
     m.def("num_threads", &convkern::num_threads);
@@ -301,7 +301,7 @@ PYBIND11_MODULE(_cpu, m) {
         [](const std::array<idx, 16>& geom, const std::string& algo, bool backward) -> py::object {
             ConvAlgo a;
             if (!conv_algo_from_name(algo, a)) return py::str("unknown algorithm '" + algo + "'");
-            const char* why = active_kernels().conv_algo_problem(a, conv_shape(geom), backward);
+            const char* why = active_kernels().conv_algo_problem(a, conv_geom(geom), backward);
             return why ? py::object(py::str(why)) : py::object(py::none());
         },
         py::arg("geom"), py::arg("algo"), py::arg("backward"),
@@ -312,16 +312,14 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "conv_auto_algo",
         [](const std::array<idx, 16>& geom, bool backward, const std::string& dtype) {
-            return std::string(active_kernels().conv_auto_algo(conv_shape(geom), backward, dtype == "float64"));
+            return std::string(active_kernels().conv_auto_algo(conv_geom(geom), backward, dtype == "float64"));
         },
         py::arg("geom"), py::arg("backward"), py::arg("dtype"),
         "The algorithm algo='auto' runs for this conv (backward: for its grad input).");
     m.def("max_pool2d_forward", &max_pool2d_forward, py::arg("x"), py::arg("geom"), py::arg("indices") = true);
     m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("grad_output"), py::arg("indices"), py::arg("geom"));
-    m.def("avg_pool2d_forward", &avg_pool2d_forward, py::arg("x"), py::arg("geom"), py::arg("count_include_pad"),
-          py::arg("divisor_override"));
-    m.def("avg_pool2d_backward", &avg_pool2d_backward, py::arg("grad_output"), py::arg("geom"),
-          py::arg("count_include_pad"), py::arg("divisor_override"));
+    m.def("avg_pool2d_forward", &avg_pool2d_forward, py::arg("x"), py::arg("geom"));
+    m.def("avg_pool2d_backward", &avg_pool2d_backward, py::arg("grad_output"), py::arg("geom"));
     m.def("relu_forward", &relu_forward, py::arg("x"));
     m.def("relu_forward_inplace", &relu_forward_inplace, py::arg("x"));
     m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));

@@ -6,7 +6,7 @@
 namespace {
 
 template <class T>
-py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py::object& b, const ConvShape& s,
+py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py::object& b, const ConvGeom& s,
                                 bool relu) {
     const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.H * s.W * s.C);
@@ -22,13 +22,13 @@ py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py
 
 py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::object& b,
                               const std::array<idx, 16>& geom, bool relu) {
-    const ConvShape s = conv_shape(geom);
+    const ConvGeom s = conv_geom(geom);
     if (dtype_of(x, "x") == DType::f32) return conv2d_forward_nhwc_t<float>(x, w, b, s, relu);
     return conv2d_forward_nhwc_t<double>(x, w, b, s, relu);
 }
 
 template <class T>
-py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const py::array& w, const ConvShape& s,
+py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const py::array& w, const ConvGeom& s,
                                  bool need_gx, bool need_gw, bool need_gb) {
     const DType dt = dtype_of(gy, "grad_output");
     require(gy, "grad_output", dt, s.N * s.Ho * s.Wo * s.K);
@@ -45,23 +45,22 @@ py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const 
 
 py::tuple conv2d_backward_nhwc(const py::array& gy, const py::array& x, const py::array& w,
                                const std::array<idx, 16>& geom, bool need_gx, bool need_gw, bool need_gb) {
-    const ConvShape s = conv_shape(geom);
+    const ConvGeom s = conv_geom(geom);
     if (dtype_of(gy, "grad_output") == DType::f32)
         return conv2d_backward_nhwc_t<float>(gy, x, w, s, need_gx, need_gw, need_gb);
     return conv2d_backward_nhwc_t<double>(gy, x, w, s, need_gx, need_gw, need_gb);
 }
 
 // The pool geometry's first entry is N*C planes; these kernels want N and C.
-PoolShape nhwc_pool_shape(const std::array<idx, 13>& geom, idx channels, bool count_include_pad,
-                          idx divisor_override) {
-    PoolShape p = pool_shape(geom, count_include_pad, divisor_override);
+PoolGeom nhwc_pool_geom(const std::array<idx, 15>& geom, idx channels) {
+    PoolGeom p = pool_geom(geom);
     if (channels <= 0 || p.planes % channels) throw py::value_error("pool geometry: planes not a multiple of C");
     p.planes /= channels;
     return p;
 }
 
 template <class T>
-py::tuple max_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx C, bool with_indices) {
+py::tuple max_pool2d_forward_nhwc_t(const py::array& x, const PoolGeom& p, idx C, bool with_indices) {
     require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W * C);
     py::array y = empty<T>({p.planes, p.Ho, p.Wo, C});
     py::object ind = py::none();
@@ -77,15 +76,15 @@ py::tuple max_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx 
     return py::make_tuple(y, ind);
 }
 
-py::tuple max_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 13>& geom, idx channels,
+py::tuple max_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 15>& geom, idx channels,
                                   bool with_indices) {
-    const PoolShape p = nhwc_pool_shape(geom, channels, true, 0);
+    const PoolGeom p = nhwc_pool_geom(geom, channels);
     if (dtype_of(x, "x") == DType::f32) return max_pool2d_forward_nhwc_t<float>(x, p, channels, with_indices);
     return max_pool2d_forward_nhwc_t<double>(x, p, channels, with_indices);
 }
 
 template <class T>
-py::array max_pool2d_backward_nhwc_t(const py::array& gy, const py::array& ind, const PoolShape& p, idx C) {
+py::array max_pool2d_backward_nhwc_t(const py::array& gy, const py::array& ind, const PoolGeom& p, idx C) {
     require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo * C);
     if (ind.dtype().kind() != 'i' || ind.dtype().itemsize() != 8) throw py::type_error("indices: expected int64");
     if (!(ind.flags() & py::array::c_style)) throw py::value_error("indices: must be C-contiguous");
@@ -102,15 +101,15 @@ py::array max_pool2d_backward_nhwc_t(const py::array& gy, const py::array& ind, 
     return gx;
 }
 
-py::array max_pool2d_backward_nhwc(const py::array& gy, const py::array& ind, const std::array<idx, 13>& geom,
+py::array max_pool2d_backward_nhwc(const py::array& gy, const py::array& ind, const std::array<idx, 15>& geom,
                                    idx channels) {
-    const PoolShape p = nhwc_pool_shape(geom, channels, true, 0);
+    const PoolGeom p = nhwc_pool_geom(geom, channels);
     if (dtype_of(gy, "grad_output") == DType::f32) return max_pool2d_backward_nhwc_t<float>(gy, ind, p, channels);
     return max_pool2d_backward_nhwc_t<double>(gy, ind, p, channels);
 }
 
 template <class T>
-py::array avg_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx C) {
+py::array avg_pool2d_forward_nhwc_t(const py::array& x, const PoolGeom& p, idx C) {
     require(x, "x", dtype_of(x, "x"), p.planes * p.H * p.W * C);
     py::array y = empty<T>({p.planes, p.Ho, p.Wo, C});
     const T* xp = cptr<T>(x);
@@ -119,15 +118,14 @@ py::array avg_pool2d_forward_nhwc_t(const py::array& x, const PoolShape& p, idx 
     return y;
 }
 
-py::array avg_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 13>& geom, idx channels,
-                                  bool count_include_pad, idx divisor_override) {
-    const PoolShape p = nhwc_pool_shape(geom, channels, count_include_pad, divisor_override);
+py::array avg_pool2d_forward_nhwc(const py::array& x, const std::array<idx, 15>& geom, idx channels) {
+    const PoolGeom p = nhwc_pool_geom(geom, channels);
     if (dtype_of(x, "x") == DType::f32) return avg_pool2d_forward_nhwc_t<float>(x, p, channels);
     return avg_pool2d_forward_nhwc_t<double>(x, p, channels);
 }
 
 template <class T>
-py::array avg_pool2d_backward_nhwc_t(const py::array& gy, const PoolShape& p, idx C) {
+py::array avg_pool2d_backward_nhwc_t(const py::array& gy, const PoolGeom& p, idx C) {
     require(gy, "grad_output", dtype_of(gy, "grad_output"), p.planes * p.Ho * p.Wo * C);
     py::array gx = empty<T>({p.planes, p.H, p.W, C});
     const T* gyp = cptr<T>(gy);
@@ -136,9 +134,8 @@ py::array avg_pool2d_backward_nhwc_t(const py::array& gy, const PoolShape& p, id
     return gx;
 }
 
-py::array avg_pool2d_backward_nhwc(const py::array& gy, const std::array<idx, 13>& geom, idx channels,
-                                   bool count_include_pad, idx divisor_override) {
-    const PoolShape p = nhwc_pool_shape(geom, channels, count_include_pad, divisor_override);
+py::array avg_pool2d_backward_nhwc(const py::array& gy, const std::array<idx, 15>& geom, idx channels) {
+    const PoolGeom p = nhwc_pool_geom(geom, channels);
     if (dtype_of(gy, "grad_output") == DType::f32) return avg_pool2d_backward_nhwc_t<float>(gy, p, channels);
     return avg_pool2d_backward_nhwc_t<double>(gy, p, channels);
 }
@@ -173,8 +170,7 @@ void bind_nhwc(py::module_& m) {
           py::arg("indices") = true);
     m.def("max_pool2d_backward_nhwc", &max_pool2d_backward_nhwc, py::arg("grad_output"), py::arg("indices"),
           py::arg("geom"), py::arg("channels"));
-    m.def("avg_pool2d_forward_nhwc", &avg_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),
-          py::arg("count_include_pad"), py::arg("divisor_override"));
+    m.def("avg_pool2d_forward_nhwc", &avg_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"));
     m.def("avg_pool2d_backward_nhwc", &avg_pool2d_backward_nhwc, py::arg("grad_output"), py::arg("geom"),
-          py::arg("channels"), py::arg("count_include_pad"), py::arg("divisor_override"));
+          py::arg("channels"));
 }

@@ -3,6 +3,7 @@
 // allocation and the kernel region. Everything here has internal linkage.
 #pragma once
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -30,9 +31,9 @@ void bind_nhwc(py::module_& m);
 using convkern::active_kernels;
 using convkern::conv_algo_from_name;
 using convkern::ConvAlgo;
-using convkern::ConvShape;
+using convkern::ConvGeom;
 using convkern::idx;
-using convkern::PoolShape;
+using convkern::PoolGeom;
 
 namespace {
 
@@ -87,22 +88,21 @@ const convkern::OpTable<T>& ops() {
         return convkern::active_kernels().f64;
 }
 
-ConvShape conv_shape(const std::array<idx, 16>& g) {
-    ConvShape s{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]};
-    for (idx v : g)
-        if (v < 0) throw py::value_error("conv geometry: negative entry");
-    if (s.G <= 0 || s.C % s.G || s.K % s.G || s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0)
-        throw py::value_error("conv geometry: invalid groups/stride/dilation");
-    return s;
+// The geometry arrives as the tuple convkern.geometry packs, field for field
+// (convkern/include/convkern/geometry.h); conv_geom_error is its one check.
+ConvGeom conv_geom(const std::array<idx, 16>& t) {
+    static_assert(sizeof(ConvGeom) == sizeof(t), "the tuple is the struct");
+    ConvGeom g;
+    std::memcpy(&g, t.data(), sizeof g);
+    if (const char* why = conv_geom_error(g)) throw py::value_error(why);
+    return g;
 }
 
-PoolShape pool_shape(const std::array<idx, 13>& g, bool count_include_pad, idx divisor_override) {
-    PoolShape p{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
-                count_include_pad, divisor_override};
-    for (idx v : g)
-        if (v < 0) throw py::value_error("pool geometry: negative entry");
-    if (p.kh <= 0 || p.kw <= 0 || p.sh <= 0 || p.sw <= 0 || p.dh <= 0 || p.dw <= 0)
-        throw py::value_error("pool geometry: invalid kernel/stride/dilation");
+PoolGeom pool_geom(const std::array<idx, 15>& t) {
+    static_assert(sizeof(PoolGeom) == sizeof(t), "the tuple is the struct");
+    PoolGeom p;
+    std::memcpy(&p, t.data(), sizeof p);
+    if (const char* why = pool_geom_error(p)) throw py::value_error(why);
     return p;
 }
 
@@ -135,7 +135,7 @@ template <class T>
 struct ConvGrads {
     py::object gx = py::none(), gw = py::none(), gb = py::none();
     T *gxp = nullptr, *gwp = nullptr, *gbp = nullptr;
-    ConvGrads(std::vector<idx> x_shape, const ConvShape& s, bool need_gx, bool need_gw, bool need_gb) {
+    ConvGrads(std::vector<idx> x_shape, const ConvGeom& s, bool need_gx, bool need_gw, bool need_gb) {
         if (need_gx) {
             py::array a = empty<T>(x_shape);
             gxp = mptr<T>(a);

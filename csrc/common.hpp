@@ -9,31 +9,14 @@
 #include <cstdint>
 #include <string>
 
+#include "convkern/geometry.h"
+
 namespace convkern {
 
 using idx = std::int64_t;  // 64-bit everywhere: products of sizes overflow int32
 
-// conv2d geometry. Padding is given as top/left only: bottom/right padding is
-// implied by Ho/Wo (positions past H/W read as zero), which is how "same" with
-// an odd total pad works without a separate code path.
-struct ConvShape {
-    idx N, C, H, W;    // input
-    idx K, R, S;       // weight (K, C/G, R, S)
-    idx G;             // groups
-    idx sh, sw;        // stride
-    idx ph, pw;        // top/left padding
-    idx dh, dw;        // dilation
-    idx Ho, Wo;        // output size
-};
-
-// pooling geometry; planes = N*C, each pooled independently.
-struct PoolShape {
-    idx planes, H, W;
-    idx kh, kw, sh, sw, ph, pw, dh, dw;
-    idx Ho, Wo;
-    bool count_include_pad;
-    idx divisor_override;  // 0: none
-};
+// The conv and pool geometry (ConvGeom, PoolGeom) is shared with the CUDA
+// kernels and Python: convkern/include/convkern/geometry.h.
 
 // conv2d algorithms, each a slot in the op table. direct: the direct loops;
 // depthwise: padded planes, one filter each (C == groups, stride 1); im2col: the
@@ -57,26 +40,26 @@ ConvAlgo last_conv_algo();
 
 template <class T>
 struct OpTable {
-    typedef void (*ConvForward)(const T* x, const T* w, const T* b, T* y, const ConvShape&);
+    typedef void (*ConvForward)(const T* x, const T* w, const T* b, T* y, const ConvGeom&);
     // gx/gw/gb may be null: that gradient is not computed.
-    typedef void (*ConvBackward)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&);
+    typedef void (*ConvBackward)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom&);
     // one slot per ConvAlgo; auto is the library's rule (conv_auto_algo says what it runs)
     ConvForward conv2d_forward[kConvAlgos];
     ConvBackward conv2d_backward[kConvAlgos];
-    void (*max_pool2d_forward)(const T* x, T* y, std::int64_t* ind, const PoolShape&);
+    void (*max_pool2d_forward)(const T* x, T* y, std::int64_t* ind, const PoolGeom&);
     // returns false if an index lies outside its plane (nothing is written for it)
-    bool (*max_pool2d_backward)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&);
-    void (*avg_pool2d_forward)(const T* x, T* y, const PoolShape&);
-    void (*avg_pool2d_backward)(const T* gy, T* gx, const PoolShape&);
+    bool (*max_pool2d_backward)(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom&);
+    void (*avg_pool2d_forward)(const T* x, T* y, const PoolGeom&);
+    void (*avg_pool2d_backward)(const T* gy, T* gx, const PoolGeom&);
     // channels_last: x, y, gx and gy are NHWC; weights stay (K, C/G, R, S).
     // relu: the conv's output goes through relu before it is stored.
-    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvShape&, bool relu);
+    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu);
     ConvBackward conv2d_backward_nhwc;
-    // PoolShape.planes is N here; C channels per pixel
-    void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolShape&, idx C);
-    bool (*max_pool2d_backward_nhwc)(const T* gy, const std::int64_t* ind, T* gx, const PoolShape&, idx C);
-    void (*avg_pool2d_forward_nhwc)(const T* x, T* y, const PoolShape&, idx C);
-    void (*avg_pool2d_backward_nhwc)(const T* gy, T* gx, const PoolShape&, idx C);
+    // PoolGeom.planes is N here; C channels per pixel
+    void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolGeom&, idx C);
+    bool (*max_pool2d_backward_nhwc)(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom&, idx C);
+    void (*avg_pool2d_forward_nhwc)(const T* x, T* y, const PoolGeom&, idx C);
+    void (*avg_pool2d_backward_nhwc)(const T* gy, T* gx, const PoolGeom&, idx C);
     // dst (batches, cols, rows) = src (batches, rows, cols) transposed per batch
     void (*transpose_batched)(const T* src, T* dst, idx batches, idx rows, idx cols);
     void (*relu_forward)(const T* x, T* y, idx n);
@@ -87,9 +70,9 @@ struct OpTable {
 };
 
 // Why algorithm a cannot run s (backward: its gradients), or null if it can.
-typedef const char* (*ConvAlgoProblem)(ConvAlgo a, const ConvShape& s, bool backward);
+typedef const char* (*ConvAlgoProblem)(ConvAlgo a, const ConvGeom& s, bool backward);
 // The algorithm ConvAlgo::auto_ runs for s (forward; backward: the grad input's), by name.
-typedef const char* (*ConvAutoAlgo)(const ConvShape& s, bool backward, bool f64);
+typedef const char* (*ConvAutoAlgo)(const ConvGeom& s, bool backward, bool f64);
 
 struct KernelTable {
     const char* isa;

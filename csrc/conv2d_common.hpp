@@ -2,7 +2,7 @@
 
 // y[n, k, :] += bias[k] over every output plane.
 template <class T>
-void add_bias(T* y, const T* b, const ConvShape& s) {
+void add_bias(T* y, const T* b, const ConvGeom& s) {
     idx P = s.Ho * s.Wo;
     idx planes = s.N * s.K;
 #pragma omp parallel for num_threads(threads_for(planes)) schedule(static)
@@ -19,7 +19,7 @@ void add_bias(T* y, const T* b, const ConvShape& s) {
 // end) keep the adds off one dependency chain and vectorizable; the order is
 // fixed, so the result does not depend on the thread count.
 template <class T>
-void bias_grad(const T* gy, T* gb, const ConvShape& s) {
+void bias_grad(const T* gy, T* gb, const ConvGeom& s) {
     constexpr int L = 8;
     const idx P = s.Ho * s.Wo, body = P - P % L;
 #pragma omp parallel for num_threads(threads_for(s.K)) schedule(static)
@@ -42,16 +42,16 @@ void bias_grad(const T* gy, T* gb, const ConvShape& s) {
 // dilation unchanged, padding (R-1)*dh - ph (gy rows past its end read as
 // zero padding, which covers asymmetric padding). Sets t to that conv's shape;
 // false where it does not apply (strided, or padding beyond the kernel's reach).
-inline bool grad_input_conv_shape(const ConvShape& s, ConvShape& t) {
+inline bool grad_input_conv_shape(const ConvGeom& s, ConvGeom& t) {
     const idx ph2 = (s.R - 1) * s.dh - s.ph, pw2 = (s.S - 1) * s.dw - s.pw;
     if (s.sh != 1 || s.sw != 1 || ph2 < 0 || pw2 < 0) return false;
-    t = ConvShape{s.N, s.K, s.Ho, s.Wo, s.C, s.R, s.S, s.G, 1, 1, ph2, pw2, s.dh, s.dw, s.H, s.W};
+    t = ConvGeom{s.N, s.K, s.Ho, s.Wo, s.C, s.R, s.S, s.G, 1, 1, ph2, pw2, s.dh, s.dw, s.H, s.W};
     return true;
 }
 
 // wt[g*Cg + c][k][r][s] = w[g*Kg + k][c][R-1-r][S-1-s]: the filters of that conv
 template <class T>
-void flip_transpose_filters(const T* w, const ConvShape& s, T* wt) {
+void flip_transpose_filters(const T* w, const ConvGeom& s, T* wt) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RS = s.R * s.S;
 #pragma omp parallel for num_threads(threads_for(s.G * Cg)) schedule(static)
     for (idx gc = 0; gc < s.G * Cg; ++gc) {

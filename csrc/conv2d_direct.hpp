@@ -20,7 +20,7 @@ struct DirectTile {
 
 template <class T, int KB>
 void direct_tile_vector(const T* xg, const T* wpk, const T* bias, T* y, idx P, idx ho, idx wo0, idx Cg,
-                        const ConvShape& s) {
+                        const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr int L = DirectTile<T, KB>::L, NV = DirectTile<T, KB>::NV;
     V acc[KB][NV];
@@ -57,7 +57,7 @@ void direct_tile_vector(const T* xg, const T* wpk, const T* bias, T* y, idx P, i
 // Outputs [wo_begin, wo_end) of row ho for KB channels, any stride, with bounds checks.
 template <class T, int KB>
 void direct_tile_scalar(const T* xg, const T* wpk, const T* bias, T* y, idx P, idx ho, idx wo_begin, idx wo_end,
-                        idx Cg, const ConvShape& s) {
+                        idx Cg, const ConvGeom& s) {
     const idx HW = s.H * s.W;
     for (idx wo = wo_begin; wo < wo_end; ++wo) {
         T acc[KB];
@@ -81,7 +81,7 @@ void direct_tile_scalar(const T* xg, const T* wpk, const T* bias, T* y, idx P, i
 
 // KB output planes y[j] (j < KB, plane stride P) from one image-group xg (Cg, H, W).
 template <class T, int KB>
-void direct_block(const T* xg, const T* wpk, const T* bias, T* y, idx Cg, const ConvShape& s) {
+void direct_block(const T* xg, const T* wpk, const T* bias, T* y, idx Cg, const ConvGeom& s) {
     constexpr idx TW = DirectTile<T, KB>::TW;
     const idx P = s.Ho * s.Wo;
     // interior output columns: every tap of every s reads inside the row
@@ -111,7 +111,7 @@ void pack_direct_weights(const T* w, T* wpk, idx kblocks, idx CRS) {
 }
 
 template <class T, int KB>
-void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const idx kblocks = s.K / KB;  // KB divides K/G, so blocks never straddle groups
     T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * CRS) * sizeof(T), 0));
@@ -136,7 +136,7 @@ constexpr int DW_NV = 4;
 template <class T>
 struct DepthwiseLayout {
     idx Hp, Ws, elems;  // padded rows, padded row stride (whole vectors + the taps' reach)
-    DepthwiseLayout(const ConvShape& s) {
+    DepthwiseLayout(const ConvGeom& s) {
         constexpr idx L = CK_VEC_BYTES / sizeof(T);
         Hp = s.Ho + (s.R - 1) * s.dh;
         Ws = (s.Wo + L - 1) / L * L + (s.S - 1) * s.dw;
@@ -144,13 +144,13 @@ struct DepthwiseLayout {
     }
 };
 
-inline bool conv_depthwise_applies(const ConvShape& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
+inline bool conv_depthwise_applies(const ConvGeom& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
 
 // NV output vectors of one row from wo on; NV is a compile-time count so the
 // accumulators stay in registers (indexed by a run-time count they lived on
 // the stack, and every tap's FMA waited on a store-to-load round trip).
 template <class T, int NV>
-inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, idx wo, const ConvShape& s) {
+inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, idx wo, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     V acc[NV];
@@ -176,7 +176,7 @@ inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, id
 }
 
 template <class T>
-void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvShape& s) {
+void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
     for (idx ho = 0; ho < s.Ho; ++ho) {
@@ -194,7 +194,7 @@ void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const Conv
 }
 
 template <class T>
-void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     note_conv_algo(ConvAlgo::depthwise);
     const idx Kg = s.K / s.G, P = s.Ho * s.Wo, RS = s.R * s.S;
     const DepthwiseLayout<T> lay(s);
@@ -215,7 +215,7 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
 // Whether conv2d_forward_direct hands s to the depthwise kernel: a padded
 // plane per thread, so only while that plane stays small.
 template <class T>
-bool depthwise_plane_fits(const ConvShape& s) {
+bool depthwise_plane_fits(const ConvGeom& s) {
     constexpr idx kMaxPlaneBytes = idx(4) << 20;
     return conv_depthwise_applies(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
 }
@@ -223,7 +223,7 @@ bool depthwise_plane_fits(const ConvShape& s) {
 // y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b; depthwise
 // problems go to the depthwise kernel unless `generic` (algo "direct" named)
 template <class T>
-void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool generic = false) {
+void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool generic = false) {
     const idx Kg = s.K / s.G;
     if (!generic && depthwise_plane_fits<T>(s)) return conv2d_forward_depthwise(x, w, b, y, s);
     note_conv_algo(ConvAlgo::direct);
@@ -239,7 +239,7 @@ void conv2d_forward_direct(const T* x, const T* w, const T* b, T* y, const ConvS
 
 // gx (N, C, H, W): each input plane gathers from the output planes of its group.
 template <class T>
-void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvShape& s) {
+void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvGeom& s) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W;
     const idx planes = s.N * s.C;
 #pragma omp parallel for num_threads(threads_for(planes)) schedule(dynamic, 1)
@@ -277,8 +277,8 @@ void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvS
 // Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
 // the register-tiled forward kernel. Otherwise each input plane gathers.
 template <class T>
-void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s, bool generic = false) {
-    ConvShape t;
+void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvGeom& s, bool generic = false) {
+    ConvGeom t;
     if (!grad_input_conv_shape(s, t)) {
         note_conv_algo(ConvAlgo::direct);
         conv2d_grad_input_direct_planes(gy, w, gx, s);
@@ -293,7 +293,7 @@ void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvShape& s
 // (r, s) it reduces over the batch and the output with KB vector accumulators
 // that share every input vector loaded, then sums each across lanes once.
 template <class T, int KB>
-void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShape& s) {
+void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, HW = s.H * s.W, RS = s.R * s.S;
@@ -365,7 +365,7 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvShap
 // chains). The general kernel above reads x and gy once per tap, R*S passes
 // with scalar edges (depthwise_3x3 grad weight: 1.5x the time on AVX2).
 template <class T, int S>
-void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShape& s) {
+void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     constexpr int U = S <= 4 ? 2 : 1;  // chains per tap, within the 16 vector registers of AVX2
@@ -420,7 +420,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvShap
 }
 
 template <class T>
-void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& s, bool generic = false) {
+void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvGeom& s, bool generic = false) {
     const idx Kg = s.K / s.G;
     if (!generic && conv_depthwise_applies(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
@@ -442,7 +442,7 @@ void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvShape& 
 
 // Depthwise problems take the depthwise kernels unless `generic`.
 template <class T>
-void conv2d_backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s,
+void conv2d_backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s,
                             bool generic = false) {
     if (gx) conv2d_grad_input_direct(gy, w, gx, s, generic);
     if (gw) conv2d_grad_weight_direct(gy, x, gw, s, generic);

@@ -12,7 +12,7 @@
 
 // col (Cg*R*S, (ho1-ho0)*Wo) from xg (Cg, H, W): the columns of output rows [ho0, ho1)
 template <class T>
-void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx ho0, idx ho1) {
+void im2col(const T* xg, idx Cg, const ConvGeom& s, T* col, bool parallel, idx ho0, idx ho1) {
     const idx P = (ho1 - ho0) * s.Wo, rows = Cg * s.R * s.S;
 #pragma omp parallel for num_threads(threads_for(rows)) if (parallel) schedule(static)
     for (idx row = 0; row < rows; ++row) {
@@ -53,7 +53,7 @@ void im2col(const T* xg, idx Cg, const ConvShape& s, T* col, bool parallel, idx 
 // gxg (Cg, H, W) += col2im(dcol) for dcol (Cg*R*S, (ho1-ho0)*Wo), output rows
 // [ho0, ho1). The order of additions is fixed: deterministic.
 template <class T>
-void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg, idx ho0, idx ho1) {
+void col2im_add(const T* dcol, idx Cg, const ConvGeom& s, T* gxg, idx ho0, idx ho1) {
     const idx P = (ho1 - ho0) * s.Wo, RS = s.R * s.S;
     for (idx c = 0; c < Cg; ++c) {
         T* gp = gxg + c * s.H * s.W;
@@ -79,7 +79,7 @@ void col2im_add(const T* dcol, idx Cg, const ConvShape& s, T* gxg, idx ho0, idx 
 // Output rows per column band: the band (CRS x rows*Wo) should stay in L2.
 // Depends only on the shape, never on the thread count (determinism).
 template <class T>
-idx band_rows(const ConvShape& s) {
+idx band_rows(const ConvGeom& s) {
     constexpr idx kBandBytes = 1 << 20;
     const idx row_bytes = (s.C / s.G) * s.R * s.S * s.Wo * static_cast<idx>(sizeof(T));
     return imax(1, imin(s.Ho, kBandBytes / imax(row_bytes, 1)));
@@ -88,20 +88,20 @@ idx band_rows(const ConvShape& s) {
 // How many partial sums grad weight splits the batch into: up to 8, while the
 // partials stay within 32 MB. A function of the shape only (determinism).
 template <class T>
-idx gw_chunks(const ConvShape& s, idx wsize) {
+idx gw_chunks(const ConvGeom& s, idx wsize) {
     constexpr idx kMaxChunks = 8, kPartialBytes = idx(32) << 20;
     const idx by_memory = kPartialBytes / imax(wsize * static_cast<idx>(sizeof(T)), 1);
     return imax(1, imin(imin(s.N, kMaxChunks), by_memory));
 }
 
-inline bool conv_is_pointwise(const ConvShape& s) {
+inline bool conv_is_pointwise(const ConvGeom& s) {
     return s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0 && s.Ho == s.H && s.Wo == s.W;
 }
 
 // Runs body(n, g, scratch, inner_parallel) over all (image, group) pairs, each
 // with `scratch_elems` private elements (64-byte aligned).
 template <class T, class Body>
-void for_each_image_group(const ConvShape& s, idx scratch_elems, Body body) {
+void for_each_image_group(const ConvGeom& s, idx scratch_elems, Body body) {
     scratch_elems = (scratch_elems + 15) / 16 * 16;
     const idx tasks = s.N * s.G;
     const int nt = num_threads();
@@ -117,7 +117,7 @@ void for_each_image_group(const ConvShape& s, idx scratch_elems, Body body) {
 }
 
 template <class T>
-void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     note_conv_algo(ConvAlgo::im2col);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const bool pointwise = conv_is_pointwise(s);
@@ -153,7 +153,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvS
 
 // the GEMM forward algorithm's dispatcher (kernels_isa.cpp)
 template <class T>
-void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s);
+void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
 
 // Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
 // the forward GEMM algorithms (Winograd, shifted GEMM) instead of a GEMM into
@@ -161,8 +161,8 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvSha
 // convs, and fewer than 16 input channels per group, where the transposed
 // conv's GEMM would have under 16 rows (mnist_conv1's one channel ran 1.3x slower).
 template <class T>
-bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvShape& s) {
-    ConvShape t;
+bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvGeom& s) {
+    ConvGeom t;
     if (s.C / s.G < 16 || !grad_input_conv_shape(s, t)) return false;
     // slot 2: the forward path uses 0 and 1
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
@@ -174,7 +174,7 @@ bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvShape& s) {
 // grad input by col2im, or (with `as_forward`, where it applies) as the
 // forward conv of gy with the flipped filters by conv2d_forward_gemm's rule
 template <class T>
-void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s,
+void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s,
                             bool as_forward = true) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S, HW = s.H * s.W;
     const bool pointwise = conv_is_pointwise(s);

@@ -18,7 +18,7 @@
 // vectorize across channels.
 
 template <class T>
-void weights_to_krsc(const T* w, T* wr, const ConvShape& s) {
+void weights_to_krsc(const T* w, T* wr, const ConvGeom& s) {
     const idx Cg = s.C / s.G, RS = s.R * s.S;
     for (idx k = 0; k < s.K; ++k)
         for (idx c = 0; c < Cg; ++c)
@@ -26,7 +26,7 @@ void weights_to_krsc(const T* w, T* wr, const ConvShape& s) {
 }
 
 template <class T>
-void weights_from_krsc(const T* wr, T* w, const ConvShape& s) {
+void weights_from_krsc(const T* wr, T* w, const ConvGeom& s) {
     const idx Cg = s.C / s.G, RS = s.R * s.S;
     for (idx k = 0; k < s.K; ++k)
         for (idx c = 0; c < Cg; ++c)
@@ -50,7 +50,7 @@ inline void zero_run(T* dst, idx n) {
 // Rows [m0, m1) of group g's column matrix: row m = (n, ho, wo), columns
 // (r, q, c) with zeros where the tap reads padding.
 template <class T>
-void nhwc_im2col(const T* x, T* col, idx m0, idx m1, idx g, const ConvShape& s) {
+void nhwc_im2col(const T* x, T* col, idx m0, idx m1, idx g, const ConvGeom& s) {
     const idx Cg = s.C / s.G, P = s.Ho * s.Wo, SC = s.S * Cg, RSC = s.R * SC;
     const bool runs = s.G == 1 && s.dw == 1;  // a kernel row's S taps are one run of S*C elements
     for (idx m = m0; m < m1; ++m) {
@@ -101,7 +101,7 @@ idx nhwc_band_rows(idx rsc, idx M) {
 // fn(ho, wo, tap) for every output pixel whose tap (r, q) (tap = r*S + q)
 // reads input pixel (ih, iw), in tap order: the gather form of grad input.
 template <class Fn>
-inline void for_each_tap_into(const ConvShape& s, idx ih, idx iw, const Fn& fn) {
+inline void for_each_tap_into(const ConvGeom& s, idx ih, idx iw, const Fn& fn) {
     for (idx r = 0; r < s.R; ++r) {
         const idx hnum = ih + s.ph - r * s.dh;
         if (hnum < 0 || hnum % s.sh) continue;
@@ -116,12 +116,12 @@ inline void for_each_tap_into(const ConvShape& s, idx ih, idx iw, const Fn& fn) 
     }
 }
 
-inline bool nhwc_is_depthwise(const ConvShape& s) { return s.G == s.C && s.K == s.C && s.G > 1; }
+inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s.C && s.G > 1; }
 
 // ---- depthwise: y[n, ho, wo, c] = sum_rq x[n, ih, iw, c] * w[c, r, q]
 
 template <class T>
-void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool relu) {
+void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
     const idx C = s.C, RS = s.R * s.S, rows = s.N * s.Ho;
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(RS * C) * sizeof(T), 2));
     for (idx c = 0; c < C; ++c)  // (r, q, c): a tap's weights contiguous across channels
@@ -174,7 +174,7 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
 }
 
 template <class T>
-void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, const ConvShape& s) {
+void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, const ConvGeom& s) {
     const idx C = s.C, RS = s.R * s.S;
     if (gx) {
         T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(RS * C) * sizeof(T), 2));
@@ -244,7 +244,7 @@ struct PatchTable {
     idx* dq;
 };
 
-inline PatchTable patch_table(const ConvShape& s, void* mem) {
+inline PatchTable patch_table(const ConvGeom& s, void* mem) {
     const idx Cg = s.C / s.G, RSC = s.R * s.S * Cg;
     PatchTable t{static_cast<idx*>(mem), static_cast<idx*>(mem) + RSC, static_cast<idx*>(mem) + 2 * RSC};
     for (idx j = 0; j < RSC; ++j) {
@@ -263,7 +263,7 @@ inline PatchTable patch_table(const ConvShape& s, void* mem) {
 template <class T>
 struct NhwcPatches {
     const T* x;
-    const ConvShape& s;
+    const ConvGeom& s;
     idx g;
     PatchTable t;
     const T* patch(idx m, idx& ih0, idx& iw0) const {
@@ -312,7 +312,7 @@ struct NhwcPatches {
 };
 
 template <class T>
-void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvShape& s, bool relu) {
+void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
     if (nhwc_is_depthwise(s) && s.R * s.S <= 64) return depthwise_nhwc_forward(x, w, b, y, s, relu);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
@@ -322,7 +322,7 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvSha
     // With padding, a zero-padded copy of the input (one pass, against R*S
     // reads of every element by the GEMM) leaves no border rows: every full
     // panel goes to the indirect micro-kernel.
-    ConvShape sp = s;
+    ConvGeom sp = s;
     const T* xs = x;
     const idx Hp = imax(s.H + s.ph, (s.Ho - 1) * s.sh + (s.R - 1) * s.dh + 1);
     const idx Wp = imax(s.W + s.pw, (s.Wo - 1) * s.sw + (s.S - 1) * s.dw + 1);
@@ -367,7 +367,7 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvSha
 }
 
 template <class T>
-void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     if (gb) {  // column sums of gy (M x K), in double, rows in order
         const idx M = s.N * s.Ho * s.Wo;
         double* acc = static_cast<double*>(workspace(static_cast<std::size_t>(s.K) * sizeof(double), 1));

@@ -26,7 +26,7 @@
 // compacted into y, with the bias, at the end of the band. The reduction order
 // per output is fixed: deterministic for any thread count.
 
-inline bool conv_shifted_applies(const ConvShape& s) {
+inline bool conv_shifted_applies(const ConvGeom& s) {
     return !(s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0);
 }
 
@@ -52,7 +52,7 @@ struct ShiftedLayout {
     idx band, ldy;      // output rows per band; its padded output's row length (whole tiles)
     idx x_elems;        // phase planes of one (image, group), with read slack
     idx y_elems;        // padded output of one band
-    ShiftedLayout(const ConvShape& s)
+    ShiftedLayout(const ConvGeom& s)
         : row_phases(shifted_phases(s.R, s.dh, s.sh)), col_phases(shifted_phases(s.S, s.dw, s.sw)) {
         constexpr int NR = GemmBlocking<T>::NR;
         planes = static_cast<idx>(row_phases.size() * col_phases.size());
@@ -127,7 +127,7 @@ inline void shifted_micro(idx kc, const T* Ap, const T* xb, const idx* off, T* C
 }
 
 template <class T>
-void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     note_conv_algo(ConvAlgo::shifted);
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;

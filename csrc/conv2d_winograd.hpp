@@ -15,7 +15,7 @@
 // parallel, each on its own scratch; the reduction order of every output is
 // fixed, so results are deterministic for any thread count.
 
-inline bool conv_winograd_applies(const ConvShape& s) {
+inline bool conv_winograd_applies(const ConvGeom& s) {
     return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
 }
 
@@ -29,7 +29,7 @@ inline bool conv_winograd_applies(const ConvShape& s) {
 // the transforms, so AVX2 gains sooner: 64 -> 64 runs 1.45-1.6x faster
 // (resnet_l1_3x3, 28x28, 14x14, batch 1 at 56x56); 32 -> 32 and 32 -> 64
 // are even (0.9-1.1x) and 16 channels slower (0.6-0.8x).
-inline bool conv_winograd_pays(const ConvShape& s) {
+inline bool conv_winograd_pays(const ConvGeom& s) {
     constexpr idx kMinCK = CK_VEC_BYTES == 64 ? 8192 : 4096;
     const idx tiles = s.N * ((s.Ho + 1) / 2) * ((s.Wo + 1) / 2);
     return conv_winograd_applies(s) && s.C >= 32 && s.C * s.K >= kMinCK && tiles >= 256;
@@ -46,7 +46,7 @@ struct WinogradLayout {
     idx x_elems;        // padded batch
     idx tb, blocks;     // tiles per block, blocks: whole rounds of the threads where possible
     idx block_elems;    // one block's V (16 x C x tb) + M (16 x K x tb) + GEMM packing
-    WinogradLayout(const ConvShape& s) {
+    WinogradLayout(const ConvGeom& s) {
         tH = (s.Ho + 1) / 2;
         tW = (s.Wo + 1) / 2;
         tiles = s.N * tH * tW;
@@ -140,7 +140,7 @@ struct WinogradLanes {
 
 // V[xi][c][t - t0] = (B^T d B)[xi] for the tiles t of [t0, t1)
 template <class T>
-void winograd_input_block(const T* xpad, const ConvShape& s, const WinogradLayout<T>& lay, idx t0, idx t1, T* V) {
+void winograd_input_block(const T* xpad, const ConvGeom& s, const WinogradLayout<T>& lay, idx t0, idx t1, T* V) {
     typedef WinogradLanes<T> WL;
     typedef typename WL::V Vt;
     constexpr int L = WL::L;
@@ -185,7 +185,7 @@ void winograd_input_block(const T* xpad, const ConvShape& s, const WinogradLayou
 
 // y for the tiles of [t0, t1) from M[xi][k][t - t0], plus bias
 template <class T>
-void winograd_output_block(const T* M, const T* b, const ConvShape& s, const WinogradLayout<T>& lay, idx t0, idx t1,
+void winograd_output_block(const T* M, const T* b, const ConvGeom& s, const WinogradLayout<T>& lay, idx t0, idx t1,
                            T* y) {
     typedef WinogradLanes<T> WL;
     typedef typename WL::V Vt;
@@ -233,7 +233,7 @@ void winograd_output_block(const T* M, const T* b, const ConvShape& s, const Win
 // the transforms subtract inputs, so an inf there can become a NaN where the
 // direct sum gives +-inf; the caller then takes another algorithm.
 template <class T>
-bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     note_conv_algo(ConvAlgo::winograd);
     const WinogradLayout<T> lay(s);
     const idx TB = lay.tb;

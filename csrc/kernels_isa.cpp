@@ -35,7 +35,7 @@ namespace {
 // (fewer than 32 taps) cannot pay for its padded copy. The rest im2col in
 // bands. The measurements behind the thresholds: docs/performance.md.
 template <class T>
-void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
     if (conv_winograd_pays(s)) {
         const WinogradLayout<T> lay(s);
@@ -59,44 +59,44 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvSha
 // kernels over few channels). A one-channel input with a real kernel (a
 // grayscale CNN's first layer) still goes to the GEMM: (64, 1, 28, 28) *
 // (32, 1, 5, 5) ran 1.5x faster forward and 30x faster for grad input there.
-inline bool auto_takes_direct(const ConvShape& s) {
+inline bool auto_takes_direct(const ConvGeom& s) {
     const idx Cg = s.C / s.G;
     return (s.G > 1 && Cg == 1) || Cg * s.R * s.S < 16;
 }
 
 template <class T>
-void forward_direct(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void forward_direct(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     conv2d_forward_direct(x, w, b, y, s, true);
 }
 template <class T>
-void forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     // Winograd's transforms subtract inputs (inf - inf = NaN where a direct sum
     // gives inf): with non-finite data it hands the call to im2col
     if (!conv2d_forward_winograd(x, w, b, y, s)) conv2d_forward_im2col(x, w, b, y, s);
 }
 template <class T>
-void forward_auto(const T* x, const T* w, const T* b, T* y, const ConvShape& s) {
+void forward_auto(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     if (auto_takes_direct(s)) return conv2d_forward_direct(x, w, b, y, s);
     conv2d_forward_gemm(x, w, b, y, s);
 }
 
 template <class T>
-void backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void backward_direct(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     conv2d_backward_direct(gy, x, w, gx, gw, gb, s, true);
 }
 template <class T>
-void backward_depthwise(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void backward_depthwise(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     conv2d_backward_direct(gy, x, w, gx, gw, gb, s, false);
 }
 template <class T>
-void backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
 }
 // grad input as the stride-1 forward conv of gy with the flipped filters, by
 // Forward; grad weight and bias by im2col
-template <class T, void (*Forward)(const T*, const T*, const T*, T*, const ConvShape&)>
-void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
-    ConvShape t;
+template <class T, void (*Forward)(const T*, const T*, const T*, T*, const ConvGeom&)>
+void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
+    ConvGeom t;
     if (gx && grad_input_conv_shape(s, t)) {
         // slot 2: the forward algorithms use 0 and 1
         T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
@@ -107,14 +107,14 @@ void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
 }
 template <class T>
-void backward_auto(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape& s) {
+void backward_auto(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     if (!gx) note_conv_algo(auto_takes_direct(s) ? ConvAlgo::direct : ConvAlgo::im2col);  // the weight gradient's
     if (auto_takes_direct(s)) return conv2d_backward_direct(gy, x, w, gx, gw, gb, s);
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, true);
 }
 
-const char* algo_problem(ConvAlgo a, const ConvShape& s, bool backward) {
-    ConvShape t;
+const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
+    ConvGeom t;
     switch (a) {
         case ConvAlgo::depthwise:
             return conv_depthwise_applies(s) ? nullptr : "depthwise needs groups == input channels and stride 1";
@@ -142,9 +142,9 @@ const char* algo_problem(ConvAlgo a, const ConvShape& s, bool backward) {
 
 // What forward_auto (backward: the grad input of backward_auto) runs for s.
 template <class T>
-const char* auto_algo_t(const ConvShape& s, bool backward) {
+const char* auto_algo_t(const ConvGeom& s, bool backward) {
     if (auto_takes_direct(s)) return depthwise_plane_fits<T>(s) ? "depthwise" : "direct";
-    ConvShape t = s;
+    ConvGeom t = s;
     if (backward && !(s.C / s.G >= 16 && grad_input_conv_shape(s, t))) return "im2col";
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
     if (conv_winograd_pays(t)) {
@@ -161,7 +161,7 @@ const char* auto_algo_t(const ConvShape& s, bool backward) {
     return "im2col";
 }
 
-const char* auto_algo(const ConvShape& s, bool backward, bool f64) {
+const char* auto_algo(const ConvGeom& s, bool backward, bool f64) {
     return f64 ? auto_algo_t<double>(s, backward) : auto_algo_t<float>(s, backward);
 }
 

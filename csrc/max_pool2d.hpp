@@ -98,7 +98,7 @@ inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx
 }
 
 template <class T>
-void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolShape& p) {
+void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
     const T* x_end = x + p.planes * HW;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
@@ -208,7 +208,7 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
 // (index -1: none).
 // A plane is owned by one thread and walked in order: deterministic.
 template <class T>
-bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolShape& p) {
+bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
     const T* g_end = gy + p.planes * P;
     // whole, non-overlapping 2x2 windows: the gather form above

@@ -3,11 +3,11 @@
 // h*W + w within each (n, c) plane, NaN wins, ties keep the first position
 // (windows are read row by row, as there), an empty window yields -inf and
 // index -1. The innermost loops run across channels, which are contiguous.
-// PoolShape.planes is the image count N here; `C` is passed beside it.
+// PoolGeom.planes is the image count N here; `C` is passed beside it.
 
 // out[c] = the window's max (NaN wins) for every channel, L channels a vector
 template <class T>
-inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstart, idx wend, const PoolShape& p,
+inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstart, idx wend, const PoolGeom& p,
                             idx C) {
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T);
@@ -33,7 +33,7 @@ inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstar
 }
 
 template <class T>
-void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolShape& p, idx C) {
+void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolGeom& p, idx C) {
     const idx rows = p.planes * p.Ho;
 #pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
     for (idx t = 0; t < rows; ++t) {
@@ -68,7 +68,7 @@ void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolShap
 }
 
 template <class T>
-bool max_pool2d_backward_nhwc(const T* gy, const std::int64_t* ind, T* gx, const PoolShape& p, idx C) {
+bool max_pool2d_backward_nhwc(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom& p, idx C) {
     const idx HW = p.H * p.W, OP = p.Ho * p.Wo;
     bool ok = true;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static) reduction(&& : ok)
@@ -93,7 +93,7 @@ bool max_pool2d_backward_nhwc(const T* gy, const std::int64_t* ind, T* gx, const
 }
 
 template <class T>
-void avg_pool2d_forward_nhwc(const T* x, T* y, const PoolShape& p, idx C) {
+void avg_pool2d_forward_nhwc(const T* x, T* y, const PoolGeom& p, idx C) {
     const idx rows = p.planes * p.Ho;
 #pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
     for (idx t = 0; t < rows; ++t) {
@@ -115,7 +115,7 @@ void avg_pool2d_forward_nhwc(const T* x, T* y, const PoolShape& p, idx C) {
 }
 
 template <class T>
-void avg_pool2d_backward_nhwc(const T* gy, T* gx, const PoolShape& p, idx C) {
+void avg_pool2d_backward_nhwc(const T* gy, T* gx, const PoolGeom& p, idx C) {
     const idx HW = p.H * p.W;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static)
     for (idx n = 0; n < p.planes; ++n) {

@@ -6,6 +6,7 @@
 // release the GIL while launching; errors name the kernel.
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,17 +34,21 @@ bool is_f32(const std::string& dtype) {
     throw py::type_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
 }
 
+// The geometry arrives as the tuple convkern.geometry packs, field for field
+// (convkern/include/convkern/geometry.h); conv_geom_error is its one check.
 ck::ConvGeom conv_geom(const std::array<i64, 16>& t) {
-    ck::ConvGeom g{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]};
-    if (g.G <= 0 || g.C % g.G || g.K % g.G || g.sh <= 0 || g.sw <= 0 || g.dh <= 0 || g.dw <= 0)
-        throw py::value_error("conv geometry: groups must divide C and K; stride and dilation must be positive");
+    static_assert(sizeof(ck::ConvGeom) == sizeof(t), "the tuple is the struct");
+    ck::ConvGeom g;
+    std::memcpy(&g, t.data(), sizeof g);
+    if (const char* why = convkern::conv_geom_error(g)) throw py::value_error(why);
     return g;
 }
 
-ck::PoolGeom pool_geom(const std::array<i64, 13>& t) {
-    ck::PoolGeom p{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12]};
-    if (p.sh <= 0 || p.sw <= 0 || p.dh <= 0 || p.dw <= 0 || p.kh <= 0 || p.kw <= 0)
-        throw py::value_error("pool geometry: kernel, stride and dilation must be positive");
+ck::PoolGeom pool_geom(const std::array<i64, 15>& t) {
+    static_assert(sizeof(ck::PoolGeom) == sizeof(t), "the tuple is the struct");
+    ck::PoolGeom p;
+    std::memcpy(&p, t.data(), sizeof p);
+    if (const char* why = convkern::pool_geom_error(p)) throw py::value_error(why);
     return p;
 }
 
@@ -63,6 +68,8 @@ void run(const std::string& dtype, F f) {
 
 PYBIND11_MODULE(_cuda, m) {
     m.doc() = "convkern CUDA kernels (conv2d direct/im2col/implicit GEMM, pooling, relu) and device query";
+    m.def("geometry_fields", [] { return py::make_tuple(CK_CONV_GEOM_FIELDS, CK_POOL_GEOM_FIELDS); },
+          "the field order of the conv and pool geometry structs, as convkern.geometry checks it");
     m.def("device_count", [] { return ck::device_count(nullptr); }, "visible CUDA devices (0 if none or no driver)");
     m.def("unavailable_reason", [] {
         std::string why;
@@ -106,7 +113,7 @@ PYBIND11_MODULE(_cuda, m) {
             ck::relu_backward<T>(as<const T>(gy), as<const T>(x), as<T>(gx), n, as_stream(stream));
         });
     });
-    m.def("max_pool2d_forward", [](ptr_t x, ptr_t y, ptr_t ind, const std::array<i64, 13>& geom,
+    m.def("max_pool2d_forward", [](ptr_t x, ptr_t y, ptr_t ind, const std::array<i64, 15>& geom,
                                    const std::string& dtype, ptr_t stream) {
         const ck::PoolGeom p = pool_geom(geom);
         run(dtype, [&](auto z) {
@@ -114,7 +121,7 @@ PYBIND11_MODULE(_cuda, m) {
             ck::max_pool2d_forward<T>(as<const T>(x), as<T>(y), as<std::int64_t>(ind), p, as_stream(stream));
         });
     }, "ind = 0: values only");
-    m.def("max_pool2d_backward", [](ptr_t gy, ptr_t ind, ptr_t gx, const std::array<i64, 13>& geom,
+    m.def("max_pool2d_backward", [](ptr_t gy, ptr_t ind, ptr_t gx, const std::array<i64, 15>& geom,
                                     const std::string& dtype, ptr_t stream) {
         const ck::PoolGeom p = pool_geom(geom);
         int bad = 0;
@@ -127,22 +134,20 @@ PYBIND11_MODULE(_cuda, m) {
             throw py::value_error("indices: an index lies outside its (H*W = " + std::to_string(p.H * p.W) +
                                   ") input plane");
     });
-    m.def("avg_pool2d_forward", [](ptr_t x, ptr_t y, const std::array<i64, 13>& geom, bool count_include_pad,
-                                   i64 divisor_override, const std::string& dtype, ptr_t stream) {
+    m.def("avg_pool2d_forward", [](ptr_t x, ptr_t y, const std::array<i64, 15>& geom,
+                                   const std::string& dtype, ptr_t stream) {
         const ck::PoolGeom p = pool_geom(geom);
         run(dtype, [&](auto z) {
             typedef decltype(z) T;
-            ck::avg_pool2d_forward<T>(as<const T>(x), as<T>(y), p, count_include_pad, divisor_override,
-                                      as_stream(stream));
+            ck::avg_pool2d_forward<T>(as<const T>(x), as<T>(y), p, as_stream(stream));
         });
     });
-    m.def("avg_pool2d_backward", [](ptr_t gy, ptr_t gx, const std::array<i64, 13>& geom, bool count_include_pad,
-                                    i64 divisor_override, const std::string& dtype, ptr_t stream) {
+    m.def("avg_pool2d_backward", [](ptr_t gy, ptr_t gx, const std::array<i64, 15>& geom,
+                                   const std::string& dtype, ptr_t stream) {
         const ck::PoolGeom p = pool_geom(geom);
         run(dtype, [&](auto z) {
             typedef decltype(z) T;
-            ck::avg_pool2d_backward<T>(as<const T>(gy), as<T>(gx), p, count_include_pad, divisor_override,
-                                       as_stream(stream));
+            ck::avg_pool2d_backward<T>(as<const T>(gy), as<T>(gx), p, as_stream(stream));
         });
     });
     m.def("conv2d_forward", [](ptr_t x, ptr_t w, ptr_t b, ptr_t y, const std::array<i64, 16>& geom,

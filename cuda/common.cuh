@@ -1,11 +1,13 @@
-// Shared pieces of the CUDA kernels: index types, geometry, launch checks.
+// The host side of the CUDA module's launchers: index-type choice, grid sizes,
+// launch checks. The kernels themselves are in convkern/include/convkern/gpu/
+// (shared with the CuPy backend, which compiles them with NVRTC), the
+// geometry in convkern/include/convkern/geometry.h.
 //
-// Conventions (the same as csrc/ and the CuPy backend): NCHW, C-contiguous,
-// padding given for the top/left side (bottom/right follow from Ho/Wo),
-// max-pool windows with no input give -inf and index -1. Every kernel runs on
-// the stream it is given. Index arithmetic is done in the type I: int32 when
-// every index of the problem fits (32-bit division is several times cheaper
-// than 64-bit on the GPU), int64 otherwise; the host launcher picks.
+// Conventions (the same as csrc/): NCHW, C-contiguous, padding given for the
+// top/left side (bottom/right follow from Ho/Wo), max-pool windows with no
+// input give -inf and index -1. Every kernel runs on the stream it is given.
+// Index arithmetic is done in the type I: int32 when every index of the
+// problem fits, int64 otherwise; the launcher picks (with_index_type).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -14,21 +16,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "convkern/geometry.h"
+#ifdef __CUDACC__
+#include "convkern/gpu/device.cuh"  // the kernels' side: CK_GRID_STRIDE, tap_output
+#endif
+
 namespace convkern::cuda {
 
 typedef long long i64;
 
-struct ConvGeom {
-    i64 N, C, H, W, K, R, S, G, sh, sw, ph, pw, dh, dw, Ho, Wo;
-    i64 Cg() const { return C / G; }
-    i64 Kg() const { return K / G; }
-    i64 P() const { return Ho * Wo; }
-    i64 CRS() const { return Cg() * R * S; }
-};
-
-struct PoolGeom {
-    i64 planes, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
-};
+using convkern::ConvGeom;  // convkern/include/convkern/geometry.h, shared with csrc/ and Python
+using convkern::PoolGeom;
 
 // Throws std::runtime_error naming `kernel` if its launch (or an earlier
 // asynchronous error) failed; a GPU the module was not built for gets a hint.
@@ -75,19 +73,5 @@ void with_index_type(bool fits32, F f) {
         f(i64(0));
 }
 
-#ifdef __CUDACC__
-// The output position whose window tap t reads input position i (stride s,
-// padding p, dilation d), or -1 if none does: the gather form of backward.
-template <class I>
-__device__ inline I tap_output(I i, I p, I t, I d, I s, I out) {
-    const I v = i + p - t * d;
-    if (v < 0 || v % s) return -1;
-    const I o = v / s;
-    return o < out ? o : -1;
-}
-#endif
 
 }  // namespace convkern::cuda
-
-#define CK_GRID_STRIDE(I, i, n) \
-    for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<I>(blockDim.x) * gridDim.x)

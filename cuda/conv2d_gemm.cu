@@ -13,6 +13,7 @@
 
 #include "gemm_tiled.cuh"
 #include "ops.cuh"
+#include "convkern/gpu/im2col.cuh"
 
 namespace convkern::cuda {
 namespace {
@@ -232,42 +233,6 @@ struct WeightGradStore {  // split s of gw (K, CRS) at work + s * K * CRS (or gw
 
 // ---- explicit im2col / col2im ----------------------------------------------
 
-// col[g][crs][img * P + p] for images [image0, image0 + images)
-template <class T, class I>
-__global__ void im2col_kernel(const T* x, T* col, I images, i64 image0, I C, I H, I W, I R, I S, I G, I sh, I sw,
-                              I ph, I pw, I dh, I dw, I Ho, I Wo) {
-    const I P = Ho * Wo, NP = images * P, RS = R * S;
-    CK_GRID_STRIDE(I, i, static_cast<I>(C * RS) * NP) {
-        const I n = i % NP, row = i / NP;  // row = g * CRS + crs = c * RS + rs
-        const I c = row / RS, rs = row % RS, r = rs / S, s = rs % S;
-        const I img = n / P, p = n % P, ho = p / Wo, wo = p % Wo;
-        const I h = ho * sh - ph + r * dh, w = wo * sw - pw + s * dw;
-        col[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[(((image0 + img) * C + c) * static_cast<i64>(H) + h) * W + w]
-                                                       : T(0);
-    }
-}
-
-// gx for images [image0, image0 + images): each input gathers its taps from dcol
-template <class T, class I>
-__global__ void col2im_kernel(const T* dcol, T* gx, I images, i64 image0, I C, I H, I W, I R, I S, I sh, I sw, I ph,
-                              I pw, I dh, I dw, I Ho, I Wo) {
-    const I P = Ho * Wo, NP = images * P, RS = R * S;
-    CK_GRID_STRIDE(I, i, images * C * H * W) {
-        const I w = i % W, h = (i / W) % H, c = (i / (W * H)) % C, img = i / (W * H * C);
-        T acc = T(0);
-        for (I r = 0; r < R; ++r) {
-            const I ho = tap_output(h, ph, r, dh, sh, Ho);
-            if (ho < 0) continue;
-            for (I s = 0; s < S; ++s) {
-                const I wo = tap_output(w, pw, s, dw, sw, Wo);
-                if (wo < 0) continue;
-                acc += dcol[static_cast<i64>(c * RS + r * S + s) * NP + img * P + ho * Wo + wo];
-            }
-        }
-        gx[image0 * C * H * W + i] = acc;
-    }
-}
-
 template <class T>
 __global__ void sum_splits_kernel(const T* parts, T* out, i64 n, int splits) {
     CK_GRID_STRIDE(i64, i, n) {
@@ -344,9 +309,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
         with_index_type(fits32(g, images), [&](auto zero) {
             typedef decltype(zero) I;
             const i64 total = g.C * g.R * g.S * NP;
-            im2col_kernel<T, I><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-                x, work, I(images), i0, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.G), I(g.sh), I(g.sw), I(g.ph),
-                I(g.pw), I(g.dh), I(g.dw), I(g.Ho), I(g.Wo));
+            im2col_kernel<T, I><<<grid_for(total, kThreads), kThreads, 0, stream>>>(x, work, images, i0, g);
         });
         check_launch("conv2d_forward_im2col (im2col)");
         launch_gemm_tiled<T>(g.Kg(), NP, g.CRS(), g.G, 1, WeightRows<T>{w, g.Kg(), g.CRS()},
@@ -365,9 +328,7 @@ void conv2d_grad_input_im2col(const T* gy, const T* w, T* gx, const ConvGeom& g,
             launch_gemm_tiled<T>(g.CRS(), NP, g.Kg(), g.G, 1, WeightCols<T>{w, g.Kg(), g.CRS()}, cols,
                                  DenseStore<T>{work, NP, g.CRS() * NP}, stream, "conv2d_grad_input_im2col (gemm)");
             const i64 total = images * g.C * g.H * g.W;
-            col2im_kernel<T, I><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-                work, gx, I(images), i0, I(g.C), I(g.H), I(g.W), I(g.R), I(g.S), I(g.sh), I(g.sw), I(g.ph), I(g.pw),
-                I(g.dh), I(g.dw), I(g.Ho), I(g.Wo));
+            col2im_kernel<T, I><<<grid_for(total, kThreads), kThreads, 0, stream>>>(work, gx, images, i0, g);
         });
         check_launch("conv2d_grad_input_im2col (col2im)");
     });

@@ -22,11 +22,9 @@ int max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const PoolG
 
 // avg_pool2d.cu
 template <class T>
-void avg_pool2d_forward(const T* x, T* y, const PoolGeom& p, bool count_include_pad, i64 divisor_override,
-                        cudaStream_t stream);
+void avg_pool2d_forward(const T* x, T* y, const PoolGeom& p, cudaStream_t stream);
 template <class T>
-void avg_pool2d_backward(const T* gy, T* gx, const PoolGeom& p, bool count_include_pad, i64 divisor_override,
-                         cudaStream_t stream);
+void avg_pool2d_backward(const T* gy, T* gx, const PoolGeom& p, cudaStream_t stream);
 
 // conv2d_direct.cu: one thread per output (forward, grad input) or weight
 // (grad weight); depthwise layers get a shared-memory tiled kernel.

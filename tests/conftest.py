@@ -4,7 +4,7 @@ that takes `dtype` once per supported dtype.
 
 Besides the built-in backends, the suite registers "cuda-emu" and
 "cupy-emu": the `cuda` and `cupy` backends' code with their kernels (cuda/,
-convkern/backend/cupy_kernels.cu) built for a CPU emulator (tests/cuda_emu),
+the same kernels through cupy_gpu.py) built for a CPU emulator (tests/cuda_emu),
 so the GPU kernels' logic is checked on machines without a GPU.
 CONVKERN_CUDA_EMU=0 leaves them out."""
 

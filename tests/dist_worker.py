@@ -42,7 +42,7 @@ def steps(out: Path, optimizer: str, dtype: str, global_batch: int, n_steps: int
 def raise_mid_epoch(out: Path) -> None:
     """convkern train on 2 ranks where rank 1 raises in epoch 2."""
     from convkern import distributed as dist, nn
-    from convkern.train import TrainConfig, fit
+    from convkern.app.train import TrainConfig, fit
 
     comm = dist.init()
     calls = {"n": 0}
@@ -65,7 +65,7 @@ def die(out: Path) -> None:
     import signal
 
     from convkern import distributed as dist
-    from convkern.train import TrainConfig, fit
+    from convkern.app.train import TrainConfig, fit
 
     comm = dist.init()
     if comm.rank == 1:
@@ -100,7 +100,7 @@ def disagree(out: Path) -> None:
 def tuning(out: Path) -> None:
     """convkern train with tuning on: rank 0 measures, rank 1 adopts its choices."""
     from convkern import distributed as dist, tune
-    from convkern.train import TrainConfig, fit
+    from convkern.app.train import TrainConfig, fit
 
     comm = dist.init()
     fit(TrainConfig(epochs=1, batch_size=16, shapes_train=160, out=str(out / "run"), progress=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convkern.verify import TOLERANCE, DeviceOps, max_abs_error_at, relative_error
+from convkern.perf.verify import TOLERANCE, DeviceOps, max_abs_error_at, relative_error
 
 
 def assert_close(out, ref, dtype, what: str = "", tol: float | None = None) -> None:

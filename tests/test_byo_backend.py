@@ -9,8 +9,8 @@ import pytest
 import byo_backend
 import convkern
 from convkern import backend as registry
-from convkern import bench, gate
-from convkern.verify import verify
+from convkern.perf import bench, gate
+from convkern.perf.verify import verify
 
 
 @pytest.fixture

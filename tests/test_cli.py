@@ -1,11 +1,13 @@
-"""The convkern command line: info and verify."""
+"""The convkern command line: info, verify, bench and the old module names."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
 
 from convkern import cli
+from convkern._moved import MOVED
 
 
 def test_info_reports_simd_threads_backends_and_cuda(capsys):
@@ -88,12 +90,14 @@ def test_bench_refuses_bad_choices_before_timing(capsys, argv, says):
     assert says in capsys.readouterr().err
 
 
-def test_the_old_name_of_the_canonical_layers_still_works_and_warns():
-    import importlib
-
-    sys.modules.pop("convkern.layers", None)
-    with pytest.warns(DeprecationWarning, match="convkern.layers is now convkern.canonical"):
-        old = importlib.import_module("convkern.layers")
-    from convkern import canonical
-
-    assert old.CANONICAL is canonical.CANONICAL and old.BY_NAME is canonical.BY_NAME
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_modules_keep_their_old_names_for_a_release_with_a_warning(old):
+    saved = sys.modules.pop(old, None)
+    try:
+        with pytest.warns(DeprecationWarning, match=f"{old} is now {MOVED[old]}"):
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(MOVED[old])  # the same module, not a copy
+    finally:
+        sys.modules.pop(old, None)
+        if saved is not None:
+            sys.modules[old] = saved

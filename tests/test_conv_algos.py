@@ -9,7 +9,7 @@ import pytest
 import convkern
 from convkern.backend import cpp
 from convkern.geometry import conv2d_geometry
-from convkern.canonical import CANONICAL
+from convkern.perf.canonical import CANONICAL
 from helpers import assert_close, randn
 
 # (x shape, w shape, kwargs) that each cpp algorithm runs, awkward ones included

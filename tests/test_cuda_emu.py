@@ -61,7 +61,7 @@ def test_depthwise_with_a_huge_stride_skips_the_shared_memory_tile(emu, rng, str
 def test_grad_weight_split_over_the_reduction(emu, rng):
     x, w = randn(rng, (4, 3, 64, 64), np.float64), randn(rng, (5, 3, 3, 3), np.float64)
     g = conv2d_geometry(x.shape, w.shape, padding=1)
-    assert emu.gpu_module._cuda.grad_weight_splits(emu.gpu_module._conv_geom(g)) == 4
+    assert emu.gpu_module._cuda.grad_weight_splits(g.as_tuple()) == 4
     gy = randn(rng, (4, 5, 64, 64), np.float64)
     got = convkern.conv2d_backward(gy, x, w, padding=1, algo="implicit", backend=NAME)
     want = convkern.conv2d_backward(gy, x, w, padding=1, backend="reference")
@@ -278,3 +278,32 @@ def test_gemm_tile_rule_counts_waves(emu):
     # three well-filled waves at a lower FFMA share; the model counts both
     assert pick(128, 128 * 133, 1, 132) in (1, 4)
     assert pick(256, 128 * 98, 1, 0) == 4             # an unknown SM count still prefers big tiles on big problems
+
+
+def test_the_compiled_modules_share_the_geometry_layout_python_packs(emu):
+    from convkern.backend import cpp
+    from convkern.geometry import CONV_GEOM_FIELDS, POOL_GEOM_FIELDS, check_layout
+
+    expected = (",".join(CONV_GEOM_FIELDS), ",".join(POOL_GEOM_FIELDS))
+    assert cpp._cpu.geometry_fields() == expected
+    assert emu.gpu_module._cuda.geometry_fields() == expected
+    check_layout("the emulated _cuda", emu.gpu_module._cuda.geometry_fields())
+    with pytest.raises(ImportError, match="another geometry layout"):
+        check_layout("a stale build", ("N,C,H,W,K,R,S,G,sh,sw,ph,pw,Ho,Wo,dh,dw", expected[1]))
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"groups": 0}, "groups must be positive"), ({"stride": 0}, "stride and dilation"), ({"N": -1}, "negative"),
+])
+def test_both_modules_refuse_a_malformed_conv_geometry_alike(emu, bad, says):
+    from convkern.backend import cpp
+    from convkern.geometry import CONV_GEOM_FIELDS
+
+    fields = dict(zip(CONV_GEOM_FIELDS, (2, 4, 8, 8, 6, 3, 3, 2, 1, 1, 1, 1, 1, 1, 8, 8)))
+    key = {"groups": "G", "stride": "sh", "N": "N"}[next(iter(bad))]
+    fields[key] = next(iter(bad.values()))
+    geom = tuple(fields.values())
+    with pytest.raises(ValueError, match=says):
+        cpp._cpu.conv_auto_algo(geom, False, "float32")
+    with pytest.raises(ValueError, match=says):
+        emu.gpu_module._cuda.im2col_work_elems(geom, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convkern import gate
+from convkern.perf import gate
 from convkern.backend import cpp
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convkern import metrics
+from convkern.app import metrics
 
 
 def test_confusion_and_report_by_hand():

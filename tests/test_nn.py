@@ -12,7 +12,7 @@ import pytest
 import convkern
 import convkern.nn as nn
 import nn_cases
-from convkern.verify import relative_error
+from convkern.perf.verify import relative_error
 from helpers import assert_close, numeric_grad, randn
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "nn_golden.npz"

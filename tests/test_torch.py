@@ -7,7 +7,7 @@ import pytest
 
 import convkern
 from helpers import ck
-from convkern.verify import random_conv_case, random_pool_case, relative_error
+from convkern.perf.verify import random_conv_case, random_pool_case, relative_error
 from torch_cases import (avg_kwargs, avg_pool_reference, conv_kwargs, conv_reference, max_kwargs,
                          max_pool_reference, random_data, relu_reference)
 

@@ -11,7 +11,7 @@ import pytest
 import convkern.nn as nn
 from convkern.cli import main
 from convkern.data import Augment, batches, make_shapes
-from convkern.train import TrainConfig, fit
+from convkern.app.train import TrainConfig, fit
 
 
 def test_small_cnn_learns_shapes_in_a_few_seconds():
@@ -83,7 +83,7 @@ def test_cli_train_predict_featuremaps(tmp_path, capsys):
 
 def test_feature_maps_are_scaled_to_0_255(tmp_path):
     Image = pytest.importorskip("PIL.Image", reason="Pillow is in the train extra")
-    from convkern.inference import feature_maps
+    from convkern.app.inference import feature_maps
 
     model = nn.build("lenet", (1, 28, 28), 3, rng=0)
     nn.save(tmp_path / "m.npz", model, dict(arch="lenet", input_shape=[1, 28, 28], num_classes=3,

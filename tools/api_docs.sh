@@ -7,7 +7,7 @@ mkdir -p "${1:-docs/api}"
 out="$(cd "${1:-docs/api}" && pwd)"
 # packages bring their submodules; convkern itself lists only its names in __all__
 modules=(convkern convkern.functional convkern.geometry convkern.arrays convkern.backend convkern.nn convkern.data
-         convkern.metrics convkern.bench convkern.bench_net convkern.gate convkern.verify)
+         convkern.app.metrics convkern.perf.bench convkern.perf.bench_net convkern.perf.gate convkern.perf.verify)
 if python3 -c "import torch" 2>/dev/null; then
     modules+=(convkern.torch)
 fi

@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     import convkern
-    from convkern.bench import gpu_median_time, median_time
-    from convkern.canonical import BY_NAME, CANONICAL
+    from convkern.perf.bench import gpu_median_time, median_time
+    from convkern.perf.canonical import BY_NAME, CANONICAL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)

@@ -29,7 +29,7 @@ def _algos(backend):
 
 def main(argv=None) -> int:
     import convkern
-    from convkern.verify import relative_error
+    from convkern.perf.verify import relative_error
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="cuda")

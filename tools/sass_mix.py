@@ -88,7 +88,8 @@ def measure(arch: str = "90", source: str = DEFAULT_SOURCE):
     source = os.path.abspath(source)
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "gemm.o")
-        subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{os.path.dirname(source)}",
+        shared = os.path.join(os.path.dirname(os.path.dirname(source)), "convkern", "include")
+        subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{os.path.dirname(source)}", f"-I{shared}",
                         f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", obj], check=True)
         sass = subprocess.run([cuobjdump, "-sass", obj], check=True, capture_output=True, text=True,
                               env=env).stdout

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..geometry import ConvGeometry, PoolGeometry
+from ..geometry import ConvGeometry, PoolGeometry, check_layout
 
 NAME = "cpp"
 DEVICE = "cpu"
@@ -16,8 +16,9 @@ ALGOS = ("direct", "depthwise", "im2col", "shifted", "winograd")
 
 try:
     from .. import _cpu  # type: ignore[attr-defined]
+    check_layout("convkern._cpu", _cpu.geometry_fields())
     _IMPORT_ERROR = ""
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+except (ImportError, AttributeError) as exc:  # pragma: no cover - exercised only on broken installs
     _cpu = None
     _IMPORT_ERROR = f"compiled module convkern._cpu is not importable ({exc}); reinstall with `pip install .`"
 
@@ -69,13 +70,13 @@ def max_pool2d_backward(grad_output, indices, g: PoolGeometry):
 
 
 def avg_pool2d_forward(x, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
-    y = _cpu.avg_pool2d_forward(x, g.as_tuple(), bool(count_include_pad), int(divisor_override))
+    y = _cpu.avg_pool2d_forward(x, g.as_tuple(count_include_pad, divisor_override))
     return y.reshape(g.output_shape)
 
 
 def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = True,
                         divisor_override: int = 0):
-    gx = _cpu.avg_pool2d_backward(grad_output, g.as_tuple(), bool(count_include_pad), int(divisor_override))
+    gx = _cpu.avg_pool2d_backward(grad_output, g.as_tuple(count_include_pad, divisor_override))
     return gx.reshape(g.input_shape)
 
 
@@ -101,13 +102,12 @@ def max_pool2d_backward_nhwc(grad_output, indices, g: PoolGeometry):
 
 
 def avg_pool2d_forward_nhwc(x, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
-    return _cpu.avg_pool2d_forward_nhwc(x, g.as_tuple(), g.C, bool(count_include_pad), int(divisor_override))
+    return _cpu.avg_pool2d_forward_nhwc(x, g.as_tuple(count_include_pad, divisor_override), g.C)
 
 
 def avg_pool2d_backward_nhwc(grad_output, g: PoolGeometry, count_include_pad: bool = True,
                              divisor_override: int = 0):
-    return _cpu.avg_pool2d_backward_nhwc(grad_output, g.as_tuple(), g.C, bool(count_include_pad),
-                                         int(divisor_override))
+    return _cpu.avg_pool2d_backward_nhwc(grad_output, g.as_tuple(count_include_pad, divisor_override), g.C)
 
 
 def relu_forward(x):

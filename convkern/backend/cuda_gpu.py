@@ -20,7 +20,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ..geometry import ConvGeometry, PoolGeometry
+from ..geometry import ConvGeometry, PoolGeometry, check_layout
 
 NAME = "cuda"
 DEVICE = "cuda"
@@ -34,8 +34,9 @@ _WORK_BYTES = 256 << 20
 
 try:
     from .. import _cuda
+    check_layout("convkern._cuda", _cuda.geometry_fields())
     _IMPORT_ERROR = ""
-except ImportError as exc:  # built without a CUDA compiler
+except (ImportError, AttributeError) as exc:  # built without a CUDA compiler, or from other sources
     _cuda = None
     _IMPORT_ERROR = f"convkern was built without its CUDA module ({exc}); rebuild where nvcc is installed"
 
@@ -74,16 +75,6 @@ def _dtype(a) -> str:
     return np.dtype(a.dtype).name
 
 
-def _conv_geom(g: ConvGeometry):
-    return (g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.groups, g.stride[0], g.stride[1], g.pad_top, g.pad_left,
-            g.dilation[0], g.dilation[1], g.Ho, g.Wo)
-
-
-def _pool_geom(g: PoolGeometry):
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
-    return (g.N * g.C, g.H, g.W, kh, kw, sh, sw, ph, pw, dh, dw, g.Ho, g.Wo)
-
-
 def choose_algo(g: ConvGeometry) -> str:
     """Depthwise layers take the direct (tiled) kernel; the rest the implicit GEMM."""
     return "direct" if g.C // g.groups == 1 else "implicit"
@@ -102,7 +93,7 @@ def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
     weight, b = _c(weight, x.dtype), (None if bias is None else _c(bias, x.dtype))
     if algo == "auto":
         algo = choose_algo(g)
-    geom = _conv_geom(g)
+    geom = g.as_tuple()
     y = cupy.empty(g.output_shape, dtype=x.dtype)
     work, elems = _work(geom, x.dtype) if algo == "im2col" else (None, 0)
     _cuda.conv2d_forward(_ptr(x), _ptr(weight), _ptr(b), _ptr(y), geom, algo, _ptr(work), elems, _dtype(x),
@@ -115,7 +106,7 @@ def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(T
     gy, weight = _c(grad_output, x.dtype), _c(weight, x.dtype)
     if algo == "auto":
         algo = choose_algo(g)
-    geom, dt, stream = _conv_geom(g), _dtype(x), _stream()
+    geom, dt, stream = g.as_tuple(), _dtype(x), _stream()
     gx = gw = gb = None
     if needs[0]:
         gx = cupy.empty(g.input_shape, dtype=x.dtype)
@@ -139,7 +130,7 @@ def max_pool2d_forward(x, g: PoolGeometry, indices: bool = True):
     x = _c(x)
     y = cupy.empty(g.output_shape, dtype=x.dtype)
     ind = cupy.empty(g.output_shape, dtype=cupy.int64) if indices else None
-    _cuda.max_pool2d_forward(_ptr(x), _ptr(y), _ptr(ind), _pool_geom(g), _dtype(x), _stream())
+    _cuda.max_pool2d_forward(_ptr(x), _ptr(y), _ptr(ind), g.as_tuple(), _dtype(x), _stream())
     return y, ind
 
 
@@ -147,23 +138,23 @@ def max_pool2d_backward(grad_output, indices, g: PoolGeometry):
     gy = _c(grad_output)
     ind = _c(indices, cupy.int64)
     gx = cupy.empty(g.input_shape, dtype=gy.dtype)
-    _cuda.max_pool2d_backward(_ptr(gy), _ptr(ind), _ptr(gx), _pool_geom(g), _dtype(gy), _stream())
+    _cuda.max_pool2d_backward(_ptr(gy), _ptr(ind), _ptr(gx), g.as_tuple(), _dtype(gy), _stream())
     return gx
 
 
 def avg_pool2d_forward(x, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
     x = _c(x)
     y = cupy.empty(g.output_shape, dtype=x.dtype)
-    _cuda.avg_pool2d_forward(_ptr(x), _ptr(y), _pool_geom(g), bool(count_include_pad), int(divisor_override or 0),
-                             _dtype(x), _stream())
+    _cuda.avg_pool2d_forward(_ptr(x), _ptr(y), g.as_tuple(count_include_pad, divisor_override), _dtype(x),
+                             _stream())
     return y
 
 
 def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = True, divisor_override: int = 0):
     gy = _c(grad_output)
     gx = cupy.empty(g.input_shape, dtype=gy.dtype)
-    _cuda.avg_pool2d_backward(_ptr(gy), _ptr(gx), _pool_geom(g), bool(count_include_pad),
-                              int(divisor_override or 0), _dtype(gy), _stream())
+    _cuda.avg_pool2d_backward(_ptr(gy), _ptr(gx), g.as_tuple(count_include_pad, divisor_override),
+                              _dtype(gy), _stream())
     return gx
 
 

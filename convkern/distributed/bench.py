@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     if not ranks or ranks[0] < 1:
         print(f"convkern bench-dist: --ranks must be positive integers, got {args.ranks!r}", file=sys.stderr)
         return 2
-    from ..bench_net import machine as measured_machine
+    from ..perf.bench_net import machine as measured_machine
 
     info = measured_machine()
     print(f"machine: {info['cpu']}, {info['simd']}; ceilings now: BLAS SGEMM {info['gemm_gflops']:.0f} GFLOP/s, "

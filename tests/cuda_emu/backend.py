@@ -5,9 +5,9 @@ convkern/backend/cuda_gpu.py and cupy_gpu.py run as they are, with two
 substitutions: their `cupy` is a NumPy stand-in whose arrays are "device
 memory" (host pointers the emulated kernels read), and their kernels are the
 emulated build (build.py): convkern._cuda for `cuda`, and for `cupy` a
-RawModule whose functions call the build's entry points for
-cupy_kernels.cu, checking each argument's size against the kernel's
-parameter as they go. Every array the backend allocates or copies sits between
+RawModule whose functions call the build's entry points for the kernels
+cupy_gpu.py names (the CUDA module's own), checking each argument's size
+against the kernel's parameter as they go. Every array the backend allocates or copies sits between
 guard zones of NaN (or, for int64, a sentinel), and its body starts as NaN:
 a kernel reading out of bounds gets NaN into its answer, one writing out of
 bounds is caught by the guard check after each op, and an output element no
@@ -27,6 +27,8 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 
 from convkern.backend import OPS
+
+from .build import entry_symbol
 
 NAME = "cuda-emu"
 CUPY_NAME = "cupy-emu"
@@ -148,26 +150,34 @@ def make_backend(emulated_cuda) -> ModuleType:
 
 
 class _RawFunction:
-    """One instantiation of a cupy_kernels.cu kernel, launched like a RawKernel."""
+    """One kernel instantiation of the CuPy backend's source, launched like a
+    RawKernel: arrays pass as device pointers, NumPy scalars by value in
+    their own C type, and a one-element structured array (a C struct) by
+    value as its bytes."""
 
     _C_TYPES = {np.dtype(np.int64): ctypes.c_int64, np.dtype(np.int32): ctypes.c_int32,
+                np.dtype(np.uint64): ctypes.c_uint64,
                 np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
 
     def __init__(self, lib: ctypes.CDLL, name: str):
-        kernel, ctype = name.rstrip(">").split("<")
         self.name = name
-        self.entry = getattr(lib, f"ck_emu_cupy_{kernel}_{ctype}")
+        self.entry = getattr(lib, entry_symbol(name))
         self.entry.restype = ctypes.c_int
 
+    def _value(self, a):
+        if isinstance(a, np.ndarray) and a.dtype.names is not None:
+            if a.size != 1:
+                raise TypeError(f"{self.name}: a struct argument must be one element, got {a.size}")
+            return ctypes.create_string_buffer(a.tobytes(), a.dtype.itemsize)
+        if isinstance(a, np.ndarray):
+            return ctypes.c_void_p(a.ctypes.data)
+        if isinstance(a, np.generic) and a.dtype in self._C_TYPES:
+            return self._C_TYPES[a.dtype](a.item())
+        # CuPy would guess a C type for it; the backend must not leave that to chance
+        raise TypeError(f"{self.name}: argument of type {type(a).__name__} has no fixed C type")
+
     def __call__(self, grid, block, args):
-        values = []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                values.append(ctypes.c_void_p(a.ctypes.data))
-            elif isinstance(a, np.generic) and a.dtype in self._C_TYPES:
-                values.append(self._C_TYPES[a.dtype](a.item()))
-            else:  # CuPy would guess a C type for it; the backend must not leave that to chance
-                raise TypeError(f"{self.name}: argument of type {type(a).__name__} has no fixed C type")
+        values = [self._value(a) for a in args]
         n = len(values)
         pointers = (ctypes.c_void_p * max(n, 1))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
         sizes = (ctypes.c_size_t * max(n, 1))(*[ctypes.sizeof(v) for v in values])
@@ -182,7 +192,7 @@ class _RawFunction:
 
 
 def make_cupy_backend(library_path) -> ModuleType:
-    """cupy_gpu.py's code with cupy_kernels.cu built for the emulator, on guarded memory."""
+    """cupy_gpu.py's code with its kernel source built for the emulator, on guarded memory."""
     lib = ctypes.CDLL(str(library_path))
 
     class RawModule:

@@ -10,11 +10,14 @@ from two CUDA-only forms, rewritten here into a copy:
   shared memory.
 
 cuda/device.cu (device discovery on real hardware) is replaced by the
-emulator's runtime.cpp. The CuPy backend's kernels (cupy_kernels.cu, which
-CuPy compiles with NVRTC) go into the same library, each instantiation
-behind an extern "C" entry point ck_emu_cupy_<kernel>_<float|double> that
-takes its arguments the way a RawKernel launch passes them. The module is cached under the build directory by a
-hash of every input, so a second test session loads it without compiling.
+emulator's runtime.cpp. The headers the CUDA sources include from
+convkern/include (the geometry, the GPU kernels) go through the same rewrite.
+The CuPy backend's translation unit (cupy_gpu.kernel_source(): the same
+kernels, which CuPy compiles with NVRTC) goes into the same library, each
+name expression it launches behind an extern "C" entry point (entry_symbol)
+that takes its arguments the way a RawKernel launch passes them. The module
+is cached under the build directory by a hash of every input, so a second
+test session loads it without compiling.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "cuda"
-CUPY_KERNELS = ROOT / "convkern" / "backend" / "cupy_kernels.cu"
+SHARED_INCLUDE = ROOT / "convkern" / "include"  # the geometry and the GPU kernels, shared with cupy
 SKIP = {"device.cu"}  # host code for real GPUs; runtime.cpp stands in
 # CK_GEMM_MAX_GRID_Z, CK_MAX_GRID_BLOCKS: caps of 3 instead of 65535 (grid.z
 # of the tiled GEMM) and 65535*32 (blocks of a grid-stride launch), so that
@@ -142,22 +145,41 @@ def rewrite_launches(text: str, barriers: set) -> str:
     return _EXTERN_SHARED.sub(r"\1* \2 = ::ck_emu::dynamic_smem<\1>();", "".join(out))
 
 
-def cupy_unit(text: str) -> str:
-    """cupy_kernels.cu as a translation unit with an entry point per instantiation."""
-    barriers = kernels_with_barriers({"cupy": text})
-    lines = ['#include "cuda_runtime.h"', text, ""]
-    for name in sorted({m.group(1) for m in _GLOBAL.finditer(text)}):
-        flag = "true" if name in barriers else "false"
-        for t in ("float", "double"):
-            lines.append(f'extern "C" __attribute__((visibility("default"))) int ck_emu_cupy_{name}_{t}('
-                         f"unsigned grid, unsigned block, void** args, const std::size_t* sizes, int nargs) "
-                         f"{{ return ::ck_emu::launch_packed({flag}, &{name}<{t}>, grid, block, args, sizes, nargs); }}")
+def entry_symbol(name_expression: str) -> str:
+    """The emulated library's entry point for one kernel instantiation."""
+    return "ck_emu_cupy_" + re.sub(r"\W", "_", name_expression)
+
+
+def cupy_unit(source: str, names, barriers: set) -> str:
+    """The CuPy backend's translation unit (what it hands NVRTC) with an entry
+    point per name expression, taking its arguments the way a RawKernel
+    launch passes them."""
+    lines = ['#include "cuda_runtime.h"', source, ""]
+    for name in names:
+        kernel = name.split("<")[0].split("::")[-1]
+        flag = "true" if kernel in barriers else "false"
+        lines.append(f'extern "C" __attribute__((visibility("default"))) int {entry_symbol(name)}('
+                     f"unsigned grid, unsigned block, void** args, const std::size_t* sizes, int nargs) "
+                     f"{{ return ::ck_emu::launch_packed({flag}, &{name}, grid, block, args, sizes, nargs); }}")
     return "\n".join(lines) + "\n"
 
 
+def _cupy_kernels():
+    """The CuPy backend's kernel source and name expressions."""
+    from convkern.backend import cupy_gpu
+
+    return cupy_gpu.kernel_source(), cupy_gpu.name_expressions()
+
+
 def _inputs() -> dict:
+    """cuda/'s sources by name, and the shared headers they include (the
+    geometry, the GPU kernels) by their include path."""
     files = sorted(p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".cpp") and p.name not in SKIP)
-    return {p.name: p.read_text() for p in files}
+    sources = {p.name: p.read_text() for p in files}
+    for p in sorted(SHARED_INCLUDE.rglob("*")):
+        if p.suffix in (".h", ".cuh"):
+            sources[p.relative_to(SHARED_INCLUDE).as_posix()] = p.read_text()
+    return sources
 
 
 def _compiler() -> str:
@@ -184,11 +206,12 @@ def _run(cmd: list) -> None:
 def build(build_root: Path, extra_flags=()) -> Path:
     """Compile the emulated module under build_root (reused when its inputs are unchanged)."""
     sources = _inputs()
-    cupy_text = CUPY_KERNELS.read_text()
+    cupy_source, cupy_names = _cupy_kernels()
     runtime = {name: (HERE / sub / name).read_text()
                for sub, name in (("", "runtime.cpp"), ("include", "cuda_runtime.h"))}
     flags = FLAGS + list(extra_flags)
-    key = hashlib.sha256(repr((sorted(sources.items()), cupy_text, sorted(runtime.items()), flags, _compiler())).encode())
+    key = hashlib.sha256(repr((sorted(sources.items()), cupy_source, cupy_names, sorted(runtime.items()), flags,
+                               _compiler())).encode())
     out_dir = build_root / key.hexdigest()[:16]
     target = out_dir / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     if target.exists():
@@ -197,8 +220,9 @@ def build(build_root: Path, extra_flags=()) -> Path:
     src_dir.mkdir(parents=True, exist_ok=True)
     barriers = kernels_with_barriers(sources)
     for name, text in sources.items():
+        (src_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (src_dir / name).write_text(rewrite_launches(text, barriers))
-    (src_dir / "cupy_kernels_emu.cpp").write_text(cupy_unit(cupy_text))
+    (src_dir / "cupy_kernels_emu.cpp").write_text(cupy_unit(cupy_source, cupy_names, barriers))
     units = [src_dir / n for n in sources if n.endswith((".cu", ".cpp"))]
     units += [src_dir / "cupy_kernels_emu.cpp", HERE / "runtime.cpp"]
     includes = [f"-I{HERE / 'include'}", f"-I{src_dir}", f"-I{_pybind_include()}",

@@ -21,7 +21,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from convkern.geometry import conv2d_geometry  # noqa: E402
-from convkern.verify import random_conv_case, random_pool_case  # noqa: E402
+from convkern.perf.verify import random_conv_case, random_pool_case  # noqa: E402
 from torch_cases import (avg_kwargs, avg_pool_reference, conv_kwargs, conv_reference, max_kwargs,  # noqa: E402
                          max_pool_reference, random_data, relu_reference)
 

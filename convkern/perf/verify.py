@@ -12,9 +12,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import backend as _backends
-from . import functional as F
-from .geometry import conv2d_geometry
+from .. import backend as _backends
+from .. import functional as F
+from ..geometry import conv2d_geometry
 
 TOLERANCE: Dict[str, float] = {"float32": 1e-5, "float64": 1e-12}
 

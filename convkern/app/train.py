@@ -14,12 +14,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import BackendUnavailableError, get_flush_denormal, metrics, nn, set_flush_denormal, tune
-from . import distributed as dist
-from .backend import use_backend
-from .distributed.comm import LocalComm
-from .nn.module import to_numpy
-from .data import Augment, Dataset, load_digits, load_folder, load_idx, make_shapes, normalisation, split
+from .. import BackendUnavailableError, get_flush_denormal, nn, set_flush_denormal, tune
+from . import metrics
+from .. import distributed as dist
+from ..backend import use_backend
+from ..distributed.comm import LocalComm
+from ..nn.module import to_numpy
+from ..data import Augment, Dataset, load_digits, load_folder, load_idx, make_shapes, normalisation, split
 
 DATASETS = "shapes, shapes-rgb, digits, idx:DIR, folder:DIR"
 

@@ -161,7 +161,7 @@ def count_instructions(names: List[str], backend: str = "cpp", env: Optional[dic
     """Instructions executed inside the kernel of each case (callgrind, AVX2, 1 thread)."""
     if shutil.which("valgrind") is None:
         raise RuntimeError("valgrind is not installed (Debian/Ubuntu: apt-get install valgrind)")
-    from .backend import cpp
+    from ..backend import cpp
 
     if backend == "cpp" and not cpp._cpu.build_info().get("callgrind_dumps"):
         raise RuntimeError("convkern._cpu was built without <valgrind/callgrind.h>; install valgrind's "
@@ -170,7 +170,7 @@ def count_instructions(names: List[str], backend: str = "cpp", env: Optional[dic
         out = os.path.join(tmp, "cg.out")
         e = dict(os.environ, OMP_NUM_THREADS="1", CONVKERN_SIMD="avx2", **(env or {}))
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--toggle-collect=*kernel_region*",
-               sys.executable, "-m", "convkern.gate", "_run", backend, ",".join(names)]
+               sys.executable, "-m", "convkern.perf.gate", "_run", backend, ",".join(names)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=tmp, timeout=1800)
         if r.returncode != 0:
             raise RuntimeError(f"the gate run under valgrind failed:\n{r.stderr[-3000:]}")
@@ -289,7 +289,7 @@ def load_baseline(path: Path) -> dict:
 
 
 def simd_level() -> str:
-    from .backend import cpp
+    from ..backend import cpp
     return cpp._cpu.simd_level()
 
 
@@ -298,7 +298,7 @@ def machine_kind() -> str:
     vendor and family. Times against NumPy depend on both: AVX-512 has kernels
     AVX2 lacks (the 2x2 max pool ran 5x its AVX-512 ratio on an AVX2 machine),
     and relu ran 1.7-1.8x its AMD ratio on an AVX-512 Intel Xeon."""
-    from . import machine
+    from .. import machine
 
     m = machine.identity()
     return f"{simd_level()} {m['vendor'] or 'unknown-vendor'} family {m['family'] or '?'}"

@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import backend as _backends
-from . import functional as F
-from .geometry import conv2d_geometry
+from .. import backend as _backends
+from .. import functional as F
+from ..geometry import conv2d_geometry
 from .canonical import BY_NAME, CANONICAL
 from .verify import relative_error
 
@@ -175,7 +175,7 @@ def _torch_conv(torch, tensors, kw, backward: bool) -> Callable[[], object]:
 
 def _what_ran(module) -> str:
     """The algorithm a backend's last conv call ran, and whether measured or by its rules."""
-    from . import tune
+    from .. import tune
 
     return f"{module.last_algo()} ({'rules' if tune.mode() == 'off' else 'measured'})"
 
@@ -239,7 +239,7 @@ def _channels_last_case(name: str, op: str, layer_name: str, work: float, x, w, 
     """The backend's own choice (auto) on channels_last arrays: its NHWC
     kernels, or the NCHW algorithms behind two layout copies where the
     autotuner found that faster."""
-    from .layout import is_channels_last, to_channels_last
+    from ..layout import is_channels_last, to_channels_last
 
     xc, gyc = to_channels_last(x), to_channels_last(gy)
     ran = (lambda: F.last_layout().upper() + " kernels") if is_channels_last(xc) else "NCHW (one channel: both layouts)"
@@ -279,7 +279,7 @@ def memory_cases(op: str, impls: Sequence[str], shape, rng) -> Dict[str, Case]:
         cases[be] = Case(op, problem, work, "GB/s", run, (lambda run=run, back=back: back(run())), device)
     for impl in impls:  # the NHWC kernels, on channels_last arrays
         if impl.endswith(":channels_last") and not op.startswith("relu"):
-            from .layout import to_channels_last
+            from ..layout import to_channels_last
 
             arrays = [to_channels_last(a) for a in (x, gp, gy, ind)]
             run = (lambda be=impl.partition(":")[0], arrays=arrays: fn(be, *arrays))
@@ -321,7 +321,7 @@ def gemm_cases(shape, impls: Sequence[str], rng) -> Dict[str, Case]:
     problem = f"{m}x{k}x{n}"
     cases = {}
     if any(impl.partition(":")[0] == "cpp" for impl in impls) and _backends.info("cpp").available:
-        from .backend import cpp
+        from ..backend import cpp
 
         cases["cpp"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: cpp.gemm(a, b),
                             lambda: cpp.gemm(a, b))

@@ -26,7 +26,7 @@ TORCH_PEERS = ("torch NCHW", "torch channels_last")
 def machine() -> Dict[str, object]:
     """CPU model, SIMD level, cores and threads, with the ceilings measured now."""
     import convkern
-    from . import machine as this_machine
+    from .. import machine as this_machine
     from .bench import measure_ceilings
 
     return {"cpu": this_machine.describe(), "simd": convkern.simd_level(), "cores": os.cpu_count(),
@@ -34,7 +34,7 @@ def machine() -> Dict[str, object]:
 
 
 def _inputs(torch, name: str, batch: int, size: int):
-    from .torch.nets import INPUT
+    from ..torch.nets import INPUT
 
     channels, default = INPUT[name]
     size = default if name == "lenet" else size
@@ -81,7 +81,7 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
 
     import convkern.torch as ckt
     from .bench import interleaved_peer_ms
-    from .torch.nets import NETS
+    from ..torch.nets import NETS
 
     results: List[dict] = []
     for name in nets:
@@ -196,7 +196,7 @@ def profile(size: int = 112, batch: int = 8, steps: int = 3, rows: int = 14, rou
     import torch
 
     import convkern.torch as ckt
-    from .torch.nets import ResNet18
+    from ..torch.nets import ResNet18
 
     torch.manual_seed(0)
     base = ResNet18()
@@ -224,7 +224,7 @@ def main(args) -> int:
     except ImportError:
         print("bench-net needs PyTorch: pip install torch")
         return 2
-    from .torch.nets import NETS
+    from ..torch.nets import NETS
 
     nets = args.nets.split(",") if args.nets else list(NETS)
     unknown = [n for n in nets if n not in NETS]

@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from . import nn
-from .backend import use_backend
+from .. import nn
+from ..backend import use_backend
 
 INPUT = (1, 28, 28)
 CLASSES = 10

@@ -7,9 +7,9 @@ from typing import List, Tuple
 
 import numpy as np
 
-from . import nn
-from .data import load_image
-from .nn.module import to_numpy
+from .. import nn
+from ..data import load_image
+from ..nn.module import to_numpy
 from .train import Normalise
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data import Augment
-from .distributed.comm import DistributedError, world
-from .nn import ARCHITECTURES
+from ..data import Augment
+from ..distributed.comm import DistributedError, world
+from ..nn import ARCHITECTURES
 from .train import DATASETS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 
