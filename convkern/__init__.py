@@ -56,8 +56,8 @@ def keep_freed_memory() -> bool:
 
     Each op returns a fresh array. glibc hands a freed block of several MB back
     to the OS, so the next array of that size is faulted in again page by
-    page: measured on a LeNet forward, relu and pooling ran 5-10x slower and
-    the whole pass 3x. With this the process keeps up to 1 GiB of freed heap
+    page, which can cost more than the op itself (docs/performance.md has the
+    measurements). With this the process keeps up to 1 GiB of freed heap
     (its resident size can stay that much above what is in use). Process-wide
     and irreversible; the ``convkern`` command calls it unless
     CONVKERN_KEEP_FREED_MEMORY=0. The same as setting MALLOC_MMAP_THRESHOLD_,

@@ -102,6 +102,9 @@ def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
 
 
 def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(True, True, True)):
+    """direct: the direct kernels. im2col and implicit (the module has one GEMM
+    backward): grad input by im2col + col2im, grad weight by the implicit GEMM
+    split over fixed slices of its reduction (deterministic, no atomics)."""
     x = _c(x)
     gy, weight = _c(grad_output, x.dtype), _c(weight, x.dtype)
     if algo == "auto":
