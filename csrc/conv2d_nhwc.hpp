@@ -120,20 +120,105 @@ inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s
 
 // ---- depthwise: y[n, ho, wo, c] = sum_rq x[n, ih, iw, c] * w[c, r, q]
 
+// The interior of a 3x3, stride-1, undilated depthwise row: every tap in
+// range. P output pixels at a time, and for each of their channel blocks the
+// nine weight vectors are loaded (from L1) and P * NV independent sums kept
+// in registers, enough to cover the FMA latency; the inputs the P pixels
+// share are loaded once. Pixels outermost, so memory is walked in order.
+// Taps are summed in the same (r, q) order as the general loop.
+template <class T, int NV, int P>
+void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1,
+                               idx pw) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
+    idx wo = wo0;
+    for (; wo + P <= wo1; wo += P)
+        for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
+            V acc[P][NV];
+            for (int v = 0; v < NV; ++v) {
+                const V bias = b ? vload<V>(b + c0 + v * L) : V{};
+                for (int p = 0; p < P; ++p) acc[p][v] = bias;
+            }
+            for (int r = 0; r < 3; ++r) {
+                const T* in = rows[r] + (wo - pw) * C + c0;
+                for (int q = 0; q < 3; ++q) {
+                    V wr[NV];
+                    for (int v = 0; v < NV; ++v) wr[v] = vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
+                    for (int p = 0; p < P; ++p)
+                        for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(in + (p + q) * C + v * L) * wr[v];
+                }
+            }
+            for (int p = 0; p < P; ++p)
+                for (int v = 0; v < NV; ++v) vstore(out + (wo + p) * C + c0 + v * L, acc[p][v]);
+        }
+    for (; wo < wo1; ++wo)
+        for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
+            V acc[NV];
+            for (int v = 0; v < NV; ++v) acc[v] = b ? vload<V>(b + c0 + v * L) : V{};
+            for (int r = 0; r < 3; ++r) {
+                const T* in = rows[r] + (wo - pw) * C + c0;
+                for (int q = 0; q < 3; ++q)
+                    for (int v = 0; v < NV; ++v)
+                        acc[v] += vload<V>(in + q * C + v * L) * vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
+            }
+            for (int v = 0; v < NV; ++v) vstore(out + wo * C + c0 + v * L, acc[v]);
+        }
+}
+
+// The register budget picks the blocking: 2 vectors x 4 pixels + 18 weights,
+// or 1 x 8 + 9, fit 32 zmm; 1 x 4 + 9 fit 16 ymm. C is a multiple of the lanes.
+template <class T>
+void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw) {
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)
+        depthwise3x3_row_interior<T, 2, 4>(rows, wt, b, out, C, wo0, wo1, pw);
+    else if (CK_VEC_BYTES == 64)
+        depthwise3x3_row_interior<T, 1, 8>(rows, wt, b, out, C, wo0, wo1, pw);
+    else
+        depthwise3x3_row_interior<T, 1, 4>(rows, wt, b, out, C, wo0, wo1, pw);
+}
+
+// Whether a depthwise conv is 3x3, stride 1, undilated with whole vectors of
+// channels: the shape the register-blocked rows take (padding up to 2, so that
+// grad input is such a conv too).
+inline bool depthwise3x3_fast(const ConvGeom& s, idx lanes) {
+    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.C % lanes == 0 &&
+           s.ph <= 2 && s.pw <= 2;
+}
+
 template <class T>
 void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
     const idx C = s.C, RS = s.R * s.S, rows = s.N * s.Ho;
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(RS * C) * sizeof(T), 2));
     for (idx c = 0; c < C; ++c)  // (r, q, c): a tap's weights contiguous across channels
         for (idx rs = 0; rs < RS; ++rs) wt[rs * C + c] = w[c * RS + rs];
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    const bool fast3x3 = depthwise3x3_fast(s, L);
 #pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
     for (idx t = 0; t < rows; ++t) {
         const idx n = t / s.Ho, ho = t % s.Ho;
-        typedef typename Vec<T>::type V;
-        constexpr int L = CK_VEC_BYTES / sizeof(T), NV = 4, CB = NV * L;
+        constexpr int NV = 4, CB = NV * L;
         idx taps[64][2];  // (input offset, weight offset) of the window's in-range taps; R*S <= 64 here
+        T* const yrow = y + (n * s.Ho + ho) * s.Wo * C;
+        // output pixels [wo0, wo1) of this row have every tap in range
+        idx wo0 = s.Wo, wo1 = s.Wo;
+        if (fast3x3 && ho - s.ph >= 0 && ho - s.ph + 2 < s.H) {
+            wo0 = imin(s.Wo, s.pw);
+            wo1 = imax(wo0, imin(s.Wo, s.W - 2 + s.pw));
+            const T* in_rows[3];
+            for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ho - s.ph + r) * s.W * C;
+            depthwise3x3_row(in_rows, wt, b, yrow, C, wo0, wo1, s.pw);
+        }
         for (idx wo = 0; wo < s.Wo; ++wo) {
-            T* out = y + ((n * s.Ho + ho) * s.Wo + wo) * C;
+            T* out = yrow + wo * C;
+            if (wo == wo0 && wo1 > wo0) {  // the interior, done above
+                if (relu)
+                    for (idx cc = 0; cc < (wo1 - wo0) * C; ++cc)
+                        out[cc] = (out[cc] > T(0) || out[cc] != out[cc]) ? out[cc] : T(0);
+                wo = wo1 - 1;
+                continue;
+            }
             idx nt = 0;
             for (idx r = 0; r < s.R; ++r) {
                 const idx ih = ho * s.sh - s.ph + r * s.dh;
@@ -173,6 +258,43 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
     }
 }
 
+// grad weight over the interior [wo0, wo1) of one 3x3 stride-1 output row:
+// per channel block, the nine taps' sums over the row stay in registers
+// (9 * NV independent sums), then are added to acc (r, q, c) once.
+template <class T, int NV>
+void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
+    for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
+        V sum[9][NV];
+        for (int k = 0; k < 9; ++k)
+            for (int v = 0; v < NV; ++v) sum[k][v] = V{};
+        for (idx wo = wo0; wo < wo1; ++wo) {
+            V g[NV];
+            for (int v = 0; v < NV; ++v) g[v] = vload<V>(gyrow + wo * C + c0 + v * L);
+            for (int r = 0; r < 3; ++r) {
+                const T* in = rows[r] + (wo - pw) * C + c0;
+                for (int q = 0; q < 3; ++q)
+                    for (int v = 0; v < NV; ++v) sum[r * 3 + q][v] += g[v] * vload<V>(in + q * C + v * L);
+            }
+        }
+        for (int k = 0; k < 9; ++k)
+            for (int v = 0; v < NV; ++v) {
+                T* a = acc + k * C + c0 + v * L;
+                vstore(a, vload<V>(a) + sum[k][v]);
+            }
+    }
+}
+
+template <class T>
+void depthwise3x3_weight_row(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw) {
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)  // 18 sums + 2 gradients + a load of 32 zmm
+        depthwise3x3_weight_row_nv<T, 2>(rows, gyrow, acc, C, wo0, wo1, pw);
+    else
+        depthwise3x3_weight_row_nv<T, 1>(rows, gyrow, acc, C, wo0, wo1, pw);
+}
+
 template <class T>
 void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, const ConvGeom& s) {
     const idx C = s.C, RS = s.R * s.S;
@@ -181,12 +303,35 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
         for (idx c = 0; c < C; ++c)
             for (idx rs = 0; rs < RS; ++rs) wt[rs * C + c] = w[c * RS + rs];
         const idx rows = s.N * s.H;
+        // a 3x3 stride-1 grad input is the forward conv of grad_output with the
+        // flipped filters and padding 2 - p: its rows' interiors go through the
+        // register-blocked loops (tap (r, q) weighs w[2 - r][2 - q])
+        constexpr idx L = CK_VEC_BYTES / sizeof(T);
+        const bool fast3x3 = depthwise3x3_fast(s, L);
+        const idx fph = 2 - s.ph, fpw = 2 - s.pw;
+        T* wf = fast3x3 ? static_cast<T*>(workspace(static_cast<std::size_t>(9 * C) * sizeof(T), 3)) : nullptr;
+        if (fast3x3)
+            for (idx c = 0; c < C; ++c)
+                for (idx k = 0; k < 9; ++k) wf[k * C + c] = w[c * 9 + 8 - k];
         // gather: input pixel (ih, iw) takes tap (r, q) of output (ho, wo) where
         // ih = ho*sh - ph + r*dh; taps in a fixed order
 #pragma omp parallel for num_threads(threads_for(rows)) schedule(static)
         for (idx t = 0; t < rows; ++t) {
             const idx n = t / s.H, ih = t % s.H;
+            idx iw0 = s.W, iw1 = s.W;  // [iw0, iw1): done by the register-blocked loops
+            if (fast3x3 && ih - fph >= 0 && ih - fph + 2 < s.Ho) {
+                iw0 = imin(s.W, fpw);
+                iw1 = imax(iw0, imin(s.W, s.Wo - 2 + fpw));
+                const T* g_rows[3];
+                for (int r = 0; r < 3; ++r) g_rows[r] = gy + (n * s.Ho + ih - fph + r) * s.Wo * C;
+                depthwise3x3_row(g_rows, wf, static_cast<const T*>(nullptr), gx + (n * s.H + ih) * s.W * C, C, iw0,
+                                 iw1, fpw);
+            }
             for (idx iw = 0; iw < s.W; ++iw) {
+                if (iw == iw0 && iw1 > iw0) {
+                    iw = iw1 - 1;
+                    continue;
+                }
                 T* out = gx + ((n * s.H + ih) * s.W + iw) * C;
                 for (idx c = 0; c < C; ++c) out[c] = T(0);
                 for_each_tap_into(s, ih, iw, [&](idx ho, idx wo, idx tap) {
@@ -201,14 +346,27 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
     if (gw) {
         // (r, q, c) partial sums per fixed chunk of images, then chunks in order
         const idx wsize = RS * C, chunks = imax(1, imin(s.N, 8));
+        const bool fast3x3 = depthwise3x3_fast(s, CK_VEC_BYTES / sizeof(T));
         T* part = static_cast<T*>(workspace(static_cast<std::size_t>(chunks * wsize) * sizeof(T), 1));
 #pragma omp parallel for num_threads(threads_for(chunks)) schedule(dynamic, 1)
         for (idx j = 0; j < chunks; ++j) {
             T* acc = part + j * wsize;
             for (idx i = 0; i < wsize; ++i) acc[i] = T(0);
             for (idx n = j * s.N / chunks; n < (j + 1) * s.N / chunks; ++n)
-                for (idx ho = 0; ho < s.Ho; ++ho)
+                for (idx ho = 0; ho < s.Ho; ++ho) {
+                    idx wo0 = s.Wo, wo1 = s.Wo;  // [wo0, wo1): summed by the register-blocked loop
+                    if (fast3x3 && ho - s.ph >= 0 && ho - s.ph + 2 < s.H) {
+                        wo0 = imin(s.Wo, s.pw);
+                        wo1 = imax(wo0, imin(s.Wo, s.W - 2 + s.pw));
+                        const T* in_rows[3];
+                        for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ho - s.ph + r) * s.W * C;
+                        depthwise3x3_weight_row(in_rows, gy + (n * s.Ho + ho) * s.Wo * C, acc, C, wo0, wo1, s.pw);
+                    }
                     for (idx wo = 0; wo < s.Wo; ++wo) {
+                        if (wo == wo0 && wo1 > wo0) {
+                            wo = wo1 - 1;
+                            continue;
+                        }
                         const T* g = gy + ((n * s.Ho + ho) * s.Wo + wo) * C;
                         for (idx r = 0; r < s.R; ++r) {
                             const idx ih = ho * s.sh - s.ph + r * s.dh;
@@ -223,6 +381,7 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
                             }
                         }
                     }
+                }
         }
         for (idx c = 0; c < C; ++c)
             for (idx rs = 0; rs < RS; ++rs) {
