@@ -101,3 +101,13 @@ def test_moved_modules_keep_their_old_names_for_a_release_with_a_warning(old):
         sys.modules.pop(old, None)
         if saved is not None:
             sys.modules[old] = saved
+
+def test_bench_net_table_keeps_long_column_names_apart(monkeypatch):
+    from convkern.perf import bench_net
+
+    peers = ("torch NCHW", "convkern cpp", "convkern cpp channels_last")
+    report = {"rounds": 3, "rows": [{"net": "mobilenet_v2", "batch": 8, "size": 112,
+                                     "ms": {p: {"inference": 1.0 + i} for i, p in enumerate(peers)}}]}
+    monkeypatch.setattr(bench_net, "_best_torch", lambda row, kind: 1.0)
+    header = bench_net.table(report).splitlines()[3]
+    assert header.split("  ")[-2:] == ["convkern cpp", "convkern cpp channels_last"]

@@ -128,16 +128,17 @@ def _row_text(row: dict) -> str:
 
 def table(report: dict) -> str:
     peers = list(report["rows"][0]["ms"]) if report["rows"] else []
+    width = max([24] + [len(p) + 2 for p in peers])  # every column apart, the longest name included
     lines = [f"ms per call, median of {report['rounds']} interleaved rounds; (Nx) = speed relative to the faster "
              f"torch layout in that row, above 1 is faster"]
     for kind in ("inference", "train step"):
         lines.append(f"\n{kind}")
-        lines.append(f"{'net':<14}{'batch':>6}{'px':>5}" + "".join(f"{p:>24}" for p in peers))
+        lines.append(f"{'net':<14}{'batch':>6}{'px':>5}" + "".join(f"{p:>{width}}" for p in peers))
         for row in report["rows"]:
             best = _best_torch(row, kind)
             cells = [f"{row['ms'][p][kind]:>10.2f} ({best / row['ms'][p][kind]:.2f}x)" if kind in row["ms"][p]
                      else "-" for p in peers]
-            lines.append(f"{row['net']:<14}{row['batch']:>6}{row['size']:>5}" + "".join(f"{c:>24}" for c in cells))
+            lines.append(f"{row['net']:<14}{row['batch']:>6}{row['size']:>5}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
