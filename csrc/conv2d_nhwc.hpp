@@ -17,20 +17,17 @@
 // fixed tap order. Depthwise convs (groups == C == K) run direct loops that
 // vectorize across channels.
 
+// (K, C/G, R, S) <-> (K, R, S, C/G): per filter, a (C/G x RS) transpose, in
+// tiles and over the threads: a deep layer's weights are several MB, which a
+// plain loop nest would write one element per cache line.
 template <class T>
 void weights_to_krsc(const T* w, T* wr, const ConvGeom& s) {
-    const idx Cg = s.C / s.G, RS = s.R * s.S;
-    for (idx k = 0; k < s.K; ++k)
-        for (idx c = 0; c < Cg; ++c)
-            for (idx rs = 0; rs < RS; ++rs) wr[(k * RS + rs) * Cg + c] = w[(k * Cg + c) * RS + rs];
+    transpose_batched(w, wr, s.K, s.C / s.G, s.R * s.S);
 }
 
 template <class T>
 void weights_from_krsc(const T* wr, T* w, const ConvGeom& s) {
-    const idx Cg = s.C / s.G, RS = s.R * s.S;
-    for (idx k = 0; k < s.K; ++k)
-        for (idx c = 0; c < Cg; ++c)
-            for (idx rs = 0; rs < RS; ++rs) w[(k * Cg + c) * RS + rs] = wr[(k * RS + rs) * Cg + c];
+    transpose_batched(wr, w, s.K, s.R * s.S, s.C / s.G);
 }
 
 template <class T>

@@ -22,10 +22,10 @@ namespace {
 #include "conv2d_winograd.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"
+#include "transpose.hpp"
 #include "conv2d_nhwc.hpp"
 #include "pool2d_nhwc.hpp"
 #include "relu.hpp"
-#include "transpose.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
 // Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
