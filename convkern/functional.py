@@ -242,6 +242,22 @@ def _padded(g: ConvGeometry) -> bool:
     return bool(g.pad_top or g.pad_left or g.pad_bottom or g.pad_right)
 
 
+# The cpu algorithms whose kernels skip the taps on padding: forward, and grad weight.
+_SKIP_PADDING = {False: ("direct",), True: ("direct", "depthwise")}
+
+
+def _may_skip_padding(impl, algo: str, g: ConvGeometry, dtype, backward: bool) -> bool:
+    """Whether the call (its forward, or with `backward` its weight gradient)
+    may run kernels that skip the padding taps: named, or what "auto" picks
+    by the backend's rule (assumed so where the backend does not say)."""
+    if algo == "auto":
+        chooser = getattr(impl, "choose_algo", None)
+        if chooser is None:
+            return True
+        algo = chooser(g, backward, np.dtype(dtype).name)
+    return algo in _SKIP_PADDING[backward]
+
+
 def _direct_skips_padding(impl, g: ConvGeometry) -> bool:
     """Whether the backend's direct kernels skip the taps on this problem's
     padding (so NaN/inf weights there would not give PyTorch's NaN)."""
@@ -297,7 +313,8 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     x = _contiguous(x, device, dtype).reshape(g.input_shape)
     if algo == "auto":
         algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(x, w, b, g, a))
-    if algo in ("direct", "auto") and _direct_skips_padding(impl, g) and not _all_finite(w, device):
+    if (_direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, False)
+            and not _all_finite(w, device)):
         algo = "im2col"
     y = impl.conv2d_forward(x, w, b, g, algo)
     return _unbatch(y, g.unbatched)
@@ -351,7 +368,8 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         algo = _resolve_algo(impl, algo)
         if algo == "auto":
             algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gy, x, w, g, a, needs))
-        if algo in ("direct", "auto") and needs[1] and _direct_skips_padding(impl, g) and not _all_finite(gy, device):
+        if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
+                and not _all_finite(gy, device)):
             gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
             _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))
         else:

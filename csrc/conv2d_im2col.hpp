@@ -12,13 +12,14 @@
 
 // col (Cg*R*S, (ho1-ho0)*Wo) from xg (Cg, H, W): the columns of output rows [ho0, ho1)
 template <class T>
-void im2col(const T* xg, idx Cg, const ConvGeom& s, T* col, bool parallel, idx ho0, idx ho1) {
+void im2col(const T* xg, idx Cg, const ConvGeom& s, T* col, bool parallel, idx ho0, idx ho1, idx ld = 0) {
     const idx P = (ho1 - ho0) * s.Wo, rows = Cg * s.R * s.S;
+    if (ld == 0) ld = P;  // the column matrix's row stride: wider to lay images side by side
 #pragma omp parallel for num_threads(threads_for(rows)) if (parallel) schedule(static)
     for (idx row = 0; row < rows; ++row) {
         const idx c = row / (s.R * s.S), r = (row / s.S) % s.R, q = row % s.S;
         const T* xp = xg + c * s.H * s.W;
-        T* dst = col + row * P;
+        T* dst = col + row * ld;
         const idx off = q * s.dw - s.pw;
         idx lo, hi;
         valid_range(s.W, s.Wo, s.sw, off, lo, hi);
@@ -98,21 +99,55 @@ inline bool conv_is_pointwise(const ConvGeom& s) {
     return s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0 && s.Ho == s.H && s.Wo == s.W;
 }
 
-// Runs body(n, g, scratch, inner_parallel) over all (image, group) pairs, each
-// with `scratch_elems` private elements (64-byte aligned).
+// Runs body(t, scratch, inner_parallel) for t < tasks, each with
+// `scratch_elems` private elements (64-byte aligned): tasks over the threads
+// where there are enough of them, else one after another with the threads
+// inside each.
 template <class T, class Body>
-void for_each_image_group(const ConvGeom& s, idx scratch_elems, Body body) {
+void for_each_task(idx tasks, idx scratch_elems, Body body) {
     scratch_elems = (scratch_elems + 15) / 16 * 16;
-    const idx tasks = s.N * s.G;
     const int nt = num_threads();
     if (nt > 1 && tasks >= nt) {
         T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * scratch_elems) * sizeof(T), 0));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (idx t = 0; t < tasks; ++t)
-            body(t / s.G, t % s.G, buf + omp_get_thread_num() * scratch_elems, false);
+        for (idx t = 0; t < tasks; ++t) body(t, buf + omp_get_thread_num() * scratch_elems, false);
     } else {
         T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(scratch_elems) * sizeof(T), 0));
-        for (idx t = 0; t < tasks; ++t) body(t / s.G, t % s.G, buf, true);
+        for (idx t = 0; t < tasks; ++t) body(t, buf, true);
+    }
+}
+
+// Runs body(n, g, scratch, inner_parallel) over all (image, group) pairs.
+template <class T, class Body>
+void for_each_image_group(const ConvGeom& s, idx scratch_elems, Body body) {
+    for_each_task<T>(s.N * s.G, scratch_elems,
+                     [&](idx t, T* scratch, bool inner) { body(t / s.G, t % s.G, scratch, inner); });
+}
+
+// Small feature maps (the deep layers' 4x4 and 7x7) make a GEMM per image
+// thin: forward, its P columns fill part of one register tile; grad weight,
+// its reduction of P reads and writes the whole weight gradient again for
+// every image. Whole images go side by side instead, this many at a time
+// (a function of the shape only), so that one GEMM spans at least kMinCols
+// columns where kGroupBytes of scratch for `rows` rows allows.
+template <class T>
+idx images_per_gemm(const ConvGeom& s, idx band, idx rows) {
+    constexpr idx kMinCols = 256, kGroupBytes = idx(4) << 20;
+    const idx P = s.Ho * s.Wo;
+    if (band < s.Ho || P >= kMinCols) return 1;
+    return imax(1, imin(imin(s.N, (kMinCols + P - 1) / P), kGroupBytes / imax(1, rows * P * static_cast<idx>(sizeof(T)))));
+}
+
+// The column matrices of images [n, n + m) of group g side by side: CRS rows of m*P.
+template <class T>
+void im2col_images(const T* x, const ConvGeom& s, idx n, idx m, idx g, T* wc, bool inner) {
+    const idx Cg = s.C / s.G, P = s.Ho * s.Wo, HW = s.H * s.W, mp = m * P;
+    for (idx i = 0; i < m; ++i) {
+        const T* xg = x + ((n + i) * s.C + g * Cg) * HW;
+        if (conv_is_pointwise(s))
+            for (idx c = 0; c < Cg; ++c) std::memcpy(wc + c * mp + i * P, xg + c * HW, P * sizeof(T));
+        else
+            im2col(xg, Cg, s, wc + i * P, inner, 0, s.Ho, mp);
     }
 }
 
@@ -127,6 +162,25 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
     const idx wpk_elems = packed_a_elems<T>(Kg, CRS);
     T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
     for (idx g = 0; g < s.G; ++g) pack_a_full(Kg, CRS, w + g * Kg * CRS, CRS, idx(1), wpk + g * wpk_elems);
+    const idx group = images_per_gemm<T>(s, band, CRS + Kg);
+    if (group > 1) {  // y_g of `group` images at once: (Kg x m*P), then to each image's planes
+        const idx wide = (group * P * (CRS + Kg) + 15) / 16 * 16, image_groups = (s.N + group - 1) / group;
+        for_each_task<T>(image_groups * s.G, wide + GemmBlocking<T>::pack_elems, [&](idx t, T* scratch, bool inner) {
+            const idx n = (t / s.G) * group, g = t % s.G, m = imin(group, s.N - n), mp = m * P;
+            T* out = scratch + CRS * mp;
+            im2col_images(x, s, n, m, g, scratch, inner);
+            gemm_blocked(Kg, mp, CRS, w + g * Kg * CRS, CRS, idx(1), scratch, mp, idx(1), out, mp, false,
+                         scratch + wide, inner, wpk + g * wpk_elems);
+            for (idx i = 0; i < m; ++i)
+                for (idx k = 0; k < Kg; ++k) {
+                    T* dst = y + ((n + i) * s.K + g * Kg + k) * P;
+                    const T* src = out + k * mp + i * P;
+                    const T bv = b ? b[g * Kg + k] : T(0);
+                    for (idx p = 0; p < P; ++p) dst[p] = src[p] + bv;
+                }
+        });
+        return;
+    }
     for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems, [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         const T* wg = w + g * Kg * CRS;
@@ -211,7 +265,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         // Images are summed in a fixed number of chunks (a function of the shape
         // only), each chunk serially, then the chunks in order: parallel over
         // chunks, yet the same bits for any thread count.
-        const idx scratch = (col_elems + GemmBlocking<T>::pack_elems + 15) / 16 * 16;
+        const idx band_scratch = (col_elems + GemmBlocking<T>::pack_elems + 15) / 16 * 16;
         const idx wsize = s.K * CRS;
         const idx chunks = gw_chunks<T>(s, wsize);
         // a reduction of fewer than 32 taps (a first layer: C*R*S = 25 for one
@@ -219,14 +273,35 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         // A B^T kernel ran LeNet's conv1 grad weight 2.4x faster; with 288 or
         // more taps it was 0.3-0.9x the packed GEMM's speed
         const bool nt_form = CRS < 32;
+        const idx group = nt_form ? 1 : images_per_gemm<T>(s, band, CRS + Kg);
+        const idx wide_elems = (group * P * (CRS + Kg) + 15) / 16 * 16;
+        const idx scratch = group > 1 ? wide_elems + (GemmBlocking<T>::pack_elems + 15) / 16 * 16 : band_scratch;
         const int nt = num_threads();
         const bool outer = nt > 1 && chunks > 1;
         T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));
         T* partial = chunks > 1 ? static_cast<T*>(workspace(static_cast<std::size_t>(chunks * wsize) * sizeof(T), 1))
                                 : gw;
+        // images [n, n + m) of group g: their column matrices side by side
+        // (CRS x m*P) and their grad_output rows likewise (Kg x m*P), one GEMM
+        auto accumulate_group = [&](idx n, idx m, idx g, T* dst, T* sbuf, bool inner, bool acc) {
+            const idx mp = m * P;
+            T* wc = sbuf;
+            T* ga = sbuf + CRS * mp;
+            im2col_images(x, s, n, m, g, wc, inner);
+            for (idx i = 0; i < m; ++i)
+                for (idx k = 0; k < Kg; ++k)
+                    std::memcpy(ga + k * mp + i * P, gy + ((n + i) * s.K + g * Kg + k) * P, P * sizeof(T));
+            gemm_blocked(Kg, CRS, mp, ga, mp, idx(1), wc, idx(1), mp, dst + g * Kg * CRS, CRS, acc, sbuf + wide_elems,
+                         inner);
+        };
         auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
             if (n0 == n1)
                 for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
+            if (group > 1) {
+                for (idx n = n0; n < n1; n += group)
+                    for (idx g = 0; g < s.G; ++g) accumulate_group(n, imin(group, n1 - n), g, dst, sbuf, inner, n > n0);
+                return;
+            }
             for (idx n = n0; n < n1; ++n)
                 for (idx g = 0; g < s.G; ++g) {
                     const T* xg = x + (n * s.C + g * Cg) * HW;

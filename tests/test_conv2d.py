@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import convkern
 from convkern import backend as backends
 from helpers import assert_close, randn, ck
 
@@ -295,7 +296,7 @@ def test_seed_worked_example(backend):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's matmul seeing the NaN
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", ["direct", "im2col", "auto"])
 def test_nonfinite_weights_and_gradients_meet_padding_as_in_torch(backend, algo, rng):
     """0 * NaN and 0 * inf are NaN: where a NaN/inf weight (forward) or
     gradient (grad weight) meets the zero padding, the result is NaN there, as
@@ -313,4 +314,29 @@ def test_nonfinite_weights_and_gradients_meet_padding_as_in_torch(backend, algo,
     finite_w = randn(rng, w.shape, np.float64)
     _, gw, _ = ck.conv2d_backward(gy, x, finite_w, **kw, needs=(False, True, False), algo=algo, backend=backend)
     _, gw_ref, _ = ck.conv2d_backward(gy, x, finite_w, **kw, needs=(False, True, False), backend="reference")
+    np.testing.assert_array_equal(np.isnan(gw), np.isnan(gw_ref))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("algo", ["auto", "depthwise"])
+def test_direct_and_depthwise_loops_keep_torchs_nan_pattern_at_padding(backend, algo, rng):
+    """A one-channel 3x3 conv is too small for a GEMM: "auto" takes cpp's
+    depthwise or direct loops there, whose grad weight skips padding, so a
+    NaN/inf weight or gradient must still reach the padded positions as in
+    PyTorch (named or chosen by the rule)."""
+    if algo not in convkern.algorithms(backend):
+        pytest.skip(f"backend {backend} has no {algo!r} algorithm")
+    x = randn(rng, (2, 1, 6, 7), np.float64)
+    w = randn(rng, (4, 1, 3, 3), np.float64)
+    w[1, 0, 0, 0], w[3, 0, 2, 1] = np.nan, np.inf
+    out = ck.conv2d(x, w, padding=1, algo=algo, backend=backend)
+    ref = ck.conv2d(x, w, padding=1, backend="reference")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isnan(ref[:, 3]).any()
+    gy = randn(rng, ref.shape, np.float64)
+    gy[0, 2, 0, 0] = np.inf
+    finite_w = randn(rng, w.shape, np.float64)
+    _, gw, _ = ck.conv2d_backward(gy, x, finite_w, padding=1, needs=(False, True, False), algo=algo,
+                                  backend=backend)
+    _, gw_ref, _ = ck.conv2d_backward(gy, x, finite_w, padding=1, needs=(False, True, False), backend="reference")
     np.testing.assert_array_equal(np.isnan(gw), np.isnan(gw_ref))

@@ -212,9 +212,16 @@ def test_distributed_without_mpi4py_says_what_to_install(tmp_path):
 
 # -- whole jobs on 2 ranks -----------------------------------------------------------------------
 
+# Two ranks sum their gradients in another order than one rank with the whole
+# batch (each kernel's reduction order is fixed for a shape, not across batch
+# sizes), so the runs agree to rounding. Adam divides by a gradient's running
+# RMS: in float32 a rounding difference in a near-zero gradient moves its
+# weight by up to a whole step (lr 1e-3), so Adam is held to 1e-12 in float64
+# only; float32 is held to 1e-5 with SGD.
 @needs_mpi
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("dtype,optimizer,tol", [
+    ("float64", "sgd", 1e-12), ("float64", "adam", 1e-12), ("float32", "sgd", 1e-5),
+])
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, optimizer, dtype, tol):
     one = subprocess.run([sys.executable, WORKER, "steps", str(tmp_path), optimizer, dtype, "64"], cwd=tmp_path,
                          env=_env(), capture_output=True, text=True, timeout=120)
@@ -226,7 +233,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, optimizer, dtyp
     init = nn.build("lenet", (1, 16, 16), 3, dtype=np.dtype(dtype), rng=0, dropout=0.0).state_dict()
     for k in a.files:
         assert a[k].dtype == np.dtype(dtype)
-        assert np.abs(a[k] - init[k]).max() > 100 * tol, f"{k} did not train"
+        assert np.abs(a[k] - init[k]).max() > 1e-3, f"{k} did not train"
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=tol, err_msg=k)
 
 

@@ -6,8 +6,9 @@ C-contiguous, native-endian float32/float64 (indices int64), on the backend's
 device, with shapes that match the geometry; outputs are fresh arrays of the
 input's dtype. A module also gives ``NAME``, ``DEVICE`` ("cpu" or "cuda"),
 ``ALGOS`` (the conv2d algorithms it runs by name) and ``available() -> (bool,
-reason)``; ``choose_algo(g)`` and ``algo_problem(g, algo, backward)`` are
-optional (what "auto" runs; why an algorithm cannot run g).
+reason)``; ``choose_algo(g, backward=False, dtype="float32")`` and
+``algo_problem(g, algo, backward)`` are optional (what "auto" runs for g's
+forward, or its grad input, in that dtype; why an algorithm cannot run g).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _dtype(a) -> str:
     return np.dtype(a.dtype).name
 
 
-def choose_algo(g: ConvGeometry) -> str:
+def choose_algo(g: ConvGeometry, backward: bool = False, dtype="float32") -> str:
     """Depthwise layers take the direct (tiled) kernel; the rest the implicit GEMM."""
     return "direct" if g.C // g.groups == 1 else "implicit"
 

@@ -136,7 +136,7 @@ def _c(a):
     return cupy.ascontiguousarray(a)
 
 
-def choose_algo(g: ConvGeometry) -> str:
+def choose_algo(g: ConvGeometry, backward: bool = False, dtype="float32") -> str:
     return "direct" if g.C // g.groups == 1 else "im2col"
 
 

@@ -325,7 +325,7 @@ def _conv_args(g: ConvGeometry):
     return (g.stride[0], g.stride[1], g.pad_top, g.pad_left, g.dilation[0], g.dilation[1])
 
 
-def choose_algo(g: ConvGeometry) -> str:
+def choose_algo(g: ConvGeometry, backward: bool = False, dtype="float32") -> str:
     return "direct" if g.C // g.groups == 1 else "im2col"
 
 
