@@ -542,7 +542,15 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // gW_g (Kg x RSC) = gy_g^T (Kg x M) col_g (M x RSC), images summed in a
         // fixed number of chunks, each serially, then the chunks in order
         const idx wsize = s.K * RSC, chunks = gw_chunks<T>(s, wsize);
-        const idx band = nhwc_band_rows<T>(RSC, P);
+        // Bands of output pixels run on across images (a chunk's pixels are
+        // consecutive rows of gy and of the patch matrix), and each is at
+        // least kMinReduce rows where 8 MB of patches allow: every band's GEMM
+        // reads and writes the whole weight gradient, which for a deep layer
+        // (9.4 MB at 512->512 3x3) outweighs a reduction of a few pixels.
+        constexpr idx kMinReduce = 256, kMaxBandBytes = idx(8) << 20;
+        const idx chunk_rows = (s.N + chunks - 1) / chunks * P;
+        const idx band = imin(chunk_rows, imax(nhwc_band_rows<T>(RSC, P),
+                                               imin(kMinReduce, kMaxBandBytes / (RSC * static_cast<idx>(sizeof(T))))));
         const idx col_elems = (band * RSC + 15) / 16 * 16;
         const idx scratch = col_elems + (GB::pack_elems + 15) / 16 * 16;
         const int nt = num_threads();
@@ -552,19 +560,18 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
             if (n0 == n1)
                 for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
-            for (idx n = n0; n < n1; ++n)
-                for (idx p0 = 0; p0 < P; p0 += band) {
-                    const idx m0 = n * P + p0, m1 = imin(n * P + P, m0 + band);
-                    for (idx g = 0; g < s.G; ++g) {
-                        const T* col = x + m0 * s.C;
-                        if (!pointwise) {
-                            nhwc_im2col(x, sbuf, m0, m1, g, s);
-                            col = sbuf;
-                        }
-                        gemm_blocked(Kg, RSC, m1 - m0, gy + m0 * s.K + g * Kg, idx(1), s.K, col, pointwise ? s.C : RSC,
-                                     idx(1), dst + g * Kg * RSC, RSC, n > n0 || p0 > 0, sbuf + col_elems, inner);
+            for (idx m0 = n0 * P; m0 < n1 * P; m0 += band) {
+                const idx m1 = imin(n1 * P, m0 + band);
+                for (idx g = 0; g < s.G; ++g) {
+                    const T* col = x + m0 * s.C;
+                    if (!pointwise) {
+                        nhwc_im2col(x, sbuf, m0, m1, g, s);
+                        col = sbuf;
                     }
+                    gemm_blocked(Kg, RSC, m1 - m0, gy + m0 * s.K + g * Kg, idx(1), s.K, col, pointwise ? s.C : RSC,
+                                 idx(1), dst + g * Kg * RSC, RSC, m0 > n0 * P, sbuf + col_elems, inner);
                 }
+            }
         };
         if (outer) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
