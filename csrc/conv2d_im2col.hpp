@@ -135,7 +135,8 @@ idx images_per_gemm(const ConvGeom& s, idx band, idx rows) {
     constexpr idx kMinCols = 256, kGroupBytes = idx(4) << 20;
     const idx P = s.Ho * s.Wo;
     if (band < s.Ho || P >= kMinCols) return 1;
-    return imax(1, imin(imin(s.N, (kMinCols + P - 1) / P), kGroupBytes / imax(1, rows * P * static_cast<idx>(sizeof(T)))));
+    const idx by_memory = kGroupBytes / imax(1, rows * P * static_cast<idx>(sizeof(T)));
+    return imax(1, imin(imin(s.N, (kMinCols + P - 1) / P), by_memory));
 }
 
 // The column matrices of images [n, n + m) of group g side by side: CRS rows of m*P.
@@ -175,7 +176,11 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
                 for (idx k = 0; k < Kg; ++k) {
                     T* dst = y + ((n + i) * s.K + g * Kg + k) * P;
                     const T* src = out + k * mp + i * P;
-                    const T bv = b ? b[g * Kg + k] : T(0);
+                    if (!b) {
+                        std::memcpy(dst, src, P * sizeof(T));
+                        continue;
+                    }
+                    const T bv = b[g * Kg + k];
                     for (idx p = 0; p < P; ++p) dst[p] = src[p] + bv;
                 }
         });
