@@ -62,6 +62,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{', '.join(bi['simd_compiled'])}; CONVKERN_SIMD=scalar|avx2|avx512 forces one)")
             print(f"threads: {bi['num_threads']} (OpenMP {bi['openmp']}; OMP_NUM_THREADS or "
                   f"convkern.set_num_threads change it)")
+            b = bi["gemm_blocking_f32"]
+            print(f"GEMM blocking (float32, {bi['simd_active']}): register tile {b['MR']}x{b['NR']}, KC {b['KC']}, "
+                  f"MC {b['MC']}, NC {b['NC']} (fixed per SIMD level); channels_last GEMM KC {b['rows_KC']} "
+                  f"(from the L1 data cache)")
     except ImportError:
         pass
     from . import machine, tune

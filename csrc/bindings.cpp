@@ -265,6 +265,11 @@ py::dict build_info() {
     d["sanitized"] = false;
 #endif
     d["num_threads"] = convkern::num_threads();
+    // what the active SIMD level's float32 GEMMs use (blocking is per ISA and type)
+    idx b[6];
+    convkern::active_kernels().f32.gemm_blocking(b);
+    d["gemm_blocking_f32"] = py::dict(py::arg("MR") = b[0], py::arg("NR") = b[1], py::arg("KC") = b[2],
+                                      py::arg("MC") = b[3], py::arg("NC") = b[4], py::arg("rows_KC") = b[5]);
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;
 #endif

@@ -67,6 +67,9 @@ struct OpTable {
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.
     void (*gemm)(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb,
                  T* C, idx ldc, bool accumulate);
+    // the blocking this ISA's GEMMs use: MR, NR, KC, MC, NC of the packed GEMM
+    // and KC of gemm_rows (sized from the L1 data cache at run time)
+    void (*gemm_blocking)(idx out[6]);
 };
 
 // Why algorithm a cannot run s (backward: its gradients), or null if it can.

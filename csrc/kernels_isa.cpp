@@ -166,6 +166,17 @@ const char* auto_algo(const ConvGeom& s, bool backward, bool f64) {
 }
 
 template <class T>
+void gemm_blocking(idx out[6]) {
+    typedef GemmBlocking<T> GB;
+    out[0] = GB::MR;
+    out[1] = GB::NR;
+    out[2] = GB::KC;
+    out[3] = GB::MC;
+    out[4] = GB::NC;
+    out[5] = rows_kc<T>();
+}
+
+template <class T>
 OpTable<T> make_table() {
     OpTable<T> t;
     const auto slot = [](ConvAlgo a) { return static_cast<int>(a); };
@@ -195,6 +206,7 @@ OpTable<T> make_table() {
     t.relu_forward = &relu_forward<T>;
     t.relu_backward = &relu_backward<T>;
     t.gemm = &gemm<T>;
+    t.gemm_blocking = &gemm_blocking<T>;
     return t;
 }
 }  // namespace

@@ -14,6 +14,7 @@ def test_info_reports_simd_threads_backends_and_cuda(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "SIMD:" in out and "threads:" in out
+    assert "GEMM blocking (float32" in out and "from the L1 data cache" in out
     assert "cpp" in out and "reference" in out
     assert "CUDA:" in out
 
