@@ -84,3 +84,12 @@ def test_nvrtc_compiles_the_cupy_backends_kernels(arch):
         assert b".entry" in ptx.value and ptx.value.count(b".entry") == len(names)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def test_the_structs_cupy_passes_by_value_have_the_c_layout():
+    from convkern.geometry import CONV_GEOM_FIELDS, POOL_GEOM_FIELDS
+
+    for dtype, fields in ((cupy_gpu.CONV_GEOM_DTYPE, CONV_GEOM_FIELDS), (cupy_gpu.POOL_GEOM_DTYPE, POOL_GEOM_FIELDS)):
+        assert dtype.names == fields
+        assert dtype.itemsize == 8 * len(fields) and dtype.isalignedstruct  # static_assert'ed in geometry.h
+        assert [dtype.fields[f][1] for f in fields] == [8 * i for i in range(len(fields))]

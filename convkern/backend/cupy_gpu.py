@@ -48,9 +48,10 @@ _BIAS_THREADS = 256  # kBiasThreads in conv2d_direct.cuh: conv_grad_bias_kernel'
 _SCATTER_THREADS = 64
 _MAX_BLOCKS = 65535 * 16  # the kernels' grid-stride loops cover the rest
 
-# the C structs as NumPy sees them: every field int64, no padding
-CONV_GEOM_DTYPE = np.dtype([(f, np.int64) for f in CONV_GEOM_FIELDS])
-POOL_GEOM_DTYPE = np.dtype([(f, np.int64) for f in POOL_GEOM_FIELDS])
+# the C structs as NumPy sees them: every field int64, so no padding; marked
+# aligned (C's layout), as CuPy wants of a struct passed by value
+CONV_GEOM_DTYPE = np.dtype([(f, np.int64) for f in CONV_GEOM_FIELDS], align=True)
+POOL_GEOM_DTYPE = np.dtype([(f, np.int64) for f in POOL_GEOM_FIELDS], align=True)
 
 try:
     import cupy
