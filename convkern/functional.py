@@ -264,13 +264,14 @@ def _direct_skips_padding(impl, g: ConvGeometry) -> bool:
     return _padded(g) and not getattr(impl, "DIRECT_PADDING_MULTIPLIES", False)
 
 
-# The CPU direct kernels skip the taps that fall on zero padding; PyTorch
-# multiplies the zeros, and 0 * NaN or 0 * inf is NaN. Where a NaN/inf weight
-# (forward) or gradient (grad weight) meets padding, the im2col path, which
-# multiplies the zeros too, gives PyTorch's answer. The check costs a pass over
-# the weights (forward) or over grad_output (backward), and only runs for the
-# direct path of a padded convolution on a backend whose direct kernels skip
-# padding (the GPU ones multiply it: there a check would sync the device).
+# The CPU direct kernels (and cpp's depthwise grad weight) skip the taps that
+# fall on zero padding; PyTorch multiplies the zeros, and 0 * NaN or 0 * inf is
+# NaN. Where a NaN/inf weight (forward) or gradient (grad weight) meets padding,
+# the im2col path, which multiplies the zeros too, gives PyTorch's answer. The
+# check costs a pass over the weights (forward) or over grad_output (backward),
+# and only runs where those kernels would run on a padded convolution, named or
+# picked by "auto", on a backend whose direct kernels skip padding (the GPU ones
+# multiply it: there a check would sync the device).
 
 
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
