@@ -117,7 +117,7 @@ inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s
 
 // ---- depthwise: y[n, ho, wo, c] = sum_rq x[n, ih, iw, c] * w[c, r, q]
 
-// The interior of a 3x3, stride-1, undilated depthwise row: every tap in
+// The interior of a 3x3 undilated depthwise row (stride sw): every tap in
 // range. P output pixels at a time, and for each of their channel blocks the
 // nine weight vectors are loaded (from L1) and P * NV independent sums kept
 // in registers, enough to cover the FMA latency; the inputs the P pixels
@@ -125,7 +125,7 @@ inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s
 // Taps are summed in the same (r, q) order as the general loop.
 template <class T, int NV, int P>
 void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1,
-                               idx pw) {
+                               idx pw, idx sw) {
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
     idx wo = wo0;
@@ -137,12 +137,12 @@ void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, 
                 for (int p = 0; p < P; ++p) acc[p][v] = bias;
             }
             for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo - pw) * C + c0;
+                const T* in = rows[r] + (wo * sw - pw) * C + c0;
                 for (int q = 0; q < 3; ++q) {
                     V wr[NV];
                     for (int v = 0; v < NV; ++v) wr[v] = vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
                     for (int p = 0; p < P; ++p)
-                        for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(in + (p + q) * C + v * L) * wr[v];
+                        for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(in + (p * sw + q) * C + v * L) * wr[v];
                 }
             }
             for (int p = 0; p < P; ++p)
@@ -153,7 +153,7 @@ void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, 
             V acc[NV];
             for (int v = 0; v < NV; ++v) acc[v] = b ? vload<V>(b + c0 + v * L) : V{};
             for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo - pw) * C + c0;
+                const T* in = rows[r] + (wo * sw - pw) * C + c0;
                 for (int q = 0; q < 3; ++q)
                     for (int v = 0; v < NV; ++v)
                         acc[v] += vload<V>(in + q * C + v * L) * vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
@@ -165,22 +165,30 @@ void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, 
 // The register budget picks the blocking: 2 vectors x 4 pixels + 18 weights,
 // or 1 x 8 + 9, fit 32 zmm; 1 x 4 + 9 fit 16 ymm. C is a multiple of the lanes.
 template <class T>
-void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw) {
+void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw,
+                      idx sw) {
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)
-        depthwise3x3_row_interior<T, 2, 4>(rows, wt, b, out, C, wo0, wo1, pw);
+        depthwise3x3_row_interior<T, 2, 4>(rows, wt, b, out, C, wo0, wo1, pw, sw);
     else if (CK_VEC_BYTES == 64)
-        depthwise3x3_row_interior<T, 1, 8>(rows, wt, b, out, C, wo0, wo1, pw);
+        depthwise3x3_row_interior<T, 1, 8>(rows, wt, b, out, C, wo0, wo1, pw, sw);
     else
-        depthwise3x3_row_interior<T, 1, 4>(rows, wt, b, out, C, wo0, wo1, pw);
+        depthwise3x3_row_interior<T, 1, 4>(rows, wt, b, out, C, wo0, wo1, pw, sw);
 }
 
-// Whether a depthwise conv is 3x3, stride 1, undilated with whole vectors of
-// channels: the shape the register-blocked rows take (padding up to 2, so that
-// grad input is such a conv too).
+// Whether a depthwise conv is 3x3, undilated, of stride 1 or 2, with whole
+// vectors of channels: the shape the register-blocked rows take (padding up
+// to 2, so that at stride 1 grad input is such a conv too).
 inline bool depthwise3x3_fast(const ConvGeom& s, idx lanes) {
-    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.C % lanes == 0 &&
+    return s.R == 3 && s.S == 3 && s.sh <= 2 && s.sw <= 2 && s.dh == 1 && s.dw == 1 && s.C % lanes == 0 &&
            s.ph <= 2 && s.pw <= 2;
+}
+
+// Output positions [lo, hi) whose three taps (stride st, padding p) all fall
+// inside an input of n.
+inline void depthwise3x3_interior(idx n, idx out, idx st, idx p, idx& lo, idx& hi) {
+    lo = imin(out, (p + st - 1) / st);
+    hi = imax(lo, n - 3 + p >= 0 ? imin(out, (n - 3 + p) / st + 1) : 0);
 }
 
 template <class T>
@@ -200,12 +208,12 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
         T* const yrow = y + (n * s.Ho + ho) * s.Wo * C;
         // output pixels [wo0, wo1) of this row have every tap in range
         idx wo0 = s.Wo, wo1 = s.Wo;
-        if (fast3x3 && ho - s.ph >= 0 && ho - s.ph + 2 < s.H) {
-            wo0 = imin(s.Wo, s.pw);
-            wo1 = imax(wo0, imin(s.Wo, s.W - 2 + s.pw));
+        const idx ih0 = ho * s.sh - s.ph;
+        if (fast3x3 && ih0 >= 0 && ih0 + 2 < s.H) {
+            depthwise3x3_interior(s.W, s.Wo, s.sw, s.pw, wo0, wo1);
             const T* in_rows[3];
-            for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ho - s.ph + r) * s.W * C;
-            depthwise3x3_row(in_rows, wt, b, yrow, C, wo0, wo1, s.pw);
+            for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ih0 + r) * s.W * C;
+            depthwise3x3_row(in_rows, wt, b, yrow, C, wo0, wo1, s.pw, s.sw);
         }
         for (idx wo = 0; wo < s.Wo; ++wo) {
             T* out = yrow + wo * C;
@@ -255,11 +263,12 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
     }
 }
 
-// grad weight over the interior [wo0, wo1) of one 3x3 stride-1 output row:
+// grad weight over the interior [wo0, wo1) of one 3x3 output row (stride sw):
 // per channel block, the nine taps' sums over the row stay in registers
 // (9 * NV independent sums), then are added to acc (r, q, c) once.
 template <class T, int NV>
-void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw) {
+void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw,
+                                idx sw) {
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
     for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
@@ -270,7 +279,7 @@ void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, 
             V g[NV];
             for (int v = 0; v < NV; ++v) g[v] = vload<V>(gyrow + wo * C + c0 + v * L);
             for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo - pw) * C + c0;
+                const T* in = rows[r] + (wo * sw - pw) * C + c0;
                 for (int q = 0; q < 3; ++q)
                     for (int v = 0; v < NV; ++v) sum[r * 3 + q][v] += g[v] * vload<V>(in + q * C + v * L);
             }
@@ -284,12 +293,13 @@ void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, 
 }
 
 template <class T>
-void depthwise3x3_weight_row(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw) {
+void depthwise3x3_weight_row(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw,
+                             idx sw) {
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)  // 18 sums + 2 gradients + a load of 32 zmm
-        depthwise3x3_weight_row_nv<T, 2>(rows, gyrow, acc, C, wo0, wo1, pw);
+        depthwise3x3_weight_row_nv<T, 2>(rows, gyrow, acc, C, wo0, wo1, pw, sw);
     else
-        depthwise3x3_weight_row_nv<T, 1>(rows, gyrow, acc, C, wo0, wo1, pw);
+        depthwise3x3_weight_row_nv<T, 1>(rows, gyrow, acc, C, wo0, wo1, pw, sw);
 }
 
 template <class T>
@@ -304,7 +314,7 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
         // flipped filters and padding 2 - p: its rows' interiors go through the
         // register-blocked loops (tap (r, q) weighs w[2 - r][2 - q])
         constexpr idx L = CK_VEC_BYTES / sizeof(T);
-        const bool fast3x3 = depthwise3x3_fast(s, L);
+        const bool fast3x3 = depthwise3x3_fast(s, L) && s.sh == 1 && s.sw == 1;
         const idx fph = 2 - s.ph, fpw = 2 - s.pw;
         T* wf = fast3x3 ? static_cast<T*>(workspace(static_cast<std::size_t>(9 * C) * sizeof(T), 3)) : nullptr;
         if (fast3x3)
@@ -322,7 +332,7 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
                 const T* g_rows[3];
                 for (int r = 0; r < 3; ++r) g_rows[r] = gy + (n * s.Ho + ih - fph + r) * s.Wo * C;
                 depthwise3x3_row(g_rows, wf, static_cast<const T*>(nullptr), gx + (n * s.H + ih) * s.W * C, C, iw0,
-                                 iw1, fpw);
+                                 iw1, fpw, idx(1));
             }
             for (idx iw = 0; iw < s.W; ++iw) {
                 if (iw == iw0 && iw1 > iw0) {
@@ -352,12 +362,13 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
             for (idx n = j * s.N / chunks; n < (j + 1) * s.N / chunks; ++n)
                 for (idx ho = 0; ho < s.Ho; ++ho) {
                     idx wo0 = s.Wo, wo1 = s.Wo;  // [wo0, wo1): summed by the register-blocked loop
-                    if (fast3x3 && ho - s.ph >= 0 && ho - s.ph + 2 < s.H) {
-                        wo0 = imin(s.Wo, s.pw);
-                        wo1 = imax(wo0, imin(s.Wo, s.W - 2 + s.pw));
+                    const idx ih0 = ho * s.sh - s.ph;
+                    if (fast3x3 && ih0 >= 0 && ih0 + 2 < s.H) {
+                        depthwise3x3_interior(s.W, s.Wo, s.sw, s.pw, wo0, wo1);
                         const T* in_rows[3];
-                        for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ho - s.ph + r) * s.W * C;
-                        depthwise3x3_weight_row(in_rows, gy + (n * s.Ho + ho) * s.Wo * C, acc, C, wo0, wo1, s.pw);
+                        for (int r = 0; r < 3; ++r) in_rows[r] = x + (n * s.H + ih0 + r) * s.W * C;
+                        depthwise3x3_weight_row(in_rows, gy + (n * s.Ho + ho) * s.Wo * C, acc, C, wo0, wo1, s.pw,
+                                                s.sw);
                     }
                     for (idx wo = 0; wo < s.Wo; ++wo) {
                         if (wo == wo0 && wo1 > wo0) {

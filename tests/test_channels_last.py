@@ -6,6 +6,7 @@ padding, 1x1, one-pixel rows, NaN and ties in pooling."""
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import numpy as np
@@ -179,39 +180,42 @@ def test_layout_detection():
 @pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
-    """A 3x3 stride-1 depthwise row's interior takes register-blocked loops
-    (channel blocks of one or two vectors, 4 or 8 pixels at a time, the rest
-    one by one), forward, grad input (the same loops over grad_output) and
-    grad weight; channel counts, widths and paddings here straddle each."""
+    """A 3x3 depthwise row's interior takes register-blocked loops (channel
+    blocks of one or two vectors, 4 or 8 pixels at a time, the rest one by
+    one): forward and grad weight at stride 1 or 2, grad input (the same
+    loops over grad_output) at stride 1; channel counts, widths, paddings and
+    strides here straddle each."""
     if level not in LEVELS_HERE:
         pytest.skip(f"this CPU does not support {level}")
     before = ck.simd_level()
     ck.set_simd_level(level)
     try:
         rng = np.random.default_rng(7)
-        for C in (4, 8, 16, 24, 32, 48):
-            for H, W, pad in ((5, 13, 1), (4, 11, 0), (6, 20, 2), (3, 3, 1), (4, 2, 1)):
-                x = rng.standard_normal((2, C, H, W)).astype(dtype)
-                w = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
-                b = rng.standard_normal(C).astype(dtype)
-                g = ck.conv2d_geometry(x.shape, w.shape, (C,), padding=pad, groups=C)
-                want = ck.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=pad,
-                                 groups=C, backend="reference")
-                for bias in (b, None):
-                    plain = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, bias, g)
-                    ref = want if bias is not None else want - b.astype(np.float64)[None, :, None, None]
-                    np.testing.assert_allclose(plain.transpose(0, 3, 1, 2), ref, **tol(dtype),
-                                               err_msg=f"{level} C={C} {H}x{W} pad {pad}")
-                fused = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, relu=True)
-                np.testing.assert_array_equal(fused, np.maximum(cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g), 0))
-                # backward: grad input is the same loops over grad_output, grad weight its own
-                gy = rng.standard_normal(want.shape).astype(dtype)
-                wants = ck.conv2d_backward(gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
-                                           padding=pad, groups=C, backend="reference")
-                got = cpp.conv2d_backward_nhwc(layout.nhwc(gy), layout.nhwc(x), w, g)
-                for name, o, r in zip(("grad input", "grad weight", "grad bias"), got, wants):
-                    o = o.transpose(0, 3, 1, 2) if name == "grad input" else o
-                    np.testing.assert_allclose(o, r, **tol(dtype), err_msg=f"{level} C={C} {H}x{W} pad {pad} {name}")
+        for C, (H, W, pad), stride in itertools.product(
+                (4, 8, 16, 24, 32, 48), ((5, 13, 1), (4, 11, 0), (6, 20, 2), (3, 3, 1), (4, 2, 1), (9, 22, 1)),
+                (1, 2, (1, 2), (2, 1))):
+            x = rng.standard_normal((2, C, H, W)).astype(dtype)
+            w = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
+            b = rng.standard_normal(C).astype(dtype)
+            g = ck.conv2d_geometry(x.shape, w.shape, (C,), stride=stride, padding=pad, groups=C)
+            want = ck.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride=stride,
+                             padding=pad, groups=C, backend="reference")
+            for bias in (b, None):
+                plain = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, bias, g)
+                ref = want if bias is not None else want - b.astype(np.float64)[None, :, None, None]
+                np.testing.assert_allclose(plain.transpose(0, 3, 1, 2), ref, **tol(dtype),
+                                           err_msg=f"{level} C={C} {H}x{W} pad {pad} stride {stride}")
+            fused = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, relu=True)
+            np.testing.assert_array_equal(fused, np.maximum(cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g), 0))
+            # backward: grad input is the same loops over grad_output, grad weight its own
+            gy = rng.standard_normal(want.shape).astype(dtype)
+            wants = ck.conv2d_backward(gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                       stride=stride, padding=pad, groups=C, backend="reference")
+            got = cpp.conv2d_backward_nhwc(layout.nhwc(gy), layout.nhwc(x), w, g)
+            for name, o, r in zip(("grad input", "grad weight", "grad bias"), got, wants):
+                o = o.transpose(0, 3, 1, 2) if name == "grad input" else o
+                np.testing.assert_allclose(o, r, **tol(dtype),
+                                           err_msg=f"{level} C={C} {H}x{W} pad {pad} stride {stride} {name}")
     finally:
         ck.set_simd_level(before)
 
