@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import platform
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -62,10 +63,17 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{', '.join(bi['simd_compiled'])}; CONVKERN_SIMD=scalar|avx2|avx512 forces one)")
             print(f"threads: {bi['num_threads']} (OpenMP {bi['openmp']}; OMP_NUM_THREADS or "
                   f"convkern.set_num_threads change it)")
-            b = bi["gemm_blocking_f32"]
+            b, c = bi["gemm_blocking_f32"], bi["caches"]
+            read = ", ".join(f"{name} {size // 1024} KiB {ways}-way" + ("" if known else " (not reported: default)")
+                             for name, size, known, ways in zip(("L1d", "L2", "L3"), (c["l1d"], c["l2"], c["l3"]),
+                                                                c["known"], c["ways"]))
+            source = ("set by CONVKERN_GEMM_BLOCKING" if b["source"] == "CONVKERN_GEMM_BLOCKING"
+                      else "micro-panels in L1d's ways, A block in half of L2, B block in half of L3")
+            print(f"caches: {read}" + (" (set by CONVKERN_CACHES)" if c["source"] == "CONVKERN_CACHES"
+                                        else " (read from this machine)"))
             print(f"GEMM blocking (float32, {bi['simd_active']}): register tile {b['MR']}x{b['NR']}, KC {b['KC']}, "
-                  f"MC {b['MC']}, NC {b['NC']} (fixed per SIMD level); channels_last GEMM KC {b['rows_KC']} "
-                  f"(from the L1 data cache)")
+                  f"MC {b['MC']}, NC {b['NC']} ({source}); channels_last GEMM KC {b['rows_KC']} "
+                  f"(the same L1d rule)")
     except ImportError:
         pass
     from . import machine, tune
@@ -93,12 +101,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    """Measure now what algo="auto" will measure on first sight: the
-    canonical layers at --batch, or the convs of a model file from convkern
-    train (one training step at --batch), forward and backward."""
-    from . import tune
+def _tune_gemm_blocking(args: argparse.Namespace) -> bool:
+    """Time the GEMM blocking candidates and keep the winner; True when it
+    differs from the blocking this process runs with."""
+    from . import blocking
+    from .backend import cpp
 
+    cands = blocking.candidates()
+    print("GEMM blocking (KC, MC, NC) candidates: "
+          + ", ".join(f"{name} {','.join(map(str, b))}" for name, b in cands.items()))
+    results = blocking.measure(cands, rounds=5 if args.exhaustive else 3)
+    name = blocking.pick(results)
+    for n, r in results.items():
+        print(f"  {n:<9} {','.join(map(str, r['blocking'])):<14} {r['gflops']:7.1f} GFLOP/s (geometric mean)"
+              + ("  <- chosen" if n == name else ""))
+    print(f"kept in {blocking.save(name, results)}")
+    now = cpp._cpu.build_info()["gemm_blocking_f32"]
+    return list(results[name]["blocking"]) != [now["KC"], now["MC"], now["NC"]]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure now what the library would otherwise measure on first sight,
+    or not at all: the GEMM blocking for this machine (unless --no-gemm),
+    then the algorithm auto picks for the canonical layers at --batch, or for
+    the convs of a model file from convkern train (one training step at
+    --batch), forward and backward."""
+    from . import tune
+    from .perf.canonical import BY_NAME, CANONICAL
+
+    names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown and not args.model:
+        print(f"convkern tune: unknown layers {unknown}; known: {', '.join(BY_NAME)}", file=sys.stderr)
+        return 2
+    if not args.no_gemm and _tune_gemm_blocking(args):
+        # this process's blocking is fixed: time the algorithms under the new one in a fresh process
+        argv = ["tune", "--no-gemm", "--batch", str(args.batch), "--dtype", args.dtype]
+        argv += (["--layers", args.layers] if args.layers else []) + (["--model", args.model] if args.model else [])
+        argv += ["--exhaustive"] if args.exhaustive else []
+        return subprocess.run([sys.executable, "-m", "convkern", *argv]).returncode
     with tune.forced("exhaustive" if args.exhaustive else "on"):
         before = dict(tune._stats)
         if args.model:
@@ -111,14 +152,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             y = model(x)
             model.backward(np.ones_like(y))
         else:
-            from .perf.canonical import BY_NAME, CANONICAL
             from .functional import conv2d, conv2d_backward
 
-            names = args.layers.split(",") if args.layers else [layer.name for layer in CANONICAL]
-            unknown = [n for n in names if n not in BY_NAME]
-            if unknown:
-                print(f"convkern tune: unknown layers {unknown}; known: {', '.join(BY_NAME)}", file=sys.stderr)
-                return 2
             rng = np.random.default_rng(0)
             for name in names:
                 layer = BY_NAME[name]
@@ -167,12 +202,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run, printed)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated (default float32,float64)")
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("tune", help="measure and remember the fastest conv2d algorithm for layers ahead of use")
+    p = sub.add_parser("tune", help="measure and remember this machine's GEMM blocking and the fastest conv2d "
+                                    "algorithm for layers, ahead of use")
     p.add_argument("--layers", help="comma-separated canonical layer names (default: all)")
     p.add_argument("--model", help="a model file from convkern train: tune its convs instead")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--exhaustive", action="store_true", help="measure longer (a quiet machine, stabler choices)")
+    p.add_argument("--no-gemm", action="store_true",
+                   help="skip timing the GEMM's cache blocking (about a minute) and tune the algorithms only")
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("bench", help="side-by-side benchmark of backends/algorithms (and PyTorch if installed)")
     p.add_argument("--ops", default="conv2d", help="comma-separated: conv2d, conv2d_backward, max_pool2d, "

@@ -87,10 +87,30 @@ def build_id() -> str:
         return "none"
 
 
+def _kernel_blocking() -> Optional[Dict[str, object]]:
+    """The caches the kernels size their blocks by and the GEMM blocking they
+    derived (CONVKERN_CACHES or CONVKERN_GEMM_BLOCKING change both, and with
+    them which algorithm is fastest)."""
+    try:
+        from . import _cpu  # type: ignore[attr-defined]
+
+        info = _cpu.build_info()
+    except ImportError:
+        return None
+    gemm = info["gemm_blocking_f32"]
+    # derived blocking follows from the caches (and the SIMD level, which a
+    # process may change: it is not part of the file's key); a measured or
+    # forced one is part of it, so choices timed under another blocking are
+    # not reused
+    return {"caches": dict(info["caches"], known=list(info["caches"]["known"]), ways=list(info["caches"]["ways"])),
+            "gemm": "derived" if gemm["source"] == "caches" else [gemm["KC"], gemm["MC"], gemm["NC"]]}
+
+
 def machine_key() -> Dict[str, object]:
     m = machine.identity()
     return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
-            "stepping": m["stepping"], "cores": m["cores"], "caches": m["caches"], "build": build_id()}
+            "stepping": m["stepping"], "cores": m["cores"], "caches": m["caches"], "build": build_id(),
+            "blocking": _kernel_blocking()}
 
 
 @functools.lru_cache(maxsize=1)

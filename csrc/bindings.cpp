@@ -252,6 +252,15 @@ convkern::SimdLevel parse_simd(const std::string& s) {
     throw py::value_error("SIMD level must be 'scalar', 'avx2' or 'avx512', got '" + s + "'");
 }
 
+template <class T>
+py::dict gemm_blocking_dict(const convkern::OpTable<T>& t, const convkern::CacheSizes* caches, idx kc) {
+    static const char* const sources[] = {"caches", "CONVKERN_GEMM_BLOCKING", "convkern tune"};
+    idx b[7];
+    t.gemm_blocking(caches, kc, b);
+    return py::dict(py::arg("MR") = b[0], py::arg("NR") = b[1], py::arg("KC") = b[2], py::arg("MC") = b[3],
+                    py::arg("NC") = b[4], py::arg("rows_KC") = b[5], py::arg("source") = sources[b[6]]);
+}
+
 py::dict build_info() {
     py::dict d;
     d["simd_best"] = convkern::simd_level_name(convkern::cpu_best_simd_level());
@@ -265,11 +274,13 @@ py::dict build_info() {
     d["sanitized"] = false;
 #endif
     d["num_threads"] = convkern::num_threads();
+    const convkern::CacheSizes& c = convkern::cache_sizes();
+    d["caches"] = py::dict(py::arg("l1d") = c.l1d, py::arg("l2") = c.l2, py::arg("l3") = c.l3,
+                           py::arg("known") = py::make_tuple(c.known[0], c.known[1], c.known[2]),
+                           py::arg("ways") = py::make_tuple(c.ways[0], c.ways[1], c.ways[2]),
+                           py::arg("source") = c.from_env ? "CONVKERN_CACHES" : "machine");
     // what the active SIMD level's float32 GEMMs use (blocking is per ISA and type)
-    idx b[6];
-    convkern::active_kernels().f32.gemm_blocking(b);
-    d["gemm_blocking_f32"] = py::dict(py::arg("MR") = b[0], py::arg("NR") = b[1], py::arg("KC") = b[2],
-                                      py::arg("MC") = b[3], py::arg("NC") = b[4], py::arg("rows_KC") = b[5]);
+    d["gemm_blocking_f32"] = gemm_blocking_dict(convkern::active_kernels().f32, nullptr, 0);
 #if defined(__VERSION__)
     d["compiler"] = __VERSION__;
 #endif
@@ -288,6 +299,26 @@ PYBIND11_MODULE(_cpu, m) {
         }
     });
     m.def("build_info", &build_info);
+    // a malformed CONVKERN_GEMM_BLOCKING or CONVKERN_CACHES fails the import, naming the variable
+    convkern::check_gemm_blocking_env();
+    convkern::check_cache_override();
+    m.def("set_tuned_gemm_blocking", &convkern::set_tuned_gemm_blocking, py::arg("kc"), py::arg("mc"), py::arg("nc"),
+          "use this float32 GEMM blocking (measured by convkern tune); False once a kernel has taken its blocking");
+    m.def(
+        "gemm_blocking_for",
+        [](idx l1d, idx l2, idx l3, idx l1_ways, idx l2_ways, const std::string& dtype, idx kc) {
+            if (l1d <= 0 || l2 <= 0 || l3 <= 0 || l1_ways <= 0 || l2_ways <= 0)
+                throw py::value_error("cache sizes and ways must be positive");
+            if (kc < 0 || kc > (1 << 16)) throw py::value_error("kc must be 0 (derive it) or 1..65536");
+            const convkern::CacheSizes c{l1d, l2, l3, {true, true, true}, {l1_ways, l2_ways, 16}, false};
+            if (dtype == "float32") return gemm_blocking_dict(convkern::active_kernels().f32, &c, kc);
+            if (dtype == "float64") return gemm_blocking_dict(convkern::active_kernels().f64, &c, kc);
+            throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
+        },
+        py::arg("l1d"), py::arg("l2"), py::arg("l3"), py::arg("l1_ways"), py::arg("l2_ways"),
+        py::arg("dtype") = "float32", py::arg("kc") = 0,
+        "the packed GEMM's KC, MC, NC the active SIMD level derives for these cache sizes (bytes); "
+        "kc > 0: MC and NC for that KC");
     m.def("geometry_fields", [] { return py::make_tuple(CK_CONV_GEOM_FIELDS, CK_POOL_GEOM_FIELDS); },
           "the field order of the conv and pool geometry structs, as convkern.geometry checks it");
     m.def("simd_level", [] { return std::string(convkern::simd_level_name(convkern::active_simd_level())); });

@@ -67,9 +67,11 @@ struct OpTable {
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.
     void (*gemm)(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb,
                  T* C, idx ldc, bool accumulate);
-    // the blocking this ISA's GEMMs use: MR, NR, KC, MC, NC of the packed GEMM
-    // and KC of gemm_rows (sized from the L1 data cache at run time)
-    void (*gemm_blocking)(idx out[6]);
+    // the blocking this ISA's GEMMs use: MR, NR, KC, MC, NC of the packed GEMM,
+    // KC of gemm_rows and the BlockingSource. caches null: what the kernels
+    // use (or will, if none has run yet); else what would be derived for those
+    // caches (with kc > 0: MC and NC for that KC).
+    void (*gemm_blocking)(const struct CacheSizes* caches, idx kc, idx out[7]);
 };
 
 // Why algorithm a cannot run s (backward: its gradients), or null if it can.
@@ -97,6 +99,41 @@ SimdLevel active_simd_level();            // what is in use (CONVKERN_SIMD may l
 void set_simd_level(SimdLevel level);     // throws std::invalid_argument if unsupported
 const KernelTable& active_kernels();
 const char* simd_level_name(SimdLevel level);
+
+// The data caches one core sees (sysfs, else sysconf), read once: sizes in
+// bytes and ways. A level it does not report gets a conservative default
+// (32 KiB, 512 KiB, 4 MiB; 8, 8, 16 ways); known[] says which levels were read.
+// CONVKERN_CACHES="48K/12,1M/16,32M/16" replaces them all (ways optional):
+// blocking and band sizes derived from the caches then do not depend on the
+// machine (the instruction gate pins them so).
+struct CacheSizes {
+    idx l1d, l2, l3;
+    bool known[3];
+    idx ways[3];
+    bool from_env;  // set by CONVKERN_CACHES
+};
+const CacheSizes& cache_sizes();
+// Throws std::invalid_argument if CONVKERN_CACHES is malformed (cache_sizes()
+// then reports what the machine does); the module checks it at import.
+void check_cache_override();
+
+// The packed GEMM's blocking (KC, MC, NC in elements) comes, first found, from
+// - CONVKERN_GEMM_BLOCKING="KC,MC,NC" (both dtypes; read once);
+// - set_tuned_gemm_blocking (float32 only: what `convkern tune` measured on
+//   this machine, applied as the module loads);
+// - the caches (derive_gemm_dims).
+// MC and NC are rounded down to whole register panels. The first kernel to
+// ask freezes the choice for the process, so every call sizes and uses its
+// workspace with the same values.
+enum class BlockingSource : int { caches = 0, environment = 1, tuned = 2 };
+// out is set unless the source is caches; freeze: a kernel is taking it.
+BlockingSource gemm_blocking_setting(bool f64, bool freeze, idx out[3]);
+// false (nothing changes) once a kernel has taken its blocking; throws
+// std::invalid_argument out of range.
+bool set_tuned_gemm_blocking(idx kc, idx mc, idx nc);
+// Throws std::invalid_argument if CONVKERN_GEMM_BLOCKING is malformed; the
+// module checks it at import.
+void check_gemm_blocking_env();
 
 int num_threads();
 void set_num_threads(int n);  // n <= 0 restores the default (OMP_NUM_THREADS or all cores)

@@ -77,13 +77,14 @@ void col2im_add(const T* dcol, idx Cg, const ConvGeom& s, T* gxg, idx ho0, idx h
     }
 }
 
-// Output rows per column band: the band (CRS x rows*Wo) should stay in L2.
-// Depends only on the shape, never on the thread count (determinism).
+// Output rows per column band: the band (CRS x rows*Wo) should stay in L2,
+// as big as this machine's L2. Depends only on the shape and the machine,
+// never on the thread count (determinism).
 template <class T>
 idx band_rows(const ConvGeom& s) {
-    constexpr idx kBandBytes = 1 << 20;
+    const idx band_bytes = cache_sizes().l2;
     const idx row_bytes = (s.C / s.G) * s.R * s.S * s.Wo * static_cast<idx>(sizeof(T));
-    return imax(1, imin(s.Ho, kBandBytes / imax(row_bytes, 1)));
+    return imax(1, imin(s.Ho, band_bytes / imax(row_bytes, 1)));
 }
 
 // How many partial sums grad weight splits the batch into: up to 8, while the
@@ -166,7 +167,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
     const idx group = images_per_gemm<T>(s, band, CRS + Kg);
     if (group > 1) {  // y_g of `group` images at once: (Kg x m*P), then to each image's planes
         const idx wide = (group * P * (CRS + Kg) + 15) / 16 * 16, image_groups = (s.N + group - 1) / group;
-        for_each_task<T>(image_groups * s.G, wide + GemmBlocking<T>::pack_elems, [&](idx t, T* scratch, bool inner) {
+        for_each_task<T>(image_groups * s.G, wide + gemm_pack_elems<T>(), [&](idx t, T* scratch, bool inner) {
             const idx n = (t / s.G) * group, g = t % s.G, m = imin(group, s.N - n), mp = m * P;
             T* out = scratch + CRS * mp;
             im2col_images(x, s, n, m, g, scratch, inner);
@@ -186,7 +187,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
         });
         return;
     }
-    for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems, [&](idx n, idx g, T* scratch, bool inner) {
+    for_each_image_group<T>(s, col_elems + gemm_pack_elems<T>(), [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         const T* wg = w + g * Kg * CRS;
         const T* wg_packed = wpk + g * wpk_elems;
@@ -246,7 +247,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         const idx wpk_elems = packed_a_elems<T>(CRS, Kg);
         T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
         for (idx g = 0; g < s.G; ++g) pack_a_full(CRS, Kg, w + g * Kg * CRS, idx(1), CRS, wpk + g * wpk_elems);
-        for_each_image_group<T>(s, col_elems + GemmBlocking<T>::pack_elems,
+        for_each_image_group<T>(s, col_elems + gemm_pack_elems<T>(),
                                 [&](idx n, idx g, T* scratch, bool inner) {
                                     T* gxg = gx + (n * s.C + g * Cg) * HW;
                                     const T* gyg = gy + (n * s.K + g * Kg) * P;
@@ -270,7 +271,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         // Images are summed in a fixed number of chunks (a function of the shape
         // only), each chunk serially, then the chunks in order: parallel over
         // chunks, yet the same bits for any thread count.
-        const idx band_scratch = (col_elems + GemmBlocking<T>::pack_elems + 15) / 16 * 16;
+        const idx band_scratch = (col_elems + gemm_pack_elems<T>() + 15) / 16 * 16;
         const idx wsize = s.K * CRS;
         const idx chunks = gw_chunks<T>(s, wsize);
         // a reduction of fewer than 32 taps (a first layer: C*R*S = 25 for one
@@ -280,7 +281,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         const bool nt_form = CRS < 32;
         const idx group = nt_form ? 1 : images_per_gemm<T>(s, band, CRS + Kg);
         const idx wide_elems = (group * P * (CRS + Kg) + 15) / 16 * 16;
-        const idx scratch = group > 1 ? wide_elems + (GemmBlocking<T>::pack_elems + 15) / 16 * 16 : band_scratch;
+        const idx scratch = group > 1 ? wide_elems + (gemm_pack_elems<T>() + 15) / 16 * 16 : band_scratch;
         const int nt = num_threads();
         const bool outer = nt > 1 && chunks > 1;
         T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));

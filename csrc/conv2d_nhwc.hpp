@@ -84,13 +84,14 @@ void nhwc_im2col(const T* x, T* col, idx m0, idx m1, idx g, const ConvGeom& s) {
     }
 }
 
-// Output pixels per band: a column-matrix band of about 256 KiB (a share of
-// L2 beside the GEMM's packed panels), a whole number of the GEMM's row
-// panels, at least one.
+// Output pixels per band: a column-matrix band of a quarter of L2 (a share
+// beside the GEMM's packed panels), a whole number of the GEMM's row panels,
+// at least one.
 template <class T>
 idx nhwc_band_rows(idx rsc, idx M) {
-    constexpr idx kBandBytes = idx(256) << 10, MR = GemmBlocking<T>::MR;
-    idx rows = kBandBytes / imax(rsc * static_cast<idx>(sizeof(T)), 1);
+    constexpr idx MR = GemmBlocking<T>::MR;
+    const idx band_bytes = cache_sizes().l2 / 4;
+    idx rows = band_bytes / imax(rsc * static_cast<idx>(sizeof(T)), 1);
     rows = imax(MR, rows / MR * MR);
     return imin(rows, M);
 }
@@ -563,7 +564,7 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         const idx band = imin(chunk_rows, imax(nhwc_band_rows<T>(RSC, P),
                                                imin(kMinReduce, kMaxBandBytes / (RSC * static_cast<idx>(sizeof(T))))));
         const idx col_elems = (band * RSC + 15) / 16 * 16;
-        const idx scratch = col_elems + (GB::pack_elems + 15) / 16 * 16;
+        const idx scratch = col_elems + (gemm_pack_elems<T>() + 15) / 16 * 16;
         const int nt = num_threads();
         const bool outer = nt > 1 && chunks > 1;
         T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));

@@ -65,9 +65,10 @@ struct ShiftedLayout {
         tiles = (npos + NR - 1) / NR;
         // A band's padded output stays in L2 until it is compacted into y:
         // written whole (resnet_stem's is 3.3 MB an image), it went out to
-        // memory and back. Depends on the shape only.
-        constexpr idx kBandBytes = idx(256) << 10;
-        band = imax(1, imin(s.Ho, kBandBytes / imax((s.K / s.G) * Wp * static_cast<idx>(sizeof(T)), 1)));
+        // memory and back: a quarter of L2. Depends on the shape and the
+        // machine only.
+        const idx band_bytes = cache_sizes().l2 / 4;
+        band = imax(1, imin(s.Ho, band_bytes / imax((s.K / s.G) * Wp * static_cast<idx>(sizeof(T)), 1)));
         ldy = (band * Wp + NR - 1) / NR * NR;
         // a band's last tile reads up to NR - 1 positions past its rows, the
         // last band's past npos, plus the largest offset
@@ -131,6 +132,7 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
     note_conv_algo(ConvAlgo::shifted);
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;
+    const GemmDims& dims = gemm_dims<T>();
     const idx Cg = s.C / s.G, Kg = s.K / s.G, P = s.Ho * s.Wo, CRS = Cg * s.R * s.S;
     const ShiftedLayout<T> lay(s);
     const idx nrp = static_cast<idx>(lay.col_phases.size());
@@ -168,11 +170,11 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
             const T* xb = xp + ho0 * lay.Wp;
             // weight panels in MC-row blocks, each swept across the band's
             // tiles from L2 (down_3x3_s2's 256 x 512 block is 512 KB)
-            for (idx pc = 0; pc < CRS; pc += GB::KC) {
-                const idx kc = imin(GB::KC, CRS - pc);
+            for (idx pc = 0; pc < CRS; pc += dims.kc) {
+                const idx kc = imin(dims.kc, CRS - pc);
                 const T* Ablk = wg_packed + pc * Mpad;
-                for (idx ic = 0; ic < Kg; ic += GB::MC) {
-                    const idx p0 = ic / MR, np = (imin(GB::MC, Kg - ic) + MR - 1) / MR;
+                for (idx ic = 0; ic < Kg; ic += dims.mc) {
+                    const idx p0 = ic / MR, np = (imin(dims.mc, Kg - ic) + MR - 1) / MR;
 #pragma omp parallel for num_threads(threads_for(tiles * np)) if (inner) schedule(static)
                     for (idx t = 0; t < tiles * np; ++t) {
                         const idx tile = t / np, ip = p0 + t % np;

@@ -59,7 +59,7 @@ struct WinogradLayout {
         if (blocks % nt && tiles >= nt * 32) blocks += nt - blocks % nt;
         tb = (tiles + blocks - 1) / blocks;
         blocks = (tiles + tb - 1) / tb;
-        block_elems = (16 * ((s.C + s.K) * tb + 2 * kPlanePad) + GemmBlocking<T>::pack_elems + 15) / 16 * 16;
+        block_elems = (16 * ((s.C + s.K) * tb + 2 * kPlanePad) + gemm_pack_elems<T>() + 15) / 16 * 16;
     }
 };
 

@@ -19,12 +19,72 @@ struct GemmBlocking {
     // register file: 32 zmm with AVX-512, 16 ymm/xmm otherwise.
     static constexpr int MR = CK_VEC_BYTES == 64 ? 12 : 6;
     static constexpr int NR = 2 * L;
-    static constexpr idx KC = 512;  // long K runs: C is loaded and stored once per 512 steps
-    static constexpr idx MC = 144;  // a multiple of both MRs
-    static constexpr idx NC = NR * 96;
-    // elements of packing workspace one gemm_blocked call needs
-    static constexpr idx pack_elems = MC * KC + KC * NC + 64;
 };
+
+// The cache blocking of gemm_blocked, in elements, after BLIS's analytical
+// model:
+// - KC: the B micro-panel (KC x NR) is reused by every A micro-panel of an MC
+//   block, so it must stay in L1 while they stream through: the largest
+//   multiple of 16 for which the A and B micro-panels fill separate ways of
+//   L1 with one way to spare (C's tile and the stack);
+// - MC: the packed A block (MC x KC), reread for every B micro-panel, stays
+//   in half of L2;
+// - NC: the packed B block (KC x NC), reread for every A block, stays in half
+//   of L3 (and at most 4 MiB: it is per-thread workspace in the conv drivers).
+struct GemmDims {
+    idx kc, mc, nc;
+};
+
+template <class T>
+idx l1_kc(const CacheSizes& c) {
+    typedef GemmBlocking<T> GB;
+    const idx sz = static_cast<idx>(sizeof(T)), ways = imax(2, c.ways[0]), way = imax(1, c.l1d / ways);
+    const auto ways_of = [way](idx bytes) { return (bytes + way - 1) / way; };
+    idx kc = 64;
+    for (idx k = 64; k <= 1024; k += 16)
+        if (ways_of(GB::MR * k * sz) + ways_of(GB::NR * k * sz) <= ways - 1) kc = k;
+    return kc;
+}
+
+// kc > 0: MC and NC for that KC (the tuner's candidates)
+template <class T>
+GemmDims derive_gemm_dims(const CacheSizes& c, idx kc = 0) {
+    typedef GemmBlocking<T> GB;
+    const idx sz = static_cast<idx>(sizeof(T));
+    GemmDims d;
+    d.kc = kc > 0 ? kc : l1_kc<T>(c);
+    d.mc = imax(4 * GB::MR, imin(240 * GB::MR, c.l2 / 2 / (d.kc * sz) / GB::MR * GB::MR));
+    const idx nc_cap = (idx(4) << 20) / (d.kc * sz);
+    d.nc = imax(8 * GB::NR, imin(nc_cap, c.l3 / 2 / (d.kc * sz)) / GB::NR * GB::NR);
+    return d;
+}
+
+// The blocking the setting (see gemm_blocking_setting) gives for T.
+template <class T>
+GemmDims resolve_gemm_dims(bool freeze, BlockingSource* source) {
+    typedef GemmBlocking<T> GB;
+    idx o[3];
+    const BlockingSource src = gemm_blocking_setting(sizeof(T) == 8, freeze, o);
+    if (source) *source = src;
+    if (src == BlockingSource::caches) return derive_gemm_dims<T>(cache_sizes());
+    // whole register panels per block: packed A is addressed by panel
+    return GemmDims{o[0], imax(GB::MR, o[1] / GB::MR * GB::MR), imax(GB::NR, o[2] / GB::NR * GB::NR)};
+}
+
+// What gemm_blocked uses, fixed for the process at first use, so workspace
+// sized with it before a call matches what the call uses.
+template <class T>
+const GemmDims& gemm_dims() {
+    static const GemmDims d = resolve_gemm_dims<T>(true, nullptr);
+    return d;
+}
+
+// elements of packing workspace one gemm_blocked call needs
+template <class T>
+idx gemm_pack_elems() {
+    const GemmDims& d = gemm_dims<T>();
+    return d.mc * d.kc + d.kc * d.nc + 64;
+}
 
 // Ap: panels of MR rows, k-major inside a panel; rows past mc are zero.
 template <class T>
@@ -192,20 +252,20 @@ idx packed_a_elems(idx M, idx K) {
 
 template <class T>
 void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
-    typedef GemmBlocking<T> GB;
-    constexpr int MR = GB::MR;
+    constexpr int MR = GemmBlocking<T>::MR;
+    const idx KC = gemm_dims<T>().kc;
     const idx panels = (M + MR - 1) / MR, Mpad = panels * MR;
-    const idx blocks = (K + GB::KC - 1) / GB::KC;
+    const idx blocks = (K + KC - 1) / KC;
 #pragma omp parallel for collapse(2) num_threads(threads_for(panels * blocks)) schedule(static)
     for (idx b = 0; b < blocks; ++b)
         for (idx ip = 0; ip < panels; ++ip) {
-            const idx pc = b * GB::KC, kc = imin(GB::KC, K - pc);
+            const idx pc = b * KC, kc = imin(KC, K - pc);
             pack_a_panel(kc, imin(MR, M - ip * MR), A + ip * MR * rsa + pc * csa, rsa, csa,
                          out + pc * Mpad + ip * MR * kc);
         }
 }
 
-// `pack` must hold GemmBlocking<T>::pack_elems elements, 64-byte aligned.
+// `pack` must hold gemm_pack_elems<T>() elements, 64-byte aligned.
 // parallel=false when called from inside an OpenMP region. With `a_packed`
 // (from pack_a_full of this A) A is not read or packed again.
 template <class T>
@@ -219,22 +279,24 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
             for (idx i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(T));
         return;
     }
+    const GemmDims& d = gemm_dims<T>();
+    const idx KC = d.kc, MC = d.mc, NC = d.nc;
     T* Ap = pack;
-    T* Bp = pack + GB::MC * GB::KC;
+    T* Bp = pack + MC * KC;
     int nt = parallel ? num_threads() : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-    for (idx jc = 0; jc < N; jc += GB::NC) {
-        idx nc = imin(GB::NC, N - jc);
+    for (idx jc = 0; jc < N; jc += NC) {
+        idx nc = imin(NC, N - jc);
         idx npanels = (nc + NR - 1) / NR;
-        for (idx pc = 0; pc < K; pc += GB::KC) {
-            idx kc = imin(GB::KC, K - pc);
+        for (idx pc = 0; pc < K; pc += KC) {
+            idx kc = imin(KC, K - pc);
             bool acc = accumulate || pc > 0;
 #pragma omp for schedule(static)
             for (idx jp = 0; jp < npanels; ++jp)
                 pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
                              Bp + jp * NR * kc);
-            for (idx ic = 0; ic < M; ic += GB::MC) {
-                idx mc = imin(GB::MC, M - ic);
+            for (idx ic = 0; ic < M; ic += MC) {
+                idx mc = imin(MC, M - ic);
                 idx mpanels = (mc + MR - 1) / MR;
                 const T* Ablk = Ap;
                 if (a_packed) {
@@ -259,7 +321,7 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
 template <class T>
 void gemm(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
           bool accumulate) {
-    T* pack = static_cast<T*>(workspace(GemmBlocking<T>::pack_elems * sizeof(T), 1));
+    T* pack = static_cast<T*>(workspace(gemm_pack_elems<T>() * sizeof(T), 1));
     gemm_blocked(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, true);
 }
 

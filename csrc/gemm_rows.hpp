@@ -9,17 +9,21 @@
 // packs its A block itself). Every C element is reduced over K in KC order
 // by one thread: deterministic for any thread count.
 
+// Rows per block of gemm_rows: its A block (kRowsMC x rows_kc, at most 288 KiB
+// of float32) stays in L2. Fixed, as the per-block row tables are on the stack.
+constexpr idx kRowsMC = 144, kRowsKCMax = 512;
+
 // KC of gemm_rows: the B micro-panel (kc x NR) streamed by every micro-kernel
-// call should stay in L1 beside the A rows, so kc is sized from the L1 data
-// cache this machine reports (half of it), a multiple of 16 in [64, 512].
+// call should stay in L1 beside the A rows: the packed GEMM's L1 rule
+// (l1_kc) for this machine's caches, at most kRowsKCMax.
+template <class T>
+idx rows_kc_for(const CacheSizes& c) {
+    return imin(kRowsKCMax, l1_kc<T>(c));
+}
+
 template <class T>
 idx rows_kc() {
-    static const idx kc = [] {
-        long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        if (l1 <= 0) l1 = 32 << 10;
-        const idx per_k = GemmBlocking<T>::NR * static_cast<idx>(sizeof(T));
-        return imax(64, imin(512, l1 / 2 / per_k / 16 * 16));
-    }();
+    static const idx kc = rows_kc_for<T>(cache_sizes());
     return kc;
 }
 
@@ -74,12 +78,12 @@ void gemm_rows(idx M, idx N, idx K, const ASource& a_src, const T* Bp, T* C, idx
     // near-equal row blocks, a multiple of the thread count of them where M
     // allows (11 blocks on 2 threads would leave one thread idle a twelfth of
     // the time), none over MC rows
-    const idx per_thread = imax(1, (M + GB::MC * nt - 1) / (GB::MC * nt));
+    const idx per_thread = imax(1, (M + kRowsMC * nt - 1) / (kRowsMC * nt));
     const idx rows = imax(MR, ((M + per_thread * nt - 1) / (per_thread * nt) + MR - 1) / MR * MR);
     const idx mblocks = (M + rows - 1) / rows;
     const idx nchunks = mblocks >= 2 * nt ? 1 : imin(npanels, (2 * nt + mblocks - 1) / mblocks);
     const idx tasks = mblocks * nchunks;
-    const idx abuf = (GB::MC * GB::KC + 15) / 16 * 16;
+    const idx abuf = (kRowsMC * KC + 15) / 16 * 16;
     const int nthreads = threads_for(tasks);
     T* ws = static_cast<T*>(workspace(static_cast<std::size_t>(nthreads * abuf) * sizeof(T), 3));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -88,8 +92,8 @@ void gemm_rows(idx M, idx N, idx K, const ASource& a_src, const T* Bp, T* C, idx
         const idx ib = t / nchunks, jc = t % nchunks;
         const idx i0 = ib * rows, mc = imin(rows, M - i0), mpanels = (mc + MR - 1) / MR;
         const idx jp0 = jc * npanels / nchunks, jp1 = (jc + 1) * npanels / nchunks;
-        const T* rows_of[GB::MC / MR][MR];
-        bool direct[GB::MC / MR];
+        const T* rows_of[kRowsMC / MR][MR];
+        bool direct[kRowsMC / MR];
         for (idx ip = 0; ip < mpanels; ++ip)
             direct[ip] = a_src.indirect(i0 + ip * MR, imin(MR, mc - ip * MR), rows_of[ip]);
         for (idx pc = 0; pc < K; pc += KC) {

@@ -166,14 +166,18 @@ const char* auto_algo(const ConvGeom& s, bool backward, bool f64) {
 }
 
 template <class T>
-void gemm_blocking(idx out[6]) {
+void gemm_blocking(const CacheSizes* caches, idx kc, idx out[7]) {
     typedef GemmBlocking<T> GB;
+    BlockingSource source = BlockingSource::caches;
+    GemmDims d = caches ? derive_gemm_dims<T>(*caches) : resolve_gemm_dims<T>(false, &source);
+    if (caches && kc > 0) d = derive_gemm_dims<T>(*caches, kc);
     out[0] = GB::MR;
     out[1] = GB::NR;
-    out[2] = GB::KC;
-    out[3] = GB::MC;
-    out[4] = GB::NC;
-    out[5] = rows_kc<T>();
+    out[2] = d.kc;
+    out[3] = d.mc;
+    out[4] = d.nc;
+    out[5] = caches ? rows_kc_for<T>(*caches) : rows_kc<T>();
+    out[6] = static_cast<idx>(source);
 }
 
 template <class T>

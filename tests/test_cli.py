@@ -14,7 +14,8 @@ def test_info_reports_simd_threads_backends_and_cuda(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "SIMD:" in out and "threads:" in out
-    assert "GEMM blocking (float32" in out and "from the L1 data cache" in out
+    assert "GEMM blocking (float32" in out and "micro-panels in L1d's ways" in out
+    assert "caches: L1d " in out and "(read from this machine)" in out
     assert "cpp" in out and "reference" in out
     assert "CUDA:" in out
 
@@ -55,6 +56,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "ceilings measured now" in text and "cpp:im2col" in text and "cpp:direct" in text
+    assert "machine: " in text and "GEMM blocking KC" in text and "(derived from the caches)" in text
     import json
 
     report = json.loads(out.read_text())

@@ -1,12 +1,22 @@
 """The packed GEMM behind im2col, at sizes around its register tile (MR=12
-rows with AVX-512, 6 otherwise; NR=2 vector widths) and cache blocks
-(KC=512, MC=144); edge tiles take the smaller-row and one-vector kernels."""
+rows with AVX-512, 6 otherwise; NR=2 vector widths) and its cache blocks
+(KC, MC, NC, derived from this machine's caches or forced by
+CONVKERN_GEMM_BLOCKING); edge tiles take the smaller-row and one-vector
+kernels."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from convkern.backend import cpp
 from helpers import assert_close
+
+BLOCKING = cpp._cpu.build_info()["gemm_blocking_f32"]
 
 SIZES = [1, 5, 6, 7, 11, 12, 13, 15, 16, 17, 31, 32, 33, 64, 65]
 
@@ -21,9 +31,15 @@ def test_gemm_tile_edges(rng, dtype, m):
         assert_close(cpp.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), dtype, f"{m}x{k}x{n}")
 
 
-@pytest.mark.parametrize("shape", [(150, 300, 70), (7, 513, 300), (13, 1100, 45), (145, 257, 3100), (290, 129, 97)])
-def test_gemm_crosses_cache_blocks(rng, shape):
-    m, k, n = shape
+def _block_shapes():
+    kc, mc, nc = BLOCKING["KC"], BLOCKING["MC"], BLOCKING["NC"]
+    return [(mc + 6, kc + 44, 70), (7, kc + 1, 300), (13, 2 * kc + 76, 45), (mc + 1, kc + 1, nc + 5),
+            (2 * mc + 2, kc // 2 + 1, 97)]
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_gemm_crosses_cache_blocks(rng, which):
+    m, k, n = shape = _block_shapes()[which]
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     assert_close(cpp.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), np.float32, str(shape))
@@ -32,3 +48,112 @@ def test_gemm_crosses_cache_blocks(rng, shape):
 def test_gemm_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="gemm"):
         cpp.gemm(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))
+
+
+def _run(code: str, tmp_path, **env) -> dict:
+    """Run code in a fresh interpreter with env added; its last stdout line is JSON."""
+    full = dict(os.environ, CONVKERN_TUNE="off", **env)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                       env=full, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+FORCED_BLOCKING_CHECK = """
+    import json
+    import numpy as np
+    import convkern.functional as F
+    from convkern.backend import cpp
+
+    rng = np.random.default_rng(3)
+    errors = {}
+    for m, k, n in [(37, 50, 97), (25, 17, 130), (12, 16, 64), (50, 129, 31)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        ref = a.astype(np.float64) @ b.astype(np.float64)
+        errors[f"gemm {m}x{k}x{n}"] = float(np.linalg.norm(cpp.gemm(a, b) - ref) / np.linalg.norm(ref))
+    x = rng.standard_normal((2, 19, 11, 13)).astype(np.float32)
+    w = rng.standard_normal((29, 19, 3, 3)).astype(np.float32)
+    ref = F.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="reference")
+    cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    for name, inp, algo in [("im2col", x, "im2col"), ("shifted", x, "shifted"), ("winograd", x, "winograd"),
+                            ("channels_last", cl, "auto")]:
+        y = F.conv2d(inp, w, padding=1, backend="cpp", algo=algo)
+        errors[f"conv {name}"] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    print(json.dumps({"errors": errors, "blocking": cpp._cpu.build_info()["gemm_blocking_f32"]}))
+"""
+
+
+@pytest.mark.parametrize("blocking", ["16,24,64", "24,30,70", "8,12,32"])
+def test_forced_blocking_gives_the_same_products(tmp_path, blocking):
+    """Blocks far smaller than any derived ones: every GEMM and conv path then
+    crosses many KC, MC and NC boundaries (MC and NC rounded to whole panels)."""
+    out = _run(FORCED_BLOCKING_CHECK, tmp_path, CONVKERN_GEMM_BLOCKING=blocking)
+    kc, mc, nc = (int(v) for v in blocking.split(","))
+    b = out["blocking"]
+    assert (b["KC"], b["source"]) == (kc, "CONVKERN_GEMM_BLOCKING")
+    assert b["MC"] == max(b["MR"], mc // b["MR"] * b["MR"]) and b["NC"] == max(b["NR"], nc // b["NR"] * b["NR"])
+    bad = {k: v for k, v in out["errors"].items() if not v < 2e-6}
+    assert not bad, bad
+
+
+def test_blocking_follows_the_caches(tmp_path):
+    """CONVKERN_CACHES stands in for another machine's caches: the blocking
+    derived from them is what the kernels use and what info reports."""
+    code = """
+        import json
+        from convkern.backend import cpp
+        bi = cpp._cpu.build_info()
+        print(json.dumps({"caches": bi["caches"], "blocking": bi["gemm_blocking_f32"]}))
+    """
+    small = _run(code, tmp_path, CONVKERN_CACHES="32K/8,512K/8,8M/16")
+    big = _run(code, tmp_path, CONVKERN_CACHES="48k/12,2M/16,100M/16")
+    assert small["caches"]["l1d"] == 32 << 10 and small["caches"]["ways"] == [8, 8, 16]
+    assert small["caches"]["source"] == "CONVKERN_CACHES" and big["caches"]["l2"] == 2 << 20
+    for run, (l1, ways, l2) in ((small, (32 << 10, 8, 512 << 10)), (big, (48 << 10, 12, 2 << 20))):
+        assert run["blocking"]["source"] == "caches"
+        expect = cpp._cpu.gemm_blocking_for(l1, l2, 1 << 30, ways, 16)
+        assert {k: run["blocking"][k] for k in ("KC", "MC", "rows_KC")} == \
+            {k: expect[k] for k in ("KC", "MC", "rows_KC")}
+    assert small["blocking"]["KC"] < big["blocking"]["KC"] and small["blocking"]["MC"] < big["blocking"]["MC"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("l1,ways", [(32 << 10, 8), (48 << 10, 12), (64 << 10, 4), (80 << 10, 20)])
+def test_derived_kc_fills_l1_ways_with_one_to_spare(dtype, l1, ways):
+    """The A (MR x KC) and B (KC x NR) micro-panels take whole ways of L1, at
+    most all but one, and KC is the largest multiple of 16 for which they do."""
+    b = cpp._cpu.gemm_blocking_for(l1, 1 << 20, 32 << 20, ways, 16, dtype=dtype)
+    size, way = np.dtype(dtype).itemsize, l1 // ways
+
+    def ways_used(kc):
+        return -(-b["MR"] * kc * size // way) + -(-b["NR"] * kc * size // way)
+
+    assert b["KC"] % 16 == 0 and ways_used(b["KC"]) <= ways - 1
+    assert b["KC"] == 64 or ways_used(b["KC"] + 16) > ways - 1
+    # the A block in half of L2, the B block in half of L3 (at most 4 MiB), whole panels
+    assert b["MC"] % b["MR"] == 0 and b["MC"] * b["KC"] * size <= (1 << 20) // 2
+    assert (b["MC"] + b["MR"]) * b["KC"] * size > (1 << 20) // 2
+    assert b["NC"] % b["NR"] == 0 and b["NC"] * b["KC"] * size <= 4 << 20
+
+
+@pytest.mark.parametrize("var,value", [("CONVKERN_GEMM_BLOCKING", "1,2"), ("CONVKERN_GEMM_BLOCKING", "64,x,9"),
+                                       ("CONVKERN_CACHES", "48K,1M"), ("CONVKERN_CACHES", "48K/0,1M,2M")])
+def test_malformed_blocking_settings_name_the_variable(tmp_path, var, value):
+    """The compiled module refuses to load (no kernel runs with a half-read
+    setting) and every use of the cpp backend says why."""
+    code = """
+        import convkern
+        try:
+            convkern.simd_level()
+        except convkern.BackendUnavailableError as exc:
+            print("refused:", exc)
+        else:
+            print("ran")
+    """
+    full = dict(os.environ, **{var: value})
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("refused:") and f"{var}" in r.stdout and f"'{value}'" in r.stdout, r.stdout
+    assert "reinstall" not in r.stdout

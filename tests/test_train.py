@@ -109,6 +109,7 @@ def test_bench_train_runs_and_reports(capsys):
     assert main(["bench-train", "--rounds", "1", "--batch", "4", "--no-torch"]) == 0
     out = capsys.readouterr().out
     assert "convkern cpp" in out and "train step" in out and "inference b4" in out
+    assert out.startswith("machine: ") and "GEMM blocking KC" in out and "BLAS SGEMM" in out
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

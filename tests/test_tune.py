@@ -119,15 +119,87 @@ def test_convkern_tune_measures_ahead_of_use(tuning, tmp_path, capsys):
     from convkern import nn
     from convkern.cli import main
 
-    assert main(["tune", "--layers", "mnist_conv1,resnet_l1_3x3", "--batch", "1"]) == 0
+    assert main(["tune", "--no-gemm", "--layers", "mnist_conv1,resnet_l1_3x3", "--batch", "1"]) == 0
     assert "measured 4 problems, 0 already known" in capsys.readouterr().out
-    assert main(["tune", "--layers", "mnist_conv1", "--batch", "1"]) == 0
+    assert main(["tune", "--no-gemm", "--layers", "mnist_conv1", "--batch", "1"]) == 0
     assert "measured 0 problems, 2 already known" in capsys.readouterr().out
     path = tmp_path / "m.npz"
     nn.save(path, nn.build("lenet", (1, 28, 28), 10, rng=0), meta={"arch": "lenet", "input_shape": [1, 28, 28],
                                                                   "num_classes": 10})
-    assert main(["tune", "--model", str(path), "--batch", "2"]) == 0
+    assert main(["tune", "--no-gemm", "--model", str(path), "--batch", "2"]) == 0
     assert "measured 0 problems" not in capsys.readouterr().out  # its two convs at batch 2, forward and backward
-    assert main(["tune", "--model", str(path), "--batch", "2"]) == 0
+    assert main(["tune", "--no-gemm", "--model", str(path), "--batch", "2"]) == 0
     assert "measured 0 problems" in capsys.readouterr().out
     assert main(["tune", "--layers", "nope"]) == 2
+
+
+# ---- the GEMM blocking (convkern.blocking)
+
+_BLOCKING_IN_CHILD = """
+import json, warnings
+warnings.simplefilter("always")
+from convkern.backend import cpp
+from convkern import tune
+b = cpp._cpu.build_info()["gemm_blocking_f32"]
+print(json.dumps({"blocking": [b["KC"], b["MC"], b["NC"]], "source": b["source"],
+                  "key": tune.machine_key()["blocking"]["gemm"]}))
+"""
+
+
+def _child_blocking(tmp_path, **env):
+    r = subprocess.run([sys.executable, "-c", _BLOCKING_IN_CHILD], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path), **env))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_measured_blocking_is_kept_and_applied_by_the_next_process(tuning):
+    from convkern import blocking
+
+    cands = blocking.candidates()
+    assert cands["model"][0] < cands["KC x1.5"][0] < cands["KC x2"][0]
+    results = blocking.measure(cands, shapes=[(24, 300, 70), (12, 40, 33)], rounds=1, min_time=0.01)
+    assert set(results) == set(cands) and all(r["gflops"] > 0 for r in results.values())
+    # whatever won, store a candidate other than the model's, to see it applied
+    results["KC x2"]["gflops"] = 2 * results["model"]["gflops"]
+    assert blocking.pick(results) == "KC x2"
+    path = blocking.save("KC x2", results)
+    assert os.path.dirname(path) == os.path.dirname(tune.cache_path())
+    want = list(cands["KC x2"])
+    got, _ = _child_blocking(tuning, CONVKERN_TUNE="on")
+    assert got == {"blocking": want, "source": "convkern tune", "key": want}  # algorithm choices keyed by it
+    got, _ = _child_blocking(tuning, CONVKERN_TUNE="off")
+    assert got["source"] == "caches" and got["key"] == "derived"
+    got, _ = _child_blocking(tuning, CONVKERN_TUNE="on", CONVKERN_GEMM_BLOCKING="64,48,128")
+    assert got["blocking"] == [64, 48, 128] and got["source"] == "CONVKERN_GEMM_BLOCKING"
+
+
+def test_the_model_blocking_stays_unless_beaten_by_the_margin():
+    from convkern import blocking
+
+    results = {"model": {"gflops": 100.0}, "KC x1.5": {"gflops": 101.5}, "KC x2": {"gflops": 90.0}}
+    assert blocking.pick(results) == "model"
+    results["KC x1.5"]["gflops"] = 103.0
+    assert blocking.pick(results) == "KC x1.5"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "machine": {}, "choices": {}}',
+                                     '{"format": 1, "machine": "x", "choices": {"avx512|2": {"blocking": [0]}}}'])
+def test_a_corrupt_or_foreign_blocking_file_is_ignored_with_a_warning(tuning, content):
+    from convkern import blocking
+
+    os.makedirs(os.path.dirname(blocking.path()), exist_ok=True)
+    with open(blocking.path(), "w") as f:
+        f.write(content)
+    got, err = _child_blocking(tuning, CONVKERN_TUNE="on")
+    assert got["source"] == "caches" and "ignoring the GEMM blocking file" in err
+
+
+def test_a_blocking_arrives_too_late_once_a_kernel_ran():
+    x = np.ones((4, 4), np.float32)
+    cpp.gemm(x, x)
+    before = cpp._cpu.build_info()["gemm_blocking_f32"]
+    assert cpp._cpu.set_tuned_gemm_blocking(64, 48, 128) is False
+    assert cpp._cpu.build_info()["gemm_blocking_f32"] == before
+    with pytest.raises(ValueError, match="out of range"):
+        cpp._cpu.set_tuned_gemm_blocking(4, 48, 128)

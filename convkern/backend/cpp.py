@@ -18,9 +18,15 @@ try:
     from .. import _cpu  # type: ignore[attr-defined]
     check_layout("convkern._cpu", _cpu.geometry_fields())
     _IMPORT_ERROR = ""
-except (ImportError, AttributeError) as exc:  # pragma: no cover - exercised only on broken installs
+except (ImportError, AttributeError) as exc:  # broken installs, or a malformed CONVKERN_* setting
     _cpu = None
-    _IMPORT_ERROR = f"compiled module convkern._cpu is not importable ({exc}); reinstall with `pip install .`"
+    _IMPORT_ERROR = f"compiled module convkern._cpu is not importable ({exc})"
+    if "CONVKERN_" not in str(exc):
+        _IMPORT_ERROR += "; reinstall with `pip install .`"
+else:
+    from .. import blocking
+
+    blocking.apply()  # the GEMM blocking `convkern tune` measured here, before any kernel runs
 
 
 def available() -> Tuple[bool, str]:

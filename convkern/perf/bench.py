@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import machine as _machine
 from .. import backend as _backends
 from .. import functional as F
 from ..geometry import conv2d_geometry
@@ -472,7 +473,7 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
     if any(_row_device(i) == "cuda" for i in impls):
         ceilings.update(measure_gpu_ceilings())
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": _threads(),
-               "simd": _simd()}
+               "simd": _simd(), "cpu": _machine.describe(), "gemm_blocking": _blocking()}
     sink = open(jsonl, "a") if jsonl else None
     if sink:
         sink.write(json.dumps({"machine": machine, "batch": batch, "ceilings": ceilings}) + "\n")
@@ -551,6 +552,15 @@ def _threads() -> int:
         return 0
 
 
+def _blocking() -> str:
+    try:
+        from .. import blocking
+
+        return blocking.describe()
+    except ImportError:  # no compiled module
+        return "no cpp backend"
+
+
 def _simd() -> str:
     try:
         import convkern
@@ -578,7 +588,9 @@ def table(report: dict) -> str:
     c = report["ceilings"]
     gpu = (f"; GPU: FP32 GEMM {c['gpu_gemm_gflops']:.0f} GFLOP/s (cuBLAS, no TF32), copy {c['gpu_copy_gbs']:.0f} GB/s"
            if "gpu_copy_gbs" in c else "")
-    lines = [f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS, OPENBLAS_* unset), "
+    m = report["machine"]
+    lines = [f"machine: {m.get('cpu', m['processor'])}; {m.get('gemm_blocking', '')}",
+             f"ceilings measured now: FP32 GEMM {c['gemm_gflops']:.0f} GFLOP/s (NumPy BLAS, OPENBLAS_* unset), "
              f"copy {c['copy_gbs']:.1f} GB/s{gpu}; {report['machine']['threads']} threads, "
              f"SIMD {report['machine']['simd']}, batch {report['batch']}",
              f"{'op':<20} {'problem':<20} {'impl':<20} {'ms':>10} {'rate':>14} {'%ceil':>6} {'vs best':>8} "

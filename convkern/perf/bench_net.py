@@ -26,11 +26,17 @@ TORCH_PEERS = ("torch NCHW", "torch channels_last")
 def machine() -> Dict[str, object]:
     """CPU model, SIMD level, cores and threads, with the ceilings measured now."""
     import convkern
+    from .. import blocking
     from .. import machine as this_machine
     from .bench import measure_ceilings
 
     return {"cpu": this_machine.describe(), "simd": convkern.simd_level(), "cores": os.cpu_count(),
-            "threads": convkern.get_num_threads(), **measure_ceilings(0.3)}
+            "threads": convkern.get_num_threads(), "gemm_blocking": blocking.describe(), **measure_ceilings(0.3)}
+
+
+def machine_line(info: Dict[str, object]) -> str:
+    return (f"machine: {info['cpu']}, {info['simd']}, convkern threads {info['threads']}; {info['gemm_blocking']}; "
+            f"ceilings now: BLAS SGEMM {info['gemm_gflops']:.0f} GFLOP/s, copy {info['copy_gbs']:.1f} GB/s")
 
 
 def _inputs(torch, name: str, batch: int, size: int):
@@ -233,9 +239,7 @@ def main(args) -> int:
         print(f"bench-net: unknown nets {unknown}; the nets are {', '.join(NETS)}")
         return 2
     info = machine()
-    print(f"machine: {info['cpu']}, {info['simd']}, convkern threads {info['threads']}, "
-          f"torch threads {torch.get_num_threads()}; ceilings now: BLAS SGEMM {info['gemm_gflops']:.0f} GFLOP/s, "
-          f"copy {info['copy_gbs']:.1f} GB/s")
+    print(machine_line(info) + f"; torch threads {torch.get_num_threads()}")
     report = run(nets, [int(b) for b in args.batches.split(",")], args.size, args.rounds,
                  args.backends.split(","), onnx=not args.no_onnx, progress=not args.no_progress)
     print(table(report))

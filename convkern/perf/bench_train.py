@@ -119,7 +119,10 @@ def table(report: dict) -> str:
 
 
 def main(args) -> int:
+    from .bench_net import machine, machine_line
+
     backends = args.backends.split(",") if args.backends else None
+    print(machine_line(machine()))
     report = run(args.batch, args.rounds, backends, with_torch=not args.no_torch)
     print(table(report))
     if args.json:

@@ -4,8 +4,10 @@ Instruction gate (deterministic): each case calls one compiled kernel on a
 small fixed problem under ``valgrind --tool=callgrind`` (a warm-up pass over all
 cases, then the counted pass), counting only inside
 the kernel (the bindings' ``kernel_region``; each call dumps its own counts),
-with the SIMD level forced to AVX2 (valgrind cannot run AVX-512) and one
-thread. The counts are compared with a baseline kept in the repository; a rise
+with the SIMD level forced to AVX2 (valgrind cannot run AVX-512), one
+thread and the cache sizes pinned (``CONVKERN_CACHES``: blocking and band
+sizes follow the caches, so counts would otherwise differ between machines).
+The counts are compared with a baseline kept in the repository; a rise
 above the threshold (default 3%) fails.
 
 Wall-clock gate (coarse): each case's median time divided by a calibration
@@ -40,6 +42,8 @@ import numpy as np
 
 DEFAULT_INSTRUCTIONS = Path("bench/baseline/instructions.json")
 DEFAULT_WALLCLOCK = Path("bench/baseline/wallclock.json")
+# the caches the instruction baseline was recorded with (an AMD EPYC's L1d, L2, L3)
+GATE_CACHES = "48K/12,1M/16,32M/16"
 
 
 def _randn(rng, shape) -> np.ndarray:
@@ -168,7 +172,10 @@ def count_instructions(names: List[str], backend: str = "cpp", env: Optional[dic
                            "headers and rebuild to use the instruction gate")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
-        e = dict(os.environ, OMP_NUM_THREADS="1", CONVKERN_SIMD="avx2", **(env or {}))
+        # nothing machine-specific: the rules' blocking for fixed caches, no measured choices
+        e = dict(os.environ, OMP_NUM_THREADS="1", CONVKERN_SIMD="avx2", CONVKERN_CACHES=GATE_CACHES,
+                 CONVKERN_TUNE="off", **(env or {}))
+        e.pop("CONVKERN_GEMM_BLOCKING", None)
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--toggle-collect=*kernel_region*",
                sys.executable, "-m", "convkern.perf.gate", "_run", backend, ",".join(names)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=tmp, timeout=1800)
@@ -317,7 +324,8 @@ def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) 
     entry = {"date": datetime.date.today().isoformat(), "reason": reason}
     data = {
         "kind": kind,
-        "conditions": ("callgrind, CONVKERN_SIMD=avx2, OMP_NUM_THREADS=1, float32" if kind == "instructions"
+        "conditions": (f"callgrind, CONVKERN_SIMD=avx2, OMP_NUM_THREADS=1, CONVKERN_CACHES={GATE_CACHES}, float32"
+                       if kind == "instructions"
                        else f"1 thread, batch x{WALL_SCALE}, median of interleaved rounds of "
                             "case time / (numpy sort of 32K floats + 16 MiB copy) time, per machine kind "
                             "(SIMD level, CPU vendor and family)"),

@@ -1,0 +1,223 @@
+"""The packed GEMM's cache blocking, measured on this machine.
+
+The C++ kernels derive their GEMM blocking (KC, MC, NC) from the caches they
+read at start-up: the A and B micro-panels in L1's ways, the A block in half
+of L2, the B block in half of L3 (``convkern info`` prints both). That model
+is a starting point, not the optimum: a core whose L2 streams B fast enough
+runs faster with a longer KC (fewer passes over C), and which one wins is a
+property of the core, not of its cache sizes.
+
+``convkern tune`` therefore times a few candidates around the model's
+(KC as derived, 1.5x and 2x it, each with its own MC and NC) on the GEMM
+shapes of the canonical layers and 2048^3, in child processes (a process's
+blocking is fixed at its first kernel call), in interleaved rounds. A
+candidate replaces the model's only if its geometric-mean speed is more than
+2% higher. The winner is kept per SIMD level and thread count in a JSON file
+beside the algorithm choices, keyed by the CPU's identity and the build, and
+applied as the cpp backend loads (``apply``) unless ``CONVKERN_TUNE=off``.
+``CONVKERN_GEMM_BLOCKING=KC,MC,NC`` overrides everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FORMAT = 1
+MARGIN = 1.02  # a candidate must beat the model's blocking by this factor
+Blocking = Tuple[int, int, int]
+
+
+def gemm_shapes() -> List[Tuple[int, int, int]]:
+    """(M, K, N) of each canonical layer's per-image im2col GEMM (output
+    channels x patch length x output pixels), and 2048^3."""
+    from .perf.canonical import CANONICAL
+
+    shapes = []
+    for layer in CANONICAL:
+        if layer.groups > 1:
+            continue  # depthwise layers run no GEMM
+        ho = (layer.H + 2 * layer.pad - layer.R) // layer.stride + 1
+        wo = (layer.W + 2 * layer.pad - layer.S) // layer.stride + 1
+        shapes.append((layer.K, layer.C * layer.R * layer.S, ho * wo))
+    return shapes + [(2048, 2048, 2048)]
+
+
+def _cpu():
+    from . import _cpu as module  # type: ignore[attr-defined]
+
+    return module
+
+
+def candidates() -> Dict[str, Blocking]:
+    """The model's blocking for this machine's caches and the longer-KC
+    candidates, by name."""
+    c = _cpu().build_info()["caches"]
+    args = (c["l1d"], c["l2"], c["l3"], c["ways"][0], c["ways"][1])
+    rule = _cpu().gemm_blocking_for(*args)
+    out = {"model": (rule["KC"], rule["MC"], rule["NC"])}
+    for name, factor in (("KC x1.5", 1.5), ("KC x2", 2.0)):
+        kc = int(rule["KC"] * factor) // 16 * 16
+        b = _cpu().gemm_blocking_for(*args, kc=kc)
+        out[name] = (b["KC"], b["MC"], b["NC"])
+    return out
+
+
+def _speeds(shapes: Sequence[Tuple[int, int, int]], min_time: float) -> Dict[str, float]:
+    """GFLOP/s of the cpp GEMM on each shape in this process, from its best
+    time: on a shared machine a neighbour's load only ever slows a call down,
+    so the fastest call is the one that measures the blocking."""
+    from .backend import cpp
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for m, k, n in shapes:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        cpp.gemm(a, b)
+        times: List[float] = []
+        end = time.perf_counter() + min_time
+        while time.perf_counter() < end or len(times) < 3:
+            t0 = time.perf_counter()
+            cpp.gemm(a, b)
+            times.append(time.perf_counter() - t0)
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / min(times) / 1e9
+    return out
+
+
+def _child(blocking: Blocking, shapes, min_time: float) -> Dict[str, float]:
+    env = dict(os.environ, CONVKERN_GEMM_BLOCKING=",".join(map(str, blocking)), CONVKERN_TUNE="off")
+    cmd = [sys.executable, "-m", "convkern.blocking", json.dumps({"shapes": shapes, "min_time": min_time})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tempfile.gettempdir())
+    if r.returncode != 0:
+        raise RuntimeError(f"timing the GEMM with blocking {blocking} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure(cands: Dict[str, Blocking], shapes=None, rounds: int = 3,
+            min_time: float = 0.2) -> Dict[str, Dict[str, object]]:
+    """Each candidate's geometric-mean GFLOP/s over the shapes (the best of
+    interleaved rounds per shape)."""
+    shapes = [list(s) for s in (shapes or gemm_shapes())]
+    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in cands}
+    for _ in range(rounds):
+        for name, blocking in cands.items():
+            runs[name].append(_child(blocking, shapes, min_time))
+    out = {}
+    for name, rs in runs.items():
+        per_shape = {s: max(r[s] for r in rs) for s in rs[0]}
+        score = math.exp(sum(math.log(v) for v in per_shape.values()) / len(per_shape))
+        out[name] = {"blocking": list(cands[name]), "gflops": score, "per_shape": per_shape}
+    return out
+
+
+def pick(results: Dict[str, Dict[str, object]]) -> str:
+    """The model's blocking unless another beats it by more than MARGIN."""
+    best = max(results, key=lambda n: results[n]["gflops"])
+    if best != "model" and results[best]["gflops"] > MARGIN * results["model"]["gflops"]:
+        return best
+    return "model"
+
+
+def _key() -> Dict[str, object]:
+    from . import machine, tune
+
+    m = machine.identity()
+    return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
+            "stepping": m["stepping"], "cores": m["cores"], "build": tune.build_id(),
+            "caches": _cpu().build_info()["caches"]}
+
+
+def path() -> str:
+    from . import tune
+
+    digest = hashlib.sha256(json.dumps(_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(os.path.dirname(tune.cache_path()), f"gemm-{digest}.json")
+
+
+def describe() -> str:
+    """The float32 GEMM blocking in use and where it came from, in one phrase."""
+    b = _cpu().build_info()["gemm_blocking_f32"]
+    origin = {"caches": "derived from the caches", "convkern tune": "measured by convkern tune",
+              "CONVKERN_GEMM_BLOCKING": "set by CONVKERN_GEMM_BLOCKING"}[b["source"]]
+    return f"GEMM blocking KC {b['KC']}, MC {b['MC']}, NC {b['NC']} ({origin})"
+
+
+def slot() -> str:
+    """Choices are per SIMD level and thread count."""
+    return f"{_cpu().simd_level()}|{_cpu().num_threads()}"
+
+
+def _read() -> Dict[str, object]:
+    p = path()
+    try:
+        with open(p) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"convkern: ignoring the GEMM blocking file {p}: unreadable ({exc})", RuntimeWarning,
+                      stacklevel=3)
+        return {}
+    key = json.loads(json.dumps(_key()))
+    ok = (isinstance(data, dict) and data.get("format") == FORMAT and data.get("machine") == key
+          and isinstance(data.get("choices"), dict))
+    if ok:
+        for choice in data["choices"].values():
+            b = choice.get("blocking") if isinstance(choice, dict) else None
+            ok = ok and isinstance(b, list) and len(b) == 3 and all(isinstance(v, int) and v > 0 for v in b)
+    if not ok:
+        warnings.warn(f"convkern: ignoring the GEMM blocking file {p}: made for another machine or build, or not "
+                      f"a convkern blocking file", RuntimeWarning, stacklevel=3)
+        return {}
+    return data["choices"]
+
+
+def stored() -> Optional[Blocking]:
+    """The blocking measured for this machine, SIMD level and thread count, if any."""
+    choice = _read().get(slot())
+    return tuple(choice["blocking"]) if choice else None
+
+
+def save(name: str, results: Dict[str, Dict[str, object]]) -> str:
+    choices = _read()
+    choices[slot()] = {"blocking": results[name]["blocking"], "chosen": name,
+                       "gflops": {n: round(r["gflops"], 1) for n, r in results.items()}}
+    p = path()
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gemm-", dir=os.path.dirname(p))
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": FORMAT, "machine": _key(), "choices": choices}, f, indent=1)
+    os.replace(tmp, p)  # atomic: a reader sees the old file or the new one
+    return p
+
+
+def apply() -> Optional[Blocking]:
+    """Hand the stored blocking to the kernels (before any has run), unless
+    CONVKERN_TUNE=off or CONVKERN_GEMM_BLOCKING is set. Returns what was applied."""
+    from . import tune
+
+    try:
+        if tune.mode() == "off" or os.environ.get("CONVKERN_GEMM_BLOCKING"):
+            return None
+        b = stored()
+    except (OSError, ValueError):  # a bad CONVKERN_TUNE is reported where tuning is used
+        return None
+    if b is None or not _cpu().set_tuned_gemm_blocking(*b):
+        return None
+    return b
+
+
+if __name__ == "__main__":  # a child of measure(): time the GEMM under the blocking in the environment
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(_speeds([tuple(s) for s in spec["shapes"]], spec["min_time"])))
