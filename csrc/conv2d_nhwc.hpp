@@ -119,62 +119,54 @@ inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s
 // ---- depthwise: y[n, ho, wo, c] = sum_rq x[n, ih, iw, c] * w[c, r, q]
 
 // The interior of a 3x3 undilated depthwise row (stride sw): every tap in
-// range. P output pixels at a time, and for each of their channel blocks the
-// nine weight vectors are loaded (from L1) and P * NV independent sums kept
-// in registers, enough to cover the FMA latency; the inputs the P pixels
-// share are loaded once. Pixels outermost, so memory is walked in order.
-// Taps are summed in the same (r, q) order as the general loop.
-template <class T, int NV, int P>
-void depthwise3x3_row_interior(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1,
-                               idx pw, idx sw) {
+// range. For each block of NV channel vectors, the nine taps' weights stay in
+// registers while the row's pixels are walked with one pointer per input row;
+// a tap (r, q) is that pointer plus q * C, which x86 addressing reaches with
+// one index register (scale 1 and 2), so the inputs feed the FMAs straight
+// from L1 and no address is spilled. Consecutive pixels' sums are independent,
+// which covers the FMA latency. The pixels go in chunks whose three input rows
+// stay in L1 across the channel blocks. Taps are summed in the same (r, q)
+// order as the general loop.
+template <class T, int NV>
+void depthwise3x3_row_block(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx c0, idx w0, idx w1,
+                            idx pw, idx sw) {
     typedef typename Vec<T>::type V;
-    constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
-    idx wo = wo0;
-    for (; wo + P <= wo1; wo += P)
-        for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
-            V acc[P][NV];
-            for (int v = 0; v < NV; ++v) {
-                const V bias = b ? vload<V>(b + c0 + v * L) : V{};
-                for (int p = 0; p < P; ++p) acc[p][v] = bias;
-            }
-            for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo * sw - pw) * C + c0;
-                for (int q = 0; q < 3; ++q) {
-                    V wr[NV];
-                    for (int v = 0; v < NV; ++v) wr[v] = vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
-                    for (int p = 0; p < P; ++p)
-                        for (int v = 0; v < NV; ++v) acc[p][v] += vload<V>(in + (p * sw + q) * C + v * L) * wr[v];
-                }
-            }
-            for (int p = 0; p < P; ++p)
-                for (int v = 0; v < NV; ++v) vstore(out + (wo + p) * C + c0 + v * L, acc[p][v]);
-        }
-    for (; wo < wo1; ++wo)
-        for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
-            V acc[NV];
-            for (int v = 0; v < NV; ++v) acc[v] = b ? vload<V>(b + c0 + v * L) : V{};
-            for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo * sw - pw) * C + c0;
-                for (int q = 0; q < 3; ++q)
-                    for (int v = 0; v < NV; ++v)
-                        acc[v] += vload<V>(in + q * C + v * L) * vload<V>(wt + (r * 3 + q) * C + c0 + v * L);
-            }
-            for (int v = 0; v < NV; ++v) vstore(out + wo * C + c0 + v * L, acc[v]);
-        }
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    V wr[9][NV], bias[NV];
+    for (int t = 0; t < 9; ++t)
+        for (int v = 0; v < NV; ++v) wr[t][v] = vload<V>(wt + t * C + c0 + v * L);
+    for (int v = 0; v < NV; ++v) bias[v] = b ? vload<V>(b + c0 + v * L) : V{};
+    const T* in[3];
+    for (int r = 0; r < 3; ++r) in[r] = rows[r] + (w0 * sw - pw) * C + c0;
+    const idx step = sw * C;
+    T* o = out + w0 * C + c0;
+    for (idx wo = w0; wo < w1; ++wo) {
+        V acc[NV];
+        for (int v = 0; v < NV; ++v) acc[v] = bias[v];
+        for (int r = 0; r < 3; ++r)
+            for (int q = 0; q < 3; ++q)
+                for (int v = 0; v < NV; ++v) acc[v] += vload<V>(in[r] + q * C + v * L) * wr[r * 3 + q][v];
+        for (int v = 0; v < NV; ++v) vstore(o + v * L, acc[v]);
+        for (int r = 0; r < 3; ++r) in[r] += step;
+        o += C;
+    }
 }
 
-// The register budget picks the blocking: 2 vectors x 4 pixels + 18 weights,
-// or 1 x 8 + 9, fit 32 zmm; 1 x 4 + 9 fit 16 ymm. C is a multiple of the lanes.
+// The register budget picks NV: 9 * NV weights + NV sums fit 32 zmm with
+// NV = 2 (leaving room for the loads), 16 ymm with NV = 1. C is a multiple of
+// the lanes.
 template <class T>
 void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw,
                       idx sw) {
-    constexpr int L = CK_VEC_BYTES / sizeof(T);
-    if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)
-        depthwise3x3_row_interior<T, 2, 4>(rows, wt, b, out, C, wo0, wo1, pw, sw);
-    else if (CK_VEC_BYTES == 64)
-        depthwise3x3_row_interior<T, 1, 8>(rows, wt, b, out, C, wo0, wo1, pw, sw);
-    else
-        depthwise3x3_row_interior<T, 1, 4>(rows, wt, b, out, C, wo0, wo1, pw, sw);
+    constexpr int L = CK_VEC_BYTES / sizeof(T), NV = CK_VEC_BYTES == 64 ? 2 : 1;
+    // a chunk's three input rows (at stride 2, twice the pixels) in half of L1
+    const idx chunk = imax(4, cache_sizes().l1d / 2 / imax(1, 3 * sw * C * static_cast<idx>(sizeof(T))));
+    for (idx w0 = wo0; w0 < wo1; w0 += chunk) {
+        const idx w1 = imin(wo1, w0 + chunk);
+        idx c0 = 0;
+        for (; c0 + NV * L <= C; c0 += NV * L) depthwise3x3_row_block<T, NV>(rows, wt, b, out, C, c0, w0, w1, pw, sw);
+        for (; c0 < C; c0 += L) depthwise3x3_row_block<T, 1>(rows, wt, b, out, C, c0, w0, w1, pw, sw);
+    }
 }
 
 // Whether a depthwise conv is 3x3, undilated, of stride 1 or 2, with whole

@@ -180,11 +180,12 @@ def test_layout_detection():
 @pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
-    """A 3x3 depthwise row's interior takes register-blocked loops (channel
-    blocks of one or two vectors, 4 or 8 pixels at a time, the rest one by
-    one): forward and grad weight at stride 1 or 2, grad input (the same
-    loops over grad_output) at stride 1; channel counts, widths, paddings and
-    strides here straddle each."""
+    """A 3x3 depthwise row's interior takes register-blocked loops: forward
+    (blocks of two channel vectors with one-vector tails, the nine weights in
+    registers, pixels in chunks sized from L1) and grad weight at stride 1 or
+    2, grad input (the forward's loops over grad_output) at stride 1; channel
+    counts, widths, paddings and strides here straddle each (144 channels on
+    a 40-pixel row cross several chunks)."""
     if level not in LEVELS_HERE:
         pytest.skip(f"this CPU does not support {level}")
     before = ck.simd_level()
@@ -192,7 +193,8 @@ def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
     try:
         rng = np.random.default_rng(7)
         for C, (H, W, pad), stride in itertools.product(
-                (4, 8, 16, 24, 32, 48), ((5, 13, 1), (4, 11, 0), (6, 20, 2), (3, 3, 1), (4, 2, 1), (9, 22, 1)),
+                (4, 8, 16, 24, 32, 48, 144),
+                ((5, 13, 1), (4, 11, 0), (6, 20, 2), (3, 3, 1), (4, 2, 1), (9, 22, 1), (3, 40, 1)),
                 (1, 2, (1, 2), (2, 1))):
             x = rng.standard_normal((2, C, H, W)).astype(dtype)
             w = rng.standard_normal((C, 1, 3, 3)).astype(dtype)
