@@ -256,43 +256,49 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
     }
 }
 
-// grad weight over the interior [wo0, wo1) of one 3x3 output row (stride sw):
-// per channel block, the nine taps' sums over the row stay in registers
-// (9 * NV independent sums), then are added to acc (r, q, c) once.
+// grad weight over the interior [wo0, wo1) of one 3x3 output row (stride sw),
+// for the NV channel vectors at c0: the nine taps' sums over the row (9 * NV
+// independent chains) stay in registers, then are added to acc (r, q, c)
+// once; the pixels are walked with one pointer per input row, as in the
+// forward. (Pixel chunks that keep the rows in L1, as the forward takes,
+// were slower here: each chunk stores and reloads the 18 sums.)
 template <class T, int NV>
-void depthwise3x3_weight_row_nv(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw,
-                                idx sw) {
+void depthwise3x3_weight_block(const T* const rows[3], const T* gyrow, T* acc, idx C, idx c0, idx wo0, idx wo1,
+                               idx pw, idx sw) {
     typedef typename Vec<T>::type V;
-    constexpr int L = CK_VEC_BYTES / sizeof(T), CB = NV * L;
-    for (idx c0 = 0; c0 + CB <= C; c0 += CB) {
-        V sum[9][NV];
-        for (int k = 0; k < 9; ++k)
-            for (int v = 0; v < NV; ++v) sum[k][v] = V{};
-        for (idx wo = wo0; wo < wo1; ++wo) {
-            V g[NV];
-            for (int v = 0; v < NV; ++v) g[v] = vload<V>(gyrow + wo * C + c0 + v * L);
-            for (int r = 0; r < 3; ++r) {
-                const T* in = rows[r] + (wo * sw - pw) * C + c0;
-                for (int q = 0; q < 3; ++q)
-                    for (int v = 0; v < NV; ++v) sum[r * 3 + q][v] += g[v] * vload<V>(in + q * C + v * L);
-            }
-        }
-        for (int k = 0; k < 9; ++k)
-            for (int v = 0; v < NV; ++v) {
-                T* a = acc + k * C + c0 + v * L;
-                vstore(a, vload<V>(a) + sum[k][v]);
-            }
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    V sum[9][NV];
+    for (int k = 0; k < 9; ++k)
+        for (int v = 0; v < NV; ++v) sum[k][v] = V{};
+    const T* in[3];
+    for (int r = 0; r < 3; ++r) in[r] = rows[r] + (wo0 * sw - pw) * C + c0;
+    const T* g = gyrow + wo0 * C + c0;
+    const idx step = sw * C;
+    for (idx wo = wo0; wo < wo1; ++wo) {
+        V gv[NV];
+        for (int v = 0; v < NV; ++v) gv[v] = vload<V>(g + v * L);
+        for (int r = 0; r < 3; ++r)
+            for (int q = 0; q < 3; ++q)
+                for (int v = 0; v < NV; ++v) sum[r * 3 + q][v] += gv[v] * vload<V>(in[r] + q * C + v * L);
+        for (int r = 0; r < 3; ++r) in[r] += step;
+        g += C;
     }
+    for (int k = 0; k < 9; ++k)
+        for (int v = 0; v < NV; ++v) {
+            T* a = acc + k * C + c0 + v * L;
+            vstore(a, vload<V>(a) + sum[k][v]);
+        }
 }
 
+// Blocks of two channel vectors with AVX-512 (18 sums, 2 gradients and a load
+// fit 32 zmm), one otherwise; one-vector tails.
 template <class T>
 void depthwise3x3_weight_row(const T* const rows[3], const T* gyrow, T* acc, idx C, idx wo0, idx wo1, idx pw,
                              idx sw) {
-    constexpr int L = CK_VEC_BYTES / sizeof(T);
-    if (CK_VEC_BYTES == 64 && C % (2 * L) == 0)  // 18 sums + 2 gradients + a load of 32 zmm
-        depthwise3x3_weight_row_nv<T, 2>(rows, gyrow, acc, C, wo0, wo1, pw, sw);
-    else
-        depthwise3x3_weight_row_nv<T, 1>(rows, gyrow, acc, C, wo0, wo1, pw, sw);
+    constexpr int L = CK_VEC_BYTES / sizeof(T), NV = CK_VEC_BYTES == 64 ? 2 : 1;
+    idx c0 = 0;
+    for (; c0 + NV * L <= C; c0 += NV * L) depthwise3x3_weight_block<T, NV>(rows, gyrow, acc, C, c0, wo0, wo1, pw, sw);
+    for (; c0 < C; c0 += L) depthwise3x3_weight_block<T, 1>(rows, gyrow, acc, C, c0, wo0, wo1, pw, sw);
 }
 
 template <class T>
