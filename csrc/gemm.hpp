@@ -203,6 +203,13 @@ inline void gemm_micro_indirect(idx kc, const T* const* rows, const idx* __restr
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
         const idx o = off[k];
+        // MR rows stream from memory at once, more than the hardware
+        // prefetchers follow: ask for each row's cache line two lines ahead
+        constexpr idx kLine = 64 / sizeof(T);
+        if (k % kLine == 0 && k + 2 * kLine < kc) {
+            const idx po = off[k + 2 * kLine];
+            for (int i = 0; i < MR; ++i) __builtin_prefetch(r[i] + po, 0, 3);
+        }
 #pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) {
             const T a = r[i][o];
