@@ -599,6 +599,27 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         }
         weights_from_krsc(sum, gw, s);
     }
+    if (gx && s.G == 1 && !pointwise && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.ph < s.R &&
+        s.pw < s.S) {
+        // At stride 1 grad input is the forward conv of grad_output with the
+        // filters flipped and transposed (C x K x R x S) and top/left padding
+        // R-1-ph, S-1-pw, whose output is the input's size: the forward's
+        // indirect GEMM, where the general path below writes a column matrix
+        // of every pixel's R*S*C gradients and gathers it back.
+        std::vector<T> wf(static_cast<std::size_t>(s.K * s.C * s.R * s.S));
+        for (idx k = 0; k < s.K; ++k)
+            for (idx c = 0; c < s.C; ++c)
+                for (idx r = 0; r < s.R; ++r)
+                    for (idx q = 0; q < s.S; ++q)
+                        wf[((c * s.K + k) * s.R + r) * s.S + q] =
+                            w[((k * s.C + c) * s.R + (s.R - 1 - r)) * s.S + (s.S - 1 - q)];
+        ConvGeom t = s;
+        t.C = s.K, t.H = s.Ho, t.W = s.Wo, t.K = s.C;
+        t.ph = s.R - 1 - s.ph, t.pw = s.S - 1 - s.pw;
+        t.Ho = s.H, t.Wo = s.W;
+        conv2d_forward_nhwc(gy, wf.data(), static_cast<const T*>(nullptr), gx, t, false);
+        return;
+    }
     if (gx) {
         T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * RSC) * sizeof(T), 2));
         weights_to_krsc(w, wr, s);

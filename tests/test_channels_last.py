@@ -39,6 +39,7 @@ CONVS = [  # x shape, w shape, stride, padding, dilation, groups
     ((1, 3, 6, 6), (2, 3, 3, 3), 1, (0, 2), (2, 1), 1),
     ((2, 3, 1, 17), (5, 3, 1, 3), 1, (0, 1), 1, 1),  # one-pixel rows
     ((2, 4, 7, 7), (6, 4, 3, 3), 1, "same", 1, 1),
+    ((2, 5, 8, 9), (6, 5, 2, 4), 1, "same", 1, 1),   # even kernel: more padding bottom/right
 ]
 
 
@@ -66,6 +67,28 @@ def test_conv2d_forward_and_backward(backend, dtype, case):
     only_gw = ck.conv2d_backward(cl(gy), cl(x), w, **kw, needs=(False, True, False), backend=backend)
     assert only_gw[0] is None and only_gw[2] is None
     np.testing.assert_allclose(only_gw[1], wants[1], **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stride1_grad_input_as_the_flipped_forward(dtype):
+    """At stride 1 (undilated, one group) cpp's NHWC grad input runs the
+    forward conv of grad_output with flipped, transposed filters; kernel
+    sizes, paddings up to R-1 (and past it: the general path) and widths
+    vary, including 1-wide kernels and padding on one side only."""
+    rng = np.random.default_rng(11)
+    for R, S, ph, pw, H, W, C, K in [(3, 3, 1, 1, 9, 11, 5, 7), (3, 3, 0, 0, 6, 8, 3, 4), (3, 3, 2, 2, 5, 5, 4, 3),
+                                     (5, 5, 2, 2, 12, 10, 2, 6), (5, 3, 4, 0, 7, 9, 3, 5), (1, 3, 0, 1, 4, 13, 6, 2),
+                                     (2, 2, 1, 0, 6, 7, 4, 4), (3, 1, 1, 0, 8, 3, 2, 9), (3, 3, 3, 1, 6, 6, 3, 3),
+                                     (7, 7, 3, 3, 16, 16, 3, 16)]:
+        x = rng.standard_normal((2, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, R, S)).astype(dtype)
+        g = ck.conv2d_geometry(x.shape, w.shape, None, padding=(ph, pw))
+        gy = rng.standard_normal((2, K, g.Ho, g.Wo)).astype(dtype)
+        want = ck.conv2d_backward(gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                  padding=(ph, pw), needs=(True, False, False), backend="reference")[0]
+        got = cpp.conv2d_backward_nhwc(layout.nhwc(gy), layout.nhwc(x), w, g, needs=(True, False, False))[0]
+        np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, **tol(dtype),
+                                   err_msg=f"{R}x{S} pad ({ph}, {pw}) {H}x{W} C={C} K={K}")
 
 
 def test_cpp_runs_nhwc_kernels_without_transposes():
