@@ -547,6 +547,32 @@ def relu_backward(grad_output, input, *, backend: Optional[str] = None):
     return impl.relu_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype))
 
 
+def linear(input, weight, bias=None, *, backend: Optional[str] = None):
+    """input @ weight.T + bias, like ``torch.nn.functional.linear``: input
+    (*, in_features), weight (out_features, in_features), bias
+    (out_features,) or None; returns (*, out_features). On cpp one kernel
+    (dot products straight from input and weight for a few rows, the packed
+    GEMM for more); on other backends a 1x1 conv2d whose width is the rows."""
+    (x, w, b), device, dtype = _prepare("linear", [("input", input), ("weight", weight), ("bias", bias)])
+    if w.ndim != 2:
+        raise ValueError(f"linear: weight must be (out_features, in_features), got {tuple(w.shape)}")
+    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: input must be (*, {w.shape[1]}) for weight {tuple(w.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"linear: bias must be ({w.shape[0]},) for weight {tuple(w.shape)}, got {tuple(b.shape)}")
+    rows = x.reshape(-1, w.shape[1])
+    impl = _backends.select(device, backend, "conv2d_forward")
+    if _backends.supports(impl, "linear_forward"):
+        y = impl.linear_forward(rows, w, b)
+    else:  # (M, in) -> a (1, in, 1, M) image: features are channels, the rows its width
+        xp = _xp(device)
+        image = xp.ascontiguousarray(rows.T).reshape(1, w.shape[1], 1, rows.shape[0])
+        out = conv2d(image, w.reshape(w.shape[0], w.shape[1], 1, 1), b, backend=backend)
+        y = xp.ascontiguousarray(out.reshape(w.shape[0], rows.shape[0]).T)
+    return y.reshape(tuple(x.shape[:-1]) + (w.shape[0],))
+
+
 def _elementwise_blocks(kernel, out: np.ndarray, dtype, *inputs) -> np.ndarray:
     """out = kernel(*inputs), a bounded block at a time (convkern.strided)."""
     for idx in strided.blocks(out.shape, np.dtype(dtype).itemsize):
@@ -587,4 +613,4 @@ def _pool_blocks(x: np.ndarray, g, dtype, run, two: bool = False):
 
 
 __all__ = ["algorithms", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-           "avg_pool2d_backward", "relu", "relu_backward", "ConvGeometry", "PoolGeometry"]
+           "avg_pool2d_backward", "relu", "relu_backward", "linear", "ConvGeometry", "PoolGeometry"]

@@ -240,6 +240,35 @@ py::array gemm_t(const py::array& a, const py::array& b) {
     return c;
 }
 
+template <class T>
+py::array linear_forward_t(const py::array& x, const py::array& w, const py::object& b) {
+    DType dt = dtype_of(x, "input");
+    const idx M = x.shape(0), K = x.shape(1), N = w.shape(0);
+    require(x, "input", dt, M * K);
+    require(w, "weight", dt, N * K);
+    const T* bp = nullptr;
+    if (!b.is_none()) {
+        const py::array ba = py::cast<py::array>(b);
+        if (ba.ndim() != 1 || ba.shape(0) != N)
+            throw py::value_error("linear: bias must be (" + std::to_string(N) + ",)");
+        require(ba, "bias", dt, N);
+        bp = cptr<T>(ba);
+    }
+    py::array y = empty<T>({M, N});
+    const T* xp = cptr<T>(x);
+    const T* wp = cptr<T>(w);
+    T* yp = mptr<T>(y);
+    kernel_region([&] { ops<T>().linear_forward(xp, wp, bp, yp, M, N, K); });
+    return y;
+}
+
+py::array linear_forward(const py::array& x, const py::array& w, const py::object& b) {
+    if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1))
+        throw py::value_error("linear: need input (M, K) and weight (N, K) with the same K");
+    if (dtype_of(x, "input") == DType::f32) return linear_forward_t<float>(x, w, b);
+    return linear_forward_t<double>(x, w, b);
+}
+
 py::array gemm(const py::array& a, const py::array& b) {
     if (dtype_of(a, "A") == DType::f32) return gemm_t<float>(a, b);
     return gemm_t<double>(a, b);
@@ -360,5 +389,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("relu_forward_inplace", &relu_forward_inplace, py::arg("x"));
     m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));
     m.def("gemm", &gemm, py::arg("a"), py::arg("b"), "C = A @ B with the packed GEMM (2-D, C-contiguous)");
+    m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
+          "y = x @ weight.T (+ bias): x (M, K), weight (N, K), bias (N,) or None; C-contiguous");
     bind_nhwc(m);
 }

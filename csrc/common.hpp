@@ -67,6 +67,8 @@ struct OpTable {
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.
     void (*gemm)(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb,
                  T* C, idx ldc, bool accumulate);
+    // y (M, N) = x (M, K) w (N, K)^T (+ b); all C-contiguous
+    void (*linear_forward)(const T* x, const T* w, const T* b, T* y, idx M, idx N, idx K);
     // the blocking this ISA's GEMMs use: MR, NR, KC, MC, NC of the packed GEMM,
     // KC of gemm_rows and the BlockingSource. caches null: what the kernels
     // use (or will, if none has run yet); else what would be derived for those

@@ -26,6 +26,7 @@ namespace {
 #include "conv2d_nhwc.hpp"
 #include "pool2d_nhwc.hpp"
 #include "relu.hpp"
+#include "linear.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
 // Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
@@ -210,6 +211,7 @@ OpTable<T> make_table() {
     t.relu_forward = &relu_forward<T>;
     t.relu_backward = &relu_backward<T>;
     t.gemm = &gemm<T>;
+    t.linear_forward = &linear_forward<T>;
     t.gemm_blocking = &gemm_blocking<T>;
     return t;
 }

@@ -129,6 +129,11 @@ def relu_backward(grad_output, x):
     return _cpu.relu_backward(grad_output, x)
 
 
+def linear_forward(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
+    """x (M, K) @ w (N, K).T (+ b); C-contiguous, one dtype."""
+    return _cpu.linear_forward(x, w, b)
+
+
 def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """C = A @ B with convkern's packed GEMM (used by tests and the bench)."""
     return _cpu.gemm(np.ascontiguousarray(a), np.ascontiguousarray(b))

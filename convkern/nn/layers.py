@@ -161,10 +161,10 @@ class Flatten(Module):
 class Linear(Module):
     """y = x W^T + b, like torch.nn.Linear (weight (out, in)).
 
-    Runs on convkern's own GEMM, as a 1x1 convolution of one image whose
-    width is the batch: NumPy's matmul would wake BLAS threads that spin
-    against the kernels' OpenMP threads (on 2 cores that made a LeNet
-    training step 3x slower)."""
+    Runs on convkern's own kernels: the forward is convkern.functional.linear,
+    the backward a 1x1 convolution of one image whose width is the batch.
+    NumPy's matmul would wake BLAS threads that spin against the kernels'
+    OpenMP threads (on 2 cores that made a LeNet training step 3x slower)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
                  rng: Seed = None):
@@ -176,7 +176,7 @@ class Linear(Module):
         dt, g = check_dtype(dtype), generator(rng)
         self.weight = Parameter(kaiming_uniform((out_features, in_features), in_features, g, dt))
         self.bias = Parameter(bias_uniform(out_features, in_features, g, dt)) if bias else None
-        self._xt = None
+        self._x = None
 
     @staticmethod
     def _as_image(a):
@@ -197,13 +197,12 @@ class Linear(Module):
             raise ValueError(f"Linear: input must be (N, {self.in_features}), got {tuple(x.shape)}")
         if x.dtype != self.weight.data.dtype:
             raise TypeError(f"Linear: input has dtype {x.dtype} but the weight has {self.weight.data.dtype}")
-        xt = self._as_image(x)
-        y = F.conv2d(xt, self._w4(), None if self.bias is None else self.bias.data)
-        self._xt = xt if self.training else None
-        return self._from_image(y)
+        y = F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+        self._x = x if self.training else None
+        return y
 
     def backward(self, grad_output, need_input_grad: bool = True):
-        xt = _saved(self, "_xt")
+        xt = self._as_image(_saved(self, "_x"))
         gx, gw, gb = F.conv2d_backward(self._as_image(grad_output), xt, self._w4(),
                                        needs=(need_input_grad, True, self.bias is not None))
         _accumulate(self.weight, gw.reshape(self.weight.shape))

@@ -1,0 +1,61 @@
+"""convkern.linear (torch.nn.functional.linear): every backend against the
+float64 product, on few rows (cpp's dot products) and many (its packed GEMM),
+any leading shape, with and without bias; bad shapes name the argument."""
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern.backend import cpp
+from helpers import assert_close, ck, randn
+
+# rows either side of cpp's switch from dot products to the packed GEMM (16),
+# feature counts off the vector width and its 3-column tiles
+SHAPES = [((1, 3136), 128), ((3, 37), 5), ((16, 100), 31), ((17, 100), 31), ((64, 257), 10), ((2, 3, 7, 19), 4),
+          ((19,), 6), ((5, 1), 1)]
+
+
+@pytest.mark.parametrize("xs,out", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_matches_the_float64_product(backend, dtype, rng, xs, out, with_bias):
+    x = randn(rng, xs, dtype)
+    w = randn(rng, (out, xs[-1]), dtype)
+    b = randn(rng, (out,), dtype) if with_bias else None
+    want = x.astype(np.float64) @ w.astype(np.float64).T + (0 if b is None else b.astype(np.float64))
+    y = ck.linear(x, w, b, backend=backend)
+    assert y.shape == xs[:-1] + (out,)
+    assert_close(y, want, dtype, f"linear {xs} -> {out}")
+
+
+def test_linear_takes_views_and_is_the_same_at_any_thread_count(rng):
+    if not cpp.available()[0]:
+        pytest.skip(f"cpp unavailable: {cpp.available()[1]}")
+    x = randn(rng, (6, 50), np.float32)[:, ::2]  # a strided view: copied once, as any op does
+    w = randn(rng, (40, 25), np.float32)
+    before = convkern.get_num_threads()
+    try:
+        convkern.set_num_threads(1)
+        one = convkern.linear(x, w, backend="cpp")
+        convkern.set_num_threads(2)
+        two = convkern.linear(x, w, backend="cpp")
+    finally:
+        convkern.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+    assert_close(one, x.astype(np.float64) @ w.astype(np.float64).T, np.float32, "strided input")
+
+
+@pytest.mark.parametrize("args,match", [
+    (((4, 5), (3, 6), None), r"input must be \(\*, 6\)"),
+    (((4, 5), (3, 5, 1), None), "weight must be"),
+    (((4, 5), (3, 5), (4,)), r"bias must be \(3,\)"),
+])
+def test_linear_rejects_bad_shapes(args, match):
+    xs, ws, bs = args
+    with pytest.raises(ValueError, match=match):
+        convkern.linear(np.ones(xs, np.float32), np.ones(ws, np.float32),
+                        None if bs is None else np.ones(bs, np.float32))
+
+
+def test_linear_rejects_mixed_dtypes():
+    with pytest.raises(TypeError, match="dtype"):
+        convkern.linear(np.ones((2, 3), np.float32), np.ones((4, 3), np.float64))
