@@ -573,6 +573,36 @@ def linear(input, weight, bias=None, *, backend: Optional[str] = None):
     return y.reshape(tuple(x.shape[:-1]) + (w.shape[0],))
 
 
+def linear_backward(grad_output, input, weight, *, needs=(True, True, True), backend: Optional[str] = None):
+    """Gradients of ``linear``: (grad_input, grad_weight, grad_bias), each
+    None where `needs` says so. grad_output (*, out_features), input
+    (*, in_features), weight (out_features, in_features). On cpp two packed
+    GEMMs (grad_output @ weight, grad_output^T @ input) and a float64 column
+    sum; elsewhere the 1x1 conv2d's backward."""
+    (gy, x, w), device, dtype = _prepare("linear_backward", [("grad_output", grad_output), ("input", input),
+                                                             ("weight", weight)])
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1] or tuple(gy.shape) != tuple(x.shape[:-1]) + (
+            w.shape[0],):
+        raise ValueError(f"linear_backward: need input (*, {w.shape[-1]}), weight (out, in) and grad_output "
+                         f"(*, out); got input {tuple(x.shape)}, weight {tuple(w.shape)}, "
+                         f"grad_output {tuple(gy.shape)}")
+    rows, grows = x.reshape(-1, w.shape[1]), gy.reshape(-1, w.shape[0])
+    impl = _backends.select(device, backend, "conv2d_backward")
+    if _backends.supports(impl, "linear_backward"):
+        gx, gw, gb = impl.linear_backward(grows, rows, w, tuple(bool(n) for n in needs))
+    else:  # as a (1, in, 1, M) image, the rows its width
+        xp = _xp(device)
+
+        def image(a):
+            return xp.ascontiguousarray(a.T).reshape(1, a.shape[1], 1, a.shape[0])
+
+        gx, gw, gb = conv2d_backward(image(grows), image(rows), w.reshape(w.shape[0], w.shape[1], 1, 1),
+                                     needs=needs, backend=backend)
+        gx = None if gx is None else xp.ascontiguousarray(gx.reshape(w.shape[1], rows.shape[0]).T)
+        gw = None if gw is None else gw.reshape(w.shape)
+    return (None if gx is None else gx.reshape(x.shape)), gw, gb
+
+
 def _elementwise_blocks(kernel, out: np.ndarray, dtype, *inputs) -> np.ndarray:
     """out = kernel(*inputs), a bounded block at a time (convkern.strided)."""
     for idx in strided.blocks(out.shape, np.dtype(dtype).itemsize):
@@ -613,4 +643,5 @@ def _pool_blocks(x: np.ndarray, g, dtype, run, two: bool = False):
 
 
 __all__ = ["algorithms", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-           "avg_pool2d_backward", "relu", "relu_backward", "linear", "ConvGeometry", "PoolGeometry"]
+           "avg_pool2d_backward", "relu", "relu_backward", "linear", "linear_backward", "ConvGeometry",
+           "PoolGeometry"]

@@ -1,6 +1,7 @@
-"""convkern.linear (torch.nn.functional.linear): every backend against the
-float64 product, on few rows (cpp's dot products) and many (its packed GEMM),
-any leading shape, with and without bias; bad shapes name the argument."""
+"""convkern.linear (torch.nn.functional.linear) and linear_backward: every
+backend against the float64 product and gradients, on few rows (cpp's dot
+products) and many (its packed GEMM), any leading shape, with and without
+bias; bad shapes name the argument."""
 
 import numpy as np
 import pytest
@@ -25,6 +26,22 @@ def test_linear_matches_the_float64_product(backend, dtype, rng, xs, out, with_b
     y = ck.linear(x, w, b, backend=backend)
     assert y.shape == xs[:-1] + (out,)
     assert_close(y, want, dtype, f"linear {xs} -> {out}")
+
+
+@pytest.mark.parametrize("xs,out", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_linear_backward_matches_the_float64_gradients(backend, dtype, rng, xs, out):
+    x = randn(rng, xs, dtype)
+    w = randn(rng, (out, xs[-1]), dtype)
+    gy = randn(rng, xs[:-1] + (out,), dtype)
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    rows, grows = x64.reshape(-1, xs[-1]), gy64.reshape(-1, out)
+    want = (gy64 @ w64, grows.T @ rows, grows.sum(axis=0))
+    got = ck.linear_backward(gy, x, w, backend=backend)
+    for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, want):
+        assert_close(g, r, dtype, f"linear {name} {xs} -> {out}")
+    only = ck.linear_backward(gy, x, w, needs=(False, True, False), backend=backend)
+    assert only[0] is None and only[2] is None
+    assert_close(only[1], want[1], dtype, "grad weight alone")
 
 
 def test_linear_takes_views_and_is_the_same_at_any_thread_count(rng):
@@ -54,6 +71,11 @@ def test_linear_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         convkern.linear(np.ones(xs, np.float32), np.ones(ws, np.float32),
                         None if bs is None else np.ones(bs, np.float32))
+
+
+def test_linear_backward_rejects_mismatched_grad_output():
+    with pytest.raises(ValueError, match="linear_backward: need input"):
+        convkern.linear_backward(np.ones((4, 2), np.float32), np.ones((4, 5), np.float32), np.ones((3, 5), np.float32))
 
 
 def test_linear_rejects_mixed_dtypes():

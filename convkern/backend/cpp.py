@@ -134,6 +134,15 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
     return _cpu.linear_forward(x, w, b)
 
 
+def linear_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, needs):
+    """gy (M, N), x (M, K), w (N, K): gy @ w, gy.T @ x and gy's column sums
+    (in float64, as the conv bias gradient), each where needs asks."""
+    gx = _cpu.gemm(gy, w) if needs[0] else None
+    gw = _cpu.gemm(np.ascontiguousarray(gy.T), x) if needs[1] else None
+    gb = gy.sum(axis=0, dtype=np.float64).astype(gy.dtype) if needs[2] else None
+    return gx, gw, gb
+
+
 def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """C = A @ B with convkern's packed GEMM (used by tests and the bench)."""
     return _cpu.gemm(np.ascontiguousarray(a), np.ascontiguousarray(b))

@@ -12,7 +12,7 @@ import numpy as np
 from .. import functional as F
 from ..geometry import IntPair, Padding, pair
 from .init import Seed, bias_uniform, check_dtype, generator, kaiming_uniform
-from .module import Module, Parameter, array_module
+from .module import Module, Parameter
 
 
 def _saved(layer: Module, what: str):
@@ -161,10 +161,10 @@ class Flatten(Module):
 class Linear(Module):
     """y = x W^T + b, like torch.nn.Linear (weight (out, in)).
 
-    Runs on convkern's own kernels: the forward is convkern.functional.linear,
-    the backward a 1x1 convolution of one image whose width is the batch.
-    NumPy's matmul would wake BLAS threads that spin against the kernels'
-    OpenMP threads (on 2 cores that made a LeNet training step 3x slower)."""
+    Runs on convkern's own kernels (convkern.functional.linear and
+    linear_backward): NumPy's matmul would wake BLAS threads that spin
+    against the kernels' OpenMP threads (on 2 cores that made a LeNet
+    training step 3x slower)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
                  rng: Seed = None):
@@ -178,20 +178,6 @@ class Linear(Module):
         self.bias = Parameter(bias_uniform(out_features, in_features, g, dt)) if bias else None
         self._x = None
 
-    @staticmethod
-    def _as_image(a):
-        """(N, F) -> (1, F, 1, N): features become channels, the batch the width."""
-        xp = array_module(a)
-        return xp.ascontiguousarray(a.T).reshape(1, a.shape[1], 1, a.shape[0])
-
-    @staticmethod
-    def _from_image(a):
-        xp = array_module(a)
-        return xp.ascontiguousarray(a.reshape(a.shape[1], a.shape[3]).T)
-
-    def _w4(self):
-        return self.weight.data.reshape(self.out_features, self.in_features, 1, 1)
-
     def forward(self, x):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear: input must be (N, {self.in_features}), got {tuple(x.shape)}")
@@ -202,13 +188,12 @@ class Linear(Module):
         return y
 
     def backward(self, grad_output, need_input_grad: bool = True):
-        xt = self._as_image(_saved(self, "_x"))
-        gx, gw, gb = F.conv2d_backward(self._as_image(grad_output), xt, self._w4(),
+        gx, gw, gb = F.linear_backward(grad_output, _saved(self, "_x"), self.weight.data,
                                        needs=(need_input_grad, True, self.bias is not None))
-        _accumulate(self.weight, gw.reshape(self.weight.shape))
+        _accumulate(self.weight, gw)
         if self.bias is not None:
             _accumulate(self.bias, gb)
-        return self._from_image(gx) if need_input_grad else None
+        return gx
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
