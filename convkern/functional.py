@@ -234,6 +234,25 @@ def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, vi
     return _tune.choose(key, ["nchw", "nhwc"], lambda a: native() if a == "nhwc" else via_nchw())
 
 
+def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> bool:
+    """For an NCHW conv whose algorithm auto picks, on a backend with NHWC
+    kernels: whether copying to NHWC, running those kernels and copying back
+    is faster than the NCHW algorithm the tuner chose (measured once per
+    problem, like the algorithms; a small map's GEMMs can be faster over
+    pixels than over channels by more than the copies cost). With tuning off,
+    or recalled without a choice, the NCHW algorithm runs."""
+    mode = _tune.mode()
+    if mode == "off" or getattr(impl, "algo_problem", None) is None:
+        return False
+    key = _tune_key(impl, op + ":nchw_via_nhwc", g, dtype, needs)
+    known = _tune.remembered(key)
+    if known in ("nhwc", "nchw"):
+        return known == "nhwc"
+    if mode == "recall":
+        return False
+    return _tune.choose(key, ["nchw", "nhwc"], lambda a: nhwc() if a == "nhwc" else nchw()) == "nhwc"
+
+
 def _all_finite(a, device: str) -> bool:
     return bool(_xp(device).isfinite(a).all())
 
@@ -312,11 +331,18 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
                 return native()
         return via_nchw()
     x = _contiguous(x, device, dtype).reshape(g.input_shape)
-    if algo == "auto":
+    auto = algo == "auto"
+    if auto:
         algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(x, w, b, g, a))
     if (_direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, False)
             and not _all_finite(w, device)):
         algo = "im2col"
+    if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_forward_nhwc", g, "auto", w, device):
+        def nhwc():
+            return layout.nchw(layout.from_nhwc(impl.conv2d_forward_nhwc(layout.nhwc(x), w, b, g)))
+
+        if _nchw_via_nhwc(impl, "forward", g, dtype, None, lambda: impl.conv2d_forward(x, w, b, g, algo), nhwc):
+            return _unbatch(nhwc(), g.unbatched)
     y = impl.conv2d_forward(x, w, b, g, algo)
     return _unbatch(y, g.unbatched)
 
@@ -367,8 +393,21 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     else:
         x = x.reshape(g.input_shape)
         algo = _resolve_algo(impl, algo)
-        if algo == "auto":
+        auto = algo == "auto"
+        if auto:
             algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gy, x, w, g, a, needs))
+        if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None,
+                                           device):
+            def nhwc():
+                gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gy.reshape(g.output_shape)), layout.nhwc(x), w,
+                                                       g, needs)
+                return (None if gx is None else layout.nchw(layout.from_nhwc(gx))), gw, gb
+
+            if _nchw_via_nhwc(impl, "backward", g, dtype, needs,
+                              lambda: conv2d_backward(gy.reshape(g.output_shape), x, w, stride, padding, dilation,
+                                                      groups, needs=needs, algo=algo, backend=backend), nhwc):
+                gx, gw, gb = nhwc()
+                return _unbatch(gx, g.unbatched), gw, gb
         if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
                 and not _all_finite(gy, device)):
             gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None

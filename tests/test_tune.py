@@ -40,14 +40,23 @@ def _counts():
     return tune._stats["measured"], tune._stats["remembered"]
 
 
+def _pin_layout(g, choice, needs=(True, True, True)):
+    """Adopt a choice for whether an NCHW problem runs through the NHWC kernels."""
+    from convkern import functional as F
+
+    tune.adopt({F._tune_key(cpp, "forward:nchw_via_nhwc", g, np.float32, None): choice,
+                F._tune_key(cpp, "backward:nchw_via_nhwc", g, np.float32, needs): choice})
+
+
 def test_auto_measures_once_then_remembers(tuning, rng):
     x, w = randn(rng, X, np.float32), randn(rng, W, np.float32)
+    _pin_layout(conv2d_geometry(X, W, **KW), "nchw")  # the algorithms alone here; the layout has its own test
     m0, r0 = _counts()
     y = convkern.conv2d(x, w, **KW)
     chosen = cpp.last_algo()
-    assert chosen in ("direct", "im2col", "shifted", "winograd") and _counts() == (m0 + 1, r0)
+    assert chosen in ("direct", "im2col", "shifted", "winograd") and _counts() == (m0 + 1, r0 + 1)
     y2 = convkern.conv2d(x, w, **KW)
-    assert _counts() == (m0 + 1, r0 + 1) and cpp.last_algo() == chosen
+    assert _counts() == (m0 + 1, r0 + 3) and cpp.last_algo() == chosen
     # the tuned result is the chosen algorithm's, bit for bit, and the reference's within float32 rounding
     np.testing.assert_array_equal(y, convkern.conv2d(x, w, **KW, algo=chosen))
     np.testing.assert_array_equal(y, y2)
@@ -59,12 +68,48 @@ def test_auto_measures_once_then_remembers(tuning, rng):
         assert_close(g, r, np.float32, "tuned backward")
 
 
+def test_an_nchw_problem_may_run_through_the_nhwc_kernels(tuning, rng):
+    """Tuning also measures copying an NCHW conv to NHWC, running the NHWC
+    kernels and copying back; chosen, the result is theirs bit for bit and
+    NCHW-contiguous, and off means it is never taken."""
+    x, w = randn(rng, X, np.float32), randn(rng, W, np.float32)
+    g = conv2d_geometry(X, W, **KW)
+    m0, _ = _counts()
+    convkern.conv2d(x, w, **KW)
+    assert _counts()[0] == m0 + 2  # the algorithm, then NCHW against NHWC
+    tune.forget()
+    _pin_layout(g, "nhwc")
+    y = convkern.conv2d(x, w, **KW)
+    assert y.flags.c_contiguous
+    want = np.ascontiguousarray(cpp.conv2d_forward_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, None,
+                                                        g).transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(y, want)
+    gy = randn(rng, y.shape, np.float32)
+    grads = convkern.conv2d_backward(gy, x, w, **KW)
+    nhwc = cpp.conv2d_backward_nhwc(np.ascontiguousarray(gy.transpose(0, 2, 3, 1)),
+                                    np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, g)
+    assert grads[0].flags.c_contiguous
+    np.testing.assert_array_equal(grads[0], nhwc[0].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(grads[1], nhwc[1])
+    for got, ref in zip(grads, convkern.conv2d_backward(gy, x, w, **KW, backend="reference")):
+        assert_close(got, ref, np.float32, "through NHWC")
+    with tune.forced("off"):
+        np.testing.assert_array_equal(convkern.conv2d(x, w, **KW), convkern.conv2d(x, w, **KW, algo="auto"))
+        cpp.conv2d_forward(x, w, None, g, "direct")  # anything that notes an algorithm
+        convkern.conv2d(x, w, **KW)
+        assert cpp.last_algo() != "direct"  # the NCHW rule ran, not the NHWC kernels (which note none)
+
+
 def test_the_cache_file_serves_the_next_process(tuning, rng):
     x, w = randn(rng, X, np.float64), randn(rng, W, np.float64)
     convkern.conv2d(x, w, **KW)
     path = tune.cache_path()
     data = json.loads(open_text(path))
-    assert data["format"] == tune.FORMAT and data["machine"] == tune.machine_key() and len(data["choices"]) == 1
+    assert data["format"] == tune.FORMAT and data["machine"] == tune.machine_key()
+    # the algorithm, and whether the NCHW problem runs through the NHWC kernels
+    assert sorted(k.split("|")[1] for k in data["choices"]) == ["forward", "forward:nchw_via_nhwc"]
+    algo_chosen = next(v for k, v in data["choices"].items() if k.split("|")[1] == "forward")
+    via_nhwc = next(v for k, v in data["choices"].items() if k.split("|")[1] != "forward") == "nhwc"
     code = ("import numpy as np, convkern\nfrom convkern import tune\nfrom convkern.backend import cpp\n"
             f"x = np.random.default_rng(0).standard_normal({X}); w = np.ones({W})\n"
             f"convkern.conv2d(x, w, padding=1)\nprint(tune._stats['measured'], tune._stats['remembered'], "
@@ -74,7 +119,8 @@ def test_the_cache_file_serves_the_next_process(tuning, rng):
                          env=dict(os.environ, XDG_CACHE_HOME=str(tuning), CONVKERN_TUNE="on"))
     assert out.returncode == 0, out.stderr[-3000:]
     measured, remembered, algo = out.stdout.split()
-    assert (measured, remembered, algo) == ("0", "1", list(data["choices"].values())[0]), out.stderr
+    assert (measured, remembered) == ("0", "2"), out.stderr
+    assert via_nhwc or algo == algo_chosen  # the NHWC kernels note no algorithm
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "machine": {"cpu": "elsewhere"},
@@ -105,7 +151,7 @@ def test_off_means_the_rules_and_a_named_algorithm_is_never_replaced(tuning, rng
 def test_exhaustive_and_forced_modes(tuning, rng):
     with tune.forced("exhaustive"):
         convkern.conv2d(randn(rng, X, np.float32), randn(rng, W, np.float32), **KW)
-    assert tune.status()["choices"] == 1
+    assert tune.status()["choices"] == 2  # the algorithm, and NCHW against NHWC kernels
     with tune.forced("off"):
         m0, _ = _counts()
         convkern.conv2d(randn(rng, (1, 16, 9, 9), np.float32), randn(rng, W, np.float32), **KW)
@@ -120,7 +166,8 @@ def test_convkern_tune_measures_ahead_of_use(tuning, tmp_path, capsys):
     from convkern.cli import main
 
     assert main(["tune", "--no-gemm", "--layers", "mnist_conv1,resnet_l1_3x3", "--batch", "1"]) == 0
-    assert "measured 4 problems, 0 already known" in capsys.readouterr().out
+    # forward and backward each; resnet_l1_3x3 also NCHW against NHWC kernels (mnist_conv1 has one channel)
+    assert "measured 6 problems, 0 already known" in capsys.readouterr().out
     assert main(["tune", "--no-gemm", "--layers", "mnist_conv1", "--batch", "1"]) == 0
     assert "measured 0 problems, 2 already known" in capsys.readouterr().out
     path = tmp_path / "m.npz"
