@@ -215,42 +215,38 @@ def last_layout() -> str:
     return _last_layout[0]
 
 
-def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
-    chooser = getattr(impl, "choose_algo", None)
-    rule = "nchw" if op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd" else "nhwc"
+def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: str, nchw, nhwc) -> str:
+    """"nchw" or "nhwc", measured once per problem by the autotuner (and
+    remembered like the algorithms); `rule` with tuning off, on a backend
+    that cannot be tuned, or recalled without a choice. nchw() runs first:
+    its own first call tunes the NCHW algorithms, which must not count
+    against it (a candidate whose warm-up takes 4x the fastest is dropped)."""
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
         return rule
-    key = _tune_key(impl, op + ":channels_last", g, dtype, needs)
+    key = _tune_key(impl, key_op, g, dtype, needs)
     known = _tune.remembered(key)
     if known in ("nhwc", "nchw"):
         return known
     if mode == "recall":
         return rule
-    # the NCHW path's first call tunes the NCHW algorithms: made before the
-    # timing, so that it does not count against that path (a candidate whose
-    # warm-up takes 4x the fastest one's is dropped)
-    via_nchw()
-    return _tune.choose(key, ["nchw", "nhwc"], lambda a: native() if a == "nhwc" else via_nchw())
+    nchw()
+    return _tune.choose(key, ["nchw", "nhwc"], lambda a: nhwc() if a == "nhwc" else nchw())
+
+
+def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
+    chooser = getattr(impl, "choose_algo", None)
+    rule = "nchw" if op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd" else "nhwc"
+    return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule, via_nchw, native)
 
 
 def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> bool:
     """For an NCHW conv whose algorithm auto picks, on a backend with NHWC
     kernels: whether copying to NHWC, running those kernels and copying back
-    is faster than the NCHW algorithm the tuner chose (measured once per
-    problem, like the algorithms; a small map's GEMMs can be faster over
-    pixels than over channels by more than the copies cost). With tuning off,
-    or recalled without a choice, the NCHW algorithm runs."""
-    mode = _tune.mode()
-    if mode == "off" or getattr(impl, "algo_problem", None) is None:
-        return False
-    key = _tune_key(impl, op + ":nchw_via_nhwc", g, dtype, needs)
-    known = _tune.remembered(key)
-    if known in ("nhwc", "nchw"):
-        return known == "nhwc"
-    if mode == "recall":
-        return False
-    return _tune.choose(key, ["nchw", "nhwc"], lambda a: nhwc() if a == "nhwc" else nchw()) == "nhwc"
+    is faster than the NCHW algorithm the tuner chose (a small map's GEMMs
+    can be faster over pixels than over channels by more than the copies
+    cost). With tuning off, or recalled without a choice, NCHW runs."""
+    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, "nchw", nchw, nhwc) == "nhwc"
 
 
 def _all_finite(a, device: str) -> bool:
