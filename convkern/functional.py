@@ -63,6 +63,12 @@ def _float_dtype(a, name: str, op: str) -> np.dtype:
     return native
 
 
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype) -> str:
+    """np.dtype(dtype).name, remembered: NumPy works the name out anew on each access."""
+    return np.dtype(dtype).name
+
+
 def _prepare(op: str, named: Sequence[Tuple[str, object]], contiguous: bool = True):
     """Arrays as C-contiguous native-endian floats of one dtype on one device
     (with contiguous=False: checked but as given, for ops that take views a
@@ -153,7 +159,7 @@ def _resolve_algo(impl, algo: str) -> str:
 def _tune_key(impl, op: str, g: ConvGeometry, dtype, needs) -> str:
     """The tuning cache's key for a conv problem on a backend (choices are per thread count)."""
     threads = impl.threads() if hasattr(impl, "threads") else 0
-    return _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), np.dtype(dtype).name, threads,
+    return _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), _dtype_name(dtype), threads,
                      () if needs is None else ("".join("1" if n else "0" for n in needs),))
 
 
@@ -269,7 +275,7 @@ def _may_skip_padding(impl, algo: str, g: ConvGeometry, dtype, backward: bool) -
         chooser = getattr(impl, "choose_algo", None)
         if chooser is None:
             return True
-        algo = chooser(g, backward, np.dtype(dtype).name)
+        algo = chooser(g, backward, _dtype_name(dtype))
     return algo in _SKIP_PADDING[backward]
 
 

@@ -9,6 +9,7 @@ Bad arguments raise ``TypeError`` (wrong kind of value) or ``ValueError``
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -122,8 +123,31 @@ class ConvGeometry:
                 self.dilation[0], self.dilation[1], self.Ho, self.Wo)
 
 
+def _plain(v) -> bool:
+    """An int, a tuple of ints or a string, by exact type: arguments whose
+    equality means the same geometry (True == 1 and 1.0 == 1, but a bool or
+    a float stride is an error)."""
+    return type(v) in (int, str) or (type(v) is tuple and all(type(e) is int for e in v))
+
+
 def conv2d_geometry(x_shape, weight_shape, bias_shape=None, stride: IntPair = 1, padding: Padding = 0,
                     dilation: IntPair = 1, groups: int = 1) -> ConvGeometry:
+    """The geometry of a conv2d call, checked (ValueError/TypeError naming the
+    argument). Remembered for plain arguments: a layer asks for the same one
+    every step, and working it out costs microseconds a small layer feels."""
+    key = (tuple(x_shape), tuple(weight_shape), None if bias_shape is None else tuple(bias_shape), stride, padding,
+           dilation, groups)
+    if all(type(d) is int for shape in key[:3] if shape is not None for d in shape) and all(map(_plain, key[3:])):
+        return _conv2d_geometry_remembered(*key)
+    return _conv2d_geometry(*key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv2d_geometry_remembered(*key) -> ConvGeometry:
+    return _conv2d_geometry(*key)
+
+
+def _conv2d_geometry(x_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
     (N, C, H, W), unbatched = batched_shape(tuple(x_shape), "input", "conv2d")
     if len(weight_shape) != 4:
         raise ValueError(f"conv2d: weight must be 4-D (K, C/groups, R, S), got shape {tuple(weight_shape)}")

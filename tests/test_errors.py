@@ -123,3 +123,15 @@ def test_byte_swapped_and_read_only_inputs_work():
     out = convkern.conv2d(x, ro, padding=1)
     np.testing.assert_allclose(out, convkern.conv2d(X, W, padding=1, backend="reference"), rtol=1e-4, atol=1e-4)
     assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("kw", [dict(stride=True), dict(stride=1.0), dict(stride=(1, True)), dict(groups=True),
+                                dict(padding=1.0), dict(dilation=(1.0, 1))], ids=str)
+def test_remembered_geometry_still_refuses_what_equals_a_good_argument(kw):
+    """conv2d_geometry remembers plain arguments; True == 1 and 1.0 == 1, but
+    those stay errors after the int form has been remembered."""
+    good = convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), stride=1, padding=1, dilation=1, groups=1)
+    assert convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), stride=1, padding=1, dilation=1, groups=1) is good
+    with pytest.raises(TypeError, match="must be an int"):
+        convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), **{**dict(stride=1, padding=1, dilation=1, groups=1),
+                                                                 **kw})

@@ -37,6 +37,7 @@ _PREFERENCE: Dict[str, List[str]] = {"cpu": ["cpp", "numba", "reference"], "cuda
 
 _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convkern_backend", default=None)
 _REGISTERED: Dict[str, ModuleType] = {}
+_IMPORTED: Dict[str, ModuleType] = {}  # built-in and entry-point modules once imported (select runs per op call)
 _entry_points_loaded = False
 
 ENTRY_POINT_GROUP = "convkern.backends"
@@ -111,11 +112,15 @@ def _load(name: str) -> ModuleType:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_MODULES)}")
     if name in _REGISTERED:
         return _REGISTERED[name]
+    module = _IMPORTED.get(name)
+    if module is not None and module.__name__ == _MODULES[name]:
+        return module
     try:
         module = importlib.import_module(_MODULES[name])
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} failed to import: {exc}") from exc
     _DEVICES[name] = getattr(module, "DEVICE", _DEVICES.get(name, "cpu"))
+    _IMPORTED[name] = module
     return module
 
 
@@ -161,10 +166,14 @@ def select(device: str, name: Optional[str] = None, op: Optional[str] = None) ->
         return module
     reasons = []
     for candidate in _PREFERENCE.get(device, []):
-        bi = info(candidate)
-        if bi.available and (op is None or supports(_load(candidate), op)):
-            return _load(candidate)
-        reasons.append(f"{candidate}: {bi.reason or 'does not implement ' + str(op)}")
+        try:
+            module = _load(candidate)
+            ok, reason = _available(module)
+        except BackendUnavailableError as exc:
+            module, ok, reason = None, False, str(exc)
+        if ok and (op is None or supports(module, op)):
+            return module
+        reasons.append(f"{candidate}: {reason or 'does not implement ' + str(op)}")
     detail = "; ".join(reasons) or "none is implemented yet"
     raise BackendUnavailableError(f"no available backend for {device} arrays ({detail})")
 

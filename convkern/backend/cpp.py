@@ -37,7 +37,7 @@ def choose_algo(g: ConvGeometry, backward: bool = False, dtype="float32") -> str
     """What algo="auto" runs for g (backward: for its grad input). The rule
     itself lives in the C++ module (csrc/kernels_isa.cpp), where the kernels
     and their workspace limits are; this reports its choice."""
-    return _cpu.conv_auto_algo(g.as_tuple(), bool(backward), np.dtype(dtype).name)
+    return _cpu.conv_auto_algo(g.as_tuple(), bool(backward), dtype if isinstance(dtype, str) else np.dtype(dtype).name)
 
 
 def algo_problem(g: ConvGeometry, algo: str, backward: bool = False) -> Optional[str]:
