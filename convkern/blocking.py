@@ -130,12 +130,9 @@ def pick(results: Dict[str, Dict[str, object]]) -> str:
 
 
 def _key() -> Dict[str, object]:
-    from . import machine, tune
+    from . import tune
 
-    m = machine.identity()
-    return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
-            "stepping": m["stepping"], "cores": m["cores"], "build": tune.build_id(),
-            "caches": _cpu().build_info()["caches"]}
+    return {**tune.cpu_key(), "caches": _cpu().build_info()["caches"]}
 
 
 def path() -> str:

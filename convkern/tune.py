@@ -106,11 +106,15 @@ def _kernel_blocking() -> Optional[Dict[str, object]]:
             "gemm": "derived" if gemm["source"] == "caches" else [gemm["KC"], gemm["MC"], gemm["NC"]]}
 
 
-def machine_key() -> Dict[str, object]:
+def cpu_key() -> Dict[str, object]:
+    """The CPU's identity, its cores and the build: what every per-machine file is keyed by."""
     m = machine.identity()
     return {"cpu": m["cpu"], "vendor": m["vendor"], "family": m["family"], "model": m["model"],
-            "stepping": m["stepping"], "cores": m["cores"], "caches": m["caches"], "build": build_id(),
-            "blocking": _kernel_blocking()}
+            "stepping": m["stepping"], "cores": m["cores"], "build": build_id()}
+
+
+def machine_key() -> Dict[str, object]:
+    return {**cpu_key(), "caches": machine.identity()["caches"], "blocking": _kernel_blocking()}
 
 
 @functools.lru_cache(maxsize=1)
