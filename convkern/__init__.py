@@ -17,8 +17,9 @@ from typing import List
 
 from .backend import BackendInfo, BackendUnavailableError, UnsupportedOpError, register_backend, use_backend
 from .backend import backends as _backend_list
-from .functional import (algorithms, avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, linear,
-                         linear_backward, max_pool2d, max_pool2d_backward, relu, relu_backward)
+from .functional import (algorithms, avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, conv2d_relu,
+                         conv2d_relu_backward, linear, linear_backward, max_pool2d, max_pool2d_backward, relu,
+                         relu_backward)
 from .geometry import ConvGeometry, PoolGeometry, conv2d_geometry, pool2d_geometry
 from . import _moved
 
@@ -90,7 +91,8 @@ def set_simd_level(level: str) -> None:
 
 
 __all__ = [
-    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "conv2d", "conv2d_backward", "conv2d_relu", "conv2d_relu_backward", "max_pool2d", "max_pool2d_backward",
+    "avg_pool2d", "avg_pool2d_backward",
     "relu", "relu_backward", "linear", "linear_backward", "algorithms", "backends", "use_backend", "register_backend", "BackendInfo",
     "BackendUnavailableError", "UnsupportedOpError",
     "ConvGeometry", "PoolGeometry", "conv2d_geometry", "pool2d_geometry", "set_num_threads",

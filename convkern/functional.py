@@ -309,6 +309,60 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     "shifted" and "winograd"; on cuda "implicit". A named algorithm that
     cannot run this problem raises ValueError saying why.
     """
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, False)
+
+
+def conv2d_relu(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+                groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None):
+    """``relu(conv2d(...))`` in one call, with :func:`conv2d`'s arguments.
+
+    On cpp, the channels_last kernels apply relu to each output tile as they
+    store it (bias added in the same pass), and the NCHW algorithms run relu
+    over the output in place before returning; elsewhere relu runs in place
+    on the fresh output. Either way no second output array is made. The
+    result equals ``relu(conv2d(...))`` bit for bit (NaN stays NaN, as in
+    PyTorch). Its gradient is :func:`conv2d_relu_backward`.
+    """
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, True)
+
+
+def conv2d_relu_backward(grad_output, input, weight, output, stride: IntPair = 1, padding: Padding = 0,
+                         dilation: IntPair = 1, groups: int = 1, *, needs=(True, True, True), algo: str = "auto",
+                         backend: Optional[str] = None):
+    """Gradients of :func:`conv2d_relu`: (grad_input, grad_weight, grad_bias)
+    as :func:`conv2d_backward` gives them. `output` is conv2d_relu's result:
+    it is positive, or NaN, exactly where the conv before relu was, so the
+    relu gradient taken from it is exact and the pre-relu output need not
+    be kept."""
+    if getattr(output, "shape", None) != getattr(grad_output, "shape", None):
+        raise ValueError(f"conv2d_relu_backward: output shape {getattr(output, 'shape', None)} differs from "
+                         f"grad_output shape {getattr(grad_output, 'shape', None)}")
+    g_pre = relu_backward(grad_output, output, backend=backend)
+    return conv2d_backward(g_pre, input, weight, stride, padding, dilation, groups, needs=needs, algo=algo,
+                           backend=backend)
+
+
+def _finish_relu(y, fuse_relu: bool, done: bool, backend: Optional[str]):
+    """relu over a fresh conv output in place, where the kernel did not apply it."""
+    if fuse_relu and not done:
+        relu(y, inplace=True, backend=backend)
+    return y
+
+
+def _forward_nchw(impl, x, w, b, g: ConvGeometry, algo: str, fuse_relu: bool):
+    """impl.conv2d_forward, with relu fused where the backend takes it; (y, relu applied)."""
+    if fuse_relu and _takes_keyword(impl.conv2d_forward, "relu"):
+        return impl.conv2d_forward(x, w, b, g, algo, relu=True), True
+    return impl.conv2d_forward(x, w, b, g, algo), False
+
+
+def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool):
+    if fuse_relu and _takes_keyword(impl.conv2d_forward_nhwc, "relu"):
+        return impl.conv2d_forward_nhwc(x, w, b, g, relu=True), True
+    return impl.conv2d_forward_nhwc(x, w, b, g), False
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool):
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)],
                                         contiguous=False)
     w, b = _contiguous(w, device, dtype), None if b is None else _contiguous(b, device, dtype)
@@ -320,14 +374,15 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     if layout.is_channels_last(x):
         def via_nchw():
-            return layout.to_channels_last(conv2d(layout.nchw(_native(x, dtype)), w, b, stride, padding, dilation,
-                                                  groups, algo=algo, backend=backend))
+            return layout.to_channels_last(_conv2d(layout.nchw(_native(x, dtype)), w, b, stride, padding, dilation,
+                                                   groups, algo, backend, fuse_relu))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
             xn = layout.nhwc(_native(x, dtype))
 
             def native():
-                return layout.from_nhwc(impl.conv2d_forward_nhwc(xn, w, b, g))
+                y, done = _forward_nhwc(impl, xn, w, b, g, fuse_relu)
+                return _finish_relu(layout.from_nhwc(y), fuse_relu, done, backend)
 
             if _layout_choice(impl, "forward", g, dtype, None, native, via_nchw) == "nhwc":
                 return native()
@@ -341,12 +396,14 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
         algo = "im2col"
     if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_forward_nhwc", g, "auto", w, device):
         def nhwc():
-            return layout.nchw(layout.from_nhwc(impl.conv2d_forward_nhwc(layout.nhwc(x), w, b, g)))
+            y, done = _forward_nhwc(impl, layout.nhwc(x), w, b, g, fuse_relu)
+            return _finish_relu(layout.nchw(layout.from_nhwc(y)), fuse_relu, done, backend)
 
-        if _nchw_via_nhwc(impl, "forward", g, dtype, None, lambda: impl.conv2d_forward(x, w, b, g, algo), nhwc):
+        if _nchw_via_nhwc(impl, "forward", g, dtype, None,
+                          lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc):
             return _unbatch(nhwc(), g.unbatched)
-    y = impl.conv2d_forward(x, w, b, g, algo)
-    return _unbatch(y, g.unbatched)
+    y, done = _forward_nchw(impl, x, w, b, g, algo, fuse_relu)
+    return _unbatch(_finish_relu(y, fuse_relu, done, backend), g.unbatched)
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Padding = 0,
@@ -683,6 +740,6 @@ def _pool_blocks(x: np.ndarray, g, dtype, run, two: bool = False):
     return (y, ind) if two else y
 
 
-__all__ = ["algorithms", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
-           "avg_pool2d_backward", "relu", "relu_backward", "linear", "linear_backward", "ConvGeometry",
-           "PoolGeometry"]
+__all__ = ["algorithms", "conv2d", "conv2d_backward", "conv2d_relu", "conv2d_relu_backward", "max_pool2d",
+           "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward", "relu", "relu_backward", "linear",
+           "linear_backward", "ConvGeometry", "PoolGeometry"]

@@ -22,7 +22,7 @@ ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bo
 
 template <class T>
 py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::object& b, const ConvGeom& s,
-                           ConvAlgo algo) {
+                           ConvAlgo algo, bool relu) {
     const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.C * s.H * s.W);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
@@ -34,16 +34,19 @@ py::array conv2d_forward_t(const py::array& x, const py::array& w, const py::obj
     kernel_region([&] {
         convkern::note_conv_algo(ConvAlgo::auto_);
         ops<T>().conv2d_forward[static_cast<int>(algo)](xp, wp, bp, yp, s);
+        // The NCHW algorithms store without an epilogue hook: relu runs over
+        // the output in place, in this call (no second array, no second call).
+        if (relu) ops<T>().relu_forward(yp, yp, s.N * s.K * s.Ho * s.Wo);
     });
     return y;
 }
 
 py::array conv2d_forward(const py::array& x, const py::array& w, const py::object& b,
-                         const std::array<idx, 16>& geom, const std::string& algo) {
+                         const std::array<idx, 16>& geom, const std::string& algo, bool relu) {
     ConvGeom s = conv_geom(geom);
     const ConvAlgo a = conv_algo(algo, s, false);
-    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, a);
-    return conv2d_forward_t<double>(x, w, b, s, a);
+    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_t<float>(x, w, b, s, a, relu);
+    return conv2d_forward_t<double>(x, w, b, s, a, relu);
 }
 
 template <class T>
@@ -358,7 +361,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("flush_denormal", &convkern::flush_denormal);
     m.def("keep_freed_memory", &convkern::keep_freed_memory);
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("geom"),
-          py::arg("algo"));
+          py::arg("algo"), py::arg("relu") = false);
     m.def("conv2d_backward", &conv2d_backward, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
           py::arg("geom"), py::arg("algo"), py::arg("need_input"), py::arg("need_weight"), py::arg("need_bias"));
     m.def(

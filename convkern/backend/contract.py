@@ -19,10 +19,12 @@ from typing import Dict, Optional, Tuple
 from ..geometry import ConvGeometry, PoolGeometry
 
 
-def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
+def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str, relu: bool = False):
     """y (N, K, Ho, Wo) = conv(x (N, C, H, W), weight (K, C/groups, R, S)) + bias
     (K,) or None. algo: "auto" (the backend's own rule, resolved here and
-    nowhere else) or one of ALGOS, which must then run exactly that."""
+    nowhere else) or one of ALGOS, which must then run exactly that.
+    relu (optional): store relu(y); a backend without it gets relu applied
+    to its output by the caller."""
 
 
 def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(True, True, True)):
@@ -103,7 +105,8 @@ CONTRACT: Dict[str, inspect.Signature] = {
               max_pool2d_forward_nhwc, max_pool2d_backward_nhwc, avg_pool2d_forward_nhwc, avg_pool2d_backward_nhwc)
 }
 # parameters a backend may leave out (then it is never passed)
-OPTIONAL = {"max_pool2d_forward": ("indices",)}
+OPTIONAL = {"max_pool2d_forward": ("indices",), "conv2d_forward": ("relu",),
+            "conv2d_forward_nhwc": ("relu",)}
 
 
 def _describe(name: str, sig: inspect.Signature) -> str:

@@ -56,8 +56,9 @@ def last_algo() -> str:
     return _cpu.last_conv_algo()
 
 
-def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str):
-    return _cpu.conv2d_forward(x, weight, bias, g.as_tuple(), algo)
+def conv2d_forward(x, weight, bias, g: ConvGeometry, algo: str, relu: bool = False):
+    """relu=True stores relu(y): applied in place within the call."""
+    return _cpu.conv2d_forward(x, weight, bias, g.as_tuple(), algo, bool(relu))
 
 
 def conv2d_backward(grad_output, x, weight, g: ConvGeometry, algo: str, needs=(True, True, True)):
