@@ -45,7 +45,7 @@ class Conv2d(Module):
         self.weight = Parameter(kaiming_uniform((out_channels, in_channels // groups) + self.kernel_size,
                                                 fan_in, g, dt))
         self.bias = Parameter(bias_uniform(out_channels, fan_in, g, dt)) if bias else None
-        self._x = None
+        self._x = self._y = None
 
     def _kw(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
@@ -53,8 +53,20 @@ class Conv2d(Module):
     def forward(self, x):
         y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(),
                      algo=self.algo)
-        self._x = x if self.training else None
+        self._x, self._y = (x if self.training else None), None
         return y
+
+    def forward_relu(self, x):
+        """relu(self.forward(x)) in one fused call (Sequential uses it where a
+        ReLU follows); its gradient is backward_relu."""
+        y = F.conv2d_relu(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(),
+                          algo=self.algo)
+        self._x, self._y = (x, y) if self.training else (None, None)
+        return y
+
+    def backward_relu(self, grad_output, need_input_grad: bool = True):
+        """The gradient through forward_relu: relu's (from the saved output), then the conv's."""
+        return self.backward(F.relu_backward(grad_output, _saved(self, "_y")), need_input_grad)
 
     def backward(self, grad_output, need_input_grad: bool = True):
         x = _saved(self, "_x")

@@ -190,7 +190,11 @@ class Module:
 
 
 class Sequential(Module):
-    """Modules applied in order; backward runs them in reverse."""
+    """Modules applied in order; backward runs them in reverse.
+
+    A Conv2d directly followed by a ReLU runs as one fused conv+relu call
+    (``Conv2d.forward_relu``): the same result, without a second pass over
+    the output and a second array. The ReLU module itself then keeps nothing."""
 
     def __init__(self, *modules: Module):
         super().__init__()
@@ -198,6 +202,7 @@ class Sequential(Module):
             if not isinstance(m, Module):
                 raise TypeError(f"Sequential: item {i} is a {type(m).__name__}, not a Module")
             setattr(self, str(i), m)
+        object.__setattr__(self, "_fused", ())
 
     def __len__(self) -> int:
         return len(self._children)
@@ -208,14 +213,33 @@ class Sequential(Module):
     def __getitem__(self, i: int) -> Module:
         return list(self._children.values())[i]
 
+    def _fusable(self, mods: List[Module], i: int) -> bool:
+        from .layers import Conv2d, ReLU  # layers imports this module
+
+        return i + 1 < len(mods) and type(mods[i]) is Conv2d and type(mods[i + 1]) is ReLU
+
     def forward(self, x):
-        for m in self:
-            x = m.forward(x)
+        mods, fused, i = list(self), [], 0
+        while i < len(mods):
+            if self._fusable(mods, i):
+                x = mods[i].forward_relu(x)
+                mods[i + 1]._x = None
+                fused.append(i)
+                i += 2
+            else:
+                x = mods[i].forward(x)
+                i += 1
+        object.__setattr__(self, "_fused", tuple(fused))
         return x
 
     def backward(self, grad_output, need_input_grad: bool = True):
-        mods = list(self)
-        g = grad_output
-        for i in range(len(mods) - 1, -1, -1):
-            g = mods[i].backward(g, need_input_grad=need_input_grad or i > 0)
+        mods, fused = list(self), set(self._fused)
+        g, i = grad_output, len(mods) - 1
+        while i >= 0:
+            if i - 1 in fused:  # a fused conv+relu pair: the conv takes relu's gradient too
+                g = mods[i - 1].backward_relu(g, need_input_grad=need_input_grad or i - 1 > 0)
+                i -= 2
+            else:
+                g = mods[i].backward(g, need_input_grad=need_input_grad or i > 0)
+                i -= 1
         return g
