@@ -18,6 +18,7 @@ import convkern  # noqa: E402
 import convkern.torch as ckt  # noqa: E402
 from convkern import tune  # noqa: E402
 from convkern.torch import ops  # noqa: E402
+from torch_cases import randn, rel  # noqa: E402
 
 # (kwargs, input shape, weight shape): stride > kernel, dilation, groups,
 # asymmetric and "same" padding, batch 1, 1x1 images
@@ -42,16 +43,6 @@ AVG_CASES = [
     (dict(kernel_size=3, stride=4, ceil_mode=True), (2, 1, 10, 10)),
     (dict(kernel_size=1), (1, 2, 1, 1)),
 ]
-
-
-def randn(*shape, dtype=torch.float64, seed=0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, dtype=dtype, generator=g).requires_grad_(grad)
-
-
-def rel(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / max(float(b.norm()), 1e-300))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, about its own copy
@@ -150,7 +141,8 @@ def test_opcheck_every_op():
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
 
-def test_only_requested_gradients_are_computed(monkeypatch):
+@pytest.mark.parametrize("fn", ["conv2d", "conv2d_relu"])
+def test_only_requested_gradients_are_computed(monkeypatch, fn):
     asked = []
     real = convkern.functional.conv2d_backward
 
@@ -160,7 +152,7 @@ def test_only_requested_gradients_are_computed(monkeypatch):
 
     monkeypatch.setattr(ops.ck, "conv2d_backward", spy)
     x, w, b = randn(1, 2, 5, 5), randn(3, 2, 3, 3, seed=1, grad=True), randn(3, seed=2)
-    ckt.conv2d(x, w, b).sum().backward()
+    getattr(ckt, fn)(x, w, b, padding=1).sum().backward()
     assert asked == [(False, True, False)] and w.grad is not None
 
 

@@ -83,3 +83,17 @@ def avg_kwargs(p) -> dict:
 
 def random_data(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
+
+
+def randn(*shape, dtype=None, seed=0, grad=False):
+    """A seeded normal tensor (float64 unless `dtype` says otherwise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=dtype or torch.float64, generator=g).requires_grad_(grad)
+
+
+def rel(a, b) -> float:
+    """Relative L2 distance of tensor `a` from `b`."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))

@@ -2,6 +2,7 @@
 
     import convkern.torch as ckt
     model = ckt.patch(torchvision_or_own_model)    # Conv2d, pools, ReLU now run on convkern
+                                                   # (a Conv2d then ReLU in a Sequential: one fused op)
     loss = model(x).sum(); loss.backward()         # gradients through convkern's backward kernels
     print(ckt.report(model))                       # what was swapped, what was left to torch and why
 
@@ -52,8 +53,8 @@ if _version > SUPPORTED_TORCH[1]:
     warnings.warn(f"convkern.torch was tested with torch up to {SUPPORTED_TORCH[1][0]}.{SUPPORTED_TORCH[1][1]}; "
                   f"this is torch {_torch.__version__}", RuntimeWarning, stacklevel=2)
 
-from .functional import adaptive_avg_pool2d, avg_pool2d, conv2d, max_pool2d, relu  # noqa: E402
+from .functional import adaptive_avg_pool2d, avg_pool2d, conv2d, conv2d_relu, max_pool2d, relu  # noqa: E402
 from .modules import PatchReport, patch, report, unpatch  # noqa: E402
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu", "patch", "unpatch", "report",
+__all__ = ["conv2d", "conv2d_relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu", "patch", "unpatch", "report",
            "PatchReport", "SUPPORTED_TORCH"]

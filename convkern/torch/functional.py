@@ -54,20 +54,34 @@ def _pair(value, name: str):
     return list(pair(value, name))
 
 
-def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
-           groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None) -> Tensor:
-    """``torch.nn.functional.conv2d`` on convkern; padding may be an int, a pair, "same" or "valid"."""
-    check_tensors("conv2d", input=input, weight=weight, bias=bias)
+def _conv_args(op: str, input, weight, bias, stride, padding, dilation, algo):
+    check_tensors(op, input=input, weight=weight, bias=bias)
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
-            raise ValueError(f"conv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
         same, pad = padding == "same", [0, 0]
     else:
         same, pad = False, _pair(padding, "padding")
     if not isinstance(algo, str):
         raise TypeError(f"algo must be a string, got {algo!r}")
-    return ops.conv2d.call(input, weight, bias, _pair(stride, "stride"), pad, same, _pair(dilation, "dilation"),
-                           groups, algo, _backend(backend))
+    return _pair(stride, "stride"), pad, same, _pair(dilation, "dilation")
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+           groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None) -> Tensor:
+    """``torch.nn.functional.conv2d`` on convkern; padding may be an int, a pair, "same" or "valid"."""
+    stride, pad, same, dilation = _conv_args("conv2d", input, weight, bias, stride, padding, dilation, algo)
+    return ops.conv2d.call(input, weight, bias, stride, pad, same, dilation, groups, algo, _backend(backend))
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None) -> Tensor:
+    """``relu(conv2d(...))`` as one op (:func:`convkern.conv2d_relu`): the
+    relu is applied as the conv's output is stored, and the backward takes
+    relu's gradient from the result, so nothing more is saved than for the
+    conv alone."""
+    stride, pad, same, dilation = _conv_args("conv2d_relu", input, weight, bias, stride, padding, dilation, algo)
+    return ops.conv2d_relu.call(input, weight, bias, stride, pad, same, dilation, groups, algo, _backend(backend))
 
 
 def _stride(stride, kernel_size):
@@ -166,4 +180,4 @@ def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None)
     return input.copy_(ops.relu.call(input, _backend(backend)))
 
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu"]
+__all__ = ["conv2d", "conv2d_relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu"]

@@ -1,5 +1,7 @@
 """patch(model): torch's Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and
-ReLU modules run on convkern, in place.
+ReLU modules run on convkern, in place. Where an ``nn.Sequential`` holds a
+swapped Conv2d directly followed by a swapped ReLU, the pair runs as one
+fused conv+relu op (:func:`convkern.torch.conv2d_relu`).
 
 A swapped module keeps its object, its parameters and its ``state_dict`` keys:
 only its class changes, to a subclass whose ``forward`` calls
@@ -102,11 +104,64 @@ class ReLU(_Patched, nn.ReLU):
         return F.relu(x, self.inplace, backend=self._convkern.backend)
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+class Sequential(nn.Sequential):
+    """nn.Sequential whose swapped Conv2d + ReLU pairs run as one fused op.
+
+    A pair is fused only where running it fused cannot be told apart from
+    running it module by module: both are swapped modules, neither has
+    hooks (nor are global module hooks set), and the conv would not hand
+    this input back to torch. Otherwise each module runs as usual."""
+
+    def forward(self, x):
+        mods = list(self._modules.values())
+        i, n = 0, len(mods)
+        global_hooks = None
+        while i < n:
+            m = mods[i]
+            if type(m) is Conv2d and i + 1 < n and type(mods[i + 1]) is ReLU and isinstance(x, Tensor):
+                if global_hooks is None:
+                    global_hooks = _global_hooks()
+                if not global_hooks and not _hooked(m) and not _hooked(mods[i + 1]) and m._fallback(x) is None:
+                    s = m._convkern
+                    x = F.conv2d_relu(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, algo=s.algo,
+                                      backend=s.backend)
+                    i += 2
+                    continue
+            x = m(x)
+            i += 1
+        return x
+
+
 # torch class -> (op name, convkern class)
 _SWAPS = {nn.Conv2d: ("conv2d", Conv2d), nn.MaxPool2d: ("max_pool2d", MaxPool2d),
           nn.AvgPool2d: ("avg_pool2d", AvgPool2d), nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d", AdaptiveAvgPool2d),
           nn.ReLU: ("relu", ReLU)}
 _ORIGINAL = {ours: theirs for theirs, (_, ours) in _SWAPS.items()}
+_ORIGINAL_CONTAINERS = {Sequential: nn.Sequential}
+
+
+def _fused_pairs(model: nn.Module) -> List[str]:
+    """"conv+relu" names of the pairs patched Sequentials in `model` may fuse."""
+    pairs = []
+    for name, module in model.named_modules():
+        if type(module) is Sequential:
+            items = list(module._modules.items())
+            pairs += [f"{name}.{a}+{b}" if name else f"{a}+{b}" for (a, m), (b, r) in zip(items, items[1:])
+                      if type(m) is Conv2d and type(r) is ReLU]
+    return pairs
 
 
 def _why_not(module: nn.Module, ops: Sequence[str]) -> Optional[str]:
@@ -128,14 +183,18 @@ def _why_not(module: nn.Module, ops: Sequence[str]) -> Optional[str]:
 @dataclass
 class PatchReport:
     """What patch() did to a model: module names swapped, those left to torch
-    with the reason, and the calls swapped modules handed back to torch."""
+    with the reason, the calls swapped modules handed back to torch, and the
+    Conv2d+ReLU pairs that run as one fused op."""
 
     swapped: List[str]
     left: Dict[str, str]
     fallbacks: Dict[str, Dict[str, int]]
+    fused: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"convkern.torch: {len(self.swapped)} modules swapped, {len(self.left)} left to torch"]
+        if self.fused:
+            lines.append(f"  fused conv+relu: {', '.join(self.fused)}")
         lines += [f"  left   {name or '(model)'}: {why}" for name, why in self.left.items()]
         for name, counts in self.fallbacks.items():
             lines += [f"  torch ran {name} {n}x: {why}" for why, n in counts.items()]
@@ -169,6 +228,10 @@ def patch(model: nn.Module, *, backend: Optional[str] = None, algo: str = "auto"
             base = next((t for t in _SWAPS if isinstance(module, t)), None)
             if base is not None:
                 left[name] = f"{kind.__name__} is a subclass of nn.{base.__name__} with its own behaviour"
+    if "conv2d" in ops and "relu" in ops:
+        for module in model.modules():
+            if type(module) is nn.Sequential:
+                module.__class__ = Sequential
     model._convkern_left = left
     return model
 
@@ -180,6 +243,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         if original is not None:
             module.__class__ = original
             del module._convkern
+        elif type(module) in _ORIGINAL_CONTAINERS:
+            module.__class__ = _ORIGINAL_CONTAINERS[type(module)]
     model.__dict__.pop("_convkern_left", None)
     return model
 
@@ -193,7 +258,7 @@ def report(model: nn.Module) -> PatchReport:
             swapped.append(name)
             if module._convkern.fallbacks:
                 fallbacks[name] = dict(module._convkern.fallbacks)
-    return PatchReport(swapped, dict(getattr(model, "_convkern_left", {})), fallbacks)
+    return PatchReport(swapped, dict(getattr(model, "_convkern_left", {})), fallbacks, _fused_pairs(model))
 
 
 def swappable(model: nn.Module) -> List[Tuple[str, type]]:
@@ -201,5 +266,5 @@ def swappable(model: nn.Module) -> List[Tuple[str, type]]:
     return [(n, type(m)) for n, m in model.named_modules() if type(m) in _SWAPS and _why_not(m, OPS) is None]
 
 
-__all__ = ["patch", "unpatch", "report", "PatchReport", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
-           "ReLU", "OPS"]
+__all__ = ["patch", "unpatch", "report", "PatchReport", "Sequential", "Conv2d", "MaxPool2d", "AvgPool2d",
+           "AdaptiveAvgPool2d", "ReLU", "OPS"]

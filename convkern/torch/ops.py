@@ -160,12 +160,17 @@ class Op:
 # ---------------------------------------------------------------- conv2d
 
 
+def _run_conv(fn, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, same: bool, dilation,
+              groups: int, algo: str, backend: str) -> Tensor:
+    with on_torch_stream(input):
+        y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
+               _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+    return from_array(y, memory_format(input))
+
+
 def conv2d_impl(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
            same: bool, dilation: List[int], groups: int, algo: str, backend: str) -> Tensor:
-    with on_torch_stream(input):
-        y = ck.conv2d(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
-                      _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
-    return from_array(y, memory_format(input))
+    return _run_conv(ck.conv2d, input, weight, bias, stride, padding, same, dilation, groups, algo, backend)
 
 
 def _conv2d_fake(input, weight, bias, stride, padding, same, dilation, groups, algo, backend):
@@ -213,6 +218,49 @@ def _conv2d_grad(ctx, backward, grad_output):
 
 conv2d = Op("conv2d", conv2d_impl, _conv2d_fake, conv2d_backward_impl, _conv2d_backward_fake, _conv2d_setup,
             _conv2d_grad)
+
+# ---------------------------------------------------------------- conv2d + relu (fused)
+
+
+def conv2d_relu_impl(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+                     same: bool, dilation: List[int], groups: int, algo: str, backend: str) -> Tensor:
+    return _run_conv(ck.conv2d_relu, input, weight, bias, stride, padding, same, dilation, groups, algo, backend)
+
+
+def conv2d_relu_backward_impl(grad_output: Tensor, output: Tensor, input: Tensor, weight: Tensor,
+                              stride: List[int], padding: List[int], same: bool, dilation: List[int], groups: int,
+                              needs: List[bool], algo: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with on_torch_stream(output):
+        g_pre = _elementwise(lambda y, gy: ck.relu_backward(gy, y, backend=_opt(backend)), output, grad_output)
+    return conv2d_backward_impl(g_pre, input, weight, stride, padding, same, dilation, groups, needs, algo, backend)
+
+
+def _conv2d_relu_backward_fake(grad_output, output, input, weight, stride, padding, same, dilation, groups, needs,
+                               algo, backend):
+    return _conv2d_backward_fake(grad_output, input, weight, stride, padding, same, dilation, groups, needs, algo,
+                                 backend)
+
+
+def _conv2d_relu_setup(ctx, inputs, output):
+    input, weight, bias, *geometry = inputs
+    # relu's output stands in for the conv's (positive, or NaN, exactly where it is)
+    ctx.save_for_backward(output, input, weight)
+    ctx.geometry = geometry
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_relu_grad(ctx, backward, grad_output):
+    output, input, weight = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bool(ctx.needs_input_grad[2]) and ctx.has_bias]
+    if not any(needs):
+        return (None,) * 10
+    gx, gw, gb = backward(grad_output, output, input, weight, *ctx.geometry[:5], needs, *ctx.geometry[5:])
+    return (gx if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + (None,) * 7
+
+
+conv2d_relu = Op("conv2d_relu", conv2d_relu_impl, _conv2d_fake, conv2d_relu_backward_impl,
+                 _conv2d_relu_backward_fake, _conv2d_relu_setup, _conv2d_relu_grad)
 
 # ---------------------------------------------------------------- max pooling
 
