@@ -303,11 +303,13 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     padding: int, (ph, pw), "valid" or "same" (stride 1 only; the odd pixel goes
     bottom/right). Returns (N, K, Ho, Wo) (or (K, Ho, Wo)) with
     Ho = floor((H + 2*ph - dh*(R-1) - 1) / sh) + 1.
-    algo: "auto" (the backend's rule) or an algorithm the backend offers by
-    name, which then runs exactly that (``convkern.algorithms(backend)`` lists
-    them): "direct" and "im2col" everywhere; on cpp also "depthwise",
-    "shifted" and "winograd"; on cuda "implicit". A named algorithm that
-    cannot run this problem raises ValueError saying why.
+    algo: "auto" (the autotuner's measured choice, or the backend's rule with
+    CONVKERN_TUNE=off) or an algorithm the backend offers by name, which then
+    runs exactly that (``convkern.algorithms(backend)`` lists them): "direct"
+    and "im2col" everywhere; on cpp also "depthwise", "shifted", "winograd"
+    (F(2x2, 3x3)) and "winograd4" (F(4x4, 3x3), float32 error a few times
+    the others'); on cuda "implicit". A named algorithm that cannot run this
+    problem raises ValueError saying why.
     """
     return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, False)
 

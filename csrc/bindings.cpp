@@ -13,8 +13,8 @@ namespace {
 ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bool grad_input = true) {
     ConvAlgo a;
     if (!conv_algo_from_name(algo, a))
-        throw py::value_error("algo must be one of 'direct', 'depthwise', 'im2col', 'shifted', 'winograd', 'auto'; "
-                              "got '" + algo + "'");
+        throw py::value_error("algo must be one of 'direct', 'depthwise', 'im2col', 'shifted', 'winograd', "
+                              "'winograd4', 'auto'; got '" + algo + "'");
     if (backward && !grad_input && a != ConvAlgo::depthwise) return a;
     if (const char* why = active_kernels().conv_algo_problem(a, s, backward)) throw py::value_error(why);
     return a;

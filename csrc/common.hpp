@@ -22,13 +22,14 @@ using idx = std::int64_t;  // 64-bit everywhere: products of sizes overflow int3
 // depthwise: padded planes, one filter each (C == groups, stride 1); im2col: the
 // column matrix in bands times the packed GEMM; shifted: an implicit GEMM over
 // a padded copy of the input (or its phase planes when strided); winograd:
-// F(2x2, 3x3) (3x3, stride 1, no dilation). Backward, shifted and winograd run
+// F(2x2, 3x3) (3x3, stride 1, no dilation); winograd4: F(4x4, 3x3), where the
+// same apply. Backward, shifted and the Winograd algorithms run
 // the input gradient as the forward conv of grad_output with the flipped
 // filters (stride 1) and the weight gradient by im2col; depthwise runs its input
 // gradient as a depthwise conv where that has one filter per channel (K == C),
 // else by the direct loops. auto_: the rule.
-enum class ConvAlgo : int { direct = 0, depthwise, im2col, shifted, winograd, auto_ };
-constexpr int kConvAlgos = 6;
+enum class ConvAlgo : int { direct = 0, depthwise, im2col, shifted, winograd, winograd4, auto_ };
+constexpr int kConvAlgos = 7;
 // "direct", ..., "auto"; from_name returns false for an unknown name
 const char* conv_algo_name(ConvAlgo a);
 bool conv_algo_from_name(const std::string& name, ConvAlgo& a);

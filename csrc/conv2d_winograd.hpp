@@ -1,19 +1,26 @@
 // conv2d forward for 3x3, stride-1, undilated, ungrouped layers by Winograd's
-// minimal filtering F(2x2, 3x3) (Lavin & Gray's formulation):
+// minimal filtering F(m x m, 3x3) (Lavin & Gray's formulation):
 //     Y = A^T [ (G g G^T) . (B^T d B) ] A
-// for every 2x2 output tile, whose 4x4 input patch is d. The 16 elementwise
-// products over all channels become 16 GEMMs, (K x C) x (C x tiles): 2.25x
-// fewer multiplications than the direct sum. Accuracy: the transforms only
-// add, subtract and halve. Measured in float32 against a float64 conv:
-// relative norm error 5.0e-7 on resnet_l3_3x3 and 3.5e-7 on vgg_3x3 (the
-// float32 direct sum: 8.3e-7 and 6.1e-7; PyTorch: 2.2e-7).
+// for every m x m output tile, whose (m+2) x (m+2) input patch is d. The
+// (m+2)^2 elementwise products over all channels become (m+2)^2 GEMMs,
+// (K x C) x (C x tiles). Two tile sizes:
+// - F(2x2, 3x3), algo "winograd": 16 GEMMs, 2.25x fewer multiplications than
+//   the direct sum. Its transforms only add, subtract and halve. Measured in
+//   float32 against a float64 conv: relative norm error 5.0e-7 on
+//   resnet_l3_3x3 and 3.5e-7 on vgg_3x3 (the float32 direct sum: 8.3e-7 and
+//   6.1e-7; PyTorch: 2.2e-7).
+// - F(4x4, 3x3), algo "winograd4": 36 GEMMs, 4x fewer multiplications, and
+//   per output a smaller transformed tensor to write and read. Its transforms
+//   scale by up to 8 (and the filters' by 1/24), so float32 rounding grows:
+//   the error is measured in docs/performance.md, and "auto" takes it only
+//   where the autotuner measured it fastest.
 //
 // Work per call: the batch is copied into zero-padded planes (tiles then need
 // no bounds checks), the filters are transformed and packed once, and tiles
-// are processed in blocks of at most kTileBlock: transform the block's input (V), run
-// the 16 GEMMs (M = U V), transform M into y with the bias. Blocks run in
-// parallel, each on its own scratch; the reduction order of every output is
-// fixed, so results are deterministic for any thread count.
+// are processed in blocks of at most kTileBlock: transform the block's input
+// (V), run the GEMMs (M = U V), transform M into y with the bias. Blocks run
+// in parallel, each on its own scratch; the reduction order of every output
+// is fixed, so results are deterministic for any thread count.
 
 inline bool conv_winograd_applies(const ConvGeom& s) {
     return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
@@ -35,60 +42,109 @@ inline bool conv_winograd_pays(const ConvGeom& s) {
     return conv_winograd_applies(s) && s.C >= 32 && s.C * s.K >= kMinCK && tiles >= 256;
 }
 
-template <class T>
+// M: the output tile's side (2 or 4)
+template <class T, int M = 2>
 struct WinogradLayout {
-    static constexpr idx kTileBlock = 256;  // tiles per block, at most
-    // the 16 planes of V and M are written and read together: a stride of a
-    // multiple of 4 KiB would put all 16 streams in one cache set
+    static constexpr int kSide = M + 2;           // the input patch's side
+    static constexpr int kXi = kSide * kSide;     // transformed planes: GEMMs per block
+    static constexpr idx kTileBlock = 512 / M;    // tiles per block, at most
+    // the planes of V and M are written and read together: a stride of a
+    // multiple of 4 KiB would put all their streams in one cache set
     static constexpr idx kPlanePad = 16;
-    idx tH, tW, tiles;  // 2x2 output tiles per image row/column, and in the batch
-    idx Hp, Wp, plane;  // padded input plane: tile (th, tw) reads rows 2th.., columns 2tw..
+    idx tH, tW, tiles;  // M x M output tiles per image row/column, and in the batch
+    idx Hp, Wp, plane;  // padded input plane: tile (th, tw) reads rows M th.., columns M tw..
     idx x_elems;        // padded batch
     idx tb, blocks;     // tiles per block, blocks: whole rounds of the threads where possible
-    idx block_elems;    // one block's V (16 x C x tb) + M (16 x K x tb) + GEMM packing
+    idx block_elems;    // one block's V (kXi x C x tb) + M (kXi x K x tb) + GEMM packing
     WinogradLayout(const ConvGeom& s) {
-        tH = (s.Ho + 1) / 2;
-        tW = (s.Wo + 1) / 2;
+        tH = (s.Ho + M - 1) / M;
+        tW = (s.Wo + M - 1) / M;
         tiles = s.N * tH * tW;
-        Hp = 2 * tH + 2;
-        Wp = 2 * tW + 2;
+        Hp = M * tH + 2;
+        // F(4x4)'s vector loads reach M columns past a run's last patch
+        Wp = M * tW + (M == 2 ? 2 : 4);
         plane = Hp * Wp;
-        x_elems = (s.N * s.C * plane + 15) / 16 * 16;
+        // the last group of a run is computed in whole vectors: its loads may
+        // reach up to 4 vectors past the last plane
+        x_elems = (s.N * s.C * plane + 4 * 16 + 15) / 16 * 16;
         const idx nt = num_threads();
         blocks = (tiles + kTileBlock - 1) / kTileBlock;
         if (blocks % nt && tiles >= nt * 32) blocks += nt - blocks % nt;
         tb = (tiles + blocks - 1) / blocks;
         blocks = (tiles + tb - 1) / tb;
-        block_elems = (16 * ((s.C + s.K) * tb + 2 * kPlanePad) + gemm_pack_elems<T>() + 15) / 16 * 16;
+        block_elems = (kXi * ((s.C + s.K) * tb + 2 * kPlanePad) + gemm_pack_elems<T>() + 15) / 16 * 16;
     }
+    // the workspace one call takes besides its per-thread blocks
+    idx fixed_elems(const ConvGeom& s) const { return x_elems + idx(kXi) * ((s.K + 16) * s.C + kPlanePad); }
 };
 
-// U[xi] (K x C) at U + xi * us, from g (K, C, 3, 3): U = G g G^T
-template <class T>
-void winograd_filters(const T* w, idx K, idx C, T* U, idx us) {
-#pragma omp parallel for num_threads(threads_for(K)) schedule(static)
-    for (idx k = 0; k < K; ++k)
+// One filter's transform, u = G g G^T, (M+2) x (M+2) from g (3x3).
+template <int M, class T>
+inline void winograd_filter_tile(const T* g, T (&u)[(M + 2) * (M + 2)]) {
+    constexpr int A = M + 2;
+    // F(4x4)'s G holds sixths, twelfths and 24ths: multiplied, not divided
+    // (a few times faster per call; the rounding of 1/6 is far below the
+    // transforms' own)
+    constexpr T kSixth = T(1) / T(6), k12th = T(1) / T(12), k24th = T(1) / T(24);
+    T gg[A][3];  // G g
+    for (int j = 0; j < 3; ++j) {
+        const T g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+        if constexpr (M == 2) {
+            gg[0][j] = g0;
+            gg[1][j] = T(0.5) * (g0 + g1 + g2);
+            gg[2][j] = T(0.5) * (g0 - g1 + g2);
+            gg[3][j] = g2;
+        } else {
+            gg[0][j] = T(0.25) * g0;
+            gg[1][j] = -kSixth * (g0 + g1 + g2);
+            gg[2][j] = -kSixth * (g0 - g1 + g2);
+            gg[3][j] = k24th * g0 + k12th * g1 + kSixth * g2;
+            gg[4][j] = k24th * g0 - k12th * g1 + kSixth * g2;
+            gg[5][j] = g2;
+        }
+    }
+    for (int i = 0; i < A; ++i) {  // (G g) G^T
+        const T g0 = gg[i][0], g1 = gg[i][1], g2 = gg[i][2];
+        T* r = u + i * A;
+        if constexpr (M == 2) {
+            r[0] = g0;
+            r[1] = T(0.5) * (g0 + g1 + g2);
+            r[2] = T(0.5) * (g0 - g1 + g2);
+            r[3] = g2;
+        } else {
+            r[0] = T(0.25) * g0;
+            r[1] = -kSixth * (g0 + g1 + g2);
+            r[2] = -kSixth * (g0 - g1 + g2);
+            r[3] = k24th * g0 + k12th * g1 + kSixth * g2;
+            r[4] = k24th * g0 - k12th * g1 + kSixth * g2;
+            r[5] = g2;
+        }
+    }
+}
+
+// The transformed filters U[xi] = (G g G^T)[xi], each a K x C matrix, from g
+// (K, C, 3, 3), written straight into the GEMM's packed A layout (what
+// pack_a_full would make of U[xi]) at Upk + xi * upk: U itself is never
+// stored, which halves the per-call filter traffic.
+template <class T, int M = 2>
+void winograd_filters(const T* w, idx K, idx C, T* Upk, idx upk) {
+    constexpr int XI = (M + 2) * (M + 2), MR = GemmBlocking<T>::MR;
+    const idx KC = gemm_dims<T>().kc, Kpad = (K + MR - 1) / MR * MR;
+#pragma omp parallel for num_threads(threads_for(Kpad / MR)) schedule(static)
+    for (idx k = 0; k < Kpad; ++k)
         for (idx c = 0; c < C; ++c) {
-            const T* g = w + (k * C + c) * 9;
-            T u[4][3];  // G g
-            for (int j = 0; j < 3; ++j) {
-                u[0][j] = g[j];
-                u[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-                u[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-                u[3][j] = g[6 + j];
-            }
-            for (int i = 0; i < 4; ++i) {  // (G g) G^T
-                const T v[4] = {u[i][0], T(0.5) * (u[i][0] + u[i][1] + u[i][2]), T(0.5) * (u[i][0] - u[i][1] + u[i][2]),
-                                u[i][2]};
-                for (int j = 0; j < 4; ++j) U[(i * 4 + j) * us + k * C + c] = v[j];
-            }
+            T u[XI] = {};  // rows past K pad the last panel with zeros
+            if (k < K) winograd_filter_tile<M>(w + (k * C + c) * 9, u);
+            const idx pc = c / KC * KC, kc = imin(KC, C - pc);
+            T* dst = Upk + pc * Kpad + (k / MR) * MR * kc + (c - pc) * MR + k % MR;
+            for (int xi = 0; xi < XI; ++xi) dst[xi * upk] = u[xi];
         }
 }
 
 // The transforms of one tile, on X = T (one tile) or a vector of tiles
 // (one per lane), so the vector body and the scalar edges share the math.
 // in: d[row][col] of the 4x4 input patch; out[xi] = (B^T d B)[xi]
-template <class X>
+template <class T, class X>
 inline void winograd_in_tile(const X (&d)[4][4], X (&out)[16]) {
     X r[4][4];  // B^T d: rows
     for (int j = 0; j < 4; ++j) {
@@ -106,7 +162,7 @@ inline void winograd_in_tile(const X (&d)[4][4], X (&out)[16]) {
 }
 
 // m[xi] of one tile -> its 2x2 output y = A^T m A
-template <class X>
+template <class T, class X>
 inline void winograd_out_tile(const X (&m)[16], X (&y)[2][2]) {
     X a[2][4];  // A^T m: rows
     for (int j = 0; j < 4; ++j) {
@@ -138,90 +194,101 @@ struct WinogradLanes {
     }
 };
 
-// V[xi][c][t - t0] = (B^T d B)[xi] for the tiles t of [t0, t1)
-template <class T>
-void winograd_input_block(const T* xpad, const ConvGeom& s, const WinogradLayout<T>& lay, idx t0, idx t1, T* V) {
+// The first n lanes of v to p: all of them, some, or (n <= 0) none.
+template <class T, class V>
+inline void store_cols(T* p, const V& v, idx n) {
+    constexpr idx L = sizeof(V) / sizeof(T);
+    if (n >= L)
+        vstore(p, v);
+    else if (n > 0)
+        vstore_first(p, v, n);
+}
+
+// F(2x2)'s per-tile pieces for the generic blocks below (F(4x4)'s are in
+// conv2d_winograd4.hpp): the 4 patch columns of L tiles from one input row
+// (q: the first tile's patch; tile i's column j is column 2i + j) ...
+template <class T, class Vt>
+inline void winograd_patch_row(const T* q, const WinogradLanes<T>& lanes, Vt (&d)[4]) {
+    constexpr int L = WinogradLanes<T>::L;
+    const Vt a0 = vload<Vt>(q), a1 = vload<Vt>(q + L);          // columns 0 .. 2L-1
+    const Vt b0 = vload<Vt>(q + 2), b1 = vload<Vt>(q + 2 + L);  // shifted by 2
+    d[0] = __builtin_shuffle(a0, a1, lanes.even);
+    d[1] = __builtin_shuffle(a0, a1, lanes.odd);
+    d[2] = __builtin_shuffle(b0, b1, lanes.even);
+    d[3] = __builtin_shuffle(b0, b1, lanes.odd);
+}
+
+// ... and one output row of L tiles (c[j]: column j of each) back in column
+// order, the first `cols` columns stored
+template <class T, class Vt>
+inline void winograd_store_row(T* out, const Vt (&c)[2], const WinogradLanes<T>& lanes, idx cols) {
+    constexpr int L = WinogradLanes<T>::L;
+    store_cols(out, __builtin_shuffle(c[0], c[1], lanes.lo), cols);
+    store_cols(out + L, __builtin_shuffle(c[0], c[1], lanes.hi), cols - L);
+}
+
+#include "conv2d_winograd4.hpp"
+
+// V[xi][c][t - t0] = (B^T d B)[xi] for the tiles t of [t0, t1), L tiles at a
+// time; the last group of a run computes lanes past it too (they read the
+// next rows or the padded batch's slack) and does not store them.
+template <class T, int M>
+void winograd_input_block(const T* xpad, const ConvGeom& s, const WinogradLayout<T, M>& lay, idx t0, idx t1, T* V) {
     typedef WinogradLanes<T> WL;
     typedef typename WL::V Vt;
-    constexpr int L = WL::L;
+    constexpr int L = WL::L, A = M + 2, XI = A * A;
     const WL lanes;
-    const idx TB = lay.tb, CT = s.C * TB + WinogradLayout<T>::kPlanePad;
+    const idx TB = lay.tb, CT = s.C * TB + WinogradLayout<T, M>::kPlanePad;
     for (idx t = t0; t < t1;) {
         // a run of tiles on one tile row of one image
         const idx n = t / (lay.tH * lay.tW), th = (t / lay.tW) % lay.tH, tw0 = t % lay.tW;
         const idx run = imin(lay.tW - tw0, t1 - t), at = t - t0;
         for (idx c = 0; c < s.C; ++c) {
-            const T* p[4];
-            p[0] = xpad + (n * s.C + c) * lay.plane + 2 * th * lay.Wp + 2 * tw0;
-            for (int r = 1; r < 4; ++r) p[r] = p[r - 1] + lay.Wp;
+            const T* p = xpad + (n * s.C + c) * lay.plane + M * th * lay.Wp + M * tw0;
             T* v = V + c * TB + at;
-            idx i = 0;
-            // L tiles at a time: a whole group reads at most column 2(run-1)+3 < Wp
-            for (; i + L <= run; i += L) {
-                Vt d[4][4], out[16];
-                for (int r = 0; r < 4; ++r) {
-                    const T* q = p[r] + 2 * i;
-                    const Vt a0 = vload<Vt>(q), a1 = vload<Vt>(q + L);          // columns 2i .. 2i+2L-1
-                    const Vt b0 = vload<Vt>(q + 2), b1 = vload<Vt>(q + 2 + L);  // shifted by 2
-                    d[r][0] = __builtin_shuffle(a0, a1, lanes.even);
-                    d[r][1] = __builtin_shuffle(a0, a1, lanes.odd);
-                    d[r][2] = __builtin_shuffle(b0, b1, lanes.even);
-                    d[r][3] = __builtin_shuffle(b0, b1, lanes.odd);
-                }
-                winograd_in_tile(d, out);
-                for (int xi = 0; xi < 16; ++xi) vstore(v + xi * CT + i, out[xi]);
-            }
-            for (; i < run; ++i) {
-                T d[4][4], out[16];
-                for (int r = 0; r < 4; ++r)
-                    for (int j = 0; j < 4; ++j) d[r][j] = p[r][2 * i + j];
-                winograd_in_tile(d, out);
-                for (int xi = 0; xi < 16; ++xi) v[xi * CT + i] = out[xi];
+            for (idx i = 0; i < run; i += L) {
+                Vt d[A][A], out[XI];
+                for (int r = 0; r < A; ++r) winograd_patch_row(p + r * lay.Wp + M * i, lanes, d[r]);
+                winograd_in_tile<T>(d, out);
+                if (i + L <= run)
+                    for (int xi = 0; xi < XI; ++xi) vstore(v + xi * CT + i, out[xi]);
+                else
+                    for (int xi = 0; xi < XI; ++xi) vstore_first(v + xi * CT + i, out[xi], run - i);
             }
         }
         t += run;
     }
 }
 
-// y for the tiles of [t0, t1) from M[xi][k][t - t0], plus bias
-template <class T>
-void winograd_output_block(const T* M, const T* b, const ConvGeom& s, const WinogradLayout<T>& lay, idx t0, idx t1,
-                           T* y) {
+// y for the tiles of [t0, t1) from Mt[xi][k][t - t0], plus bias, L tiles at a
+// time; of the last group of a run only the columns that exist are stored
+// (its lanes past the run read Mt's padding).
+template <class T, int M>
+void winograd_output_block(const T* Mt, const T* b, const ConvGeom& s, const WinogradLayout<T, M>& lay, idx t0,
+                           idx t1, T* y) {
     typedef WinogradLanes<T> WL;
     typedef typename WL::V Vt;
-    constexpr int L = WL::L;
+    constexpr int L = WL::L, XI = (M + 2) * (M + 2);
     const WL lanes;
-    const idx TB = lay.tb, KT = s.K * TB + WinogradLayout<T>::kPlanePad, P = s.Ho * s.Wo;
+    const idx TB = lay.tb, KT = s.K * TB + WinogradLayout<T, M>::kPlanePad, P = s.Ho * s.Wo;
     for (idx t = t0; t < t1;) {
         const idx n = t / (lay.tH * lay.tW), th = (t / lay.tW) % lay.tH, tw0 = t % lay.tW;
         const idx run = imin(lay.tW - tw0, t1 - t), at = t - t0;
-        const idx ho = 2 * th;
-        const int rows = ho + 1 < s.Ho ? 2 : 1;
+        const idx ho = M * th;
+        const int rows = static_cast<int>(imin(M, s.Ho - ho));
         for (idx k = 0; k < s.K; ++k) {
-            const T* m = M + k * TB + at;
+            const T* m = Mt + k * TB + at;
             const T bias = b ? b[k] : T(0);
-            T* yr[2] = {y + (n * s.K + k) * P + ho * s.Wo, y + (n * s.K + k) * P + (ho + 1) * s.Wo};
-            idx i = 0;
-            // L whole tiles at a time while every column they write exists
-            for (; i + L <= run && 2 * (tw0 + i + L) <= s.Wo; i += L) {
-                Vt mv[16], yv[2][2];
-                for (int xi = 0; xi < 16; ++xi) mv[xi] = vload<Vt>(m + xi * KT + i);
-                winograd_out_tile(mv, yv);
+            T* yk = y + (n * s.K + k) * P + ho * s.Wo;
+            for (idx i = 0; i < run; i += L) {
+                Vt mv[XI], yv[M][M];
+                for (int xi = 0; xi < XI; ++xi) mv[xi] = vload<Vt>(m + xi * KT + i);
+                winograd_out_tile<T>(mv, yv);
+                const idx cols = imin(M * (run - i), s.Wo - M * (tw0 + i));
                 for (int r = 0; r < rows; ++r) {
-                    const Vt c0 = yv[r][0] + bias, c1 = yv[r][1] + bias;
-                    T* out = yr[r] + 2 * (tw0 + i);
-                    vstore(out, __builtin_shuffle(c0, c1, lanes.lo));
-                    vstore(out + L, __builtin_shuffle(c0, c1, lanes.hi));
-                }
-            }
-            for (; i < run; ++i) {
-                T mv[16], yv[2][2];
-                for (int xi = 0; xi < 16; ++xi) mv[xi] = m[xi * KT + i];
-                winograd_out_tile(mv, yv);
-                const idx wo = 2 * (tw0 + i);
-                for (int r = 0; r < rows; ++r) {
-                    yr[r][wo] = yv[r][0] + bias;
-                    if (wo + 1 < s.Wo) yr[r][wo + 1] = yv[r][1] + bias;
+                    Vt c[M];
+                    for (int j = 0; j < M; ++j) c[j] = yv[r][j] + bias;
+                    winograd_store_row(yk + r * s.Wo + M * (tw0 + i), c, lanes, cols);
                 }
             }
         }
@@ -232,19 +299,19 @@ void winograd_output_block(const T* M, const T* b, const ConvGeom& s, const Wino
 // Returns false, having written nothing to y, if x or w holds an inf or NaN:
 // the transforms subtract inputs, so an inf there can become a NaN where the
 // direct sum gives +-inf; the caller then takes another algorithm.
-template <class T>
+template <class T, int M = 2>
 bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
-    note_conv_algo(ConvAlgo::winograd);
-    const WinogradLayout<T> lay(s);
+    typedef WinogradLayout<T, M> Lay;
+    constexpr int XI = Lay::kXi;
+    note_conv_algo(M == 2 ? ConvAlgo::winograd : ConvAlgo::winograd4);
+    const Lay lay(s);
     const idx TB = lay.tb;
     // workspace slot 1: padded batch, then the packed transformed filters
-    const idx upk_elems = packed_a_elems<T>(s.K, s.C);
-    const idx us = s.K * s.C + WinogradLayout<T>::kPlanePad;
-    T* xpad = static_cast<T*>(
-        workspace(static_cast<std::size_t>(lay.x_elems + 16 * upk_elems + 16 * us) * sizeof(T), 1));
+    // (each padded so that the XI streams do not share cache sets)
+    const idx upk_elems = packed_a_elems<T>(s.K, s.C) + Lay::kPlanePad;
+    T* xpad = static_cast<T*>(workspace(static_cast<std::size_t>(lay.x_elems + XI * upk_elems) * sizeof(T), 1));
     T* Upk = xpad + lay.x_elems;
-    T* U = Upk + 16 * upk_elems;
-    // tile (th, tw) of the padded plane starts at row 2th, column 2tw: input
+    // tile (th, tw) of the padded plane starts at row M th, column M tw: input
     // row h sits at padded row h + ph (rows past the input stay zero)
     int nonfinite = 0;
 #pragma omp parallel for num_threads(threads_for(s.N * s.C)) schedule(static) reduction(| : nonfinite)
@@ -254,8 +321,7 @@ bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const Con
     // (padding is never negative and Hp, Wp cover the input, so the copy saw all of x)
     for (idx i = 0; i < s.K * s.C * 9; ++i) nonfinite |= !(w[i] - w[i] == T(0));
     if (nonfinite) return false;
-    winograd_filters(w, s.K, s.C, U, us);
-    for (int xi = 0; xi < 16; ++xi) pack_a_full(s.K, s.C, U + xi * us, s.C, idx(1), Upk + xi * upk_elems);
+    winograd_filters<T, M>(w, s.K, s.C, Upk, upk_elems);
 
     const idx blocks = lay.blocks;
     const int nt = num_threads();
@@ -263,15 +329,15 @@ bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const Con
     T* scratch = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * lay.block_elems) * sizeof(T), 0));
     auto run_block = [&](idx blk, T* sc, bool inner) {
         const idx t0 = blk * TB, t1 = imin(lay.tiles, t0 + TB), nb = t1 - t0;
-        const idx VS = s.C * TB + WinogradLayout<T>::kPlanePad, MS = s.K * TB + WinogradLayout<T>::kPlanePad;
+        const idx VS = s.C * TB + Lay::kPlanePad, MS = s.K * TB + Lay::kPlanePad;
         T* V = sc;
-        T* M = V + 16 * VS;
-        T* pack = M + 16 * MS;
+        T* Mt = V + XI * VS;
+        T* pack = Mt + XI * MS;
         winograd_input_block(xpad, s, lay, t0, t1, V);
-        for (int xi = 0; xi < 16; ++xi)
-            gemm_blocked(s.K, nb, s.C, U + xi * us, s.C, idx(1), V + xi * VS, TB, idx(1), M + xi * MS, TB,
-                         false, pack, inner, Upk + xi * upk_elems);
-        winograd_output_block(M, b, s, lay, t0, t1, y);
+        for (int xi = 0; xi < XI; ++xi)
+            gemm_blocked(s.K, nb, s.C, static_cast<const T*>(nullptr), s.C, idx(1), V + xi * VS, TB, idx(1),
+                         Mt + xi * MS, TB, false, pack, inner, Upk + xi * upk_elems);
+        winograd_output_block(Mt, b, s, lay, t0, t1, y);
     };
     if (outer) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)

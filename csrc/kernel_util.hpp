@@ -146,6 +146,19 @@ template <class T> inline void add_row(T* dst, const T* src, idx lo, idx hi) {
 }
 #endif
 
+// Lanes [0, n) of v to p, 0 < n <= lanes; p[n..] is neither read nor written.
+#if defined(__AVX512F__)
+inline void vstore_first(float* p, vfloat v, idx n) { _mm512_mask_storeu_ps(p, lane_mask16(0, n), (__m512)v); }
+inline void vstore_first(double* p, vdouble v, idx n) { _mm512_mask_storeu_pd(p, lane_mask8(0, n), (__m512d)v); }
+#elif defined(__AVX2__)
+inline void vstore_first(float* p, vfloat v, idx n) { _mm256_maskstore_ps(p, lane_mask32(0, n, 0), (__m256)v); }
+inline void vstore_first(double* p, vdouble v, idx n) { _mm256_maskstore_pd(p, lane_mask64(0, n, 0), (__m256d)v); }
+#else
+template <class T, class V> inline void vstore_first(T* p, V v, idx n) {
+    for (idx l = 0; l < n; ++l) p[l] = v[l];
+}
+#endif
+
 // `rows` rows of gather_row: dst rows are contiguous (n apart), src rows are
 // src_stride apart. Rows of at most one vector reuse their masks (the common
 // small feature map); longer rows go through gather_row.

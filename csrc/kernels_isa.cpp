@@ -40,7 +40,7 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeo
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
     if (conv_winograd_pays(s)) {
         const WinogradLayout<T> lay(s);
-        if ((lay.x_elems + idx(16) * (s.K + 16) * s.C) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes &&
+        if (lay.fixed_elems(s) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes &&
             conv2d_forward_winograd(x, w, b, y, s))
             return;
     }
@@ -74,6 +74,10 @@ void forward_winograd(const T* x, const T* w, const T* b, T* y, const ConvGeom& 
     // Winograd's transforms subtract inputs (inf - inf = NaN where a direct sum
     // gives inf): with non-finite data it hands the call to im2col
     if (!conv2d_forward_winograd(x, w, b, y, s)) conv2d_forward_im2col(x, w, b, y, s);
+}
+template <class T>
+void forward_winograd4(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
+    if (!conv2d_forward_winograd<T, 4>(x, w, b, y, s)) conv2d_forward_im2col(x, w, b, y, s);
 }
 template <class T>
 void forward_auto(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
@@ -129,13 +133,19 @@ const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
                        "larger than the dilated kernel";
             return conv_shifted_applies(t) ? nullptr : "shifted has nothing to shift in grad input's 1x1 conv";
         case ConvAlgo::winograd:
+        case ConvAlgo::winograd4: {
+            const bool f4 = a == ConvAlgo::winograd4;
             if (!backward)
                 return conv_winograd_applies(s) ? nullptr
-                                                 : "winograd needs a 3x3 kernel, stride 1, no dilation and groups 1";
+                       : f4 ? "winograd4 needs a 3x3 kernel, stride 1, no dilation and groups 1"
+                            : "winograd needs a 3x3 kernel, stride 1, no dilation and groups 1";
             if (!grad_input_conv_shape(s, t) || !conv_winograd_applies(t))
-                return "winograd backward runs grad input as a 3x3 stride-1 conv: it needs a 3x3 kernel, stride 1, "
-                       "no dilation, groups 1 and padding of at most 2";
+                return f4 ? "winograd4 backward runs grad input as a 3x3 stride-1 conv: it needs a 3x3 kernel, "
+                            "stride 1, no dilation, groups 1 and padding of at most 2"
+                          : "winograd backward runs grad input as a 3x3 stride-1 conv: it needs a 3x3 kernel, "
+                            "stride 1, no dilation, groups 1 and padding of at most 2";
             return nullptr;
+        }
         default:
             return nullptr;
     }
@@ -149,8 +159,7 @@ const char* auto_algo_t(const ConvGeom& s, bool backward) {
     if (backward && !(s.C / s.G >= 16 && grad_input_conv_shape(s, t))) return "im2col";
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
     if (conv_winograd_pays(t)) {
-        const WinogradLayout<T> lay(t);
-        if ((lay.x_elems + idx(16) * (t.K + 16) * t.C) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes)
+        if (WinogradLayout<T>(t).fixed_elems(t) * static_cast<idx>(sizeof(T)) <= kMaxWinogradBytes)
             return "winograd";
     }
     constexpr idx kMaxStridedShiftedChannels = 64;
@@ -190,12 +199,14 @@ OpTable<T> make_table() {
     t.conv2d_forward[slot(ConvAlgo::im2col)] = &conv2d_forward_im2col<T>;
     t.conv2d_forward[slot(ConvAlgo::shifted)] = &conv2d_forward_shifted<T>;
     t.conv2d_forward[slot(ConvAlgo::winograd)] = &forward_winograd<T>;
+    t.conv2d_forward[slot(ConvAlgo::winograd4)] = &forward_winograd4<T>;
     t.conv2d_forward[slot(ConvAlgo::auto_)] = &forward_auto<T>;
     t.conv2d_backward[slot(ConvAlgo::direct)] = &backward_direct<T>;
     t.conv2d_backward[slot(ConvAlgo::depthwise)] = &backward_depthwise<T>;
     t.conv2d_backward[slot(ConvAlgo::im2col)] = &backward_im2col<T>;
     t.conv2d_backward[slot(ConvAlgo::shifted)] = &backward_via_forward<T, conv2d_forward_shifted<T>>;
     t.conv2d_backward[slot(ConvAlgo::winograd)] = &backward_via_forward<T, forward_winograd<T>>;
+    t.conv2d_backward[slot(ConvAlgo::winograd4)] = &backward_via_forward<T, forward_winograd4<T>>;
     t.conv2d_backward[slot(ConvAlgo::auto_)] = &backward_auto<T>;
     t.max_pool2d_forward = &max_pool2d_forward<T>;
     t.max_pool2d_backward = &max_pool2d_backward<T>;

@@ -378,7 +378,8 @@ void* workspace(std::size_t bytes, int slot) {
 namespace convkern {
 
 namespace {
-constexpr const char* kConvAlgoNames[kConvAlgos] = {"direct", "depthwise", "im2col", "shifted", "winograd", "auto"};
+constexpr const char* kConvAlgoNames[kConvAlgos] = {"direct", "depthwise", "im2col", "shifted", "winograd",
+                                                             "winograd4", "auto"};
 }
 
 const char* conv_algo_name(ConvAlgo a) { return kConvAlgoNames[static_cast<int>(a)]; }

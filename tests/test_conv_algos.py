@@ -29,6 +29,13 @@ RUNS = {
     "winograd": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
                  ((1, 3, 9, 10), (4, 3, 3, 3), {}),
                  ((1, 2, 5, 3), (3, 2, 3, 3), dict(padding=2))],
+    # F(4x4): partial tiles at both edges, runs of tiles longer and shorter
+    # than a vector, blocks that cut tile rows, more channels than a KC block
+    "winograd4": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
+                  ((1, 3, 9, 10), (4, 3, 3, 3), {}),
+                  ((1, 2, 5, 3), (3, 2, 3, 3), dict(padding=2)),
+                  ((2, 4, 23, 150), (5, 4, 3, 3), dict(padding=(2, 1))),
+                  ((1, 300, 6, 9), (7, 300, 3, 3), dict(padding=1))],
 }
 # forward-only problems (the backward needs stride 1 and padding within the kernel's reach)
 FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))]}
@@ -40,6 +47,9 @@ REFUSED = [
     ("shifted", (1, 2, 8, 8), (3, 2, 1, 1), {}, False, "nothing to shift"),
     ("shifted", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2), True, "needs stride 1"),
     ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(padding=3), True, "padding of at most 2"),
+    ("winograd4", (1, 2, 8, 8), (3, 2, 5, 5), {}, False, "winograd4 needs a 3x3 kernel"),
+    ("winograd4", (1, 2, 8, 8), (3, 2, 3, 3), dict(dilation=2), False, "no dilation"),
+    ("winograd4", (1, 2, 8, 8), (3, 2, 3, 3), dict(padding=3), True, "padding of at most 2"),
 ]
 
 
@@ -86,13 +96,14 @@ def test_weight_gradients_alone_need_no_grad_input_path(rng):
     x, w = randn(rng, (1, 2, 9, 9), np.float64), randn(rng, (3, 2, 3, 3), np.float64)
     gy = randn(rng, convkern.conv2d(x, w, stride=2, backend="reference").shape, np.float64)
     ref = convkern.conv2d_backward(gy, x, w, stride=2, backend="reference")
-    for algo in ("shifted", "winograd"):
+    for algo in ("shifted", "winograd", "winograd4"):
         _, gw, gb = convkern.conv2d_backward(gy, x, w, stride=2, needs=(False, True, True), algo=algo, backend="cpp")
         assert_close(gw, ref[1], np.float64, algo) and assert_close(gb, ref[2], np.float64, algo)
 
 
 def test_algorithms_lists_what_each_backend_runs_by_name():
-    assert convkern.algorithms("cpp") == ("direct", "depthwise", "im2col", "shifted", "winograd", "auto")
+    assert convkern.algorithms("cpp") == ("direct", "depthwise", "im2col", "shifted", "winograd", "winograd4",
+                                            "auto")
     assert convkern.algorithms("numba") == ("direct", "im2col", "auto")
     x, w = np.ones((1, 2, 6, 6), np.float32), np.ones((3, 2, 3, 3), np.float32)
     with pytest.raises(ValueError, match="algo 'winograd' is not offered by backend 'numba'; it has 'direct', 'im2col'"):
@@ -117,12 +128,13 @@ def test_auto_runs_the_algorithm_it_reports(layer, rng):
     assert cpp.last_algo() == cpp.choose_algo(g, backward=True)
 
 
-def test_winograd_hands_non_finite_data_to_im2col(rng):
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
     inf): with non-finite data the answer is im2col's, the reference's pattern."""
     x, w = randn(rng, (1, 4, 8, 8), np.float64), randn(rng, (3, 4, 3, 3), np.float64)
     x[0, 1, 3, 3] = np.inf
-    got = convkern.conv2d(x, w, padding=1, algo="winograd", backend="cpp")
+    got = convkern.conv2d(x, w, padding=1, algo=algo, backend="cpp")
     assert cpp.last_algo() == "im2col"
     ref = convkern.conv2d(x, w, padding=1, backend="reference")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))

@@ -77,7 +77,7 @@ FORCED_BLOCKING_CHECK = """
     ref = F.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="reference")
     cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     for name, inp, algo in [("im2col", x, "im2col"), ("shifted", x, "shifted"), ("winograd", x, "winograd"),
-                            ("channels_last", cl, "auto")]:
+                            ("winograd4", x, "winograd4"), ("channels_last", cl, "auto")]:
         y = F.conv2d(inp, w, padding=1, backend="cpp", algo=algo)
         errors[f"conv {name}"] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
     print(json.dumps({"errors": errors, "blocking": cpp._cpu.build_info()["gemm_blocking_f32"]}))
@@ -93,7 +93,8 @@ def test_forced_blocking_gives_the_same_products(tmp_path, blocking):
     b = out["blocking"]
     assert (b["KC"], b["source"]) == (kc, "CONVKERN_GEMM_BLOCKING")
     assert b["MC"] == max(b["MR"], mc // b["MR"] * b["MR"]) and b["NC"] == max(b["NR"], nc // b["NR"] * b["NR"])
-    bad = {k: v for k, v in out["errors"].items() if not v < 2e-6}
+    # F(4x4) Winograd's transforms scale by up to 8: its float32 rounding is a few times the others'
+    bad = {k: v for k, v in out["errors"].items() if not v < (5e-6 if "winograd4" in k else 2e-6)}
     assert not bad, bad
 
 

@@ -12,7 +12,7 @@ NAME = "cpp"
 DEVICE = "cpu"
 # each runs exactly what it names (see algo_problem for where each applies);
 # "auto" is the C++ rule, which choose_algo reports
-ALGOS = ("direct", "depthwise", "im2col", "shifted", "winograd")
+ALGOS = ("direct", "depthwise", "im2col", "shifted", "winograd", "winograd4")
 
 try:
     from .. import _cpu  # type: ignore[attr-defined]
