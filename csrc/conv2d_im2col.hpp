@@ -273,13 +273,17 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         // chunks, yet the same bits for any thread count.
         const idx band_scratch = (col_elems + gemm_pack_elems<T>() + 15) / 16 * 16;
         const idx wsize = s.K * CRS;
-        const idx chunks = gw_chunks<T>(s, wsize);
         // a reduction of fewer than 32 taps (a first layer: C*R*S = 25 for one
         // channel and 5x5) fills less than one packed panel: the unpacked
         // A B^T kernel ran LeNet's conv1 grad weight 2.4x faster; with 288 or
         // more taps it was 0.3-0.9x the packed GEMM's speed
         const bool nt_form = CRS < 32;
         const idx group = nt_form ? 1 : images_per_gemm<T>(s, band, CRS + Kg);
+        // chunks hold whole groups: splitting the batch finer for the threads
+        // would cut the images a GEMM puts side by side back to one or two
+        // (ResNet's 7x7 and 4x4 layers), each chunk would rewrite the whole
+        // partial gradient, and the GEMM is wide enough for the threads inside
+        const idx chunks = group > 1 ? imax(1, imin(gw_chunks<T>(s, wsize), s.N / group)) : gw_chunks<T>(s, wsize);
         const idx wide_elems = (group * P * (CRS + Kg) + 15) / 16 * 16;
         const idx scratch = group > 1 ? wide_elems + (gemm_pack_elems<T>() + 15) / 16 * 16 : band_scratch;
         const int nt = num_threads();
