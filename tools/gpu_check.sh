@@ -97,6 +97,8 @@ if [ $dry -eq 1 ]; then
     bench_sizes=(--layers mnist_conv1 --batch 1 --min-time 0.01)
     tile_sizes=(--layers mnist_conv1 --batch 1 --reps 1)
     train_args=(--backend "$cuda" --epochs 1 --shapes-train 90)
+    # the emulator runs each CUDA thread in turn: a busy 2-core machine took 17 s
+    train_limit=40
 else
     step gputests 25 python3 -m pytest "$repo/tests/test_gpu.py" "${pytest_args[@]}" --junitxml "$out/gpu_tests.xml"
     step suite 55 python3 -m pytest "$repo/tests" "${pytest_args[@]}" -k "cuda or cupy" --junitxml "$out/tests.xml"
@@ -108,10 +110,11 @@ else
     bench_sizes=(--batch 64 --max-call-ms 50)
     tile_sizes=(--batch 64 --reps 5)
     train_args=(--device cuda --epochs 2)
+    train_limit=15
 fi
 step bench 45 "${ck[@]}" bench --ops conv2d,conv2d_backward,max_pool2d,max_pool2d_backward,avg_pool2d,avg_pool2d_backward,relu,relu_backward \
     --backends "$cuda:direct,$cuda:im2col,$cuda:implicit,$cupy:direct,$cupy:im2col" "${bench_sizes[@]}" \
     --jsonl "$out/bench.jsonl" --no-progress
 step tiles 15 "${tool[@]}" "$repo/tools/gemm_tiles.py" --backend "$cuda" "${tile_sizes[@]}" --json "$out/tiles.json"
-step train 15 "${ck[@]}" train "${train_args[@]}" --no-progress --out "$site/run"
+step train "$train_limit" "${ck[@]}" train "${train_args[@]}" --no-progress --out "$site/run"
 finish
