@@ -78,48 +78,34 @@ struct WinogradLayout {
     idx fixed_elems(const ConvGeom& s) const { return x_elems + idx(kXi) * ((s.K + 16) * s.C + kPlanePad); }
 };
 
+// G applied to three taps: r[j * stride] for the M + 2 rows of G. F(4x4)'s G
+// holds sixths, twelfths and 24ths: multiplied, not divided (a few times
+// faster per call; the rounding of 1/6 is far below the transforms' own).
+template <int M, class T>
+inline void winograd_g_1d(T g0, T g1, T g2, T* r, int stride) {
+    if constexpr (M == 2) {
+        r[0] = g0;
+        r[stride] = T(0.5) * (g0 + g1 + g2);
+        r[2 * stride] = T(0.5) * (g0 - g1 + g2);
+        r[3 * stride] = g2;
+    } else {
+        constexpr T kSixth = T(1) / T(6), k12th = T(1) / T(12), k24th = T(1) / T(24);
+        r[0] = T(0.25) * g0;
+        r[stride] = -kSixth * (g0 + g1 + g2);
+        r[2 * stride] = -kSixth * (g0 - g1 + g2);
+        r[3 * stride] = k24th * g0 + k12th * g1 + kSixth * g2;
+        r[4 * stride] = k24th * g0 - k12th * g1 + kSixth * g2;
+        r[5 * stride] = g2;
+    }
+}
+
 // One filter's transform, u = G g G^T, (M+2) x (M+2) from g (3x3).
 template <int M, class T>
 inline void winograd_filter_tile(const T* g, T (&u)[(M + 2) * (M + 2)]) {
     constexpr int A = M + 2;
-    // F(4x4)'s G holds sixths, twelfths and 24ths: multiplied, not divided
-    // (a few times faster per call; the rounding of 1/6 is far below the
-    // transforms' own)
-    constexpr T kSixth = T(1) / T(6), k12th = T(1) / T(12), k24th = T(1) / T(24);
-    T gg[A][3];  // G g
-    for (int j = 0; j < 3; ++j) {
-        const T g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
-        if constexpr (M == 2) {
-            gg[0][j] = g0;
-            gg[1][j] = T(0.5) * (g0 + g1 + g2);
-            gg[2][j] = T(0.5) * (g0 - g1 + g2);
-            gg[3][j] = g2;
-        } else {
-            gg[0][j] = T(0.25) * g0;
-            gg[1][j] = -kSixth * (g0 + g1 + g2);
-            gg[2][j] = -kSixth * (g0 - g1 + g2);
-            gg[3][j] = k24th * g0 + k12th * g1 + kSixth * g2;
-            gg[4][j] = k24th * g0 - k12th * g1 + kSixth * g2;
-            gg[5][j] = g2;
-        }
-    }
-    for (int i = 0; i < A; ++i) {  // (G g) G^T
-        const T g0 = gg[i][0], g1 = gg[i][1], g2 = gg[i][2];
-        T* r = u + i * A;
-        if constexpr (M == 2) {
-            r[0] = g0;
-            r[1] = T(0.5) * (g0 + g1 + g2);
-            r[2] = T(0.5) * (g0 - g1 + g2);
-            r[3] = g2;
-        } else {
-            r[0] = T(0.25) * g0;
-            r[1] = -kSixth * (g0 + g1 + g2);
-            r[2] = -kSixth * (g0 - g1 + g2);
-            r[3] = k24th * g0 + k12th * g1 + kSixth * g2;
-            r[4] = k24th * g0 - k12th * g1 + kSixth * g2;
-            r[5] = g2;
-        }
-    }
+    T gg[A * 3];  // G g, row-major
+    for (int j = 0; j < 3; ++j) winograd_g_1d<M>(g[j], g[3 + j], g[6 + j], gg + j, 3);
+    for (int i = 0; i < A; ++i) winograd_g_1d<M>(gg[i * 3], gg[i * 3 + 1], gg[i * 3 + 2], u + i * A, 1);  // (G g) G^T
 }
 
 // The transformed filters U[xi] = (G g G^T)[xi], each a K x C matrix, from g
