@@ -12,9 +12,12 @@ namespace {
 // weight and bias gradients of shifted and winograd are im2col's).
 ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bool grad_input = true) {
     ConvAlgo a;
-    if (!conv_algo_from_name(algo, a))
-        throw py::value_error("algo must be one of 'direct', 'depthwise', 'im2col', 'shifted', 'winograd', "
-                              "'winograd4', 'auto'; got '" + algo + "'");
+    if (!conv_algo_from_name(algo, a)) {
+        std::string names;  // from the one list of names (runtime.cpp), so a new algorithm cannot be left out
+        for (int i = 0; i < convkern::kConvAlgos; ++i)
+            names += std::string(i ? ", '" : "'") + conv_algo_name(static_cast<ConvAlgo>(i)) + "'";
+        throw py::value_error("algo must be one of " + names + "; got '" + algo + "'");
+    }
     if (backward && !grad_input && a != ConvAlgo::depthwise) return a;
     if (const char* why = active_kernels().conv_algo_problem(a, s, backward)) throw py::value_error(why);
     return a;
