@@ -153,6 +153,73 @@ void im2col_images(const T* x, const ConvGeom& s, idx n, idx m, idx g, T* wc, bo
     }
 }
 
+// y_g of images [n, n + m) (Kg x m*P, in `out`) into each image's planes, plus bias.
+template <class T>
+void scatter_image_group(const T* out, const T* b, T* y, const ConvGeom& s, idx n, idx m, idx g) {
+    const idx Kg = s.K / s.G, P = s.Ho * s.Wo, mp = m * P;
+    for (idx i = 0; i < m; ++i)
+        for (idx k = 0; k < Kg; ++k) {
+            T* dst = y + ((n + i) * s.K + g * Kg + k) * P;
+            const T* src = out + k * mp + i * P;
+            if (!b) {
+                std::memcpy(dst, src, P * sizeof(T));
+                continue;
+            }
+            const T bv = b[g * Kg + k];
+            for (idx p = 0; p < P; ++p) dst[p] = src[p] + bv;
+        }
+}
+
+// gemm_rows' A read in place: row k of a (rows x ld) row-major block, column j
+// at row start + j (the offsets are 0, 1, 2, ...).
+template <class T>
+struct InPlaceRows {
+    const T* a;
+    idx ld;
+    const idx* iota;
+    bool indirect(idx i0, idx live, const T** rows) const {
+        constexpr int MR = GemmBlocking<T>::MR;
+        if (live < MR) return false;
+        for (int i = 0; i < MR; ++i) rows[i] = a + (i0 + i) * ld;
+        return true;
+    }
+    const idx* offsets(idx pc) const { return iota + pc; }
+    void panel(idx i0, idx live, idx pc, idx kc, T* Ap) const { pack_a_panel(kc, live, a + i0 * ld + pc, ld, idx(1), Ap); }
+};
+
+// Whether conv2d_forward_im2col reads the weights in place instead of
+// packing them: when all N images fit one group of side-by-side column
+// matrices and the weights (K x CRS) outnumber those columns (CRS x N*P),
+// packing the columns is the smaller copy, and each packed weight would serve
+// only a few column panels. (A function of the shape alone, not of the thread
+// count: the two paths block the reduction differently.)
+template <class T>
+bool im2col_weights_in_place(const ConvGeom& s) {
+    const idx CRS = s.C / s.G * s.R * s.S;
+    const idx band = conv_is_pointwise(s) ? s.Ho : band_rows<T>(s);
+    const idx group = images_per_gemm<T>(s, band, CRS + s.K / s.G);
+    return group > 1 && group >= s.N && s.G == 1 && s.K >= s.N * s.Ho * s.Wo;
+}
+
+// All images in one GEMM, out (K x N*P) = w (K x CRS) * col (CRS x N*P): the
+// columns packed, the weights read in place by the indirect micro-kernel.
+// x is NCHW; store(out) writes the result where the caller wants it.
+template <class T, class Store>
+void forward_weight_rows(const T* x, const T* w, const ConvGeom& s, const Store& store) {
+    const idx CRS = s.C * s.R * s.S, cols = s.N * s.Ho * s.Wo;
+    const idx col_elems = (CRS * cols + 15) / 16 * 16, out_elems = (s.K * cols + 15) / 16 * 16;
+    T* col = static_cast<T*>(workspace(static_cast<std::size_t>(col_elems + out_elems) * sizeof(T), 0));
+    T* out = col + col_elems;
+    const idx bp_elems = (packed_b_elems<T>(CRS, cols) + 15) / 16 * 16;
+    T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(bp_elems) * sizeof(T) + CRS * sizeof(idx), 1));
+    idx* iota = reinterpret_cast<idx*>(bp + bp_elems);
+    for (idx k = 0; k < CRS; ++k) iota[k] = k;
+    im2col_images(x, s, 0, s.N, 0, col, true);
+    pack_b_full(CRS, cols, col, cols, idx(1), bp);
+    gemm_rows(s.K, cols, CRS, InPlaceRows<T>{w, CRS, iota}, bp, out, cols, [](idx, idx, idx, idx) {});
+    store(static_cast<const T*>(out));
+}
+
 template <class T>
 void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
     note_conv_algo(ConvAlgo::im2col);
@@ -160,11 +227,13 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
     const bool pointwise = conv_is_pointwise(s);
     const idx band = pointwise ? s.Ho : band_rows<T>(s);
     const idx col_elems = pointwise ? 0 : (CRS * band * s.Wo + 15) / 16 * 16;
+    if (im2col_weights_in_place<T>(s))
+        return forward_weight_rows(x, w, s, [&](const T* out) { scatter_image_group(out, b, y, s, 0, s.N, 0); });
+    const idx group = images_per_gemm<T>(s, band, CRS + Kg);
     // the weights are packed once per call, not once per image and band
     const idx wpk_elems = packed_a_elems<T>(Kg, CRS);
     T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
     for (idx g = 0; g < s.G; ++g) pack_a_full(Kg, CRS, w + g * Kg * CRS, CRS, idx(1), wpk + g * wpk_elems);
-    const idx group = images_per_gemm<T>(s, band, CRS + Kg);
     if (group > 1) {  // y_g of `group` images at once: (Kg x m*P), then to each image's planes
         const idx wide = (group * P * (CRS + Kg) + 15) / 16 * 16, image_groups = (s.N + group - 1) / group;
         for_each_task<T>(image_groups * s.G, wide + gemm_pack_elems<T>(), [&](idx t, T* scratch, bool inner) {
@@ -173,17 +242,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
             im2col_images(x, s, n, m, g, scratch, inner);
             gemm_blocked(Kg, mp, CRS, w + g * Kg * CRS, CRS, idx(1), scratch, mp, idx(1), out, mp, false,
                          scratch + wide, inner, wpk + g * wpk_elems);
-            for (idx i = 0; i < m; ++i)
-                for (idx k = 0; k < Kg; ++k) {
-                    T* dst = y + ((n + i) * s.K + g * Kg + k) * P;
-                    const T* src = out + k * mp + i * P;
-                    if (!b) {
-                        std::memcpy(dst, src, P * sizeof(T));
-                        continue;
-                    }
-                    const T bv = b[g * Kg + k];
-                    for (idx p = 0; p < P; ++p) dst[p] = src[p] + bv;
-                }
+            scatter_image_group(out, b, y, s, n, m, g);
         });
         return;
     }

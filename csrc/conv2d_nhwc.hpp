@@ -480,6 +480,26 @@ struct NhwcPatches {
 template <class T>
 void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
     if (nhwc_is_depthwise(s) && s.R * s.S <= 64) return depthwise_nhwc_forward(x, w, b, y, s, relu);
+    if (im2col_weights_in_place<T>(s)) {
+        // A small map whose weights outnumber the batch's pixels: the input
+        // (no larger than the column matrix) goes to NCHW, the weights are
+        // read in place, and the (K x pixels) result is transposed back.
+        T* xc = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * s.H * s.W) * sizeof(T), 2));
+        transpose_batched(x, xc, s.N, s.H * s.W, s.C);
+        return forward_weight_rows(xc, w, s, [&](const T* out) {
+            const idx pixels = s.N * s.Ho * s.Wo;
+            transpose_batched(out, y, idx(1), s.K, pixels);
+            if (!b && !relu) return;
+#pragma omp parallel for num_threads(threads_for(pixels / 64 + 1)) schedule(static)
+            for (idx m = 0; m < pixels; ++m) {
+                T* row = y + m * s.K;
+                if (b)
+                    for (idx k = 0; k < s.K; ++k) row[k] += b[k];
+                if (relu)
+                    for (idx k = 0; k < s.K; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
+            }
+        });
+    }
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
     T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(wr_elems) * sizeof(T) + 3 * RSC * sizeof(idx), 2));
@@ -606,18 +626,15 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // R-1-ph, S-1-pw, whose output is the input's size: the forward's
         // indirect GEMM, where the general path below writes a column matrix
         // of every pixel's R*S*C gradients and gathers it back.
-        std::vector<T> wf(static_cast<std::size_t>(s.K * s.C * s.R * s.S));
-        for (idx k = 0; k < s.K; ++k)
-            for (idx c = 0; c < s.C; ++c)
-                for (idx r = 0; r < s.R; ++r)
-                    for (idx q = 0; q < s.S; ++q)
-                        wf[((c * s.K + k) * s.R + r) * s.S + q] =
-                            w[((k * s.C + c) * s.R + (s.R - 1 - r)) * s.S + (s.S - 1 - q)];
+        // (not a workspace slot: the forward uses all of them; not zeroed:
+        // every element is written)
+        std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
+        flip_transpose_filters(w, s, wf.get());
         ConvGeom t = s;
         t.C = s.K, t.H = s.Ho, t.W = s.Wo, t.K = s.C;
         t.ph = s.R - 1 - s.ph, t.pw = s.S - 1 - s.pw;
         t.Ho = s.H, t.Wo = s.W;
-        conv2d_forward_nhwc(gy, wf.data(), static_cast<const T*>(nullptr), gx, t, false);
+        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false);
         return;
     }
     if (gx) {

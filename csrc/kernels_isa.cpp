@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -29,7 +30,9 @@ namespace {
 #include "linear.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
-// Winograd F(2x2, 3x3) (see conv_winograd_pays); other convs whose phase
+// Winograd F(2x2, 3x3) (see conv_winograd_pays); small maps whose weights
+// outnumber the batch's columns im2col with the weights read in place (see
+// im2col_weights_in_place); other convs whose phase
 // planes stay modest the shifted implicit GEMM (no column matrix), strided
 // ones only with few output channels (im2col's copies cost in proportion to
 // 1/K, the shifted micro-kernel's scattered loads do not); short reductions
@@ -46,7 +49,7 @@ void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeo
     }
     constexpr idx kMaxStridedShiftedChannels = 64;
     const bool strided = s.sh > 1 || s.sw > 1;
-    if (conv_shifted_applies(s) && s.C / s.G * s.R * s.S >= kMinShiftedReduction &&
+    if (!im2col_weights_in_place<T>(s) && conv_shifted_applies(s) && s.C / s.G * s.R * s.S >= kMinShiftedReduction &&
         !(strided && s.K / s.G > kMaxStridedShiftedChannels)) {
         const ShiftedLayout<T> lay(s);
         if ((lay.x_elems + lay.y_elems) * static_cast<idx>(sizeof(T)) <= kMaxShiftedBytes)
@@ -164,7 +167,7 @@ const char* auto_algo_t(const ConvGeom& s, bool backward) {
     }
     constexpr idx kMaxStridedShiftedChannels = 64;
     const bool strided = t.sh > 1 || t.sw > 1;
-    if (conv_shifted_applies(t) && t.C / t.G * t.R * t.S >= kMinShiftedReduction &&
+    if (!im2col_weights_in_place<T>(t) && conv_shifted_applies(t) && t.C / t.G * t.R * t.S >= kMinShiftedReduction &&
         !(strided && t.K / t.G > kMaxStridedShiftedChannels) &&
         (ShiftedLayout<T>(t).x_elems + ShiftedLayout<T>(t).y_elems) * static_cast<idx>(sizeof(T)) <= kMaxShiftedBytes)
         return "shifted";

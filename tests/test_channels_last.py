@@ -40,6 +40,8 @@ CONVS = [  # x shape, w shape, stride, padding, dilation, groups
     ((2, 3, 1, 17), (5, 3, 1, 3), 1, (0, 1), 1, 1),  # one-pixel rows
     ((2, 4, 7, 7), (6, 4, 3, 3), 1, "same", 1, 1),
     ((2, 5, 8, 9), (6, 5, 2, 4), 1, "same", 1, 1),   # even kernel: more padding bottom/right
+    ((2, 20, 3, 3), (40, 20, 3, 3), 1, 1, 1, 1),     # more filters than output pixels: weights read in place
+    ((2, 6, 5, 5), (30, 6, 3, 3), 2, 1, 1, 1),       # the same, strided
 ]
 
 
@@ -108,7 +110,7 @@ def test_cpp_runs_nhwc_kernels_without_transposes():
 def test_fused_relu_epilogue_matches_conv_then_relu():
     rng = np.random.default_rng(1)
     for shape, wshape, kw in [((2, 6, 9, 9), (8, 6, 3, 3), dict(padding=1)), ((2, 6, 9, 9), (6, 1, 3, 3), {}),
-                              ((3, 5, 4, 4), (7, 5, 1, 1), {})]:
+                              ((3, 5, 4, 4), (7, 5, 1, 1), {}), ((2, 5, 3, 3), (25, 5, 3, 3), dict(padding=1))]:
         x = rng.standard_normal(shape).astype(np.float32)
         x[0, 0, 0, 0] = np.nan
         w = rng.standard_normal(wshape).astype(np.float32)

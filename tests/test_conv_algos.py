@@ -128,6 +128,38 @@ def test_auto_runs_the_algorithm_it_reports(layer, rng):
     assert cpp.last_algo() == cpp.choose_algo(g, backward=True)
 
 
+# Small maps with more filters than the batch has output pixels (K >= N*Ho*Wo,
+# the deep layers of a CNN at small batch): im2col reads the weights in place
+# instead of packing them. K either side of N*Ho*Wo, an edge panel of fewer
+# than a register tile's rows, more filters than one row block, reductions
+# longer than one block, strides, dilation, 1x1; grad input too (as the
+# forward conv of the flipped filters: C >= N*Ho*Wo).
+SMALL_MAPS = [((2, 5, 3, 3), (17, 5, 3, 3), dict(padding=1)),
+              ((2, 5, 3, 3), (18, 5, 3, 3), dict(padding=1)),
+              ((2, 20, 3, 3), (37, 20, 3, 3), dict(padding=1)),
+              ((1, 40, 4, 4), (300, 40, 3, 3), dict(padding=1)),
+              ((3, 6, 7, 6), (50, 6, 3, 2), dict(stride=2, dilation=(1, 2), padding=(1, 0))),
+              ((4, 16, 2, 3), (30, 16, 1, 1), {})]
+
+
+@pytest.mark.parametrize("algo", ["im2col", "auto"])
+def test_small_maps_with_many_filters(algo, dtype, rng):
+    for x_shape, w_shape, kw in SMALL_MAPS:
+        x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, (w_shape[0],), dtype)
+        what = f"{algo} x{x_shape} w{w_shape} {kw}"
+        want = convkern.conv2d(x, w, b, **kw, backend="reference")
+        assert_close(convkern.conv2d(x, w, b, **kw, algo=algo, backend="cpp"), want, dtype, what)
+        assert_close(convkern.conv2d(x, w, None, **kw, algo=algo, backend="cpp"),
+                     convkern.conv2d(x, w, None, **kw, backend="reference"), dtype, what + " no bias")
+        relu = convkern.conv2d_relu(x, w, b, **kw, algo=algo, backend="cpp")
+        np.testing.assert_array_equal(relu, np.maximum(convkern.conv2d(x, w, b, **kw, algo=algo, backend="cpp"), 0))
+        gy = randn(rng, want.shape, dtype)
+        got = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend="cpp")
+        ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+        for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, ref):
+            assert_close(g, r, dtype, f"{what} {name}")
+
+
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
 def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
