@@ -570,14 +570,16 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
     if (gw) {
         // gW_g (Kg x RSC) = gy_g^T (Kg x M) col_g (M x RSC), images summed in a
-        // fixed number of chunks, each serially, then the chunks in order
-        const idx wsize = s.K * RSC, chunks = gw_chunks<T>(s, wsize);
+        // fixed number of chunks, each serially, then the chunks in order.
         // Bands of output pixels run on across images (a chunk's pixels are
         // consecutive rows of gy and of the patch matrix), and each is at
         // least kMinReduce rows where 8 MB of patches allow: every band's GEMM
         // reads and writes the whole weight gradient, which for a deep layer
-        // (9.4 MB at 512->512 3x3) outweighs a reduction of a few pixels.
+        // (9.4 MB at 512->512 3x3) outweighs a reduction of a few pixels. For
+        // the same reason a chunk holds at least kMinReduce pixels: a small
+        // map's batch is one chunk, its GEMM split across the threads.
         constexpr idx kMinReduce = 256, kMaxBandBytes = idx(8) << 20;
+        const idx wsize = s.K * RSC, chunks = imax(1, imin(gw_chunks<T>(s, wsize), M / kMinReduce));
         const idx chunk_rows = (s.N + chunks - 1) / chunks * P;
         const idx band = imin(chunk_rows, imax(nhwc_band_rows<T>(RSC, P),
                                                imin(kMinReduce, kMaxBandBytes / (RSC * static_cast<idx>(sizeof(T))))));
@@ -611,11 +613,15 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         } else {
             for (idx j = 0; j < chunks; ++j) accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
         }
-        T* sum = part + chunks * wsize;
-        for (idx i = 0; i < wsize; ++i) {
-            T v = part[i];
-            for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
-            sum[i] = v;
+        T* sum = part;
+        if (chunks > 1) {
+            sum = part + chunks * wsize;
+#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
+            for (idx i = 0; i < wsize; ++i) {
+                T v = part[i];
+                for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
+                sum[i] = v;
+            }
         }
         weights_from_krsc(sum, gw, s);
     }
