@@ -273,6 +273,15 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
 // the GEMM forward algorithm's dispatcher (kernels_isa.cpp)
 template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
+template <class T>
+void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw);
+
+// Whether auto's grad weight runs an NCHW conv through the NHWC kernel's GEMM
+// (image by image transposed to NHWC): on maps large enough not to be grouped
+// (images_per_gemm), where the column matrix's transposing pack into the GEMM's
+// panels cost more than the two transposes of each image; not for the short
+// reductions gemm_nt takes.
+inline bool gw_via_nhwc(const ConvGeom& s, idx crs) { return s.G == 1 && s.Ho * s.Wo >= 256 && crs >= 32; }
 
 // Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
 // the forward GEMM algorithms (Winograd, shifted GEMM) instead of a GEMM into
@@ -325,6 +334,10 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
                                         col2im_add(scratch, Cg, s, gxg, ho0, ho1);
                                     }
                                 });
+    }
+    if (gw && as_forward && gw_via_nhwc(s, CRS)) {
+        nhwc_grad_weight(gy, x, gw, s, true);
+        gw = nullptr;
     }
     if (gw) {
         // Images are summed in a fixed number of chunks (a function of the shape

@@ -552,6 +552,86 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
     }
 }
 
+// gW_g (Kg x RSC) = gy_g^T (Kg x M) col_g (M x RSC): patches are rows of
+// NHWC pixels, so neither GEMM operand needs a transposing pack. Images are
+// summed in a fixed number of chunks, each serially, then the chunks in order.
+// Bands of output pixels run on across images (a chunk's pixels are
+// consecutive rows of gy and of the patch matrix), and each is at least
+// kMinReduce rows where 8 MB of patches allow: every band's GEMM reads and
+// writes the whole weight gradient, which for a deep layer (9.4 MB at
+// 512->512 3x3) outweighs a reduction of a few pixels. For the same reason a
+// chunk holds at least kMinReduce pixels: a small map's batch is one chunk,
+// its GEMM split across the threads.
+// nchw: x and gy are NCHW; each image is transposed to NHWC in the chunk's
+// scratch as its turn comes (bands then stop at image boundaries), so the
+// copies stay one image large.
+template <class T>
+void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw) {
+    const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
+    const bool pointwise = s.G == 1 && conv_is_pointwise(s);
+    constexpr idx kMinReduce = 256, kMaxBandBytes = idx(8) << 20;
+    const idx wsize = s.K * RSC, chunks = imax(1, imin(gw_chunks<T>(s, wsize), M / kMinReduce));
+    const idx chunk_rows = nchw ? P : (s.N + chunks - 1) / chunks * P;
+    const idx band = imin(chunk_rows, imax(nhwc_band_rows<T>(RSC, P),
+                                           imin(kMinReduce, kMaxBandBytes / (RSC * static_cast<idx>(sizeof(T))))));
+    const idx col_elems = (band * RSC + 15) / 16 * 16;
+    const idx image_elems = nchw ? (s.C * s.H * s.W + 15) / 16 * 16 + (s.K * P + 15) / 16 * 16 : 0;
+    const idx scratch = col_elems + image_elems + (gemm_pack_elems<T>() + 15) / 16 * 16;
+    const int nt = num_threads();
+    const bool outer = nt > 1 && chunks > 1;
+    T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));
+    T* part = static_cast<T*>(workspace(static_cast<std::size_t>((chunks + 1) * wsize) * sizeof(T), 1));
+    // pixels [p0, p1) of gy rows / patches starting at xs, gys
+    auto bands = [&](const T* xs, const T* gys, const ConvGeom& sv, idx p0, idx p1, T* dst, T* sbuf, bool inner,
+                     bool acc) {
+        for (idx m0 = p0; m0 < p1; m0 += band) {
+            const idx m1 = imin(p1, m0 + band);
+            for (idx g = 0; g < s.G; ++g) {
+                const T* col = xs + m0 * s.C;
+                if (!pointwise) {
+                    nhwc_im2col(xs, sbuf, m0, m1, g, sv);
+                    col = sbuf;
+                }
+                gemm_blocked(Kg, RSC, m1 - m0, gys + m0 * s.K + g * Kg, idx(1), s.K, col, pointwise ? s.C : RSC,
+                             idx(1), dst + g * Kg * RSC, RSC, acc || m0 > p0, sbuf + col_elems + image_elems, inner);
+            }
+        }
+    };
+    auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
+        if (n0 == n1)
+            for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
+        if (!nchw) return bands(x, gy, s, n0 * P, n1 * P, dst, sbuf, inner, false);
+        ConvGeom one = s;
+        one.N = 1;
+        T* xn = sbuf + col_elems;
+        T* gn = xn + (s.C * s.H * s.W + 15) / 16 * 16;
+        for (idx n = n0; n < n1; ++n) {
+            transpose_batched(x + n * s.C * s.H * s.W, xn, idx(1), s.C, s.H * s.W);
+            transpose_batched(gy + n * s.K * P, gn, idx(1), s.K, P);
+            bands(xn, gn, one, 0, P, dst, sbuf, inner, n > n0);
+        }
+    };
+    if (outer) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (idx j = 0; j < chunks; ++j)
+            accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf + omp_get_thread_num() * scratch,
+                       false);
+    } else {
+        for (idx j = 0; j < chunks; ++j) accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
+    }
+    T* sum = part;
+    if (chunks > 1) {
+        sum = part + chunks * wsize;
+#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
+        for (idx i = 0; i < wsize; ++i) {
+            T v = part[i];
+            for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
+            sum[i] = v;
+        }
+    }
+    weights_from_krsc(sum, gw, s);
+}
+
 template <class T>
 void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     if (gb) {  // column sums of gy (M x K), in double, rows in order
@@ -565,66 +645,9 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         for (idx k = 0; k < s.K; ++k) gb[k] = static_cast<T>(acc[k]);
     }
     if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
-    typedef GemmBlocking<T> GB;
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
-    if (gw) {
-        // gW_g (Kg x RSC) = gy_g^T (Kg x M) col_g (M x RSC), images summed in a
-        // fixed number of chunks, each serially, then the chunks in order.
-        // Bands of output pixels run on across images (a chunk's pixels are
-        // consecutive rows of gy and of the patch matrix), and each is at
-        // least kMinReduce rows where 8 MB of patches allow: every band's GEMM
-        // reads and writes the whole weight gradient, which for a deep layer
-        // (9.4 MB at 512->512 3x3) outweighs a reduction of a few pixels. For
-        // the same reason a chunk holds at least kMinReduce pixels: a small
-        // map's batch is one chunk, its GEMM split across the threads.
-        constexpr idx kMinReduce = 256, kMaxBandBytes = idx(8) << 20;
-        const idx wsize = s.K * RSC, chunks = imax(1, imin(gw_chunks<T>(s, wsize), M / kMinReduce));
-        const idx chunk_rows = (s.N + chunks - 1) / chunks * P;
-        const idx band = imin(chunk_rows, imax(nhwc_band_rows<T>(RSC, P),
-                                               imin(kMinReduce, kMaxBandBytes / (RSC * static_cast<idx>(sizeof(T))))));
-        const idx col_elems = (band * RSC + 15) / 16 * 16;
-        const idx scratch = col_elems + (gemm_pack_elems<T>() + 15) / 16 * 16;
-        const int nt = num_threads();
-        const bool outer = nt > 1 && chunks > 1;
-        T* buf = static_cast<T*>(workspace(static_cast<std::size_t>((outer ? nt : 1) * scratch) * sizeof(T), 0));
-        T* part = static_cast<T*>(workspace(static_cast<std::size_t>((chunks + 1) * wsize) * sizeof(T), 1));
-        auto accumulate = [&](idx n0, idx n1, T* dst, T* sbuf, bool inner) {
-            if (n0 == n1)
-                for (idx i = 0; i < wsize; ++i) dst[i] = T(0);
-            for (idx m0 = n0 * P; m0 < n1 * P; m0 += band) {
-                const idx m1 = imin(n1 * P, m0 + band);
-                for (idx g = 0; g < s.G; ++g) {
-                    const T* col = x + m0 * s.C;
-                    if (!pointwise) {
-                        nhwc_im2col(x, sbuf, m0, m1, g, s);
-                        col = sbuf;
-                    }
-                    gemm_blocked(Kg, RSC, m1 - m0, gy + m0 * s.K + g * Kg, idx(1), s.K, col, pointwise ? s.C : RSC,
-                                 idx(1), dst + g * Kg * RSC, RSC, m0 > n0 * P, sbuf + col_elems, inner);
-                }
-            }
-        };
-        if (outer) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (idx j = 0; j < chunks; ++j)
-                accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize,
-                           buf + omp_get_thread_num() * scratch, false);
-        } else {
-            for (idx j = 0; j < chunks; ++j) accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
-        }
-        T* sum = part;
-        if (chunks > 1) {
-            sum = part + chunks * wsize;
-#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
-            for (idx i = 0; i < wsize; ++i) {
-                T v = part[i];
-                for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
-                sum[i] = v;
-            }
-        }
-        weights_from_krsc(sum, gw, s);
-    }
+    if (gw) nhwc_grad_weight(gy, x, gw, s, false);
     if (gx && s.G == 1 && !pointwise && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.ph < s.R &&
         s.pw < s.S) {
         // At stride 1 grad input is the forward conv of grad_output with the

@@ -160,6 +160,29 @@ def test_small_maps_with_many_filters(algo, dtype, rng):
             assert_close(g, r, dtype, f"{what} {name}")
 
 
+# Maps of 256 or more output pixels: auto's weight gradient transposes each
+# image to NHWC and runs the NHWC GEMM. Padding, strides, dilation, 1x1, and
+# a batch split into several chunks.
+LARGE_MAPS = [((3, 5, 16, 17), (7, 5, 3, 3), dict(padding=1)),
+              ((2, 40, 20, 20), (24, 40, 1, 1), {}),
+              ((2, 8, 35, 33), (6, 8, 3, 3), dict(stride=2, padding=(1, 0))),
+              ((1, 4, 24, 24), (5, 4, 3, 3), dict(dilation=2)),
+              ((9, 4, 16, 16), (8, 4, 3, 3), dict(padding=1))]
+
+
+def test_weight_gradient_on_large_maps(dtype, rng):
+    for x_shape, w_shape, kw in LARGE_MAPS:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
+        ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+        what = f"x{x_shape} w{w_shape} {kw}"
+        got = convkern.conv2d_backward(gy, x, w, **kw, backend="cpp")
+        for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, ref):
+            assert_close(g, r, dtype, f"{what} {name}")
+        alone = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="cpp")[1]
+        np.testing.assert_array_equal(alone, got[1], err_msg=what)
+
+
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
 def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
