@@ -170,21 +170,25 @@ void scatter_image_group(const T* out, const T* b, T* y, const ConvGeom& s, idx 
         }
 }
 
-// gemm_rows' A read in place: row k of a (rows x ld) row-major block, column j
-// at row start + j (the offsets are 0, 1, 2, ...).
+// gemm_rows' A read in place: row i starts at a + i * ld and its column j is
+// at row start + off[j].
 template <class T>
 struct InPlaceRows {
     const T* a;
     idx ld;
-    const idx* iota;
+    const idx* off;
     bool indirect(idx i0, idx live, const T** rows) const {
         constexpr int MR = GemmBlocking<T>::MR;
         if (live < MR) return false;
         for (int i = 0; i < MR; ++i) rows[i] = a + (i0 + i) * ld;
         return true;
     }
-    const idx* offsets(idx pc) const { return iota + pc; }
-    void panel(idx i0, idx live, idx pc, idx kc, T* Ap) const { pack_a_panel(kc, live, a + i0 * ld + pc, ld, idx(1), Ap); }
+    const idx* offsets(idx pc) const { return off + pc; }
+    void panel(idx i0, idx live, idx pc, idx kc, T* Ap) const {
+        constexpr int MR = GemmBlocking<T>::MR;
+        for (idx k = 0; k < kc; ++k)
+            for (idx i = 0; i < MR; ++i) Ap[k * MR + i] = i < live ? a[(i0 + i) * ld + off[pc + k]] : T(0);
+    }
 };
 
 // Whether conv2d_forward_im2col reads the weights in place instead of
@@ -201,23 +205,31 @@ bool im2col_weights_in_place(const ConvGeom& s) {
     return group > 1 && group >= s.N && s.G == 1 && s.K >= s.N * s.Ho * s.Wo;
 }
 
-// All images in one GEMM, out (K x N*P) = w (K x CRS) * col (CRS x N*P): the
-// columns packed, the weights read in place by the indirect micro-kernel.
-// x is NCHW; store(out) writes the result where the caller wants it.
-template <class T, class Store>
-void forward_weight_rows(const T* x, const T* w, const ConvGeom& s, const Store& store) {
+// All images in one GEMM, out (K x N*P) = A (K x CRS) * col (CRS x N*P): the
+// columns packed, A read in place by the indirect micro-kernel (row k at
+// a + k * ld, its column j at offset_of(j) from there). x is NCHW; store(out)
+// writes the result where the caller wants it.
+template <class T, class Offset, class Store>
+void forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offset_of, const ConvGeom& s,
+                         const Store& store) {
     const idx CRS = s.C * s.R * s.S, cols = s.N * s.Ho * s.Wo;
     const idx col_elems = (CRS * cols + 15) / 16 * 16, out_elems = (s.K * cols + 15) / 16 * 16;
     T* col = static_cast<T*>(workspace(static_cast<std::size_t>(col_elems + out_elems) * sizeof(T), 0));
     T* out = col + col_elems;
     const idx bp_elems = (packed_b_elems<T>(CRS, cols) + 15) / 16 * 16;
     T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(bp_elems) * sizeof(T) + CRS * sizeof(idx), 1));
-    idx* iota = reinterpret_cast<idx*>(bp + bp_elems);
-    for (idx k = 0; k < CRS; ++k) iota[k] = k;
+    idx* off = reinterpret_cast<idx*>(bp + bp_elems);
+    for (idx j = 0; j < CRS; ++j) off[j] = offset_of(j);
     im2col_images(x, s, 0, s.N, 0, col, true);
     pack_b_full(CRS, cols, col, cols, idx(1), bp);
-    gemm_rows(s.K, cols, CRS, InPlaceRows<T>{w, CRS, iota}, bp, out, cols, [](idx, idx, idx, idx) {});
+    gemm_rows(s.K, cols, CRS, InPlaceRows<T>{a, ld, off}, bp, out, cols, [](idx, idx, idx, idx) {});
     store(static_cast<const T*>(out));
+}
+
+// The plain weights (K x CRS, row-major).
+template <class T, class Store>
+void forward_weight_rows(const T* x, const T* w, const ConvGeom& s, const Store& store) {
+    forward_weight_rows(x, w, s.C * s.R * s.S, [](idx j) { return j; }, s, store);
 }
 
 template <class T>
@@ -275,6 +287,7 @@ template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
 template <class T>
 void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw);
+inline bool conv_winograd_pays(const ConvGeom& s);
 
 // Whether auto's grad weight runs an NCHW conv through the NHWC kernel's GEMM
 // (image by image transposed to NHWC): on maps large enough not to be grouped
@@ -293,6 +306,15 @@ bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvGeom& s) {
     ConvGeom t;
     if (s.C / s.G < 16 || !grad_input_conv_shape(s, t)) return false;
     // slot 2: the forward path uses 0 and 1
+    if (!conv_winograd_pays(t) && im2col_weights_in_place<T>(t)) {
+        // conv2d_forward_gemm's choice for t, with the flipped filters read
+        // where they lie: t's row c, column (k, r, s) is w[k, c, R-1-r, S-1-s]
+        note_conv_algo(ConvAlgo::im2col);
+        const idx RS = s.R * s.S, CRS = s.C * RS;
+        forward_weight_rows(gy, w, RS, [RS, CRS](idx j) { return j / RS * CRS + (RS - 1 - j % RS); }, t,
+                            [&](const T* out) { scatter_image_group(out, static_cast<const T*>(nullptr), gx, t, 0, t.N, 0); });
+        return true;
+    }
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
     flip_transpose_filters(w, s, wt);
     conv2d_forward_gemm(gy, wt, static_cast<const T*>(nullptr), gx, t);

@@ -477,29 +477,35 @@ struct NhwcPatches {
     }
 };
 
+// A small map whose weights outnumber the batch's pixels
+// (im2col_weights_in_place): the input (no larger than the column matrix)
+// goes to NCHW, forward_weight_rows reads the weights in place (a, ld,
+// offset_of as there), and the (K x pixels) result is transposed back.
+template <class T, class Offset>
+void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offset_of, const T* b, T* y,
+                              const ConvGeom& s, bool relu) {
+    T* xc = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * s.H * s.W) * sizeof(T), 2));
+    transpose_batched(x, xc, s.N, s.H * s.W, s.C);
+    forward_weight_rows(xc, a, ld, offset_of, s, [&](const T* out) {
+        const idx pixels = s.N * s.Ho * s.Wo;
+        transpose_batched(out, y, idx(1), s.K, pixels);
+        if (!b && !relu) return;
+#pragma omp parallel for num_threads(threads_for(pixels / 64 + 1)) schedule(static)
+        for (idx m = 0; m < pixels; ++m) {
+            T* row = y + m * s.K;
+            if (b)
+                for (idx k = 0; k < s.K; ++k) row[k] += b[k];
+            if (relu)
+                for (idx k = 0; k < s.K; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
+        }
+    });
+}
+
 template <class T>
 void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
     if (nhwc_is_depthwise(s) && s.R * s.S <= 64) return depthwise_nhwc_forward(x, w, b, y, s, relu);
-    if (im2col_weights_in_place<T>(s)) {
-        // A small map whose weights outnumber the batch's pixels: the input
-        // (no larger than the column matrix) goes to NCHW, the weights are
-        // read in place, and the (K x pixels) result is transposed back.
-        T* xc = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * s.H * s.W) * sizeof(T), 2));
-        transpose_batched(x, xc, s.N, s.H * s.W, s.C);
-        return forward_weight_rows(xc, w, s, [&](const T* out) {
-            const idx pixels = s.N * s.Ho * s.Wo;
-            transpose_batched(out, y, idx(1), s.K, pixels);
-            if (!b && !relu) return;
-#pragma omp parallel for num_threads(threads_for(pixels / 64 + 1)) schedule(static)
-            for (idx m = 0; m < pixels; ++m) {
-                T* row = y + m * s.K;
-                if (b)
-                    for (idx k = 0; k < s.K; ++k) row[k] += b[k];
-                if (relu)
-                    for (idx k = 0; k < s.K; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
-            }
-        });
-    }
+    if (im2col_weights_in_place<T>(s))
+        return nhwc_forward_weight_rows(x, w, s.C * s.R * s.S, [](idx j) { return j; }, b, y, s, relu);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
     T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(wr_elems) * sizeof(T) + 3 * RSC * sizeof(idx), 2));
@@ -655,14 +661,21 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // R-1-ph, S-1-pw, whose output is the input's size: the forward's
         // indirect GEMM, where the general path below writes a column matrix
         // of every pixel's R*S*C gradients and gathers it back.
-        // (not a workspace slot: the forward uses all of them; not zeroed:
-        // every element is written)
-        std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
-        flip_transpose_filters(w, s, wf.get());
         ConvGeom t = s;
         t.C = s.K, t.H = s.Ho, t.W = s.Wo, t.K = s.C;
         t.ph = s.R - 1 - s.ph, t.pw = s.S - 1 - s.pw;
         t.Ho = s.H, t.Wo = s.W;
+        if (im2col_weights_in_place<T>(t)) {
+            // the flipped filters read where they lie: t's row c, column
+            // (k, r, s) is w[k, c, R-1-r, S-1-s]
+            const idx RS = s.R * s.S, CRS = s.C * RS;
+            return nhwc_forward_weight_rows(gy, w, RS, [RS, CRS](idx j) { return j / RS * CRS + (RS - 1 - j % RS); },
+                                            static_cast<const T*>(nullptr), gx, t, false);
+        }
+        // (not a workspace slot: the forward uses all of them; not zeroed:
+        // every element is written)
+        std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
+        flip_transpose_filters(w, s, wf.get());
         conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false);
         return;
     }
