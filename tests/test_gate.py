@@ -78,6 +78,18 @@ def test_wallclock_baselines_are_kept_per_machine_kind(tmp_path):
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
 
 
+def test_updating_some_cases_keeps_the_others(tmp_path):
+    path = tmp_path / "b.json"
+    gate.save_baseline(path, "instructions", {"relu": 10.0, "max_pool2d_2x2": 20.0}, "first")
+    gate.save_baseline(path, "instructions", {"relu": 5.0}, "relu got faster")
+    data = json.loads(path.read_text())
+    assert data["values"] == {"relu": 5.0, "max_pool2d_2x2": 20.0}
+    assert [h["reason"] for h in data["history"]] == ["first", "relu got faster"]
+    gate.save_baseline(path, "wallclock", {"relu": 1.0, "max_pool2d_2x2": 2.0}, "first")
+    gate.save_baseline(path, "wallclock", {"relu": 0.5}, "relu got faster")
+    assert json.loads(path.read_text())["by_machine"][gate.machine_kind()] == {"relu": 0.5, "max_pool2d_2x2": 2.0}
+
+
 def test_update_needs_a_reason(tmp_path):
     r = subprocess.run([sys.executable, "-m", "convkern", "gate", "--wallclock", "--cases", "relu",
                         "--baseline", str(tmp_path / "b.json"), "--update"], capture_output=True, text=True,

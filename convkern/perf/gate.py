@@ -319,6 +319,8 @@ def wallclock_values(data: dict, kind: str) -> Optional[Dict[str, float]]:
 
 
 def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) -> None:
+    """Record `values` (some cases or all) for `kind`; the baselines of the
+    cases not measured, and of other machine kinds, stay as they were."""
     old = json.loads(path.read_text()) if path.exists() else {}
     history = old.get("history", [])
     entry = {"date": datetime.date.today().isoformat(), "reason": reason}
@@ -333,9 +335,10 @@ def save_baseline(path: Path, kind: str, values: Dict[str, float], reason: str) 
     if kind == "wallclock":
         machine = machine_kind()
         entry["machine"] = machine
-        data["by_machine"] = {**old.get("by_machine", {}), machine: values}
+        by_machine = old.get("by_machine", {})
+        data["by_machine"] = {**by_machine, machine: {**by_machine.get(machine, {}), **values}}
     else:
-        data["values"] = values
+        data["values"] = {**old.get("values", {}), **values}
     history.append(entry)
     data["history"] = history
     path.parent.mkdir(parents=True, exist_ok=True)
