@@ -149,34 +149,46 @@ inline bool conv_depthwise_applies(const ConvGeom& s) { return s.C == s.G && s.s
 // NV output vectors of one row from wo on; NV is a compile-time count so the
 // accumulators stay in registers (indexed by a run-time count they lived on
 // the stack, and every tap's FMA waited on a store-to-load round trip).
-template <class T, int NV>
+// K3 (an undilated 3x3 kernel) unrolls the taps at compile time. The row's
+// last, partial vector is a masked store (a memcpy per row through a tile
+// cost an eighth of a 56-wide layer's time in the C library's memmove).
+template <class T, int NV, bool K3 = false>
 inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, idx wo, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     V acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V{} + bias;
-    for (idx r = 0; r < s.R; ++r)
-        for (idx q = 0; q < s.S; ++q) {
-            const T wv = w[r * s.S + q];
-            const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
+    if constexpr (K3) {
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 3
+            for (int q = 0; q < 3; ++q) {
+                const T wv = w[r * 3 + q];
+                const T* xq = xrow + r * Ws + q + wo;
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
-        }
+                for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
+            }
+    } else {
+        for (idx r = 0; r < s.R; ++r)
+            for (idx q = 0; q < s.S; ++q) {
+                const T wv = w[r * s.S + q];
+                const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
+            }
+    }
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
         const idx at = wo + v * L;
-        if (at + L <= s.Wo) {
+        if (at + L <= s.Wo)
             vstore(yrow + at, acc[v]);
-        } else {
-            alignas(64) T tile[L];
-            vstore(tile, acc[v]);
-            std::memcpy(yrow + at, tile, static_cast<std::size_t>(s.Wo - at) * sizeof(T));
-        }
+        else
+            vstore_first(yrow + at, acc[v], s.Wo - at);
     }
 }
 
-template <class T>
-void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
+template <class T, bool K3>
+void depthwise_plane_k(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
     for (idx ho = 0; ho < s.Ho; ++ho) {
@@ -184,13 +196,19 @@ void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const Conv
         T* yrow = y + ho * s.Wo;
         for (idx wo = 0; wo < s.Wo; wo += DW_NV * L) {
             switch (imin(DW_NV, (s.Wo - wo + L - 1) / L)) {
-                case 4: depthwise_run<T, 4>(xrow, Ws, w, bias, yrow, wo, s); break;
-                case 3: depthwise_run<T, 3>(xrow, Ws, w, bias, yrow, wo, s); break;
-                case 2: depthwise_run<T, 2>(xrow, Ws, w, bias, yrow, wo, s); break;
-                default: depthwise_run<T, 1>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 4: depthwise_run<T, 4, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 3: depthwise_run<T, 3, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 2: depthwise_run<T, 2, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
+                default: depthwise_run<T, 1, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
             }
         }
     }
+}
+
+template <class T>
+void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
+    if (s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1) return depthwise_plane_k<T, true>(xpad, Ws, w, bias, y, s);
+    depthwise_plane_k<T, false>(xpad, Ws, w, bias, y, s);
 }
 
 template <class T>

@@ -183,6 +183,17 @@ def test_weight_gradient_on_large_maps(dtype, rng):
         np.testing.assert_array_equal(alone, got[1], err_msg=what)
 
 
+def test_depthwise_3x3_rows_of_every_length(dtype, rng):
+    """The NCHW depthwise kernel's unrolled 3x3 taps: rows shorter than a
+    vector, whole vectors, runs of four vectors and a partial last one, with
+    each padding the grad input (a depthwise conv itself) also takes."""
+    for W in (1, 3, 8, 15, 16, 17, 33, 64, 65, 70):
+        for pad in (0, 1, 2):
+            if W + 2 * pad < 3:
+                continue
+            _check("depthwise", (2, 3, 5, W), (3, 1, 3, 3), dict(groups=3, padding=pad), dtype, rng)
+
+
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
 def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
