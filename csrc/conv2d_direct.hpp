@@ -125,46 +125,63 @@ void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const Co
     }
 }
 
-// Depthwise (one input channel per group), stride 1: each input plane is
-// copied once into a zero-padded buffer that fits L1, so every tap of every
-// output vector is an unchecked load at a fixed offset. Output rows go in
-// blocks of up to DW_NV vectors, each an independent FMA chain over the taps;
-// the last vector of a row is stored through a small tile. Memory-bound: one
-// read of x, one write of y.
+// Depthwise (one input channel per group): each input plane is copied once
+// into a zero-padded buffer that fits L1, so every tap of every output vector
+// is an unchecked load at a fixed offset. With a column stride sw the copy is
+// split into sw phase planes (phase p holds the padded columns p, p + sw,
+// ...), so a tap's inputs for consecutive outputs are again consecutive.
+// Output rows go in blocks of up to DW_NV vectors, each an independent FMA
+// chain over the taps. Memory-bound: one read of x, one write of y.
 constexpr int DW_NV = 4;
 
 template <class T>
 struct DepthwiseLayout {
-    idx Hp, Ws, elems;  // padded rows, padded row stride (whole vectors + the taps' reach)
+    // padded rows, row stride of a phase plane (whole vectors + the taps'
+    // reach), elements per phase plane, in all
+    idx Hp, Ws, pstride, elems;
     DepthwiseLayout(const ConvGeom& s) {
         constexpr idx L = CK_VEC_BYTES / sizeof(T);
-        Hp = s.Ho + (s.R - 1) * s.dh;
-        Ws = (s.Wo + L - 1) / L * L + (s.S - 1) * s.dw;
-        elems = (Hp * Ws + 15) / 16 * 16;
+        Hp = (s.Ho - 1) * s.sh + (s.R - 1) * s.dh + 1;
+        Ws = (s.Wo + L - 1) / L * L + (s.S - 1) * s.dw / s.sw;
+        pstride = (Hp * Ws + 15) / 16 * 16;
+        elems = s.sw * pstride;
+    }
+    // the padded plane of x (H x W, padding ph, pw) into buf, phase by phase
+    template <class U>
+    void fill(const U* x, const ConvGeom& s, U* buf) const {
+        if (s.sw == 1)  // unit steps as constants: the copy's strided paths fold away
+            return (void)copy_padded_plane<false>(x, s.H, s.W, -s.ph, -s.pw, 1, 1, buf, Hp, Ws, pstride);
+        for (idx p = 0; p < s.sw; ++p)
+            copy_padded_plane<false>(x, s.H, s.W, -s.ph, p - s.pw, 1, s.sw, buf + p * pstride, Hp, Ws, pstride);
     }
 };
 
+// The depthwise kernels of the backward (grad weight; grad input as a
+// depthwise conv) need stride 1; the forward runs any stride.
 inline bool conv_depthwise_applies(const ConvGeom& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
+inline bool depthwise_forward_applies(const ConvGeom& s) { return s.C == s.G; }
 
 // NV output vectors of one row from wo on; NV is a compile-time count so the
 // accumulators stay in registers (indexed by a run-time count they lived on
 // the stack, and every tap's FMA waited on a store-to-load round trip).
-// K3 (an undilated 3x3 kernel) unrolls the taps at compile time. The row's
-// last, partial vector is a masked store (a memcpy per row through a tile
-// cost an eighth of a 56-wide layer's time in the C library's memmove).
-template <class T, int NV, bool K3 = false>
-inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, idx wo, const ConvGeom& s) {
+// K3 = sw (an undilated 3x3 kernel of column stride 1 or 2) unrolls the
+// taps at compile time; 0 is any kernel. The row's last, partial vector is a
+// masked store (a memcpy per row through a tile cost an eighth of a 56-wide
+// layer's time in the C library's memmove).
+template <class T, int NV, int K3 = 0>
+inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias, T* yrow, idx wo,
+                          const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     V acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V{} + bias;
-    if constexpr (K3) {
+    if constexpr (K3 > 0) {
 #pragma GCC unroll 3
         for (int r = 0; r < 3; ++r)
 #pragma GCC unroll 3
             for (int q = 0; q < 3; ++q) {
                 const T wv = w[r * 3 + q];
-                const T* xq = xrow + r * Ws + q + wo;
+                const T* xq = xrow + (q % K3) * pstride + r * Ws + q / K3 + wo;
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
             }
@@ -172,7 +189,8 @@ inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, id
         for (idx r = 0; r < s.R; ++r)
             for (idx q = 0; q < s.S; ++q) {
                 const T wv = w[r * s.S + q];
-                const T* xq = xrow + r * s.dh * Ws + q * s.dw + wo;
+                const idx tap = q * s.dw;
+                const T* xq = xrow + (tap % s.sw) * pstride + r * s.dh * Ws + tap / s.sw + wo;
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; ++v) acc[v] += wv * vload<V>(xq + v * L);
             }
@@ -187,28 +205,31 @@ inline void depthwise_run(const T* xrow, idx Ws, const T* w, T bias, T* yrow, id
     }
 }
 
-template <class T, bool K3>
-void depthwise_plane_k(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
+template <class T, int K3>
+void depthwise_plane_k(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
+    const idx Ws = lay.Ws, ps = lay.pstride;
     for (idx ho = 0; ho < s.Ho; ++ho) {
-        const T* xrow = xpad + ho * Ws;
+        const T* xrow = xpad + ho * s.sh * Ws;
         T* yrow = y + ho * s.Wo;
         for (idx wo = 0; wo < s.Wo; wo += DW_NV * L) {
             switch (imin(DW_NV, (s.Wo - wo + L - 1) / L)) {
-                case 4: depthwise_run<T, 4, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
-                case 3: depthwise_run<T, 3, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
-                case 2: depthwise_run<T, 2, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
-                default: depthwise_run<T, 1, K3>(xrow, Ws, w, bias, yrow, wo, s); break;
+                case 4: depthwise_run<T, 4, K3>(xrow, Ws, ps, w, bias, yrow, wo, s); break;
+                case 3: depthwise_run<T, 3, K3>(xrow, Ws, ps, w, bias, yrow, wo, s); break;
+                case 2: depthwise_run<T, 2, K3>(xrow, Ws, ps, w, bias, yrow, wo, s); break;
+                default: depthwise_run<T, 1, K3>(xrow, Ws, ps, w, bias, yrow, wo, s); break;
             }
         }
     }
 }
 
 template <class T>
-void depthwise_plane(const T* xpad, idx Ws, const T* w, T bias, T* y, const ConvGeom& s) {
-    if (s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1) return depthwise_plane_k<T, true>(xpad, Ws, w, bias, y, s);
-    depthwise_plane_k<T, false>(xpad, Ws, w, bias, y, s);
+void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s) {
+    if (s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1 && s.sw <= 2)
+        return s.sw == 1 ? depthwise_plane_k<T, 1>(xpad, lay, w, bias, y, s)
+                         : depthwise_plane_k<T, 2>(xpad, lay, w, bias, y, s);
+    depthwise_plane_k<T, 0>(xpad, lay, w, bias, y, s);
 }
 
 template <class T>
@@ -223,10 +244,9 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
     for (idx t = 0; t < tasks; ++t) {
         const idx n = t / s.G, g = t % s.G;
         T* xpad = buf + omp_get_thread_num() * lay.elems;
-        copy_padded_plane<false>(x + (n * s.C + g) * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad, lay.Hp,
-                                 lay.Ws, lay.elems);
+        lay.fill(x + (n * s.C + g) * s.H * s.W, s, xpad);
         for (idx k = g * Kg; k < (g + 1) * Kg; ++k)
-            depthwise_plane(xpad, lay.Ws, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
+            depthwise_plane(xpad, lay, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
     }
 }
 
@@ -235,7 +255,7 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
 template <class T>
 bool depthwise_plane_fits(const ConvGeom& s) {
     constexpr idx kMaxPlaneBytes = idx(4) << 20;
-    return conv_depthwise_applies(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
+    return depthwise_forward_applies(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
 }
 
 // y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b; depthwise

@@ -125,7 +125,8 @@ const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
     ConvGeom t;
     switch (a) {
         case ConvAlgo::depthwise:
-            return conv_depthwise_applies(s) ? nullptr : "depthwise needs groups == input channels and stride 1";
+            if (!depthwise_forward_applies(s)) return "depthwise needs groups == input channels";
+            return !backward || conv_depthwise_applies(s) ? nullptr : "depthwise backward needs stride 1";
         case ConvAlgo::shifted:
             if (!backward)
                 return conv_shifted_applies(s) ? nullptr
@@ -157,8 +158,12 @@ const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
 // What forward_auto (backward: the grad input of backward_auto) runs for s.
 template <class T>
 const char* auto_algo_t(const ConvGeom& s, bool backward) {
-    if (auto_takes_direct(s)) return depthwise_plane_fits<T>(s) ? "depthwise" : "direct";
     ConvGeom t = s;
+    if (auto_takes_direct(s)) {
+        if (backward)  // grad input: a direct conv of gy at stride 1, depthwise where that applies
+            return grad_input_conv_shape(s, t) && depthwise_plane_fits<T>(t) ? "depthwise" : "direct";
+        return depthwise_plane_fits<T>(s) ? "depthwise" : "direct";
+    }
     if (backward && !(s.C / s.G >= 16 && grad_input_conv_shape(s, t))) return "im2col";
     constexpr idx kMaxShiftedBytes = idx(64) << 20, kMinShiftedReduction = 32, kMaxWinogradBytes = idx(512) << 20;
     if (conv_winograd_pays(t)) {

@@ -38,12 +38,16 @@ RUNS = {
                   ((1, 300, 6, 9), (7, 300, 3, 3), dict(padding=1))],
 }
 # forward-only problems (the backward needs stride 1 and padding within the kernel's reach)
-FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))]}
+FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))],
+                "depthwise": [((2, 6, 9, 8), (6, 1, 3, 3), dict(groups=6, stride=2, padding=1)),
+                              ((1, 4, 11, 13), (8, 1, 3, 3), dict(groups=4, stride=(1, 2))),
+                              ((1, 3, 14, 17), (3, 1, 5, 3), dict(groups=3, stride=3, padding=(2, 1), dilation=(1, 2)))]}
 REFUSED = [
     ("winograd", (1, 2, 8, 8), (3, 2, 5, 5), {}, False, "winograd needs a 3x3 kernel"),
     ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(stride=2), False, "stride 1"),
     ("winograd", (1, 4, 8, 8), (4, 2, 3, 3), dict(groups=2), False, "groups 1"),
     ("depthwise", (1, 2, 8, 8), (3, 2, 3, 3), {}, False, "depthwise needs groups == input channels"),
+    ("depthwise", (1, 2, 8, 8), (2, 1, 3, 3), dict(groups=2, stride=2), True, "depthwise backward needs stride 1"),
     ("shifted", (1, 2, 8, 8), (3, 2, 1, 1), {}, False, "nothing to shift"),
     ("shifted", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2), True, "needs stride 1"),
     ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(padding=3), True, "padding of at most 2"),
@@ -184,14 +188,18 @@ def test_weight_gradient_on_large_maps(dtype, rng):
 
 
 def test_depthwise_3x3_rows_of_every_length(dtype, rng):
-    """The NCHW depthwise kernel's unrolled 3x3 taps: rows shorter than a
-    vector, whole vectors, runs of four vectors and a partial last one, with
-    each padding the grad input (a depthwise conv itself) also takes."""
+    """The NCHW depthwise kernel's unrolled 3x3 taps, stride 1 and 2: rows
+    shorter than a vector, whole vectors, runs of four vectors and a partial
+    last one, with each padding the grad input (a depthwise conv itself) also
+    takes."""
     for W in (1, 3, 8, 15, 16, 17, 33, 64, 65, 70):
         for pad in (0, 1, 2):
             if W + 2 * pad < 3:
                 continue
             _check("depthwise", (2, 3, 5, W), (3, 1, 3, 3), dict(groups=3, padding=pad), dtype, rng)
+            # stride 2 (forward): the two phase planes of each row
+            _check("depthwise", (2, 3, 5, 2 * W + 1), (3, 1, 3, 3), dict(groups=3, padding=pad, stride=2), dtype,
+                   rng, backward=False)
 
 
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
