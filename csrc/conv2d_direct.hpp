@@ -156,8 +156,8 @@ struct DepthwiseLayout {
     }
 };
 
-// The depthwise kernels of the backward (grad weight; grad input as a
-// depthwise conv) need stride 1; the forward runs any stride.
+// Grad input as a depthwise conv needs stride 1; the forward and the grad
+// weight kernels run any stride.
 inline bool conv_depthwise_applies(const ConvGeom& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
 inline bool depthwise_forward_applies(const ConvGeom& s) { return s.C == s.G; }
 
@@ -395,10 +395,10 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvGeom
     }
 }
 
-// Depthwise (one filter per channel), stride 1, R <= 8: a task owns a
+// Depthwise (one filter per channel), R <= 8, any stride: a task owns a
 // channel. Each image's x plane is copied with its zero halo (the forward's
-// DepthwiseLayout) and its gy plane padded with zeros to whole vectors, so
-// every tap reads whole vectors with no edge cases; then for each filter row
+// DepthwiseLayout, phase planes and all) and its gy plane padded with zeros
+// to whole vectors, so every tap reads whole vectors with no edge cases; then for each filter row
 // r one pass over the rows feeds all S taps from each gy vector (S x U
 // chains). The general kernel above reads x and gy once per tap, R*S passes
 // with scalar edges (depthwise_3x3 grad weight: 1.5x the time on AVX2).
@@ -410,6 +410,8 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
     const DepthwiseLayout<T> lay(s);
     const idx P = s.Ho * s.Wo, HW = s.H * s.W, RS = s.R * S;
     const idx nv = (s.Wo + L - 1) / L, Wp = nv * L, gelems = (s.Ho * Wp + 15) / 16 * 16;
+    idx tap[S];  // where tap q's inputs for consecutive outputs start: its phase plane, then its column
+    for (int q = 0; q < S; ++q) tap[q] = (q * s.dw) % s.sw * lay.pstride + (q * s.dw) / s.sw;
     const int nt = threads_for(s.C);
     T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * (lay.elems + gelems)) * sizeof(T), 0));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -420,8 +422,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
         for (idx r = 0; r < s.R; ++r)
             for (int q = 0; q < S; ++q) sum[r][q] = V{};
         for (idx n = 0; n < s.N; ++n) {
-            copy_padded_plane<false>(x + (n * s.C + c) * HW, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad, lay.Hp, lay.Ws,
-                                     lay.elems);
+            lay.fill(x + (n * s.C + c) * HW, s, xpad);
             copy_padded_plane<false>(gy + (n * s.C + c) * P, s.Ho, s.Wo, 0, 0, 1, 1, gpad, s.Ho, Wp, gelems);
             for (idx r = 0; r < s.R; ++r) {
                 V acc[U][S];
@@ -429,19 +430,19 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
                     for (int q = 0; q < S; ++q) acc[u][q] = V{};
                 for (idx ho = 0; ho < s.Ho; ++ho) {
                     const T* grow = gpad + ho * Wp;
-                    const T* xrow = xpad + (ho + r * s.dh) * lay.Ws;
+                    const T* xrow = xpad + (ho * s.sh + r * s.dh) * lay.Ws;
                     idx v = 0;
                     for (; v + U <= nv; v += U)
 #pragma GCC unroll 2
                         for (int u = 0; u < U; ++u) {
                             const V g = vload<V>(grow + (v + u) * L);
 #pragma GCC unroll 8
-                            for (int q = 0; q < S; ++q) acc[u][q] += vload<V>(xrow + (v + u) * L + q * s.dw) * g;
+                            for (int q = 0; q < S; ++q) acc[u][q] += vload<V>(xrow + tap[q] + (v + u) * L) * g;
                         }
                     for (; v < nv; ++v) {
                         const V g = vload<V>(grow + v * L);
 #pragma GCC unroll 8
-                        for (int q = 0; q < S; ++q) acc[0][q] += vload<V>(xrow + v * L + q * s.dw) * g;
+                        for (int q = 0; q < S; ++q) acc[0][q] += vload<V>(xrow + tap[q] + v * L) * g;
                     }
                 }
                 for (int q = 0; q < S; ++q)
@@ -460,7 +461,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
 template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvGeom& s, bool generic = false) {
     const idx Kg = s.K / s.G;
-    if (!generic && conv_depthwise_applies(s) && s.K == s.C && s.R <= 8) {
+    if (!generic && depthwise_forward_applies(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
             case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);
             case 5: return conv2d_grad_weight_depthwise<T, 5>(gy, x, gw, s);

@@ -202,6 +202,21 @@ def test_depthwise_3x3_rows_of_every_length(dtype, rng):
                    rng, backward=False)
 
 
+def test_depthwise_gradients_at_any_stride(dtype, rng):
+    """auto's backward of strided depthwise convs: the depthwise grad weight
+    kernel reads the forward's phase planes (3x3, 5x5 and 7x7 taps, strides 2
+    and 3, dilation, rows longer than a vector)."""
+    cases = FORWARD_ONLY["depthwise"] + [((2, 5, 20, 41), (5, 1, 5, 5), dict(groups=5, stride=2, padding=2)),
+                                         ((1, 2, 30, 37), (2, 1, 7, 7), dict(groups=2, stride=2, padding=3))]
+    for x_shape, w_shape, kw in cases:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
+        got = convkern.conv2d_backward(gy, x, w, **kw, backend="cpp")
+        ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+        for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, ref):
+            assert_close(g, r, dtype, f"x{x_shape} w{w_shape} {kw} {name}")
+
+
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
 def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     """Its transforms subtract inputs (inf - inf = NaN where a direct sum gives
