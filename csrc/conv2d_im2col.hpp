@@ -305,16 +305,18 @@ template <class T>
 bool grad_input_as_forward(const T* gy, const T* w, T* gx, const ConvGeom& s) {
     ConvGeom t;
     if (s.C / s.G < 16 || !grad_input_conv_shape(s, t)) return false;
-    // slot 2: the forward path uses 0 and 1
     if (!conv_winograd_pays(t) && im2col_weights_in_place<T>(t)) {
         // conv2d_forward_gemm's choice for t, with the flipped filters read
         // where they lie: t's row c, column (k, r, s) is w[k, c, R-1-r, S-1-s]
         note_conv_algo(ConvAlgo::im2col);
         const idx RS = s.R * s.S, CRS = s.C * RS;
-        forward_weight_rows(gy, w, RS, [RS, CRS](idx j) { return j / RS * CRS + (RS - 1 - j % RS); }, t,
-                            [&](const T* out) { scatter_image_group(out, static_cast<const T*>(nullptr), gx, t, 0, t.N, 0); });
+        const auto flipped = [RS, CRS](idx j) { return j / RS * CRS + (RS - 1 - j % RS); };
+        forward_weight_rows(gy, w, RS, flipped, t, [&](const T* out) {
+            scatter_image_group(out, static_cast<const T*>(nullptr), gx, t, 0, t.N, 0);
+        });
         return true;
     }
+    // slot 2: the forward path uses 0 and 1
     T* wt = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S) * sizeof(T), 2));
     flip_transpose_filters(w, s, wt);
     conv2d_forward_gemm(gy, wt, static_cast<const T*>(nullptr), gx, t);

@@ -623,7 +623,8 @@ void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nc
             accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf + omp_get_thread_num() * scratch,
                        false);
     } else {
-        for (idx j = 0; j < chunks; ++j) accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
+        for (idx j = 0; j < chunks; ++j)
+            accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, part + j * wsize, buf, true);
     }
     T* sum = part;
     if (chunks > 1) {
