@@ -96,6 +96,18 @@ idx gw_chunks(const ConvGeom& s, idx wsize) {
     return imax(1, imin(imin(s.N, kMaxChunks), by_memory));
 }
 
+// out[i] = the chunks' partial sums of element i (`chunks` arrays of `size`,
+// one after another), added in chunk order: the same bits for any thread count.
+template <class T>
+void sum_chunks(const T* part, idx chunks, idx size, T* out) {
+#pragma omp parallel for num_threads(threads_for(size / 4096 + 1)) schedule(static)
+    for (idx i = 0; i < size; ++i) {
+        T acc = part[i];
+        for (idx j = 1; j < chunks; ++j) acc += part[j * size + i];
+        out[i] = acc;
+    }
+}
+
 inline bool conv_is_pointwise(const ConvGeom& s) {
     return s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0 && s.Ho == s.H && s.Wo == s.W;
 }
@@ -437,14 +449,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
             for (idx j = 0; j < chunks; ++j)
                 accumulate(j * s.N / chunks, (j + 1) * s.N / chunks, partial + j * wsize, buf, true);
         }
-        if (chunks > 1) {
-#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
-            for (idx i = 0; i < wsize; ++i) {
-                T acc = partial[i];
-                for (idx j = 1; j < chunks; ++j) acc += partial[j * wsize + i];
-                gw[i] = acc;
-            }
-        }
+        if (chunks > 1) sum_chunks(partial, chunks, wsize, gw);
     }
     if (gb) bias_grad(gy, gb, s);
 }

@@ -477,6 +477,16 @@ struct NhwcPatches {
     }
 };
 
+// The NHWC forward's epilogue on columns [j0, j1) of one output row: + bias,
+// then relu (NaN kept), each where asked.
+template <class T>
+inline void bias_relu_row(T* row, const T* b, bool relu, idx j0, idx j1) {
+    if (b)
+        for (idx k = j0; k < j1; ++k) row[k] += b[k];
+    if (relu)
+        for (idx k = j0; k < j1; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
+}
+
 // A small map whose weights outnumber the batch's pixels
 // (im2col_weights_in_place): the input (no larger than the column matrix)
 // goes to NCHW, forward_weight_rows reads the weights in place (a, ld,
@@ -491,13 +501,7 @@ void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offs
         transpose_batched(out, y, idx(1), s.K, pixels);
         if (!b && !relu) return;
 #pragma omp parallel for num_threads(threads_for(pixels / 64 + 1)) schedule(static)
-        for (idx m = 0; m < pixels; ++m) {
-            T* row = y + m * s.K;
-            if (b)
-                for (idx k = 0; k < s.K; ++k) row[k] += b[k];
-            if (relu)
-                for (idx k = 0; k < s.K; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
-        }
+        for (idx m = 0; m < pixels; ++m) bias_relu_row(y + m * s.K, b, relu, idx(0), s.K);
     });
 }
 
@@ -545,14 +549,7 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         T* yg = y + g * Kg;
         const T* bg = b ? b + g * Kg : nullptr;
         const auto epilogue = [&](idx i0, idx i1, idx j0, idx j1) {
-            if (!bg && !relu) return;
-            for (idx m = i0; m < i1; ++m) {
-                T* row = yg + m * s.K;
-                if (bg)
-                    for (idx k = j0; k < j1; ++k) row[k] += bg[k];
-                if (relu)
-                    for (idx k = j0; k < j1; ++k) row[k] = (row[k] > T(0) || row[k] != row[k]) ? row[k] : T(0);
-            }
+            for (idx m = i0; m < i1; ++m) bias_relu_row(yg + m * s.K, bg, relu, j0, j1);
         };
         gemm_rows(M, Kg, RSC, NhwcPatches<T>{xs, sp, g, table}, bp, yg, s.K, epilogue);
     }
@@ -629,12 +626,7 @@ void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nc
     T* sum = part;
     if (chunks > 1) {
         sum = part + chunks * wsize;
-#pragma omp parallel for num_threads(threads_for(wsize / 4096 + 1)) schedule(static)
-        for (idx i = 0; i < wsize; ++i) {
-            T v = part[i];
-            for (idx j = 1; j < chunks; ++j) v += part[j * wsize + i];
-            sum[i] = v;
-        }
+        sum_chunks(part, chunks, wsize, sum);
     }
     weights_from_krsc(sum, gw, s);
 }
