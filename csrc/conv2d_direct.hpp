@@ -147,8 +147,7 @@ struct DepthwiseLayout {
         elems = s.sw * pstride;
     }
     // the padded plane of x (H x W, padding ph, pw) into buf, phase by phase
-    template <class U>
-    void fill(const U* x, const ConvGeom& s, U* buf) const {
+    void fill(const T* x, const ConvGeom& s, T* buf) const {
         if (s.sw == 1)  // unit steps as constants: the copy's strided paths fold away
             return (void)copy_padded_plane<false>(x, s.H, s.W, -s.ph, -s.pw, 1, 1, buf, Hp, Ws, pstride);
         for (idx p = 0; p < s.sw; ++p)
@@ -156,10 +155,10 @@ struct DepthwiseLayout {
     }
 };
 
-// Grad input as a depthwise conv needs stride 1; the forward and the grad
-// weight kernels run any stride.
-inline bool conv_depthwise_applies(const ConvGeom& s) { return s.C == s.G && s.sh == 1 && s.sw == 1; }
-inline bool depthwise_forward_applies(const ConvGeom& s) { return s.C == s.G; }
+// The depthwise forward and grad weight kernels run any stride; grad input
+// is a depthwise conv only at stride 1.
+inline bool conv_is_depthwise(const ConvGeom& s) { return s.C == s.G; }
+inline bool depthwise_grad_input_applies(const ConvGeom& s) { return conv_is_depthwise(s) && s.sh == 1 && s.sw == 1; }
 
 // NV output vectors of one row from wo on; NV is a compile-time count so the
 // accumulators stay in registers (indexed by a run-time count they lived on
@@ -255,7 +254,7 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
 template <class T>
 bool depthwise_plane_fits(const ConvGeom& s) {
     constexpr idx kMaxPlaneBytes = idx(4) << 20;
-    return depthwise_forward_applies(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
+    return conv_is_depthwise(s) && DepthwiseLayout<T>(s).elems * static_cast<idx>(sizeof(T)) <= kMaxPlaneBytes;
 }
 
 // y (N, K, Ho, Wo) = conv(x (N, C, H, W), w (K, C/G, R, S)) + b; depthwise
@@ -398,10 +397,11 @@ void conv2d_grad_weight_direct_kb(const T* gy, const T* x, T* gw, const ConvGeom
 // Depthwise (one filter per channel), R <= 8, any stride: a task owns a
 // channel. Each image's x plane is copied with its zero halo (the forward's
 // DepthwiseLayout, phase planes and all) and its gy plane padded with zeros
-// to whole vectors, so every tap reads whole vectors with no edge cases; then for each filter row
-// r one pass over the rows feeds all S taps from each gy vector (S x U
-// chains). The general kernel above reads x and gy once per tap, R*S passes
-// with scalar edges (depthwise_3x3 grad weight: 1.5x the time on AVX2).
+// to whole vectors, so every tap reads whole vectors with no edge cases;
+// then for each filter row r one pass over the rows feeds all S taps from
+// each gy vector (S x U chains). The general kernel above reads x and gy once
+// per tap, R*S passes with scalar edges (depthwise_3x3 grad weight: 1.5x the
+// time on AVX2).
 template <class T, int S>
 void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
@@ -461,7 +461,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
 template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvGeom& s, bool generic = false) {
     const idx Kg = s.K / s.G;
-    if (!generic && depthwise_forward_applies(s) && s.K == s.C && s.R <= 8) {
+    if (!generic && conv_is_depthwise(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
             case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);
             case 5: return conv2d_grad_weight_depthwise<T, 5>(gy, x, gw, s);

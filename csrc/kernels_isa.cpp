@@ -125,8 +125,8 @@ const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
     ConvGeom t;
     switch (a) {
         case ConvAlgo::depthwise:
-            if (!depthwise_forward_applies(s)) return "depthwise needs groups == input channels";
-            return !backward || conv_depthwise_applies(s) ? nullptr : "depthwise backward needs stride 1";
+            if (!conv_is_depthwise(s)) return "depthwise needs groups == input channels";
+            return !backward || depthwise_grad_input_applies(s) ? nullptr : "depthwise backward needs stride 1";
         case ConvAlgo::shifted:
             if (!backward)
                 return conv_shifted_applies(s) ? nullptr
