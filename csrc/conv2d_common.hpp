@@ -95,3 +95,8 @@ bool copy_padded_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx s
     }
     return bad != 0;
 }
+
+// A 1x1 stride-1 unpadded conv: the input is its own column matrix.
+inline bool conv_is_pointwise(const ConvGeom& s) {
+    return s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0 && s.Ho == s.H && s.Wo == s.W;
+}

@@ -108,10 +108,6 @@ void sum_chunks(const T* part, idx chunks, idx size, T* out) {
     }
 }
 
-inline bool conv_is_pointwise(const ConvGeom& s) {
-    return s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0 && s.Ho == s.H && s.Wo == s.W;
-}
-
 // Runs body(t, scratch, inner_parallel) for t < tasks, each with
 // `scratch_elems` private elements (64-byte aligned): tasks over the threads
 // where there are enough of them, else one after another with the threads
@@ -371,7 +367,10 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
                                     }
                                 });
     }
-    if (gw && as_forward && gw_via_nhwc(s, CRS)) {
+    if (gw && as_forward && grad_weight_implicit_applies<T>(s)) {
+        conv2d_grad_weight_implicit(gy, x, gw, s, true);
+        gw = nullptr;
+    } else if (gw && as_forward && gw_via_nhwc(s, CRS)) {
         nhwc_grad_weight(gy, x, gw, s, true);
         gw = nullptr;
     }

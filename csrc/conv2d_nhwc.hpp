@@ -17,19 +17,6 @@
 // fixed tap order. Depthwise convs (groups == C == K) run direct loops that
 // vectorize across channels.
 
-// (K, C/G, R, S) <-> (K, R, S, C/G): per filter, a (C/G x RS) transpose, in
-// tiles and over the threads: a deep layer's weights are several MB, which a
-// plain loop nest would write one element per cache line.
-template <class T>
-void weights_to_krsc(const T* w, T* wr, const ConvGeom& s) {
-    transpose_batched(w, wr, s.K, s.C / s.G, s.R * s.S);
-}
-
-template <class T>
-void weights_from_krsc(const T* wr, T* w, const ConvGeom& s) {
-    transpose_batched(wr, w, s.K, s.R * s.S, s.C / s.G);
-}
-
 template <class T>
 inline void copy_run(T* dst, const T* src, idx n) {
     if (n >= 16) {
@@ -520,23 +507,11 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
     // panel goes to the indirect micro-kernel.
     ConvGeom sp = s;
     const T* xs = x;
-    const idx Hp = imax(s.H + s.ph, (s.Ho - 1) * s.sh + (s.R - 1) * s.dh + 1);
-    const idx Wp = imax(s.W + s.pw, (s.Wo - 1) * s.sw + (s.S - 1) * s.dw + 1);
+    idx Hp, Wp;
+    padded_extent(s, Hp, Wp);
     if (Hp != s.H || Wp != s.W) {
         T* xp = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * Hp * Wp * s.C) * sizeof(T), 0));
-        const idx prow = s.N * Hp;
-#pragma omp parallel for num_threads(threads_for(prow)) schedule(static)
-        for (idx t = 0; t < prow; ++t) {
-            const idx n = t / Hp, h = t % Hp - s.ph;
-            T* dst = xp + t * Wp * s.C;
-            if (h < 0 || h >= s.H) {
-                std::memset(dst, 0, static_cast<std::size_t>(Wp * s.C) * sizeof(T));
-                continue;
-            }
-            std::memset(dst, 0, static_cast<std::size_t>(s.pw * s.C) * sizeof(T));
-            std::memcpy(dst + s.pw * s.C, x + (n * s.H + h) * s.W * s.C, static_cast<std::size_t>(s.W * s.C) * sizeof(T));
-            std::memset(dst + (s.pw + s.W) * s.C, 0, static_cast<std::size_t>((Wp - s.pw - s.W) * s.C) * sizeof(T));
-        }
+        pad_nhwc_images(x, s, s.N, Hp, Wp, xp);
         sp.H = Hp;
         sp.W = Wp;
         sp.ph = sp.pw = 0;
@@ -646,7 +621,10 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
     if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
-    if (gw) nhwc_grad_weight(gy, x, gw, s, false);
+    if (gw && grad_weight_implicit_applies<T>(s))
+        conv2d_grad_weight_implicit(gy, x, gw, s, false);
+    else if (gw)
+        nhwc_grad_weight(gy, x, gw, s, false);
     if (gx && s.G == 1 && !pointwise && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.ph < s.R &&
         s.pw < s.S) {
         // At stride 1 grad input is the forward conv of grad_output with the

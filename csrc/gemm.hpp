@@ -156,6 +156,24 @@ __attribute__((always_inline)) inline void store_tile(const typename GemmBlockin
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NV * L + j] : tile[i * NV * L + j];
 }
 
+// One step along K of an RT x (NV vectors) tile: c += the RT values of A at
+// Ap times the NV vectors of B's row at b.
+template <class T, int RT, int NV>
+__attribute__((always_inline)) inline void tile_step(typename GemmBlocking<T>::V (&c)[RT][NV], const T* __restrict Ap,
+                                                     const T* __restrict b) {
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int L = GemmBlocking<T>::L;
+    V bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(b + v * L);
+#pragma GCC unroll 12
+    for (int i = 0; i < RT; ++i) {
+        const T a = Ap[i];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) c[i][v] += a * bv[v];
+    }
+}
+
 // RT x (NV vectors) tile of C from panels packed for the full MR x NR tile.
 // Edge tiles use the smallest RT (a multiple of 4) and NV that cover them, so
 // a 64-row M (5 full panels + 4 rows) or a 196-column N (6 full panels + 4
@@ -168,18 +186,10 @@ __attribute__((always_inline)) inline void gemm_micro_t(idx kc, const T* __restr
                          bool accumulate) {
     typedef GemmBlocking<T> GB;
     typedef typename GB::V V;
-    constexpr int MR = GB::MR, NR = GB::NR, L = GB::L;
+    constexpr int MR = GB::MR, NR = GB::NR;
     V c[RT][NV] = {};
     for (idx k = 0; k < kc; ++k) {
-        V b[NV];
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
-#pragma GCC unroll 12
-        for (int i = 0; i < RT; ++i) {
-            const T a = Ap[i];
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
-        }
+        tile_step<T, RT, NV>(c, Ap, Bp);
         Ap += MR;
         Bp += NR;
     }

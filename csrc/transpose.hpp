@@ -19,3 +19,16 @@ void transpose_batched(const T* src, T* dst, idx batches, idx rows, idx cols) {
         }
     }
 }
+
+// (K, C/G, R, S) <-> (K, R, S, C/G): per filter, a (C/G x RS) transpose, in
+// tiles and over the threads: a deep layer's weights are several MB, which a
+// plain loop nest would write one element per cache line.
+template <class T>
+void weights_to_krsc(const T* w, T* wr, const ConvGeom& s) {
+    transpose_batched(w, wr, s.K, s.C / s.G, s.R * s.S);
+}
+
+template <class T>
+void weights_from_krsc(const T* wr, T* w, const ConvGeom& s) {
+    transpose_batched(wr, w, s.K, s.R * s.S, s.C / s.G);
+}

@@ -187,6 +187,43 @@ def test_weight_gradient_on_large_maps(dtype, rng):
         np.testing.assert_array_equal(alone, got[1], err_msg=what)
 
 
+# auto's weight gradient as an implicit GEMM (read from a padded NHWC copy of
+# the input, no column matrix): channels a multiple of 32, maps under 256
+# pixels, more pixels than filters. Filters fewer than and not a multiple of
+# a register panel's rows, strides with dilation, no padding, three panels a
+# tap, pixels just above the filters, and a batch in several chunks.
+IMPLICIT_GW = [((3, 32, 9, 11), (20, 32, 3, 3), dict(padding=1)),
+               ((2, 64, 8, 7), (4, 64, 3, 2), dict(stride=2, padding=(1, 0), dilation=(1, 2))),
+               ((1, 96, 10, 10), (41, 96, 3, 3), {}),
+               ((2, 32, 5, 5), (48, 32, 5, 5), dict(padding="same")),
+               ((24, 64, 15, 15), (40, 64, 3, 3), dict(padding=1))]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_gradient_as_implicit_gemm(layout, dtype, rng):
+    def arr(shape):
+        a = randn(rng, shape, dtype)
+        return a if layout == "nchw" else np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    for x_shape, w_shape, kw in IMPLICIT_GW:
+        x, w = arr(x_shape), randn(rng, w_shape, dtype)
+        gy = arr(convkern.conv2d(x, w, **kw, backend="reference").shape)
+        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
+        what = f"{layout} x{x_shape} w{w_shape} {kw}"
+        outs = []
+        for n in (1, 2, 3):
+            convkern.set_num_threads(n)
+            try:
+                outs.append(convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="cpp")[1])
+            finally:
+                convkern.set_num_threads(0)
+        assert_close(outs[0], ref, dtype, what)
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
+        both = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), backend="cpp")[1]
+        np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+
+
 def test_depthwise_3x3_rows_of_every_length(dtype, rng):
     """The NCHW depthwise kernel's unrolled 3x3 taps, stride 1 and 2: rows
     shorter than a vector, whole vectors, runs of four vectors and a partial
