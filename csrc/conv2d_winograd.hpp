@@ -99,13 +99,24 @@ inline void winograd_g_1d(T g0, T g1, T g2, T* r, int stride) {
     }
 }
 
-// One filter's transform, u = G g G^T, (M+2) x (M+2) from g (3x3).
-template <int M, class T>
-inline void winograd_filter_tile(const T* g, T (&u)[(M + 2) * (M + 2)]) {
+// W filters' transforms side by side, u = G g G^T, (M+2) x (M+2) from g
+// (3x3), lane i of each array being filter i: loops over the lanes, which
+// the compiler turns into vector code.
+template <int M, class T, int W>
+inline void winograd_filter_tiles(const T (&g)[9][W], T (&u)[(M + 2) * (M + 2)][W]) {
     constexpr int A = M + 2;
-    T gg[A * 3];  // G g, row-major
-    for (int j = 0; j < 3; ++j) winograd_g_1d<M>(g[j], g[3 + j], g[6 + j], gg + j, 3);
-    for (int i = 0; i < A; ++i) winograd_g_1d<M>(gg[i * 3], gg[i * 3 + 1], gg[i * 3 + 2], u + i * A, 1);  // (G g) G^T
+    T gg[A * 3][W];  // G g, row-major
+    T r[A];
+    for (int j = 0; j < 3; ++j)
+        for (int i = 0; i < W; ++i) {
+            winograd_g_1d<M>(g[j][i], g[3 + j][i], g[6 + j][i], r, 1);
+            for (int a = 0; a < A; ++a) gg[a * 3 + j][i] = r[a];
+        }
+    for (int a = 0; a < A; ++a)  // (G g) G^T
+        for (int i = 0; i < W; ++i) {
+            winograd_g_1d<M>(gg[a * 3][i], gg[a * 3 + 1][i], gg[a * 3 + 2][i], r, 1);
+            for (int b = 0; b < A; ++b) u[a * A + b][i] = r[b];
+        }
 }
 
 // The transformed filters U[xi] = (G g G^T)[xi], each a K x C matrix, from g
@@ -115,15 +126,22 @@ inline void winograd_filter_tile(const T* g, T (&u)[(M + 2) * (M + 2)]) {
 template <class T, int M = 2>
 void winograd_filters(const T* w, idx K, idx C, T* Upk, idx upk) {
     constexpr int XI = (M + 2) * (M + 2), MR = GemmBlocking<T>::MR;
-    const idx KC = gemm_dims<T>().kc, Kpad = (K + MR - 1) / MR * MR;
-#pragma omp parallel for num_threads(threads_for(Kpad / MR)) schedule(static)
-    for (idx k = 0; k < Kpad; ++k)
+    const idx KC = gemm_dims<T>().kc, panels = (K + MR - 1) / MR, Kpad = panels * MR;
+    // a panel's MR filters of one channel at a time, so each transformed
+    // value is one MR-long run of its matrix's packed panel (16 or 36 runs
+    // per step) rather than XI single floats a matrix apart per filter
+#pragma omp parallel for num_threads(threads_for(panels)) schedule(static)
+    for (idx kp = 0; kp < panels; ++kp)
         for (idx c = 0; c < C; ++c) {
-            T u[XI] = {};  // rows past K pad the last panel with zeros
-            if (k < K) winograd_filter_tile<M>(w + (k * C + c) * 9, u);
+            T g[9][MR], u[XI][MR];
+            for (int i = 0; i < MR; ++i) {
+                const idx k = kp * MR + i;  // rows past K pad the last panel with zeros
+                for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[(k * C + c) * 9 + j] : T(0);
+            }
+            winograd_filter_tiles<M>(g, u);
             const idx pc = c / KC * KC, kc = imin(KC, C - pc);
-            T* dst = Upk + pc * Kpad + (k / MR) * MR * kc + (c - pc) * MR + k % MR;
-            for (int xi = 0; xi < XI; ++xi) dst[xi * upk] = u[xi];
+            T* dst = Upk + pc * Kpad + kp * MR * kc + (c - pc) * MR;
+            for (int xi = 0; xi < XI; ++xi) std::memcpy(dst + xi * upk, u[xi], sizeof u[xi]);
         }
 }
 
