@@ -68,6 +68,87 @@ inline void max_pool_2x2s2_x16(const float* r0, const float* r1, std::int64_t i0
 }
 #endif
 
+#if defined(__AVX512F__)
+// 16 outputs of one output row, any window and dilation, column stride 1 or
+// 2 (ResNet's 3x3 / 2 pooling): each tap's 16 inputs are one vector, or at
+// stride 2 the even lanes of two, and max_step's running max (greater, or
+// NaN; first in-range index on ties and for all -inf) runs lane-wise, lanes
+// whose tap falls in the padding masked out. The scalar loop's compares
+// compile to branches, which random data mispredicts about half the time.
+// h0, w0: the first window's top-left tap (may lie in the padding); `n` <=
+// 16 lanes are live; no load touches memory outside the plane's rows that a
+// window reads, except unmasked loads of interior runs that stay inside x.
+__attribute__((always_inline)) inline void max_pool_window_x16(const float* xp, const PoolGeom& p, idx h0, idx w0, idx n, float* y,
+                                std::int64_t* ind, const float* x_end) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const idx W = p.W, sw = p.sw, span = sw == 1 ? 16 : 32;  // floats a full load reads
+    const idx hstart = window_first(h0, p.dh), hend = imin(h0 + (p.kh - 1) * p.dh + 1, p.H);
+    const __m512i lane = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(sw));
+    // every window's columns inside the row: no per-lane bounds
+    const bool inside = w0 >= 0 && w0 + sw * (n - 1) + (p.kw - 1) * p.dw < W;
+    __m512i blo, bhi;
+    if (inside && hstart < hend) {
+        blo = _mm512_add_epi64(_mm512_set1_epi64(hstart * W + w0), lane);
+        bhi = _mm512_add_epi64(blo, _mm512_set1_epi64(8 * sw));
+    } else if (p.dw == 1) {
+        // each lane's first column in [0, W): with dilation 1 every window
+        // holds one (padding is at most half the window, and ceil mode's last
+        // window starts inside the input)
+        const __m512i zero = _mm512_setzero_si512(), row = _mm512_set1_epi64(hstart * W);
+        const __m512i wlo = _mm512_add_epi64(_mm512_set1_epi64(w0), lane);
+        const __m512i whi = _mm512_add_epi64(wlo, _mm512_set1_epi64(8 * sw));
+        const bool rows = hstart < hend;
+        blo = rows ? _mm512_add_epi64(row, _mm512_max_epi64(wlo, zero)) : _mm512_set1_epi64(-1);
+        bhi = rows ? _mm512_add_epi64(row, _mm512_max_epi64(whi, zero)) : _mm512_set1_epi64(-1);
+    } else {
+        alignas(64) std::int64_t first[16] = {};  // lanes past n are never stored
+        for (idx j = 0; j < n; ++j) {
+            const idx wj = w0 + sw * j, ws = window_first(wj, p.dw), we = imin(wj + (p.kw - 1) * p.dw + 1, W);
+            first[j] = hstart < hend && ws < we ? hstart * W + ws : -1;
+        }
+        blo = _mm512_load_si512(first);
+        bhi = _mm512_load_si512(first + 8);
+    }
+    __m512 m = _mm512_set1_ps(-__builtin_inff());
+    for (idx h = hstart; h < hend; h += p.dh)
+        for (idx q = 0; q < p.kw; ++q) {
+            const idx w = w0 + q * p.dw;
+            const float* src = xp + h * W + w;
+            __mmask16 valid = lane_mask16(0, n);
+            if (!inside) {  // lanes (and, at stride 2, loaded elements) whose column is in [0, W)
+                const idx lane_lo = imax(0, sw == 1 ? -w : (1 - w) >> 1);
+                const idx lane_hi = imin(n, sw == 1 ? W - w : ((W - 1 - w) >> 1) + 1);
+                if (lane_lo >= lane_hi) continue;
+                valid = lane_mask16(lane_lo, lane_hi);
+            }
+            const bool full = inside && src + span <= x_end;
+            const idx e_lo = imax(0, -w), e_hi = imin(span, W - w);
+            __m512 v;
+            if (sw == 1) {
+                v = full ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(lane_mask16(e_lo, imin(e_hi, n)), src);
+            } else {
+                const idx e_end = imin(e_hi, 2 * n - 1);
+                const __m512 a = full ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(lane_mask16(e_lo, e_end), src);
+                const __m512 b = full ? _mm512_loadu_ps(src + 16)
+                                      : _mm512_maskz_loadu_ps(lane_mask16(e_lo - 16, e_end - 16), src + 16);
+                v = _mm512_permutex2var_ps(a, even, b);
+            }
+            const __m512i ilo = _mm512_add_epi64(_mm512_set1_epi64(h * W + w), lane);
+            const __m512i ihi = _mm512_add_epi64(ilo, _mm512_set1_epi64(8 * sw));
+            const __mmask16 take =
+                valid & (_mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+            m = _mm512_mask_blend_ps(take, m, v);
+            blo = _mm512_mask_blend_epi64(__mmask8(take), blo, ilo);
+            bhi = _mm512_mask_blend_epi64(__mmask8(take >> 8), bhi, ihi);
+        }
+    _mm512_mask_storeu_ps(y, lane_mask16(0, n), m);
+    if (ind) {
+        _mm512_mask_storeu_epi64(ind, lane_mask8(0, n), blo);
+        _mm512_mask_storeu_epi64(ind + 8, lane_mask8(0, n - 8), bhi);
+    }
+}
+#endif
+
 // 2x2 windows, dilation 1, fully inside the row pair (the common pooling layer).
 template <class T>
 inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx pw, idx wo_begin, idx wo_end,
@@ -112,6 +193,12 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) 
         if (fast2) {
             valid_range(p.W - 1, p.Wo, p.sw, -p.pw, lo2, hi2);
         }
+        // other windows at column stride 1 or 2: whole rows 16 outputs at a
+        // time (AVX-512, float)
+        const bool vec_rows = !fast2 && p.sw <= 2;
+        idx lov = 0, hiv = 0;
+        if (vec_rows) valid_range(p.W - (p.kw - 1) * p.dw, p.Wo, p.sw, -p.pw, lov, hiv);
+        (void)lov, (void)hiv;
         for (idx ho = 0; ho < p.Ho; ++ho) {
             const idx h0 = ho * p.sh - p.ph;
             const idx hend = imin(h0 + (p.kh - 1) * p.dh + 1, p.H);
@@ -123,6 +210,21 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) 
                 skip_begin = lo2;
                 skip_end = hi2;
             }
+#if defined(__AVX512F__)
+            if constexpr (sizeof(T) == sizeof(float)) {
+                if (vec_rows) {
+                    // the columns whose windows lie inside the row in runs of
+                    // 16, each border (usually one window) as a run of its own
+                    for (idx wo = 0; wo < p.Wo;) {
+                        const idx end = wo < lov ? lov : wo < hiv ? hiv : p.Wo, n = imin(16, end - wo);
+                        max_pool_window_x16(xp, p, h0, wo * p.sw - p.pw, n, yp + ho * p.Wo + wo,
+                                            ip ? ip + ho * p.Wo + wo : nullptr, x_end);
+                        wo += n;
+                    }
+                    continue;
+                }
+            }
+#endif
             for (idx wo = 0; wo < p.Wo; ++wo) {
                 if (wo == skip_begin && skip_end > skip_begin) {
                     wo = skip_end - 1;

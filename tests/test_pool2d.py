@@ -21,6 +21,12 @@ MAX_CASES = {
     "whole_plane": ((2, 3, 5, 7), dict(kernel_size=(5, 7))),
     # 2x2/2 rows of whole 16-window vectors plus a tail (the AVX-512 path)
     "2x2_wide_rows": ((2, 3, 6, 70), dict(kernel_size=2)),
+    # other windows at column stride 1 or 2, 16 windows a vector (AVX-512):
+    # border runs, interior runs and tails, dilation, ceil mode's last window
+    "3x3_s2_p1_wide_rows": ((2, 3, 9, 70), dict(kernel_size=3, stride=2, padding=1)),
+    "3x3_s1_p1_wide_rows": ((1, 2, 5, 40), dict(kernel_size=3, stride=1, padding=1)),
+    "dilated_wide_rows": ((1, 2, 7, 45), dict(kernel_size=3, stride=2, padding=1, dilation=2)),
+    "ceil_mode_wide_rows": ((1, 2, 6, 37), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
 }
 
 AVG_CASES = {
@@ -98,16 +104,24 @@ def test_max_pool_semantics(backend, dtype):
     assert ck.max_pool2d(neg, 3, 1, 1, backend=backend).max() == -1
 
 
-def test_max_pool_nan_on_wide_rows(backend, dtype, rng):
-    """NaN wins in every lane of the vector paths, with and without indices."""
-    x = randn(rng, (2, 2, 4, 66), dtype)
-    x[rng.random(x.shape) < 0.05] = np.nan
-    ref, ref_ind = ck.max_pool2d(x, 2, return_indices=True, backend="reference")
-    out, ind = ck.max_pool2d(x, 2, return_indices=True, backend=backend)
-    np.testing.assert_array_equal(out, ref)
-    np.testing.assert_array_equal(ind, ref_ind)
-    np.testing.assert_array_equal(ck.max_pool2d(x, 2, backend=backend), ref)
-    assert np.isnan(ref).any()
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=1, padding=1),
+                                dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=str)
+def test_max_pool_nan_ties_and_inf_on_wide_rows(backend, dtype, rng, kw):
+    """NaN wins, ties keep the first index, all -inf windows their first
+    position, in every lane of the vector paths, with and without indices."""
+    nan = randn(rng, (2, 2, 7, 66), dtype)
+    nan[rng.random(nan.shape) < 0.05] = np.nan
+    ties = rng.integers(0, 3, (2, 2, 7, 66)).astype(dtype)
+    inf = ties.copy()
+    inf[rng.random(inf.shape) < 0.7] = -np.inf
+    for x in (nan, ties, inf):
+        ref, ref_ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
+        out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend=backend)
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(ind, ref_ind)
+        np.testing.assert_array_equal(ck.max_pool2d(x, **kw, backend=backend), ref)
+    assert np.isnan(ck.max_pool2d(nan, **kw, backend="reference")).any()
 
 
 def test_avg_pool_divisors(backend, dtype):
