@@ -178,6 +178,111 @@ inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx
     }
 }
 
+// Outputs [lo, hi) of one row whose windows lie inside the input: max_step
+// tap by tap, each tap one pass over a block of outputs (y and the indices
+// hold the running max), so the selects become vector blends instead of a
+// branch per element. Indices run as int32 within the block where the plane
+// allows (lanes as wide as the floats' vectorize; int64 ones did not).
+template <class T, class I>
+void max_pool_block_inside(const T* xp, const PoolGeom& p, idx h0, idx lo, idx hi, T* y, I* bi) {
+    bool first = true;
+    for (idx r = 0; r < p.kh; ++r)
+        for (idx q = 0; q < p.kw; ++q) {
+            const idx off = (h0 + r * p.dh) * p.W + q * p.dw - p.pw;
+            if (first) {
+                for (idx wo = lo; wo < hi; ++wo) y[wo] = xp[off + wo * p.sw];
+                if (bi)
+                    for (idx wo = lo; wo < hi; ++wo) bi[wo - lo] = static_cast<I>(off + wo * p.sw);
+                first = false;
+                continue;
+            }
+            if (!bi) {
+                for (idx wo = lo; wo < hi; ++wo) {
+                    const T v = xp[off + wo * p.sw];
+                    y[wo] = (v > y[wo]) | (v != v) ? v : y[wo];
+                }
+                continue;
+            }
+            for (idx wo = lo; wo < hi; ++wo) {
+                const I i = static_cast<I>(off + wo * p.sw);
+                const T v = xp[off + wo * p.sw];
+                const bool take = (v > y[wo]) | (v != v);
+                y[wo] = take ? v : y[wo];
+                bi[wo - lo] = take ? i : bi[wo - lo];
+            }
+        }
+}
+
+template <class T>
+void max_pool_row_inside(const T* xp, const PoolGeom& p, idx h0, idx lo, idx hi, T* y, std::int64_t* ind) {
+    if (!ind) return max_pool_block_inside(xp, p, h0, lo, hi, y, static_cast<std::int32_t*>(nullptr));
+    if (p.H * p.W > idx(INT32_MAX)) return max_pool_block_inside(xp, p, h0, lo, hi, y, ind + lo);
+    constexpr idx kBlock = 256;
+    std::int32_t bi[kBlock];
+    for (idx b = lo; b < hi; b += kBlock) {
+        const idx e = imin(hi, b + kBlock);
+        max_pool_block_inside(xp, p, h0, b, e, y, bi);
+        for (idx wo = b; wo < e; ++wo) ind[wo] = bi[wo - b];
+    }
+}
+
+// One output's window, scalar: padding reads as -inf, the first in-range
+// position when nothing beats it (-1 for a window with no input).
+template <class T>
+__attribute__((always_inline)) inline void max_pool_output(const T* xp, const PoolGeom& p, idx hstart, idx hend,
+                                                           idx wo, T* y, std::int64_t* ind) {
+    const idx w0 = wo * p.sw - p.pw;
+    const idx wend = imin(w0 + (p.kw - 1) * p.dw + 1, p.W);
+    const idx wstart = window_first(w0, p.dw);
+    idx best = (hstart < hend && wstart < wend) ? hstart * p.W + wstart : -1;
+    T m = -__builtin_inf();
+    for (idx h = hstart; h < hend; h += p.dh)
+        for (idx w = wstart; w < wend; w += p.dw) max_step(xp[h * p.W + w], h * p.W + w, m, best);
+    y[wo] = m;
+    if (ind) ind[wo] = best;
+}
+
+// One plane, any window but 2x2: per output row, the columns whose window
+// lies inside the input one tap at a time over the run (vector blends), or on
+// AVX-512 (float, column stride 1 or 2) whole rows 16 outputs a vector.
+template <class T>
+__attribute__((noinline)) void max_pool_plane(const T* xp, const PoolGeom& p, T* yp, std::int64_t* ip,
+                                              const T* x_end) {
+    idx lo = 0, hi = 0;
+    valid_range(p.W - (p.kw - 1) * p.dw, p.Wo, p.sw, -p.pw, lo, hi);
+    for (idx ho = 0; ho < p.Ho; ++ho) {
+        const idx h0 = ho * p.sh - p.ph;
+        const idx hend = imin(h0 + (p.kh - 1) * p.dh + 1, p.H), hstart = window_first(h0, p.dh);
+        T* yrow = yp + ho * p.Wo;
+        std::int64_t* irow = ip ? ip + ho * p.Wo : nullptr;
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == sizeof(float)) {
+            if (p.sw <= 2) {
+                // the columns whose windows lie inside the row in runs of 16,
+                // each border (usually one window) as a run of its own
+                for (idx wo = 0; wo < p.Wo;) {
+                    const idx end = wo < lo ? lo : wo < hi ? hi : p.Wo, n = imin(16, end - wo);
+                    max_pool_window_x16(xp, p, h0, wo * p.sw - p.pw, n, yrow + wo, irow ? irow + wo : nullptr,
+                                        x_end);
+                    wo += n;
+                }
+                continue;
+            }
+        }
+#endif
+        (void)x_end;
+        idx skip_begin = 0, skip_end = 0;
+        if (h0 >= 0 && h0 + (p.kh - 1) * p.dh < p.H && lo < hi) {
+            max_pool_row_inside(xp, p, h0, lo, hi, yrow, irow);
+            skip_begin = lo;
+            skip_end = hi;
+        }
+        for (idx wo = 0; wo < skip_begin; ++wo) max_pool_output(xp, p, hstart, hend, wo, yrow, irow);
+        for (idx wo = skip_begin == skip_end ? 0 : skip_end; wo < p.Wo; ++wo)
+            max_pool_output(xp, p, hstart, hend, wo, yrow, irow);
+    }
+}
+
 template <class T>
 void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) {
     const idx HW = p.H * p.W, P = p.Ho * p.Wo;
@@ -188,57 +293,30 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) 
         T* yp = y + t * P;
         std::int64_t* ip = ind ? ind + t * P : nullptr;
         // output columns whose 2x2 window lies inside the row (fast path)
-        idx lo2 = 0, hi2 = 0;
         const bool fast2 = p.kh == 2 && p.kw == 2 && p.dh == 1 && p.dw == 1;
-        if (fast2) {
-            valid_range(p.W - 1, p.Wo, p.sw, -p.pw, lo2, hi2);
+        if (!fast2) {
+            max_pool_plane(xp, p, yp, ip, x_end);
+            continue;
         }
-        // other windows at column stride 1 or 2: whole rows 16 outputs at a
-        // time (AVX-512, float)
-        const bool vec_rows = !fast2 && p.sw <= 2;
-        idx lov = 0, hiv = 0;
-        if (vec_rows) valid_range(p.W - (p.kw - 1) * p.dw, p.Wo, p.sw, -p.pw, lov, hiv);
-        (void)lov, (void)hiv;
+        idx lo2 = 0, hi2 = 0;
+        valid_range(p.W - 1, p.Wo, p.sw, -p.pw, lo2, hi2);
         for (idx ho = 0; ho < p.Ho; ++ho) {
             const idx h0 = ho * p.sh - p.ph;
             const idx hend = imin(h0 + (p.kh - 1) * p.dh + 1, p.H);
             const idx hstart = window_first(h0, p.dh);
             idx skip_begin = 0, skip_end = 0;  // columns done by the fast path
-            if (fast2 && h0 >= 0 && h0 + 1 < p.H && lo2 < hi2) {
+            if (h0 >= 0 && h0 + 1 < p.H && lo2 < hi2) {
                 max_pool_row_2x2(xp + h0 * p.W, xp + (h0 + 1) * p.W, h0, p.W, p.sw, p.pw, lo2, hi2,
                                  yp + ho * p.Wo, ip ? ip + ho * p.Wo : nullptr, x_end);
                 skip_begin = lo2;
                 skip_end = hi2;
             }
-#if defined(__AVX512F__)
-            if constexpr (sizeof(T) == sizeof(float)) {
-                if (vec_rows) {
-                    // the columns whose windows lie inside the row in runs of
-                    // 16, each border (usually one window) as a run of its own
-                    for (idx wo = 0; wo < p.Wo;) {
-                        const idx end = wo < lov ? lov : wo < hiv ? hiv : p.Wo, n = imin(16, end - wo);
-                        max_pool_window_x16(xp, p, h0, wo * p.sw - p.pw, n, yp + ho * p.Wo + wo,
-                                            ip ? ip + ho * p.Wo + wo : nullptr, x_end);
-                        wo += n;
-                    }
-                    continue;
-                }
-            }
-#endif
             for (idx wo = 0; wo < p.Wo; ++wo) {
                 if (wo == skip_begin && skip_end > skip_begin) {
                     wo = skip_end - 1;
                     continue;
                 }
-                const idx w0 = wo * p.sw - p.pw;
-                const idx wend = imin(w0 + (p.kw - 1) * p.dw + 1, p.W);
-                const idx wstart = window_first(w0, p.dw);
-                idx best = (hstart < hend && wstart < wend) ? hstart * p.W + wstart : -1;
-                T m = -__builtin_inf();
-                for (idx h = hstart; h < hend; h += p.dh)
-                    for (idx w = wstart; w < wend; w += p.dw) max_step(xp[h * p.W + w], h * p.W + w, m, best);
-                yp[ho * p.Wo + wo] = m;
-                if (ip) ip[ho * p.Wo + wo] = best;
+                max_pool_output(xp, p, hstart, hend, wo, yp + ho * p.Wo, ip ? ip + ho * p.Wo : nullptr);
             }
         }
     }
