@@ -78,8 +78,9 @@ inline void max_pool_2x2s2_x16(const float* r0, const float* r1, std::int64_t i0
 // h0, w0: the first window's top-left tap (may lie in the padding); `n` <=
 // 16 lanes are live; no load touches memory outside the plane's rows that a
 // window reads, except unmasked loads of interior runs that stay inside x.
-__attribute__((always_inline)) inline void max_pool_window_x16(const float* xp, const PoolGeom& p, idx h0, idx w0, idx n, float* y,
-                                std::int64_t* ind, const float* x_end) {
+__attribute__((always_inline)) inline void max_pool_window_x16(const float* xp, const PoolGeom& p, idx h0, idx w0,
+                                                               idx n, float* y, std::int64_t* ind,
+                                                               const float* x_end) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const idx W = p.W, sw = p.sw, span = sw == 1 ? 16 : 32;  // floats a full load reads
     const idx hstart = window_first(h0, p.dh), hend = imin(h0 + (p.kh - 1) * p.dh + 1, p.H);
