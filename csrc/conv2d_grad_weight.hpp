@@ -131,7 +131,7 @@ void pad_nhwc_images(const T* src, const ConvGeom& s, idx m, idx Hp, idx Wp, T* 
 // gw (K, C, R, S) of a one-group conv; x and gy NHWC, or NCHW with `nchw`.
 template <class T>
 void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw) {
-    const idx kChunkBytes = cache_sizes().l2;
+    const idx chunk_bytes = cache_sizes().l2;
     const idx RSC = s.R * s.S * s.C, P = s.Ho * s.Wo, sz = static_cast<idx>(sizeof(T));
     if (s.N * P == 0) {  // no pixels: a zero gradient
         std::memset(gw, 0, static_cast<std::size_t>(s.K * RSC) * sizeof(T));
@@ -144,7 +144,7 @@ void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom&
     // NCHW: each image's input and grad_output transposed to NHWC first
     const idx xt_elems = nchw ? (s.C * s.H * s.W + 15) / 16 * 16 : 0, gt_elems = nchw ? (s.K * P + 15) / 16 * 16 : 0;
     const idx per_image = pad_elems + xt_elems + gt_elems;
-    const idx imgs = imax(1, imin(s.N, kChunkBytes / imax(1, per_image * sz)));
+    const idx imgs = imax(1, imin(s.N, chunk_bytes / imax(1, per_image * sz)));
     T* xp = static_cast<T*>(
         workspace(static_cast<std::size_t>(imgs * (pad_elems + xt_elems + gt_elems)) * sizeof(T), 0));
     T* xt = xp + imgs * pad_elems;
