@@ -293,7 +293,8 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) 
         const T* xp = x + t * HW;
         T* yp = y + t * P;
         std::int64_t* ip = ind ? ind + t * P : nullptr;
-        // output columns whose 2x2 window lies inside the row (fast path)
+        // 2x2 windows here (the columns whose window lies inside the row on
+        // the fast path), any other in max_pool_plane
         const bool fast2 = p.kh == 2 && p.kw == 2 && p.dh == 1 && p.dw == 1;
         if (!fast2) {
             max_pool_plane(xp, p, yp, ip, x_end);
