@@ -98,13 +98,20 @@ idx gw_chunks(const ConvGeom& s, idx wsize) {
 
 // out[i] = the chunks' partial sums of element i (`chunks` arrays of `size`,
 // one after another), added in chunk order: the same bits for any thread count.
+// Blocks of 1024 elements, each chunk's block added in turn: the inner loop
+// runs along contiguous elements and vectorizes.
 template <class T>
 void sum_chunks(const T* part, idx chunks, idx size, T* out) {
+    constexpr idx kBlock = 1024;
+    const idx blocks = (size + kBlock - 1) / kBlock;
 #pragma omp parallel for num_threads(threads_for(size / 4096 + 1)) schedule(static)
-    for (idx i = 0; i < size; ++i) {
-        T acc = part[i];
-        for (idx j = 1; j < chunks; ++j) acc += part[j * size + i];
-        out[i] = acc;
+    for (idx b = 0; b < blocks; ++b) {
+        const idx i0 = b * kBlock, i1 = imin(size, i0 + kBlock);
+        for (idx i = i0; i < i1; ++i) out[i] = part[i];
+        for (idx j = 1; j < chunks; ++j) {
+            const T* p = part + j * size;
+            for (idx i = i0; i < i1; ++i) out[i] += p[i];
+        }
     }
 }
 
@@ -295,6 +302,10 @@ template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
 template <class T>
 void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw);
+template <class T>
+bool grad_weight_winograd_pays(const ConvGeom& s);
+template <class T>
+bool conv2d_grad_weight_winograd(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw);
 inline bool conv_winograd_pays(const ConvGeom& s);
 
 // Whether auto's grad weight runs an NCHW conv through the NHWC kernel's GEMM
@@ -367,6 +378,8 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
                                     }
                                 });
     }
+    if (gw && as_forward && grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, gw, s, true))
+        gw = nullptr;
     if (gw && as_forward && grad_weight_implicit_applies<T>(s)) {
         conv2d_grad_weight_implicit(gy, x, gw, s, true);
         gw = nullptr;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "isa.hpp"
@@ -23,6 +24,7 @@ namespace {
 #include "conv2d_im2col.hpp"
 #include "conv2d_shifted.hpp"
 #include "conv2d_winograd.hpp"
+#include "conv2d_grad_weight_winograd.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"
 #include "conv2d_nhwc.hpp"
@@ -102,8 +104,9 @@ void backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, c
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
 }
 // grad input as the stride-1 forward conv of gy with the flipped filters, by
-// Forward; grad weight and bias by im2col
-template <class T, void (*Forward)(const T*, const T*, const T*, T*, const ConvGeom&)>
+// Forward; grad weight by Winograd's F(3x3, 2x2) where WinogradGW and it runs
+// (channels a multiple of the vector width), else, and bias, by im2col
+template <class T, void (*Forward)(const T*, const T*, const T*, T*, const ConvGeom&), bool WinogradGW = false>
 void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
     ConvGeom t;
     if (gx && grad_input_conv_shape(s, t)) {
@@ -113,11 +116,16 @@ void backward_via_forward(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         Forward(gy, wt, static_cast<const T*>(nullptr), gx, t);
         gx = nullptr;
     }
+    if (WinogradGW && gw && grad_weight_winograd_applies<T>(s) && conv2d_grad_weight_winograd(gy, x, gw, s, true))
+        gw = nullptr;
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, false);
 }
 template <class T>
 void backward_auto(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
-    if (!gx) note_conv_algo(auto_takes_direct(s) ? ConvAlgo::direct : ConvAlgo::im2col);  // the weight gradient's
+    if (!gx)  // the weight gradient's
+        note_conv_algo(auto_takes_direct(s)                ? ConvAlgo::direct
+                       : grad_weight_winograd_pays<T>(s) ? ConvAlgo::winograd
+                                                         : ConvAlgo::im2col);
     if (auto_takes_direct(s)) return conv2d_backward_direct(gy, x, w, gx, gw, gb, s);
     conv2d_backward_im2col(gy, x, w, gx, gw, gb, s, true);
 }
@@ -214,8 +222,8 @@ OpTable<T> make_table() {
     t.conv2d_backward[slot(ConvAlgo::depthwise)] = &backward_depthwise<T>;
     t.conv2d_backward[slot(ConvAlgo::im2col)] = &backward_im2col<T>;
     t.conv2d_backward[slot(ConvAlgo::shifted)] = &backward_via_forward<T, conv2d_forward_shifted<T>>;
-    t.conv2d_backward[slot(ConvAlgo::winograd)] = &backward_via_forward<T, forward_winograd<T>>;
-    t.conv2d_backward[slot(ConvAlgo::winograd4)] = &backward_via_forward<T, forward_winograd4<T>>;
+    t.conv2d_backward[slot(ConvAlgo::winograd)] = &backward_via_forward<T, forward_winograd<T>, true>;
+    t.conv2d_backward[slot(ConvAlgo::winograd4)] = &backward_via_forward<T, forward_winograd4<T>, true>;
     t.conv2d_backward[slot(ConvAlgo::auto_)] = &backward_auto<T>;
     t.max_pool2d_forward = &max_pool2d_forward<T>;
     t.max_pool2d_backward = &max_pool2d_backward<T>;

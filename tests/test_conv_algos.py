@@ -192,6 +192,18 @@ def test_weight_gradient_on_large_maps(dtype, rng):
 # pixels, more pixels than filters. Filters fewer than and not a multiple of
 # a register panel's rows, strides with dilation, no padding, three panels a
 # tap, pixels just above the filters, and a batch in several chunks.
+def _at_thread_counts(call, counts=(1, 2, 3)):
+    """call() under each thread count in turn: the results, in order."""
+    outs = []
+    for n in counts:
+        convkern.set_num_threads(n)
+        try:
+            outs.append(call())
+        finally:
+            convkern.set_num_threads(0)
+    return outs
+
+
 IMPLICIT_GW = [((3, 32, 9, 11), (20, 32, 3, 3), dict(padding=1)),
                ((2, 64, 8, 7), (4, 64, 3, 2), dict(stride=2, padding=(1, 0), dilation=(1, 2))),
                ((1, 96, 10, 10), (41, 96, 3, 3), {}),
@@ -210,18 +222,82 @@ def test_weight_gradient_as_implicit_gemm(layout, dtype, rng):
         gy = arr(convkern.conv2d(x, w, **kw, backend="reference").shape)
         ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
         what = f"{layout} x{x_shape} w{w_shape} {kw}"
-        outs = []
-        for n in (1, 2, 3):
-            convkern.set_num_threads(n)
-            try:
-                outs.append(convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="cpp")[1])
-            finally:
-                convkern.set_num_threads(0)
+        outs = _at_thread_counts(
+            lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="cpp")[1])
         assert_close(outs[0], ref, dtype, what)
         for other in outs[1:]:
             np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
         both = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), backend="cpp")[1]
         np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+
+
+# The Winograd weight gradient (F(3x3, 2x2)), named: odd maps (tiles reaching
+# past the last row and column), padding 0 and 2, channels filling part of a
+# register panel (48 of 32 + 32) and filters not a multiple of its rows (80,
+# 20), a batch in chunks of unequal image counts, a chunk of more tiles than
+# one block, and channels not a multiple of the vector width (im2col then).
+WINOGRAD_GW = [((3, 32, 9, 11), (48, 32, 3, 3), dict(padding=1)),
+               ((2, 48, 8, 8), (80, 48, 3, 3), {}),
+               ((1, 16, 12, 7), (16, 16, 3, 3), dict(padding=2)),
+               ((5, 16, 16, 16), (20, 16, 3, 3), dict(padding=1)),
+               ((2, 16, 40, 40), (16, 16, 3, 3), dict(padding=1)),
+               ((2, 12, 9, 9), (8, 12, 3, 3), dict(padding=1))]
+
+
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_weight_gradient_by_winograd(algo, dtype, rng):
+    """grad weight by F(3x3, 2x2) against the reference, the same bits for
+    1, 2 and 3 threads, and alone as with grad input."""
+    for x_shape, w_shape, kw in WINOGRAD_GW:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
+        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
+        what = f"{algo} x{x_shape} w{w_shape} {kw}"
+        outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False),
+                                                                  algo=algo, backend="cpp")[1])
+        assert_close(outs[0], ref, dtype, what)
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
+        both = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend="cpp")[1]
+        np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_auto_weight_gradient_takes_winograd_where_it_pays(layout, dtype, rng):
+    """auto's rule sends a 3x3 stride-1 layer with 16+ channels each way and
+    64+ 2x2 tiles to F(3x3, 2x2), on NCHW and on NHWC data alike: the same
+    bits as the named algorithm's weight gradient."""
+    def arr(a):
+        return a if layout == "nchw" else np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    x, w = randn(rng, (2, 32, 24, 24), dtype), randn(rng, (32, 32, 3, 3), dtype)
+    gy = randn(rng, (2, 32, 24, 24), dtype)
+    named = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, True, False), algo="winograd",
+                                     backend="cpp")[1]
+    got = convkern.conv2d_backward(arr(gy), arr(x), w, padding=1, needs=(False, True, False), backend="cpp")[1]
+    if layout == "nchw":
+        assert cpp.last_algo() == "winograd", f"auto's weight gradient ran {cpp.last_algo()}"
+    np.testing.assert_array_equal(got, named, err_msg=f"{layout}: auto's weight gradient")
+    ref = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, True, False), backend="reference")[1]
+    assert_close(got, ref, dtype, layout)
+
+
+@pytest.mark.parametrize("where", ["input", "grad_output"])
+def test_winograd_weight_gradient_hands_non_finite_data_to_im2col(rng, where):
+    """An inf in the input or grad_output: the weight gradient's NaNs and infs
+    where the reference has them (the transforms would make NaNs of some)."""
+    x, w = randn(rng, (2, 32, 24, 24), np.float64), randn(rng, (32, 32, 3, 3), np.float64)
+    gy = randn(rng, (2, 32, 24, 24), np.float64)
+    (x if where == "input" else gy)[1, 3, 5, 7] = np.inf
+    ref = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, True, False), backend="reference")[1]
+    assert np.isinf(ref).any(), "the case must put an inf in the gradient"
+    for algo in ("winograd", "auto"):
+        got = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, True, False), algo=algo,
+                                       backend="cpp")[1]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg=f"{algo}: NaNs")
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(ref), err_msg=f"{algo}: infs")
+        finite = np.isfinite(ref)
+        assert_close(got[finite], ref[finite], np.float64, f"{algo}: finite entries")
 
 
 def test_depthwise_3x3_rows_of_every_length(dtype, rng):
