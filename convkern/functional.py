@@ -178,6 +178,10 @@ def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
         return "auto"
     grad_input = op == "backward" and needs[0]
     candidates = [a for a in getattr(impl, "ALGOS", ()) if not problem(g, a, grad_input)]
+    if op == "backward":
+        # the rules' own routes (auto's weight gradient takes paths no named
+        # algorithm does) compete too
+        candidates.append("auto")
     if len(candidates) < 2:
         return candidates[0] if candidates else "auto"
     return _tune.choose(key, candidates, run)
@@ -457,6 +461,14 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         auto = algo == "auto"
         if auto:
             algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gy, x, w, g, a, needs))
+
+        def nchw():
+            if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
+                    and not _all_finite(gy, device)):
+                gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
+                return (gx,) + tuple(impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))[1:])
+            return impl.conv2d_backward(gy, x, w, g, algo, needs)
+
         if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None,
                                            device):
             def nhwc():
@@ -464,17 +476,10 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
                                                        g, needs)
                 return (None if gx is None else layout.nchw(layout.from_nhwc(gx))), gw, gb
 
-            if _nchw_via_nhwc(impl, "backward", g, dtype, needs,
-                              lambda: conv2d_backward(gy.reshape(g.output_shape), x, w, stride, padding, dilation,
-                                                      groups, needs=needs, algo=algo, backend=backend), nhwc):
+            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc):
                 gx, gw, gb = nhwc()
                 return _unbatch(gx, g.unbatched), gw, gb
-        if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
-                and not _all_finite(gy, device)):
-            gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
-            _, gw, gb = impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))
-        else:
-            gx, gw, gb = impl.conv2d_backward(gy, x, w, g, algo, needs)
+        gx, gw, gb = nchw()
     return _unbatch(gx, g.unbatched), gw, gb
 
 

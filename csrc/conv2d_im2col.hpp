@@ -419,6 +419,10 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
     }
     if (gw && as_forward && grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, gw, s, true))
         gw = nullptr;
+    if (gw && as_forward && grad_weight_taps_applies<T>(s)) {
+        conv2d_grad_weight_taps(gy, x, gw, s);
+        gw = nullptr;
+    }
     if (gw && as_forward && grad_weight_implicit_applies<T>(s)) {
         conv2d_grad_weight_implicit(gy, x, gw, s, true);
         gw = nullptr;

@@ -159,6 +159,21 @@ template <class T, class V> inline void vstore_first(T* p, V v, idx n) {
 }
 #endif
 
+// Lanes [0, n) of a vector from p, the rest zero, 0 < n <= lanes; p[n..] is not read.
+#if defined(__AVX512F__)
+inline vfloat vload_first(const float* p, idx n) { return (vfloat)_mm512_maskz_loadu_ps(lane_mask16(0, n), p); }
+inline vdouble vload_first(const double* p, idx n) { return (vdouble)_mm512_maskz_loadu_pd(lane_mask8(0, n), p); }
+#elif defined(__AVX2__)
+inline vfloat vload_first(const float* p, idx n) { return (vfloat)_mm256_maskload_ps(p, lane_mask32(0, n, 0)); }
+inline vdouble vload_first(const double* p, idx n) { return (vdouble)_mm256_maskload_pd(p, lane_mask64(0, n, 0)); }
+#else
+template <class T> inline typename Vec<T>::type vload_first(const T* p, idx n) {
+    typename Vec<T>::type v = {};
+    for (idx l = 0; l < n; ++l) v[l] = p[l];
+    return v;
+}
+#endif
+
 // `rows` rows of gather_row: dst rows are contiguous (n apart), src rows are
 // src_stride apart. Rows of at most one vector reuse their masks (the common
 // small feature map); longer rows go through gather_row.

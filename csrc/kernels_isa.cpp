@@ -20,6 +20,7 @@ namespace {
 #include "conv2d_common.hpp"
 #include "transpose.hpp"
 #include "conv2d_grad_weight.hpp"
+#include "conv2d_grad_weight_taps.hpp"
 #include "conv2d_direct.hpp"
 #include "conv2d_im2col.hpp"
 #include "conv2d_shifted.hpp"

@@ -204,6 +204,19 @@ def _at_thread_counts(call, counts=(1, 2, 3)):
     return outs
 
 
+def _check_weight_gradient(x, w, gy, kw, dtype, what, algo="auto"):
+    """grad weight against the reference, the same bits for 1, 2 and 3
+    threads, and the same with grad input computed alongside."""
+    ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
+    outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), algo=algo,
+                                                              backend="cpp")[1])
+    assert_close(outs[0], ref, dtype, what)
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
+    both = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend="cpp")[1]
+    np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+
+
 IMPLICIT_GW = [((3, 32, 9, 11), (20, 32, 3, 3), dict(padding=1)),
                ((2, 64, 8, 7), (4, 64, 3, 2), dict(stride=2, padding=(1, 0), dilation=(1, 2))),
                ((1, 96, 10, 10), (41, 96, 3, 3), {}),
@@ -220,15 +233,7 @@ def test_weight_gradient_as_implicit_gemm(layout, dtype, rng):
     for x_shape, w_shape, kw in IMPLICIT_GW:
         x, w = arr(x_shape), randn(rng, w_shape, dtype)
         gy = arr(convkern.conv2d(x, w, **kw, backend="reference").shape)
-        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
-        what = f"{layout} x{x_shape} w{w_shape} {kw}"
-        outs = _at_thread_counts(
-            lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="cpp")[1])
-        assert_close(outs[0], ref, dtype, what)
-        for other in outs[1:]:
-            np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
-        both = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), backend="cpp")[1]
-        np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+        _check_weight_gradient(x, w, gy, kw, dtype, f"{layout} x{x_shape} w{w_shape} {kw}")
 
 
 # The Winograd weight gradient (F(3x3, 2x2)), named: odd maps (tiles reaching
@@ -251,15 +256,7 @@ def test_weight_gradient_by_winograd(algo, dtype, rng):
     for x_shape, w_shape, kw in WINOGRAD_GW:
         x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
         gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
-        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
-        what = f"{algo} x{x_shape} w{w_shape} {kw}"
-        outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False),
-                                                                  algo=algo, backend="cpp")[1])
-        assert_close(outs[0], ref, dtype, what)
-        for other in outs[1:]:
-            np.testing.assert_array_equal(other, outs[0], err_msg=f"{what}: changed with the thread count")
-        both = convkern.conv2d_backward(gy, x, w, **kw, algo=algo, backend="cpp")[1]
-        np.testing.assert_array_equal(both, outs[0], err_msg=f"{what}: with grad input")
+        _check_weight_gradient(x, w, gy, kw, dtype, f"{algo} x{x_shape} w{w_shape} {kw}", algo)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -298,6 +295,42 @@ def test_winograd_weight_gradient_hands_non_finite_data_to_im2col(rng, where):
         np.testing.assert_array_equal(np.isinf(got), np.isinf(ref), err_msg=f"{algo}: infs")
         finite = np.isfinite(ref)
         assert_close(got[finite], ref[finite], np.float64, f"{algo}: finite entries")
+
+
+# auto's grad weight for filters of few taps (C*R*S < 32, column stride 1):
+# LeNet's first layer (rows of a vector and a partial one), three channels
+# at row stride 2 with rows of exactly one float32 AVX-512 vector and fewer
+# filters than a block, rows shorter than a vector, one column of taps with
+# dilated rows, seven dilated column taps, and a batch in two L2 chunks.
+TAPS_GW = [((3, 1, 28, 28), (32, 1, 5, 5), dict(padding=2)),
+           ((2, 3, 9, 16), (5, 3, 3, 3), dict(padding=1, stride=(2, 1))),
+           ((1, 1, 6, 5), (3, 1, 2, 2), {}),
+           ((2, 2, 12, 40), (7, 2, 3, 1), dict(padding=(1, 0), dilation=(2, 1))),
+           ((1, 1, 20, 20), (4, 1, 3, 7), dict(padding=(1, 3), dilation=(1, 2))),
+           ((70, 1, 28, 28), (8, 1, 5, 5), dict(padding=2))]
+
+
+def test_weight_gradient_of_few_taps(dtype, rng):
+    """auto's direct grad weight for first layers against the reference, the
+    same bits for 1, 2 and 3 threads, and with grad input."""
+    for x_shape, w_shape, kw in TAPS_GW:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
+        _check_weight_gradient(x, w, gy, kw, dtype, f"x{x_shape} w{w_shape} {kw}")
+
+
+def test_weight_gradient_of_few_taps_keeps_infs_apart_from_padding_lanes(rng):
+    """An inf in the input's last column: the lanes past a row's end are
+    zero on both sides, so the NaNs and infs are the reference's."""
+    x, w = randn(rng, (2, 1, 12, 21), np.float64), randn(rng, (6, 1, 5, 5), np.float64)
+    x[1, 0, 4, 20] = np.inf
+    gy = randn(rng, (2, 6, 12, 21), np.float64)
+    ref = convkern.conv2d_backward(gy, x, w, padding=2, needs=(False, True, False), backend="reference")[1]
+    got = convkern.conv2d_backward(gy, x, w, padding=2, needs=(False, True, False), backend="cpp")[1]
+    assert np.isinf(ref).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    assert_close(got[np.isfinite(ref)], ref[np.isfinite(ref)], np.float64, "finite entries")
 
 
 def test_depthwise_3x3_rows_of_every_length(dtype, rng):

@@ -68,6 +68,32 @@ def test_auto_measures_once_then_remembers(tuning, rng):
         assert_close(g, r, np.float32, "tuned backward")
 
 
+def test_backward_measures_the_rules_against_the_named_algorithms(tuning, rng, monkeypatch):
+    """auto's backward takes weight-gradient routes no named algorithm does
+    (implicit GEMM, NHWC, Winograd by its rules): "auto" is a candidate of
+    the backward's measurement, and what it picks is what runs."""
+    from convkern import functional as F
+
+    seen = {}
+    real = tune.choose
+
+    def spy(key, candidates, run):
+        seen[key.split("|")[1]] = list(candidates)
+        return real(key, candidates, run)
+
+    monkeypatch.setattr(F._tune, "choose", spy)
+    x, w = randn(rng, X, np.float32), randn(rng, W, np.float32)
+    _pin_layout(conv2d_geometry(X, W, **KW), "nchw")
+    y = convkern.conv2d(x, w, **KW)
+    gy = randn(rng, y.shape, np.float32)
+    grads = convkern.conv2d_backward(gy, x, w, **KW, needs=(False, True, False))
+    assert "auto" in seen["backward"] and "auto" not in seen["forward"], seen
+    chosen = tune.remembered(F._tune_key(cpp, "backward", conv2d_geometry(X, W, **KW), np.float32,
+                                         (False, True, False)))
+    np.testing.assert_array_equal(grads[1], convkern.conv2d_backward(gy, x, w, **KW, needs=(False, True, False),
+                                                                     algo=chosen)[1])
+
+
 def test_an_nchw_problem_may_run_through_the_nhwc_kernels(tuning, rng):
     """Tuning also measures copying an NCHW conv to NHWC, running the NHWC
     kernels and copying back; chosen, the result is theirs bit for bit and

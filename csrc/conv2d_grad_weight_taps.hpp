@@ -1,0 +1,118 @@
+// conv2d grad weight for filters of few taps (C*R*S < 32: a first layer on
+// one to three channels) at column stride 1, NCHW: a direct sum with output
+// columns in vector lanes.
+//
+//   gw[k, c, r, s] = sum over n, ho, wo of gy[n, k, ho, wo] * xpad[n, c, ho*sh + r*dh, wo + s*dw]
+//
+// As a GEMM this has a reduction of N*Ho*Wo and fewer columns (C*R*S) than
+// one register panel holds: the column matrix is written, packed and read
+// again for a few dozen products per pixel. Here a task holds KB filters x S
+// taps of one (c, r) as KB*S vector accumulators and walks the pixels: per
+// vector of output columns, KB loads of gy, S shifted loads of the padded
+// input and KB*S FMAs, nothing written; the lanes are summed at the end.
+//
+// Tasks are (channel, filter block). Each runs the batch in chunks of images
+// whose gy rows (its KB filters) and input planes fit half of L2, the R rows
+// of taps in turn per chunk, so a chunk is read R times from L2 rather than
+// from memory; the accumulators wait in the task's memory between chunks.
+// Every output is summed in the same order for any thread count.
+
+template <class T>
+bool grad_weight_taps_applies(const ConvGeom& s) {
+    return s.G == 1 && s.sw == 1 && s.C * s.R * s.S < 32 && s.S <= 7;
+}
+
+// acc[i][q] += the products of one output row: gy rows g[i] (Wo columns) and
+// the padded input row xr shifted by q*dw. The last, partial vector loads
+// both operands masked, so neither reads past the row and a zero lane never
+// meets an input value (0 * inf would be a NaN the sum does not have).
+template <class T, int KB, int S>
+__attribute__((always_inline)) inline void taps_row(const T* const (&g)[KB], const T* xr, idx Wo, idx dw,
+                                                   typename Vec<T>::type (&acc)[KB][S]) {
+    typedef typename Vec<T>::type V;
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    idx w0 = 0;
+    for (; w0 + L <= Wo; w0 += L) {
+        V gv[KB];
+        for (int i = 0; i < KB; ++i) gv[i] = vload<V>(g[i] + w0);
+        for (int q = 0; q < S; ++q) {
+            const V xv = vload<V>(xr + w0 + q * dw);
+            for (int i = 0; i < KB; ++i) acc[i][q] += gv[i] * xv;
+        }
+    }
+    if (w0 < Wo) {
+        const idx n = Wo - w0;
+        V gv[KB];
+        for (int i = 0; i < KB; ++i) gv[i] = vload_first(g[i] + w0, n);
+        for (int q = 0; q < S; ++q) {
+            const V xv = vload_first(xr + w0 + q * dw, n);
+            for (int i = 0; i < KB; ++i) acc[i][q] += gv[i] * xv;
+        }
+    }
+}
+
+template <class T, int S>
+void grad_weight_taps(const T* gy, const T* x, T* gw, const ConvGeom& s) {
+    typedef typename Vec<T>::type V;
+    constexpr int KB = 24 / S > 8 ? 8 : 24 / S;  // KB*S accumulators beside KB gy vectors and one input vector
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    idx Hp, Wp;
+    padded_extent(s, Hp, Wp);
+    const idx plane = Hp * Wp, P = s.Ho * s.Wo, kblocks = (s.K + KB - 1) / KB, tasks = s.C * kblocks;
+    if (s.N * P == 0) {  // no pixels: a zero gradient
+        for (idx i = 0; i < s.K * s.C * s.R * s.S; ++i) gw[i] = T(0);
+        return;
+    }
+    const idx per_image = (KB * P + plane) * static_cast<idx>(sizeof(T));
+    const idx chunk = imax(1, imin(s.N, cache_sizes().l2 / 2 / imax(1, per_image)));
+    T* xpad = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * plane + 16) * sizeof(T), 0));
+    V* store = static_cast<V*>(workspace(static_cast<std::size_t>(tasks * s.R * KB * S) * sizeof(V), 1));
+#pragma omp parallel for num_threads(threads_for(s.N * s.C / 8 + 1)) schedule(static)
+    for (idx t = 0; t < s.N * s.C; ++t)
+        copy_padded_plane<false>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * plane, Hp, Wp, plane);
+#pragma omp parallel for num_threads(threads_for(tasks)) schedule(dynamic, 1)
+    for (idx t = 0; t < tasks; ++t) {
+        const idx c = t / kblocks, k0 = (t % kblocks) * KB, live = imin(KB, s.K - k0);
+        V* st = store + t * s.R * KB * S;
+        for (idx n0 = 0; n0 < s.N; n0 += chunk) {
+            const idx n1 = imin(s.N, n0 + chunk);
+            for (idx r = 0; r < s.R; ++r) {
+                V acc[KB][S];
+                for (int i = 0; i < KB; ++i)
+                    for (int q = 0; q < S; ++q) acc[i][q] = n0 > 0 ? st[(r * KB + i) * S + q] : V{};
+                for (idx n = n0; n < n1; ++n)
+                    for (idx ho = 0; ho < s.Ho; ++ho) {
+                        // a block's rows past K repeat its last filter; their sums are dropped
+                        const T* g[KB];
+                        for (int i = 0; i < KB; ++i) g[i] = gy + (n * s.K + k0 + imin(i, live - 1)) * P + ho * s.Wo;
+                        const T* xr = xpad + (n * s.C + c) * plane + (ho * s.sh + r * s.dh) * Wp;
+                        taps_row<T, KB, S>(g, xr, s.Wo, s.dw, acc);
+                    }
+                for (int i = 0; i < KB; ++i)
+                    for (int q = 0; q < S; ++q) st[(r * KB + i) * S + q] = acc[i][q];
+            }
+        }
+        for (idx i = 0; i < live; ++i)
+            for (idx r = 0; r < s.R; ++r)
+                for (int q = 0; q < S; ++q) {
+                    const V v = st[(r * KB + i) * S + q];
+                    T sum = v[0];
+                    for (idx l = 1; l < L; ++l) sum += v[l];
+                    gw[(((k0 + i) * s.C + c) * s.R + r) * s.S + q] = sum;
+                }
+    }
+}
+
+// gw of s (grad_weight_taps_applies) from NCHW gy and x
+template <class T>
+void conv2d_grad_weight_taps(const T* gy, const T* x, T* gw, const ConvGeom& s) {
+    switch (s.S) {
+        case 1: return grad_weight_taps<T, 1>(gy, x, gw, s);
+        case 2: return grad_weight_taps<T, 2>(gy, x, gw, s);
+        case 3: return grad_weight_taps<T, 3>(gy, x, gw, s);
+        case 4: return grad_weight_taps<T, 4>(gy, x, gw, s);
+        case 5: return grad_weight_taps<T, 5>(gy, x, gw, s);
+        case 6: return grad_weight_taps<T, 6>(gy, x, gw, s);
+        default: return grad_weight_taps<T, 7>(gy, x, gw, s);
+    }
+}
