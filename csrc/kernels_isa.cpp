@@ -15,10 +15,10 @@ namespace convkern {
 namespace CK_ISA {
 namespace {
 #include "kernel_util.hpp"
+#include "transpose.hpp"
 #include "gemm.hpp"
 #include "gemm_rows.hpp"
 #include "conv2d_common.hpp"
-#include "transpose.hpp"
 #include "conv2d_grad_weight.hpp"
 #include "conv2d_grad_weight_taps.hpp"
 #include "conv2d_direct.hpp"
