@@ -1,15 +1,15 @@
-// conv2d grad weight for filters of few taps (C*R*S < 32: a first layer on
-// one to three channels) at column stride 1, NCHW: a direct sum with output
-// columns in vector lanes.
+// conv2d grad weight for filters of few taps (a first layer on one to a few
+// channels) at column stride 1, NCHW: a direct sum with output columns in
+// vector lanes.
 //
 //   gw[k, c, r, s] = sum over n, ho, wo of gy[n, k, ho, wo] * xpad[n, c, ho*sh + r*dh, wo + s*dw]
 //
-// As a GEMM this has a reduction of N*Ho*Wo and fewer columns (C*R*S) than
-// one register panel holds: the column matrix is written, packed and read
-// again for a few dozen products per pixel. Here a task holds KB filters x S
-// taps of one (c, r) as KB*S vector accumulators and walks the pixels: per
-// vector of output columns, KB loads of gy, S shifted loads of the padded
-// input and KB*S FMAs, nothing written; the lanes are summed at the end.
+// As a GEMM this has a reduction of N*Ho*Wo and a few panels' worth of
+// columns (C*R*S): the column matrix is written, packed and read again for a
+// few dozen products per pixel. Here a task holds KB filters x S taps of one
+// (c, r) as KB*S vector accumulators and walks the pixels: per vector of
+// output columns, KB loads of gy, S shifted loads of the padded input and
+// KB*S FMAs, nothing written; the lanes are summed at the end.
 //
 // Tasks are (channel, filter block). Each runs the batch in chunks of images
 // whose gy rows (its KB filters) and input planes fit half of L2, the R rows
@@ -17,9 +17,13 @@
 // from memory; the accumulators wait in the task's memory between chunks.
 // Every output is summed in the same order for any thread count.
 
+// Where auto takes it: at most 5 taps a row (7 leave blocks of 3 filters,
+// whose passes over L2 outweigh their products: slower than the GEMM on a
+// 3-channel 7x7 layer) and at most 112 taps in all (measured faster up to
+// 4 channels of 5x5, even at 16 channels of 3x3).
 template <class T>
 bool grad_weight_taps_applies(const ConvGeom& s) {
-    return s.G == 1 && s.sw == 1 && s.C * s.R * s.S < 32 && s.S <= 7;
+    return s.G == 1 && s.sw == 1 && s.S <= 5 && s.C * s.R * s.S <= 112;
 }
 
 // acc[i][q] += the products of one output row: gy rows g[i] (Wo columns) and
@@ -111,8 +115,6 @@ void conv2d_grad_weight_taps(const T* gy, const T* x, T* gw, const ConvGeom& s) 
         case 2: return grad_weight_taps<T, 2>(gy, x, gw, s);
         case 3: return grad_weight_taps<T, 3>(gy, x, gw, s);
         case 4: return grad_weight_taps<T, 4>(gy, x, gw, s);
-        case 5: return grad_weight_taps<T, 5>(gy, x, gw, s);
-        case 6: return grad_weight_taps<T, 6>(gy, x, gw, s);
-        default: return grad_weight_taps<T, 7>(gy, x, gw, s);
+        default: return grad_weight_taps<T, 5>(gy, x, gw, s);
     }
 }

@@ -297,16 +297,18 @@ def test_winograd_weight_gradient_hands_non_finite_data_to_im2col(rng, where):
         assert_close(got[finite], ref[finite], np.float64, f"{algo}: finite entries")
 
 
-# auto's grad weight for filters of few taps (C*R*S < 32, column stride 1):
-# LeNet's first layer (rows of a vector and a partial one), three channels
-# at row stride 2 with rows of exactly one float32 AVX-512 vector and fewer
-# filters than a block, rows shorter than a vector, one column of taps with
-# dilated rows, seven dilated column taps, and a batch in two L2 chunks.
+# auto's grad weight for filters of few taps (C*R*S <= 112, up to 5 a row,
+# column stride 1): LeNet's first layer (rows of a vector and a partial
+# one), three channels at row stride 2 with rows of exactly one float32
+# AVX-512 vector and fewer filters than a block, rows shorter than a vector,
+# one column of taps with dilated rows, five dilated column taps, four
+# channels of 5x5 (100 taps), and a batch in two L2 chunks.
 TAPS_GW = [((3, 1, 28, 28), (32, 1, 5, 5), dict(padding=2)),
            ((2, 3, 9, 16), (5, 3, 3, 3), dict(padding=1, stride=(2, 1))),
            ((1, 1, 6, 5), (3, 1, 2, 2), {}),
            ((2, 2, 12, 40), (7, 2, 3, 1), dict(padding=(1, 0), dilation=(2, 1))),
-           ((1, 1, 20, 20), (4, 1, 3, 7), dict(padding=(1, 3), dilation=(1, 2))),
+           ((1, 1, 20, 20), (4, 1, 3, 5), dict(padding=(1, 4), dilation=(1, 2))),
+           ((2, 4, 10, 19), (6, 4, 5, 5), dict(padding=2)),
            ((70, 1, 28, 28), (8, 1, 5, 5), dict(padding=2))]
 
 
