@@ -13,13 +13,13 @@
 // sum takes 36, 2.25x fewer on maps of even size. The transforms only add,
 // subtract and halve.
 //
-// Both transforms run on NHWC data with the channels in vector lanes, so
-// V[xi] (tiles x C) and GY[xi] (tiles x K) come out in the row-major layouts
-// the GEMM packs with contiguous copies. From NCHW each image is transposed
-// first. The batch goes in a fixed number of chunks of images (a function of
-// the shape only), each summed serially into its own partial of the 16
-// products, the partials then added in order: the same bits for any thread
-// count.
+// Both transforms run on NHWC data with the channels in vector lanes: V[xi]
+// goes straight into the micro-kernel's packed B layout, GY[xi] into rows
+// (tiles x K) whose MR consecutive filters the micro-kernel reads in place as
+// its A panel. From NCHW each image is transposed first. The batch goes in a
+// fixed number of chunks of images (a function of the shape only), each
+// summed serially into its own partial of the 16 products, the partials then
+// added in order: the same bits for any thread count.
 
 // Where it runs: channels a multiple of the vector width (no scalar tails
 // in the transforms).
@@ -82,7 +82,7 @@ struct GradWeightWinogradLayout {
     static constexpr idx kPad = 16;  // between the 16 planes, so their streams do not share cache sets
     idx tH, tW, tpi;                 // 2x2 tiles per column, row and image
     idx Hx, Wx, Hg, Wg;              // padded NHWC input (tile (th, tw) reads rows 2th.., columns 2tw..) and gy
-    idx chunks, imgs;                // chunks of the batch, images in the largest
+    idx chunks, stage;               // chunks of the batch; images staged (copied) at a time
     idx tb;                          // tiles per block: the GEMMs' reduction, one KC slab
     idx x_elems, g_elems, t_elems;   // per image: padded input, padded gy, the NCHW transpose's scratch
     idx vs, gs;                      // plane strides of V (packed B: C/NR panels of tb x NR) and GY (tb x K)
@@ -101,16 +101,20 @@ struct GradWeightWinogradLayout {
         msize = 16 * s.K * s.C;
         const idx by_memory = kPartialBytes / imax(1, (msize + kPad) * static_cast<idx>(sizeof(T)));
         chunks = imax(1, imin(imin(imin(s.N, kMaxChunks), s.N * tpi / kMinChunkTiles), by_memory));
-        imgs = (s.N + chunks - 1) / chunks;
+        const idx imgs = (s.N + chunks - 1) / chunks;
         // the B panel (tb x NR) stays in L1 while the K/MR row panels stream
-        // past it: the packed GEMM's L1 rule for KC
-        tb = imax(1, imin(gemm_dims<T>().kc, imgs * tpi));
+        // past it: the packed GEMM's L1 rule for KC. A chunk's images are
+        // staged a few at a time, as many as one block of tiles needs (small
+        // maps side by side), so the copies stay a block's worth, not a chunk's.
+        const idx kc = gemm_dims<T>().kc;
+        stage = imax(1, imin(imgs, (kc + tpi - 1) / imax(1, tpi)));
+        tb = imax(1, imin(kc, stage * tpi));
         x_elems = (Hx * Wx * s.C + 15) / 16 * 16;
         g_elems = (Hg * Wg * s.K + 15) / 16 * 16;
         t_elems = nchw ? (imax(s.C * s.H * s.W, s.K * s.Ho * s.Wo) + 15) / 16 * 16 : 0;
         vs = (s.C + NR - 1) / NR * NR * tb + kPad;
         gs = tb * s.K + kPad;
-        scratch = imgs * (x_elems + g_elems) + t_elems + 16 * (vs + gs);
+        scratch = stage * (x_elems + g_elems) + t_elems + 16 * (vs + gs);
     }
 };
 
@@ -225,34 +229,38 @@ bool conv2d_grad_weight_winograd(const T* gy, const T* x, T* gw, const ConvGeom&
     // inner: the chunk's work split over the threads, block by block (each
     // tile of a product still summed over the blocks in order)
     auto run_chunk = [&](idx j, T* sc, bool inner) {
-        const idx n0 = j * s.N / lay.chunks, n1 = (j + 1) * s.N / lay.chunks, tiles = (n1 - n0) * lay.tpi;
+        const idx n0 = j * s.N / lay.chunks, n1 = (j + 1) * s.N / lay.chunks;
         const int team = inner ? nt : 1;
         T* xp = sc;
-        T* gp = xp + lay.imgs * lay.x_elems;
-        T* tmp = gp + lay.imgs * lay.g_elems;
+        T* gp = xp + lay.stage * lay.x_elems;
+        T* tmp = gp + lay.stage * lay.g_elems;
         T* V = tmp + lay.t_elems;
         T* GY = V + 16 * lay.vs;
         T* Mx = part + j * mstride;
-        for (idx n = n0; n < n1; ++n)
-            winograd_gw_stage_image(x + n * HWx, gy + n * HWg, s, lay, nchw, tmp, xp + (n - n0) * lay.x_elems,
-                                    gp + (n - n0) * lay.g_elems);
-        if (tiles == 0)
+        if (n0 == n1)
             for (idx i = 0; i < lay.msize; ++i) Mx[i] = T(0);
-        for (idx t0 = 0; t0 < tiles; t0 += lay.tb) {
-            const idx t1 = imin(tiles, t0 + lay.tb), kc = t1 - t0;
+        for (idx ns = n0; ns < n1; ns += lay.stage) {
+            const idx ne = imin(n1, ns + lay.stage), tiles = (ne - ns) * lay.tpi;
+            for (idx n = ns; n < ne; ++n)
+                winograd_gw_stage_image(x + n * HWx, gy + n * HWg, s, lay, nchw, tmp, xp + (n - ns) * lay.x_elems,
+                                        gp + (n - ns) * lay.g_elems);
+            for (idx t0 = 0; t0 < tiles; t0 += lay.tb) {
+                const idx t1 = imin(tiles, t0 + lay.tb), kc = t1 - t0;
+                const bool acc = ns > n0 || t0 > 0;
 #pragma omp parallel for num_threads(team) if (inner) schedule(static)
-            for (int q = 0; q < team; ++q)
-                winograd_gw_transform(xp, gp, s, lay, t0 + q * kc / team, t0 + (q + 1) * kc / team, t0, V, GY);
-            // Mx[xi] (K x C) (+)= GY[xi]^T (K x tiles) V[xi] (tiles x C)
+                for (int q = 0; q < team; ++q)
+                    winograd_gw_transform(xp, gp, s, lay, t0 + q * kc / team, t0 + (q + 1) * kc / team, t0, V, GY);
+                // Mx[xi] (K x C) (+)= GY[xi]^T (K x tiles) V[xi] (tiles x C)
 #pragma omp parallel for collapse(2) num_threads(team) if (inner) schedule(static)
-            for (idx xi = 0; xi < 16; ++xi)
-                for (idx jp = 0; jp < cpanels; ++jp) {
-                    const T* bp = V + xi * lay.vs + jp * NR * lay.tb;
-                    T* m = Mx + xi * K * C + jp * NR;
-                    for (idx ip = 0; ip < kpanels; ++ip)
-                        gemm_micro_strided(kc, GY + xi * lay.gs + ip * MR, K, bp, m + ip * MR * C, C,
-                                           imin(MR, K - ip * MR), imin(NR, C - jp * NR), t0 > 0);
-                }
+                for (idx xi = 0; xi < 16; ++xi)
+                    for (idx jp = 0; jp < cpanels; ++jp) {
+                        const T* bp = V + xi * lay.vs + jp * NR * lay.tb;
+                        T* m = Mx + xi * K * C + jp * NR;
+                        for (idx ip = 0; ip < kpanels; ++ip)
+                            gemm_micro_strided(kc, GY + xi * lay.gs + ip * MR, K, bp, m + ip * MR * C, C,
+                                               imin(MR, K - ip * MR), imin(NR, C - jp * NR), acc);
+                    }
+            }
         }
     };
     if (outer) {

@@ -240,12 +240,14 @@ def test_weight_gradient_as_implicit_gemm(layout, dtype, rng):
 # past the last row and column), padding 0 and 2, channels filling part of a
 # register panel (48 of 32 + 32) and filters not a multiple of its rows (80,
 # 20), a batch in chunks of unequal image counts, a chunk of more tiles than
-# one block, and channels not a multiple of the vector width (im2col then).
+# one block, a chunk staged one image at a time, and channels not a multiple
+# of the vector width (im2col then).
 WINOGRAD_GW = [((3, 32, 9, 11), (48, 32, 3, 3), dict(padding=1)),
                ((2, 48, 8, 8), (80, 48, 3, 3), {}),
                ((1, 16, 12, 7), (16, 16, 3, 3), dict(padding=2)),
                ((5, 16, 16, 16), (20, 16, 3, 3), dict(padding=1)),
                ((2, 16, 40, 40), (16, 16, 3, 3), dict(padding=1)),
+               ((9, 16, 32, 32), (16, 16, 3, 3), dict(padding=1)),
                ((2, 12, 9, 9), (8, 12, 3, 3), dict(padding=1))]
 
 
