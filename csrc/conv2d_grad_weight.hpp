@@ -128,6 +128,16 @@ void pad_nhwc_images(const T* src, const ConvGeom& s, idx m, idx Hp, idx Wp, T* 
     }
 }
 
+// The N*C planes of NCHW x into xpad, each Hp x Wp with s's top and left
+// padding and zeros elsewhere
+template <class T>
+void pad_nchw_planes(const T* x, const ConvGeom& s, idx Hp, idx Wp, T* xpad) {
+    const idx plane = Hp * Wp;
+#pragma omp parallel for num_threads(threads_for(s.N * s.C / 8 + 1)) schedule(static)
+    for (idx t = 0; t < s.N * s.C; ++t)
+        copy_padded_plane<false>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * plane, Hp, Wp, plane);
+}
+
 // gw (K, C, R, S) of a one-group conv; x and gy NHWC, or NCHW with `nchw`.
 template <class T>
 void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw) {

@@ -71,9 +71,7 @@ void grad_weight_taps(const T* gy, const T* x, T* gw, const ConvGeom& s) {
     const idx chunk = imax(1, imin(s.N, cache_sizes().l2 / 2 / imax(1, per_image)));
     T* xpad = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * plane + 16) * sizeof(T), 0));
     V* store = static_cast<V*>(workspace(static_cast<std::size_t>(tasks * s.R * KB * S) * sizeof(V), 1));
-#pragma omp parallel for num_threads(threads_for(s.N * s.C / 8 + 1)) schedule(static)
-    for (idx t = 0; t < s.N * s.C; ++t)
-        copy_padded_plane<false>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * plane, Hp, Wp, plane);
+    pad_nchw_planes(x, s, Hp, Wp, xpad);
 #pragma omp parallel for num_threads(threads_for(tasks)) schedule(dynamic, 1)
     for (idx t = 0; t < tasks; ++t) {
         const idx c = t / kblocks, k0 = (t % kblocks) * KB, live = imin(KB, s.K - k0);

@@ -232,9 +232,7 @@ void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp) {
     idx Hp, Wp;
     padded_extent(s, Hp, Wp);
     const idx plane = Hp * Wp, P = s.Ho * s.Wo, cols = s.N * P, RS = s.R * s.S, CRS = s.C * RS;
-#pragma omp parallel for num_threads(threads_for(s.N * s.C / 8 + 1)) schedule(static)
-    for (idx t = 0; t < s.N * s.C; ++t)
-        copy_padded_plane<false>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * plane, Hp, Wp, plane);
+    pad_nchw_planes(x, s, Hp, Wp, xpad);
     for (idx p = 0; p < cols; ++p) {
         const idx n = p / P, ho = (p % P) / s.Wo, wo = p % s.Wo;
         poff[p] = n * s.C * plane + ho * s.sh * Wp + wo * s.sw;

@@ -112,14 +112,15 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
         for (idx k = 0; k < kc; ++k) std::memcpy(Bp + k * NR, B + k * rsb, NR * sizeof(T));
         return;
     }
-    if (rsb == 1) {  // transposed B (grad weight's col^T, linear's weights): contiguous reads down each column,
+    if (rsb == 1) {  // transposed B (grad weight's col^T, linear's weights)
         constexpr idx L = GemmBlocking<T>::L;
         if (cols == NR && kc % L == 0) {  // whole L x L tiles through registers
             for (idx k0 = 0; k0 < kc; k0 += L)
                 for (idx j0 = 0; j0 < NR; j0 += L) transpose_tile(B + j0 * csb + k0, csb, Bp + k0 * NR + j0, idx(NR));
             return;
         }
-        // in k blocks whose part of the panel (64 x NR) stays in L1 across the columns
+        // else contiguous reads down each column, in k blocks whose part of
+        // the panel (64 x NR) stays in L1 across the columns
         for (idx k0 = 0; k0 < kc; k0 += 64) {
             const idx k1 = imin(kc, k0 + 64);
             for (idx j = 0; j < cols; ++j)
