@@ -637,19 +637,39 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
     return y
 
 
-def relu_backward(grad_output, input, *, backend: Optional[str] = None):
-    """grad_output where input > 0 (or is NaN), else 0."""
+def relu_backward(grad_output, input, inplace: bool = False, *, backend: Optional[str] = None):
+    """grad_output where input > 0 (or is NaN), else 0. With inplace=True the
+    result is written into `grad_output` (a writeable float32/float64 array
+    of input's dtype) and `grad_output` is returned: a gradient nothing else
+    holds need not be copied."""
     (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)],
                                       contiguous=False)
     if gy.shape != x.shape:
         raise ValueError(f"relu_backward: grad_output shape {gy.shape} differs from input shape {x.shape}")
     impl = _backends.select(device, backend, "relu_backward")
-    order = layout.dense_order(x) if x.dtype == dtype and gy.dtype == dtype else None
+    if inplace:
+        xp = _xp(device)
+        if xp is None or not isinstance(grad_output, xp.ndarray) or not grad_output.flags.writeable:
+            raise ValueError("relu_backward: inplace=True needs grad_output to be a writeable NumPy or CuPy array")
+    same = x.dtype == dtype and gy.dtype == dtype
+    if (inplace and same and gy is grad_output and hasattr(impl, "relu_backward_inplace")
+            and gy.flags.c_contiguous and x.flags.c_contiguous):
+        impl.relu_backward_inplace(gy, x)
+        return grad_output
+    order = layout.dense_order(x) if same else None
     if order is not None and layout.dense_order(gy) == order:  # both in one dense layout: as they lie
-        return impl.relu_backward(gy.transpose(order), x.transpose(order)).transpose(layout.inverse(order))
-    if device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(x, dtype)):
-        return _elementwise_blocks(impl.relu_backward, np.empty(x.shape, dtype), dtype, gy, x)
-    return impl.relu_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype))
+        if inplace and gy is grad_output and hasattr(impl, "relu_backward_inplace"):
+            impl.relu_backward_inplace(gy.transpose(order), x.transpose(order))
+            return grad_output
+        gx = impl.relu_backward(gy.transpose(order), x.transpose(order)).transpose(layout.inverse(order))
+    elif device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(x, dtype)):
+        gx = _elementwise_blocks(impl.relu_backward, np.empty(x.shape, dtype), dtype, gy, x)
+    else:
+        gx = impl.relu_backward(_contiguous(gy, device, dtype), _contiguous(x, device, dtype))
+    if inplace:
+        grad_output[...] = gx
+        return grad_output
+    return gx
 
 
 def linear(input, weight, bias=None, *, backend: Optional[str] = None):

@@ -228,6 +228,56 @@ py::array relu_backward(const py::array& gy, const py::array& x) {
     return relu_backward_t<double>(gy, x);
 }
 
+// relu's gradient written over grad_output itself (each element is read
+// before it is written): no fresh array, whose first touch costs as much
+// as the pass
+void relu_backward_inplace(py::array& gy, const py::array& x) {
+    const DType dt = dtype_of(x, "x");
+    require(x, "x", dt, x.size());
+    require(gy, "grad_output", dt, x.size());
+    if (!gy.writeable()) throw py::value_error("grad_output: read-only");
+    const idx n = x.size();
+    if (dt == DType::f32) {
+        float* g = mptr<float>(gy);
+        const float* xp = cptr<float>(x);
+        kernel_region([&] { ops<float>().relu_backward(g, xp, g, n); });
+    } else {
+        double* g = mptr<double>(gy);
+        const double* xp = cptr<double>(x);
+        kernel_region([&] { ops<double>().relu_backward(g, xp, g, n); });
+    }
+}
+
+// One SGD step in place (sgd_update): param, grad and momentum_buffer (None
+// without momentum) C-contiguous, of one dtype and size.
+void sgd_update(py::array& param, const py::array& grad, py::object buf, double lr, double momentum,
+                double dampening, double weight_decay, bool nesterov, bool first) {
+    const DType dt = dtype_of(param, "param");
+    const idx n = param.size();
+    require(param, "param", dt, n);
+    require(grad, "grad", dt, n);
+    if (!param.writeable()) throw py::value_error("param: read-only");
+    py::array b;
+    if (momentum != 0.0) {
+        if (buf.is_none()) throw py::value_error("sgd_update: momentum needs a momentum_buffer");
+        b = buf.cast<py::array>();
+        require(b, "momentum_buffer", dt, n);
+        if (!b.writeable()) throw py::value_error("momentum_buffer: read-only");
+    }
+    const convkern::SgdStep h{lr, momentum, dampening, weight_decay, nesterov, first};
+    if (dt == DType::f32) {
+        float* bp = momentum != 0.0 ? mptr<float>(b) : nullptr;
+        float* pp = mptr<float>(param);
+        const float* gp = cptr<float>(grad);
+        kernel_region([&] { ops<float>().sgd_update(pp, gp, bp, n, h); });
+    } else {
+        double* bp = momentum != 0.0 ? mptr<double>(b) : nullptr;
+        double* pp = mptr<double>(param);
+        const double* gp = cptr<double>(grad);
+        kernel_region([&] { ops<double>().sgd_update(pp, gp, bp, n, h); });
+    }
+}
+
 template <class T>
 py::array gemm_t(const py::array& a, const py::array& b) {
     if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0))
@@ -394,6 +444,9 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("relu_forward", &relu_forward, py::arg("x"));
     m.def("relu_forward_inplace", &relu_forward_inplace, py::arg("x"));
     m.def("relu_backward", &relu_backward, py::arg("grad_output"), py::arg("x"));
+    m.def("relu_backward_inplace", &relu_backward_inplace, py::arg("grad_output"), py::arg("x"));
+    m.def("sgd_update", &sgd_update, py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("lr"),
+          py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first"));
     m.def("gemm", &gemm, py::arg("a"), py::arg("b"), "C = A @ B with the packed GEMM (2-D, C-contiguous)");
     m.def("linear_forward", &linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           "y = x @ weight.T (+ bias): x (M, K), weight (N, K), bias (N,) or None; C-contiguous");

@@ -39,6 +39,14 @@ bool conv_algo_from_name(const std::string& name, ConvAlgo& a);
 void note_conv_algo(ConvAlgo a);
 ConvAlgo last_conv_algo();
 
+// One SGD step's hyperparameters (OpTable::sgd_update): PyTorch's SGD, with
+// `first` set on a parameter's first step (its momentum buffer starts as the
+// gradient).
+struct SgdStep {
+    double lr, momentum, dampening, weight_decay;
+    bool nesterov, first;
+};
+
 template <class T>
 struct OpTable {
     typedef void (*ConvForward)(const T* x, const T* w, const T* b, T* y, const ConvGeom&);
@@ -65,6 +73,7 @@ struct OpTable {
     void (*transpose_batched)(const T* src, T* dst, idx batches, idx rows, idx cols);
     void (*relu_forward)(const T* x, T* y, idx n);
     void (*relu_backward)(const T* gy, const T* x, T* gx, idx n);
+    void (*sgd_update)(T* p, const T* g, T* buf, idx n, const SgdStep& step);
     // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); A and B by arbitrary strides.
     void (*gemm)(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb,
                  T* C, idx ldc, bool accumulate);

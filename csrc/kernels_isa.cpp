@@ -31,6 +31,7 @@ namespace {
 #include "conv2d_nhwc.hpp"
 #include "pool2d_nhwc.hpp"
 #include "relu.hpp"
+#include "sgd.hpp"
 #include "linear.hpp"
 
 // auto's GEMM algorithm: 3x3 stride-1 layers with many channels and tiles take
@@ -239,6 +240,7 @@ OpTable<T> make_table() {
     t.transpose_batched = &transpose_batched<T>;
     t.relu_forward = &relu_forward<T>;
     t.relu_backward = &relu_backward<T>;
+    t.sgd_update = &sgd_update<T>;
     t.gemm = &gemm<T>;
     t.linear_forward = &linear_forward<T>;
     t.gemm_blocking = &gemm_blocking<T>;

@@ -155,6 +155,55 @@ def test_gradients_accumulate_until_zero_grad(rng):
     assert all(p.grad is None for p in m.parameters())
 
 
+class _Keeps(nn.Module):
+    """A user's module whose backward returns an array it keeps."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, grad_output, need_input_grad=True):
+        self.kept = grad_output.copy()
+        return self.kept
+
+
+@pytest.mark.parametrize("tail", ["conv+relu", "relu", "kept"])
+def test_sequential_writes_relu_gradients_only_over_its_own_arrays(rng, tail):
+    """relu's gradient is written over arrays that a built-in module's backward
+    made, never over the caller's grad_output or an array another module holds."""
+    layers = [nn.Conv2d(2, 3, 3, padding=1, rng=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 5, rng=2)]
+    layers += {"conv+relu": [], "relu": [nn.ReLU()], "kept": [nn.ReLU(), _Keeps()]}[tail]
+    if tail == "conv+relu":
+        layers = [nn.Conv2d(2, 3, 3, padding=1, rng=1), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    x = randn(rng, (2, 2, 4, 4), np.float32)
+    y = model(x)
+    gy = randn(rng, y.shape, np.float32)
+    keep = gy.copy()
+    g1 = model.backward(gy)
+    np.testing.assert_array_equal(gy, keep)  # the caller's array is untouched
+    if tail == "kept":
+        np.testing.assert_array_equal(layers[-1].kept, keep)
+    grads1 = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+    g2 = model.backward(keep.copy())
+    np.testing.assert_array_equal(g1, g2)
+    for a, b in zip(grads1, (p.grad for p in model.parameters())):
+        np.testing.assert_array_equal(a, b)
+    # and the result is relu's gradient, checked against the layers run one by one
+    assert_close(g1, _unfused_backward(layers, x, keep), np.float32, "input gradient")
+
+
+def _unfused_backward(layers, x, gy):
+    """The same layers' input gradient, run one module at a time without reuse."""
+    h = x
+    for m in layers:
+        h = m.forward(h)
+    g = gy
+    for m in reversed(layers):
+        g = m.backward(g.copy())
+    return g
+
+
 def test_dropout_train_and_eval(rng):
     x = randn(rng, (200, 50), np.float32) + 3.0
     d = nn.Dropout(0.3, rng=1)
@@ -206,6 +255,46 @@ def _quadratic_problem(opt_factory):
 def test_optimizers_minimise(factory):
     losses = _quadratic_problem(factory)
     assert losses[-1] < 1e-3 * losses[0]
+
+
+def _sgd_reference(p, grads, lr, momentum, dampening, weight_decay, nesterov):
+    """PyTorch's SGD rule, step by step, in float64."""
+    p, buf = p.astype(np.float64), None
+    for g in grads:
+        d = g + weight_decay * p
+        if momentum:
+            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        p = p - lr * d
+    return p
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9), dict(momentum=0.9, dampening=0.3, weight_decay=1e-2),
+                                dict(momentum=0.8, nesterov=True, weight_decay=5e-3)],
+                         ids=["plain", "momentum", "dampening+decay", "nesterov+decay"])
+def test_sgd_one_pass_update_follows_the_rule(dtype, rng, kw):
+    from convkern.nn import optim
+
+    p0 = rng.standard_normal((5, 4099)).astype(dtype)  # several of the kernel's chunks, and a ragged last one
+    grads = [rng.standard_normal(p0.shape).astype(dtype) for _ in range(4)]
+    want = _sgd_reference(p0, grads, 0.05, kw.get("momentum", 0.0), kw.get("dampening", 0.0),
+                          kw.get("weight_decay", 0.0), kw.get("nesterov", False))
+    fused, numpy_path = nn.Parameter(p0.copy()), nn.Parameter(p0.copy())
+    opt_f, opt_n = nn.SGD([fused], lr=0.05, **kw), nn.SGD([numpy_path], lr=0.05, **kw)
+    assert optim._one_pass("sgd_update", fused.data, grads[0]) is not None, "the cpp one-pass update is not taken"
+    for g in grads:
+        fused.grad = g.copy()
+        numpy_path.grad = np.repeat(g, 2, axis=1)[:, ::2]  # a strided view: the NumPy expressions run
+        assert optim._one_pass("sgd_update", numpy_path.data, numpy_path.grad) is None
+        opt_f.step()
+        opt_n.step()
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    for got in (fused.data, numpy_path.data):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    if kw.get("momentum"):
+        np.testing.assert_allclose(opt_f.state[0]["momentum_buffer"], opt_n.state[0]["momentum_buffer"],
+                                   rtol=tol, atol=tol)
 
 
 def test_optimizer_argument_errors():

@@ -37,3 +37,34 @@ def test_relu_non_contiguous_and_inplace(backend, dtype, rng):
     out = convkern.relu(x, inplace=True, backend=backend)
     assert out is x
     np.testing.assert_array_equal(x, np.maximum(base, 0))
+
+
+@pytest.mark.parametrize("arrange", ["contiguous", "channels_last", "strided"])
+def test_relu_backward_inplace_writes_over_grad_output(backend, dtype, rng, arrange):
+    if convkern.backend.info(backend).device != "cpu":
+        pytest.skip("NumPy arrays only here; the GPU backends take the same path as their out-of-place kernel")
+    x = randn(rng, (3, 5, 6, 7), dtype)
+    x.flat[::4] = 0
+    x.flat[1::9] = np.nan
+    gy = randn(rng, (3, 5, 6, 7), dtype)
+    if arrange == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        gy = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    elif arrange == "strided":
+        gy = np.repeat(gy, 2, axis=3)[..., ::2]
+    want = ck.relu_backward(gy, x, backend="reference")
+    keep = gy.copy()
+    out = ck.relu_backward(gy, x, inplace=True, backend=backend)
+    assert out is gy
+    np.testing.assert_array_equal(out, want)  # a selection: exact
+    assert not np.array_equal(gy, keep), "the gradient was not written over grad_output"
+
+
+def test_relu_backward_inplace_refuses_what_it_cannot_write(rng):
+    x = randn(rng, (4, 5), np.float32)
+    gy = randn(rng, (4, 5), np.float32)
+    gy.flags.writeable = False
+    with pytest.raises(ValueError, match="relu_backward: inplace=True needs grad_output to be a writeable"):
+        ck.relu_backward(gy, x, inplace=True)
+    with pytest.raises(TypeError, match="relu_backward: grad_output must be an array"):
+        ck.relu_backward(gy.tolist(), x, inplace=True)

@@ -64,6 +64,16 @@ def relu_backward(grad_output, x):
     """grad_output where x > 0 or x is NaN, else 0."""
 
 
+def relu_backward_inplace(grad_output, x):
+    """Optional: relu_backward written over grad_output itself (writeable, C-contiguous, x's shape); returns None."""
+
+
+def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first):
+    """Optional: one SGD step (PyTorch's rule) written over param and momentum_buffer (None without
+    momentum; on the first step it is filled with the gradient), all C-contiguous, one dtype, no overlap;
+    returns None."""
+
+
 def gemm(a, b):
     """a (M, K) @ b (K, N), for the tests and the bench (not an op of OPS)."""
 
@@ -101,7 +111,8 @@ def avg_pool2d_backward_nhwc(grad_output, g: PoolGeometry, count_include_pad: bo
 CONTRACT: Dict[str, inspect.Signature] = {
     f.__name__: inspect.signature(f)
     for f in (conv2d_forward, conv2d_backward, max_pool2d_forward, max_pool2d_backward, avg_pool2d_forward,
-              avg_pool2d_backward, relu_forward, relu_forward_inplace, relu_backward, gemm, conv2d_forward_nhwc, conv2d_backward_nhwc,
+              avg_pool2d_backward, relu_forward, relu_forward_inplace, relu_backward,
+              relu_backward_inplace, sgd_update, gemm, conv2d_forward_nhwc, conv2d_backward_nhwc,
               max_pool2d_forward_nhwc, max_pool2d_backward_nhwc, avg_pool2d_forward_nhwc, avg_pool2d_backward_nhwc)
 }
 # parameters a backend may leave out (then it is never passed)

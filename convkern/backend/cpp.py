@@ -130,6 +130,17 @@ def relu_backward(grad_output, x):
     return _cpu.relu_backward(grad_output, x)
 
 
+def sgd_update(param, grad, momentum_buffer, lr: float, momentum: float, dampening: float, weight_decay: float,
+               nesterov: bool, first: bool) -> None:
+    """One SGD step over param (and momentum_buffer) in place, in one pass."""
+    _cpu.sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first)
+
+
+def relu_backward_inplace(grad_output, x) -> None:
+    """relu_backward written over grad_output (writeable, C-contiguous)."""
+    _cpu.relu_backward_inplace(grad_output, x)
+
+
 def linear_forward(x: np.ndarray, w: np.ndarray, b) -> np.ndarray:
     """x (M, K) @ w (N, K).T (+ b); C-contiguous, one dtype."""
     return _cpu.linear_forward(x, w, b)

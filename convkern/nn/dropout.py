@@ -14,6 +14,8 @@ class Dropout(Module):
     generator seeded by `rng`, drawn on the host even for GPU input (a mask is
     small next to the convolutions), so a seed gives the same masks, and the
     same training run, on every backend."""
+    grad_view = True
+
 
     def __init__(self, p: float = 0.5, *, rng: Seed = None):
         super().__init__()

@@ -25,6 +25,8 @@ def _saved(layer: Module, what: str):
 
 class Conv2d(Module):
     """Like torch.nn.Conv2d; `algo` picks the kernel (direct, im2col or auto)."""
+    fresh_grad = True
+
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: Padding = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True, *,
@@ -64,9 +66,11 @@ class Conv2d(Module):
         self._x, self._y = (x, y) if self.training else (None, None)
         return y
 
-    def backward_relu(self, grad_output, need_input_grad: bool = True):
-        """The gradient through forward_relu: relu's (from the saved output), then the conv's."""
-        return self.backward(F.relu_backward(grad_output, _saved(self, "_y")), need_input_grad)
+    def backward_relu(self, grad_output, need_input_grad: bool = True, *, reuse_grad: bool = False):
+        """The gradient through forward_relu: relu's (from the saved output),
+        then the conv's. reuse_grad=True lets relu's gradient be written over
+        grad_output (which nothing else may then hold)."""
+        return self.backward(F.relu_backward(grad_output, _saved(self, "_y"), inplace=reuse_grad), need_input_grad)
 
     def backward(self, grad_output, need_input_grad: bool = True):
         x = _saved(self, "_x")
@@ -94,6 +98,8 @@ def _accumulate(p: Parameter, g) -> None:
 
 
 class MaxPool2d(Module):
+    fresh_grad = True
+
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
                  dilation: IntPair = 1, ceil_mode: bool = False):
         super().__init__()
@@ -118,6 +124,8 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(Module):
+    fresh_grad = True
+
     def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
                  ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: Optional[int] = None):
         super().__init__()
@@ -138,6 +146,8 @@ class AvgPool2d(Module):
 
 
 class ReLU(Module):
+    fresh_grad = True
+
     def __init__(self):
         super().__init__()
         self._x = None
@@ -146,13 +156,17 @@ class ReLU(Module):
         self._x = x if self.training else None
         return F.relu(x)
 
-    def backward(self, grad_output, need_input_grad: bool = True):
+    def backward(self, grad_output, need_input_grad: bool = True, *, reuse_grad: bool = False):
+        """reuse_grad=True: the gradient is written over grad_output (which
+        nothing else may then hold)."""
         x = _saved(self, "_x")
-        return F.relu_backward(grad_output, x) if need_input_grad else None
+        return F.relu_backward(grad_output, x, inplace=reuse_grad) if need_input_grad else None
 
 
 class Flatten(Module):
     """Flattens dimensions start_dim.. into one (default: all but the batch)."""
+    grad_view = True
+
 
     def __init__(self, start_dim: int = 1):
         super().__init__()
@@ -177,6 +191,8 @@ class Linear(Module):
     linear_backward): NumPy's matmul would wake BLAS threads that spin
     against the kernels' OpenMP threads (on 2 cores that made a LeNet
     training step 3x slower)."""
+    fresh_grad = True
+
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
                  rng: Seed = None):

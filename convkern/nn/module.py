@@ -75,6 +75,12 @@ class Module:
             self._children[name] = value
         object.__setattr__(self, name, value)
 
+    # What backward returns, for Sequential's reuse of gradient arrays:
+    # fresh_grad, an array nothing else holds; grad_view, grad_output itself
+    # or a view of it (or a fresh array). Neither: unknown, never reused.
+    fresh_grad = False
+    grad_view = False
+
     # -- the work
     def forward(self, x):
         raise NotImplementedError
@@ -233,13 +239,26 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output, need_input_grad: bool = True):
+        from .layers import ReLU  # layers imports this module
+
         mods, fused = list(self), set(self._fused)
         g, i = grad_output, len(mods) - 1
+        # owned: g came from a module of this Sequential and nothing else holds
+        # it, so relu's gradient may be written over it (the caller's
+        # grad_output is never written)
+        owned = False
         while i >= 0:
             if i - 1 in fused:  # a fused conv+relu pair: the conv takes relu's gradient too
-                g = mods[i - 1].backward_relu(g, need_input_grad=need_input_grad or i - 1 > 0)
+                m, g = mods[i - 1], mods[i - 1].backward_relu(g, need_input_grad=need_input_grad or i - 1 > 0,
+                                                              reuse_grad=owned)
                 i -= 2
             else:
-                g = mods[i].backward(g, need_input_grad=need_input_grad or i > 0)
+                m = mods[i]
+                if type(m) is ReLU:
+                    g = m.backward(g, need_input_grad=need_input_grad or i > 0, reuse_grad=owned)
+                else:
+                    g = m.backward(g, need_input_grad=need_input_grad or i > 0)
                 i -= 1
+            own = vars(type(m))  # a subclass may override backward: its flags are its own to set
+            owned = own.get("fresh_grad", False) or (owned and own.get("grad_view", False))
         return g

@@ -6,7 +6,29 @@ from __future__ import annotations
 import math
 from typing import Dict, Iterable, List
 
+import numpy as np
+
+from .. import backend as _backends
 from .module import Parameter, array_module
+
+
+def _one_pass(op: str, *arrays):
+    """The CPU backend's fused update `op` where it can take these arrays
+    (NumPy, writeable, C-contiguous, one float dtype, none overlapping),
+    else None (the update then runs as NumPy expressions)."""
+    dt = arrays[0].dtype
+    if dt not in (np.float32, np.float64):
+        return None
+    for i, a in enumerate(arrays):
+        if not (isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous and a.flags.writeable):
+            return None
+        if any(np.may_share_memory(a, b) for b in arrays[:i]):
+            return None
+    try:
+        impl = _backends.select("cpu", None, "relu_forward")
+    except _backends.BackendUnavailableError:
+        return None
+    return getattr(impl, op, None)
 
 
 class Optimizer:
@@ -74,6 +96,17 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
 
     def _update(self, p, g, state):
+        buf = state.get("momentum_buffer")
+        if self.momentum and buf is None:
+            buf = np.empty_like(p.data) if isinstance(p.data, np.ndarray) else None
+        fused = _one_pass("sgd_update", p.data, g, *(() if buf is None else (buf,)))
+        if fused is not None:
+            first = self.momentum and "momentum_buffer" not in state
+            fused(p.data, g, buf if self.momentum else None, self.lr, self.momentum, self.dampening,
+                  self.weight_decay, self.nesterov, bool(first))
+            if self.momentum:
+                state["momentum_buffer"] = buf
+            return
         if self.weight_decay:
             g = g + self.weight_decay * p.data
         if self.momentum:
