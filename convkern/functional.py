@@ -433,7 +433,9 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
         return None, None, None
-    if g.N > 0 and layout.is_channels_last(x):
+    # a one-channel input is both layouts: a channels_last grad_output decides
+    # (else the whole of it would be copied to NCHW)
+    if g.N > 0 and (layout.is_channels_last(x) or (layout.is_both(x) and layout.is_channels_last(gy))):
         algo = _resolve_algo(impl, algo)
         def via_nchw():
             gx, gw, gb = conv2d_backward(layout.nchw(_native(gy, dtype)), layout.nchw(_native(x, dtype)), w, stride,

@@ -23,6 +23,13 @@ def is_channels_last(a) -> bool:
             and a.transpose(0, 2, 3, 1).flags.c_contiguous)
 
 
+def is_both(a) -> bool:
+    """A 4-D NumPy array that is NCHW and NHWC at once (one channel, or 1x1
+    planes, C-contiguous): it takes whichever layout the arrays beside it have."""
+    return (isinstance(a, np.ndarray) and a.ndim == 4 and a.flags.c_contiguous
+            and a.transpose(0, 2, 3, 1).flags.c_contiguous)
+
+
 def _transposer():
     """The C++ tiled transpose, or None where the compiled module is missing."""
     try:

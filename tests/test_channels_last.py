@@ -107,6 +107,26 @@ def test_cpp_runs_nhwc_kernels_without_transposes():
     assert layout.is_channels_last(r) and r.base is not None
 
 
+@pytest.mark.parametrize("shape, pad", [((3, 1, 12, 10), 1), ((5, 4, 1, 1), 2)], ids=["one channel", "1x1 planes"])
+def test_backward_of_an_input_in_both_layouts_follows_a_channels_last_grad_output(shape, pad):
+    """A one-channel input (or 1x1 planes) is NCHW and NHWC at once: with a
+    channels_last grad_output the channels_last path runs (no NCHW copy of
+    the gradient), with the NCHW path's answers."""
+    from convkern import functional
+
+    rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
+    x = rng.standard_normal(shape).astype(np.float32)
+    assert layout.is_both(x) and not layout.is_channels_last(x)
+    w = rng.standard_normal((6, shape[1], 3, 3)).astype(np.float32)
+    gy = rng.standard_normal(ck.conv2d(x, w, padding=pad).shape).astype(np.float32)
+    want = ck.conv2d_backward(gy, x, w, padding=pad, backend="reference")
+    functional._last_layout[0] = ""
+    got = ck.conv2d_backward(cl(gy), x, w, padding=pad, backend="cpp")
+    assert functional.last_layout() in ("nhwc", "nchw"), "the channels_last path did not run"
+    for a, b, what in zip(got, want, ("grad_input", "grad_weight", "grad_bias")):
+        np.testing.assert_allclose(a, b, err_msg=what, **tol(np.float32))
+
+
 def test_fused_relu_epilogue_matches_conv_then_relu():
     rng = np.random.default_rng(1)
     for shape, wshape, kw in [((2, 6, 9, 9), (8, 6, 3, 3), dict(padding=1)), ((2, 6, 9, 9), (6, 1, 3, 3), {}),
