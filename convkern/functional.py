@@ -653,17 +653,13 @@ def relu_backward(grad_output, input, inplace: bool = False, *, backend: Optiona
         xp = _xp(device)
         if xp is None or not isinstance(grad_output, xp.ndarray) or not grad_output.flags.writeable:
             raise ValueError("relu_backward: inplace=True needs grad_output to be a writeable NumPy or CuPy array")
-    same = x.dtype == dtype and gy.dtype == dtype
-    if (inplace and same and gy is grad_output and hasattr(impl, "relu_backward_inplace")
-            and gy.flags.c_contiguous and x.flags.c_contiguous):
-        impl.relu_backward_inplace(gy, x)
-        return grad_output
-    order = layout.dense_order(x) if same else None
-    if order is not None and layout.dense_order(gy) == order:  # both in one dense layout: as they lie
+    order = _common_order(gy, x) if x.dtype == dtype and gy.dtype == dtype else None
+    if order is not None:  # both dense in one layout: as they lie
+        gyo, xo = gy.transpose(order), x.transpose(order)
         if inplace and gy is grad_output and hasattr(impl, "relu_backward_inplace"):
-            impl.relu_backward_inplace(gy.transpose(order), x.transpose(order))
+            impl.relu_backward_inplace(gyo, xo)
             return grad_output
-        gx = impl.relu_backward(gy.transpose(order), x.transpose(order)).transpose(layout.inverse(order))
+        gx = impl.relu_backward(gyo, xo).transpose(layout.inverse(order))
     elif device == "cpu" and (strided.worth_blocking(gy, dtype) or strided.worth_blocking(x, dtype)):
         gx = _elementwise_blocks(impl.relu_backward, np.empty(x.shape, dtype), dtype, gy, x)
     else:
@@ -728,6 +724,15 @@ def linear_backward(grad_output, input, weight, *, needs=(True, True, True), bac
         gx = None if gx is None else xp.ascontiguousarray(gx.reshape(w.shape[1], rows.shape[0]).T)
         gw = None if gw is None else gw.reshape(w.shape)
     return (None if gx is None else gx.reshape(x.shape)), gw, gb
+
+
+def _common_order(a, b) -> Optional[Tuple[int, ...]]:
+    """An axis order in which both arrays are C-contiguous (the identity for
+    two C-contiguous arrays), else None."""
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return tuple(range(a.ndim))
+    order = layout.dense_order(a)
+    return order if order is not None and layout.dense_order(b) == order else None
 
 
 def _elementwise_blocks(kernel, out: np.ndarray, dtype, *inputs) -> np.ndarray:

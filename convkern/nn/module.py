@@ -249,8 +249,8 @@ class Sequential(Module):
         owned = False
         while i >= 0:
             if i - 1 in fused:  # a fused conv+relu pair: the conv takes relu's gradient too
-                m, g = mods[i - 1], mods[i - 1].backward_relu(g, need_input_grad=need_input_grad or i - 1 > 0,
-                                                              reuse_grad=owned)
+                m = mods[i - 1]
+                g = m.backward_relu(g, need_input_grad=need_input_grad or i - 1 > 0, reuse_grad=owned)
                 i -= 2
             else:
                 m = mods[i]

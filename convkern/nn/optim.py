@@ -25,7 +25,7 @@ def _one_pass(op: str, *arrays):
         if any(np.may_share_memory(a, b) for b in arrays[:i]):
             return None
     try:
-        impl = _backends.select("cpu", None, "relu_forward")
+        impl = _backends.select("cpu")  # the backend in use: use_backend("numba") has no fused update
     except _backends.BackendUnavailableError:
         return None
     return getattr(impl, op, None)
@@ -97,13 +97,12 @@ class SGD(Optimizer):
 
     def _update(self, p, g, state):
         buf = state.get("momentum_buffer")
-        if self.momentum and buf is None:
-            buf = np.empty_like(p.data) if isinstance(p.data, np.ndarray) else None
+        first = bool(self.momentum) and buf is None
+        if first and isinstance(p.data, np.ndarray):
+            buf = np.empty_like(p.data)  # filled by the first step
         fused = _one_pass("sgd_update", p.data, g, *(() if buf is None else (buf,)))
         if fused is not None:
-            first = self.momentum and "momentum_buffer" not in state
-            fused(p.data, g, buf if self.momentum else None, self.lr, self.momentum, self.dampening,
-                  self.weight_decay, self.nesterov, bool(first))
+            fused(p.data, g, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov, first)
             if self.momentum:
                 state["momentum_buffer"] = buf
             return
