@@ -238,6 +238,47 @@ inline void gemm_micro_indirect(idx kc, const T* const* rows, const idx* __restr
     store_tile<T, MR, NV>(c, C, ldc, MR, nr, accumulate);
 }
 
+// Half an MR-row panel across two NR-column panels (MR/2 x 2*NR, the two
+// panels' packed B read side by side), A read in place as in
+// gemm_micro_indirect: per k, MR/2 broadcasts feed as many FMAs as MR do in
+// the MR x NR tile, so A (an NHWC conv's patches, streaming from memory)
+// is read at half the rate. Only where 2*NR columns of accumulators fit
+// beside the B vectors (32 vector registers).
+template <class T>
+constexpr bool kIndirectWide = GemmBlocking<T>::MR == 12 && GemmBlocking<T>::NR == 2 * GemmBlocking<T>::L;
+
+template <class T>
+inline void gemm_micro_indirect_wide(idx kc, const T* const* rows, const idx* __restrict off,
+                                     const T* __restrict Bp0, const T* __restrict Bp1, T* C, idx ldc,
+                                     bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    typedef typename GB::V V;
+    constexpr int MH = GB::MR / 2, NR = GB::NR, L = GB::L;
+    V c[MH][4] = {};
+    const T* r[MH];
+    for (int i = 0; i < MH; ++i) r[i] = rows[i];
+    for (idx k = 0; k < kc; ++k) {
+        const V b0 = vload<V>(Bp0), b1 = vload<V>(Bp0 + L), b2 = vload<V>(Bp1), b3 = vload<V>(Bp1 + L);
+        const idx o = off[k];
+        constexpr idx kLine = 64 / sizeof(T);
+        if (k % kLine == 0 && k + 2 * kLine < kc) {
+            const idx po = off[k + 2 * kLine];
+            for (int i = 0; i < MH; ++i) __builtin_prefetch(r[i] + po, 0, 3);
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < MH; ++i) {
+            const T a = r[i][o];
+            c[i][0] += a * b0;
+            c[i][1] += a * b1;
+            c[i][2] += a * b2;
+            c[i][3] += a * b3;
+        }
+        Bp0 += NR;
+        Bp1 += NR;
+    }
+    store_tile<T, MH, 4>(c, C, ldc, MH, 2 * NR, accumulate);
+}
+
 template <class T>
 __attribute__((always_inline)) inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C,
                                                       idx ldc, idx mr, idx nr, bool accumulate) {

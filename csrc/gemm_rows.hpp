@@ -86,6 +86,11 @@ void gemm_rows(idx M, idx N, idx K, const ASource& a_src, const T* Bp, T* C, idx
     const idx abuf = (kRowsMC * KC + 15) / 16 * 16;
     const int nthreads = threads_for(tasks);
     T* ws = static_cast<T*>(workspace(static_cast<std::size_t>(nthreads * abuf) * sizeof(T), 3));
+    // Where A is read in place, pairs of full panels (jp0 + 2i, jp0 + 2i + 1)
+    // go to the wide tile (half the A loads per FMA; gemm_micro_indirect_wide).
+    const auto paired = [&](idx j, idx jp0, idx jp1) {
+        return kIndirectWide<T> && (j - jp0) % 2 == 0 && j + 1 < jp1 && N - j * NR >= 2 * NR;
+    };
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (idx t = 0; t < tasks; ++t) {
         T* Ap = ws + omp_get_thread_num() * abuf;
@@ -106,7 +111,14 @@ void gemm_rows(idx M, idx N, idx K, const ASource& a_src, const T* Bp, T* C, idx
                 for (idx ip = 0; ip < mpanels; ++ip) {
                     T* Ct = C + (i0 + ip * MR) * ldc + jp * NR;
                     const idx nr = imin(NR, N - jp * NR);
-                    if (!direct[ip]) {
+                    if (direct[ip] && paired(jp, jp0, jp1)) {
+                        for (int h = 0; h < 2; ++h)
+                            gemm_micro_indirect_wide<T>(kc, rows_of[ip] + h * (MR / 2), off, Bblk + jp * NR * kc,
+                                                        Bblk + (jp + 1) * NR * kc, Ct + h * (MR / 2) * ldc, ldc,
+                                                        pc > 0);
+                    } else if (direct[ip] && jp > jp0 && paired(jp - 1, jp0, jp1)) {
+                        continue;  // done with the panel before it
+                    } else if (!direct[ip]) {
                         gemm_micro(kc, Ap + ip * MR * kc, Bblk + jp * NR * kc, Ct, ldc, imin(MR, mc - ip * MR), nr,
                                    pc > 0);
                     } else if (nr <= GB::L) {

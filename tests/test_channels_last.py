@@ -93,6 +93,47 @@ def test_stride1_grad_input_as_the_flipped_forward(dtype):
                                    err_msg=f"{R}x{S} pad ({ph}, {pw}) {H}x{W} C={C} K={K}")
 
 
+WIDE_TILES = [  # x shape, w shape, padding; no 3x3, which goes to NCHW Winograd
+    ((2, 24, 15, 11), (64, 24, 3, 2), 1),  # one pair; 360 rows, so no split of the columns
+    ((1, 48, 5, 5), (96, 48, 3, 2), 1),    # few rows: the columns split between threads, a chunk
+                                           # starting at an odd panel; 288-long rows (two K blocks)
+    ((2, 16, 15, 11), (80, 16, 5, 5), 2),  # a pair, then a part panel alone
+    ((3, 32, 9, 11), (160, 32, 1, 1), 0),  # pairs after pairs; a row block ends in a short panel
+]
+
+
+@pytest.mark.parametrize("xs, ws, pad", WIDE_TILES)
+def test_nhwc_conv_pairs_of_column_panels(dtype, xs, ws, pad):
+    """The NHWC forward's GEMM reads the patches in place and takes two
+    column panels at a time where both are full: every pairing against the
+    float64 reference, on 2 threads (where the shapes' comments hold) and 1."""
+    from convkern import functional
+
+    rng = np.random.default_rng(zlib.crc32(repr((xs, ws)).encode()))
+    x = rng.standard_normal(xs).astype(dtype)
+    w = (rng.standard_normal(ws) / np.sqrt(ws[1] * ws[2] * ws[3])).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    want = ck.conv2d(x, w, b, padding=pad, backend="reference")
+    for threads in (2, 1):
+        ck.set_num_threads(threads)
+        try:
+            got = ck.conv2d(cl(x), w, b, padding=pad, backend="cpp")
+        finally:
+            ck.set_num_threads(0)
+        assert functional.last_layout() == "nhwc" and layout.is_channels_last(got)
+        np.testing.assert_allclose(got, want, err_msg=f"{threads} threads", **tol(dtype))
+
+
+def test_weights_in_place_gemm_pairs_of_column_panels(dtype):
+    """A small map's conv reading the weights in place (as many filters as
+    the batch has pixels) pairs its column panels too."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(dtype)
+    w = rng.standard_normal((128, 4, 3, 3)).astype(dtype)
+    want = ck.conv2d(x, w, padding=1, backend="reference")
+    np.testing.assert_allclose(ck.conv2d(x, w, padding=1, algo="im2col", backend="cpp"), want, **tol(dtype))
+
+
 def test_cpp_runs_nhwc_kernels_without_transposes():
     rng = np.random.default_rng(0)
     x = cl(rng.standard_normal((2, 8, 10, 10)).astype(np.float32))
