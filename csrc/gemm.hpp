@@ -203,6 +203,19 @@ __attribute__((always_inline)) inline void gemm_micro_t(idx kc, const T* __restr
     store_tile<T, RT, NV>(c, C, ldc, mr, nr, accumulate);
 }
 
+// Rows read in place stream from memory at once, more than the hardware
+// prefetchers follow: at each cache line's start, ask for each row's line
+// two lines ahead.
+template <class T, int RT>
+__attribute__((always_inline)) inline void prefetch_rows_ahead(const T* const (&r)[RT], const idx* off, idx k,
+                                                               idx kc) {
+    constexpr idx kLine = 64 / sizeof(T);
+    if (k % kLine == 0 && k + 2 * kLine < kc) {
+        const idx po = off[k + 2 * kLine];
+        for (int i = 0; i < RT; ++i) __builtin_prefetch(r[i] + po, 0, 3);
+    }
+}
+
 // The indirect form (an implicit GEMM): row i of A is read at rows[i] +
 // off[k] instead of from a packed panel, so a conv's input patches need no
 // copy (the offsets walk an NHWC patch). RT = MR: only whole row panels.
@@ -220,13 +233,7 @@ inline void gemm_micro_indirect(idx kc, const T* const* rows, const idx* __restr
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) b[v] = vload<V>(Bp + v * L);
         const idx o = off[k];
-        // MR rows stream from memory at once, more than the hardware
-        // prefetchers follow: ask for each row's cache line two lines ahead
-        constexpr idx kLine = 64 / sizeof(T);
-        if (k % kLine == 0 && k + 2 * kLine < kc) {
-            const idx po = off[k + 2 * kLine];
-            for (int i = 0; i < MR; ++i) __builtin_prefetch(r[i] + po, 0, 3);
-        }
+        prefetch_rows_ahead<T, MR>(r, off, k, kc);
 #pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) {
             const T a = r[i][o];
@@ -260,11 +267,7 @@ inline void gemm_micro_indirect_wide(idx kc, const T* const* rows, const idx* __
     for (idx k = 0; k < kc; ++k) {
         const V b0 = vload<V>(Bp0), b1 = vload<V>(Bp0 + L), b2 = vload<V>(Bp1), b3 = vload<V>(Bp1 + L);
         const idx o = off[k];
-        constexpr idx kLine = 64 / sizeof(T);
-        if (k % kLine == 0 && k + 2 * kLine < kc) {
-            const idx po = off[k + 2 * kLine];
-            for (int i = 0; i < MH; ++i) __builtin_prefetch(r[i] + po, 0, 3);
-        }
+        prefetch_rows_ahead<T, MH>(r, off, k, kc);
 #pragma GCC unroll 6
         for (int i = 0; i < MH; ++i) {
             const T a = r[i][o];
