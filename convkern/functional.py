@@ -300,7 +300,8 @@ def _direct_skips_padding(impl, g: ConvGeometry) -> bool:
 
 
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
-           groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None):
+           groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None,
+           memory_format: Optional[str] = None):
     """2-D cross-correlation, like ``torch.nn.functional.conv2d``.
 
     input (N, C, H, W) or (C, H, W); weight (K, C/groups, R, S); bias (K,) or None.
@@ -314,12 +315,17 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     (F(2x2, 3x3)) and "winograd4" (F(4x4, 3x3), float32 error a few times
     the others'); on cuda "implicit". A named algorithm that cannot run this
     problem raises ValueError saying why.
+    memory_format: None (the output takes the input's layout) or
+    "channels_last": the output is channels_last whatever the input's (an
+    NCHW input is converted first; a one-channel input, both layouts at
+    once, is not), as PyTorch does for a conv whose weight is channels_last.
     """
-    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, False)
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, False, memory_format)
 
 
 def conv2d_relu(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
-                groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None):
+                groups: int = 1, *, algo: str = "auto", backend: Optional[str] = None,
+                memory_format: Optional[str] = None):
     """``relu(conv2d(...))`` in one call, with :func:`conv2d`'s arguments.
 
     On cpp, the channels_last kernels apply relu to each output tile as they
@@ -329,7 +335,7 @@ def conv2d_relu(input, weight, bias=None, stride: IntPair = 1, padding: Padding 
     result equals ``relu(conv2d(...))`` bit for bit (NaN stays NaN, as in
     PyTorch). Its gradient is :func:`conv2d_relu_backward`.
     """
-    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, True)
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, True, memory_format)
 
 
 def conv2d_relu_backward(grad_output, input, weight, output, stride: IntPair = 1, padding: Padding = 0,
@@ -368,26 +374,32 @@ def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool):
     return impl.conv2d_forward_nhwc(x, w, b, g), False
 
 
-def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool):
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool,
+            memory_format: Optional[str] = None):
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)],
                                         contiguous=False)
+    if memory_format not in (None, "channels_last"):
+        raise ValueError(f"conv2d: memory_format must be None or 'channels_last', got {memory_format!r}")
+    to_cl = memory_format == "channels_last"
+    if to_cl and (x.ndim != 4 or not isinstance(x, np.ndarray)):
+        raise ValueError(f"conv2d: memory_format='channels_last' needs a batched (N, C, H, W) NumPy input, "
+                         f"got shape {tuple(x.shape)}")
     w, b = _contiguous(w, device, dtype), None if b is None else _contiguous(b, device, dtype)
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
     algo = _resolve_algo(impl, algo)
     if g.N == 0:
-        return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
-    if layout.is_channels_last(x):
+        y = _zeros(device, g.output_shape, dtype)
+        return layout.to_channels_last(y) if to_cl else _unbatch(y, g.unbatched)
+    if layout.is_channels_last(x) or to_cl:
         def via_nchw():
             return layout.to_channels_last(_conv2d(layout.nchw(_native(x, dtype)), w, b, stride, padding, dilation,
                                                    groups, algo, backend, fuse_relu))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
-            xn = layout.nhwc(_native(x, dtype))
-
-            def native():
-                y, done = _forward_nhwc(impl, xn, w, b, g, fuse_relu)
+            def native():  # (an NCHW input asked to give channels_last is transposed here)
+                y, done = _forward_nhwc(impl, layout.nhwc(_native(x, dtype)), w, b, g, fuse_relu)
                 return _finish_relu(layout.from_nhwc(y), fuse_relu, done, backend)
 
             if _layout_choice(impl, "forward", g, dtype, None, native, via_nchw) == "nhwc":

@@ -134,6 +134,30 @@ def test_weights_in_place_gemm_pairs_of_column_panels(dtype):
     np.testing.assert_allclose(ck.conv2d(x, w, padding=1, algo="im2col", backend="cpp"), want, **tol(dtype))
 
 
+@pytest.mark.parametrize("xs, relu", [((2, 3, 9, 11), False), ((3, 1, 12, 10), True), ((2, 6, 7, 7), True)],
+                         ids=["NCHW input", "one channel, relu", "channels_last input, relu"])
+def test_conv2d_memory_format_channels_last(xs, relu):
+    rng = np.random.default_rng(zlib.crc32(repr(xs).encode()))
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal((5, xs[1], 3, 2)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    want = ck.conv2d(x, w, b, padding=1, backend="reference")
+    if relu:
+        want = np.maximum(want, 0)
+    if xs[1] == 6:
+        x = cl(x)
+    keep = x.copy()
+    conv = ck.conv2d_relu if relu else ck.conv2d
+    got = conv(x, w, b, padding=1, memory_format="channels_last")
+    assert layout.is_channels_last(got)
+    np.testing.assert_allclose(got, want, **tol(np.float32))
+    np.testing.assert_array_equal(x, keep)
+    with pytest.raises(ValueError, match="conv2d: memory_format must be None or 'channels_last', got 'nhwc'"):
+        ck.conv2d(x, w, memory_format="nhwc")
+    with pytest.raises(ValueError, match=r"memory_format='channels_last' needs a batched .* got shape \(3, 9, 11\)"):
+        ck.conv2d(np.zeros((3, 9, 11), np.float32), w[:, :3], memory_format="channels_last")
+
+
 def test_cpp_runs_nhwc_kernels_without_transposes():
     rng = np.random.default_rng(0)
     x = cl(rng.standard_normal((2, 8, 10, 10)).astype(np.float32))

@@ -204,6 +204,37 @@ def _unfused_backward(layers, x, gy):
     return g
 
 
+def test_channels_last_model_trains_as_the_nchw_one():
+    """model.to(memory_format="channels_last"): the convs give channels_last
+    outputs (the layers after them run on that layout), with the same losses,
+    gradients and steps as the NCHW model; "contiguous" undoes it."""
+    from convkern import layout
+
+    x, y = nn_cases.data(np.float32)
+    state = nn_cases.convkern_model(np.float32).state_dict()
+    models = [nn_cases.convkern_model(np.float32) for _ in range(2)]
+    for m in models:
+        m.load_state_dict(state)
+    assert models[1].to(memory_format="channels_last") is models[1]
+    assert layout.is_channels_last(models[1][0](x)) and not layout.is_channels_last(models[0][0](x))
+    opts = [nn.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip(models, opts):
+            crit = nn.CrossEntropyLoss()
+            opt.zero_grad()
+            losses.append(crit(m(x), y))
+            m.backward(crit.backward(), need_input_grad=False)
+            opt.step()
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+    models[1].to(memory_format="contiguous")
+    assert not layout.is_channels_last(models[1][0](x))
+    with pytest.raises(ValueError, match="memory_format must be 'contiguous' or 'channels_last', got 'nhwc'"):
+        models[1].to(memory_format="nhwc")
+
+
 def test_dropout_train_and_eval(rng):
     x = randn(rng, (200, 50), np.float32) + 3.0
     d = nn.Dropout(0.3, rng=1)

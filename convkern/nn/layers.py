@@ -27,7 +27,6 @@ class Conv2d(Module):
     """Like torch.nn.Conv2d; `algo` picks the kernel (direct, im2col or auto)."""
     fresh_grad = True
 
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: Padding = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True, *,
                  algo: str = "auto", dtype=np.float32, rng: Seed = None):
@@ -47,22 +46,26 @@ class Conv2d(Module):
         self.weight = Parameter(kaiming_uniform((out_channels, in_channels // groups) + self.kernel_size,
                                                 fan_in, g, dt))
         self.bias = Parameter(bias_uniform(out_channels, fan_in, g, dt)) if bias else None
+        # "channels_last": outputs in that layout whatever the input's (Module.to(memory_format=...))
+        self.memory_format = None
         self._x = self._y = None
 
-    def _kw(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+    def _kw(self, x):
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                  algo=self.algo)
+        if self.memory_format is not None and isinstance(x, np.ndarray):  # (the GPU backends convert)
+            kw["memory_format"] = self.memory_format
+        return kw
 
     def forward(self, x):
-        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(),
-                     algo=self.algo)
+        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(x))
         self._x, self._y = (x if self.training else None), None
         return y
 
     def forward_relu(self, x):
         """relu(self.forward(x)) in one fused call (Sequential uses it where a
         ReLU follows); its gradient is backward_relu."""
-        y = F.conv2d_relu(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(),
-                          algo=self.algo)
+        y = F.conv2d_relu(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(x))
         self._x, self._y = (x, y) if self.training else (None, None)
         return y
 
@@ -74,7 +77,8 @@ class Conv2d(Module):
 
     def backward(self, grad_output, need_input_grad: bool = True):
         x = _saved(self, "_x")
-        gx, gw, gb = F.conv2d_backward(grad_output, x, self.weight.data, **self._kw(),
+        gx, gw, gb = F.conv2d_backward(grad_output, x, self.weight.data, stride=self.stride, padding=self.padding,
+                                       dilation=self.dilation, groups=self.groups,
                                        needs=(need_input_grad, True, self.bias is not None), algo=self.algo)
         _accumulate(self.weight, gw)
         if self.bias is not None:
@@ -167,7 +171,6 @@ class Flatten(Module):
     """Flattens dimensions start_dim.. into one (default: all but the batch)."""
     grad_view = True
 
-
     def __init__(self, start_dim: int = 1):
         super().__init__()
         self.start_dim = start_dim
@@ -192,7 +195,6 @@ class Linear(Module):
     against the kernels' OpenMP threads (on 2 cores that made a LeNet
     training step 3x slower)."""
     fresh_grad = True
-
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
                  rng: Seed = None):

@@ -123,11 +123,22 @@ class Module:
     def num_parameters(self) -> int:
         return int(sum(np.prod(p.shape) for p in self.parameters()))
 
-    def to(self, dtype=None, device: Optional[str] = None) -> "Module":
+    def to(self, dtype=None, device: Optional[str] = None, memory_format: Optional[str] = None) -> "Module":
         """Convert every parameter to `dtype` and/or move it to `device`
-        ("cpu" or "cuda"); gradients are dropped."""
+        ("cpu" or "cuda"); gradients are dropped. memory_format="channels_last"
+        (or "contiguous", the default, to undo it): every Conv2d gives
+        channels_last outputs whatever its input's layout, and the layers
+        after it run on them as they lie, as a PyTorch model does after
+        ``.to(memory_format=torch.channels_last)`` (on NumPy arrays; the GPU
+        backends convert)."""
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if memory_format not in (None, "contiguous", "channels_last"):
+            raise ValueError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
+        if memory_format is not None:
+            for m in self.modules():
+                if hasattr(m, "memory_format"):
+                    m.memory_format = None if memory_format == "contiguous" else memory_format
         if device == "cuda":
             if cupy_or_none() is None:
                 raise RuntimeError("device='cuda' needs CuPy (pip install cupy-cuda13x)")

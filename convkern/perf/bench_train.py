@@ -12,15 +12,18 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .. import nn
-from ..backend import use_backend
+from ..backend import info, use_backend
 
 INPUT = (1, 28, 28)
 CLASSES = 10
 
 
-def _convkern_runs(backend: str, batch: int, state, x, y) -> Dict[str, Callable[[], object]]:
+def _convkern_runs(backend: str, batch: int, state, x, y, channels_last: bool = False
+                   ) -> Dict[str, Callable[[], object]]:
     model = nn.build("lenet", INPUT, CLASSES, rng=0)
     model.load_state_dict(state)
+    if channels_last:
+        model.to(memory_format="channels_last")
     crit = nn.CrossEntropyLoss()
     opt = nn.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -80,6 +83,8 @@ def run(batch: int = 64, rounds: int = 15, backends: Optional[List[str]] = None,
     peers: Dict[str, Dict[str, Callable[[], object]]] = {}
     for b in backends or ["cpp"]:
         peers[f"convkern {b}"] = _convkern_runs(b, batch, state, x, y)
+        if info(b).device == "cpu":  # the layout torch's fast peer runs, asked for the same way
+            peers[f"convkern {b} channels_last"] = _convkern_runs(b, batch, state, x, y, channels_last=True)
     torch = _torch() if with_torch else None
     if torch is not None:
         peers["torch NCHW"] = _torch_runs(torch, False, state, x, y)
@@ -105,13 +110,13 @@ def table(report: dict) -> str:
     best = {k: min(med[p][k] for p in torch_peers) for k in kinds} if torch_peers else None
     lines = [f"LeNet-like model, batch {report['batch']}: ms per call, median over {report['rounds']} interleaved "
              f"rounds of {report['reps']} calls"]
-    lines.append(f"{'peer':<22}" + "".join(f"{k:>18}" for k in kinds))
+    lines.append(f"{'peer':<28}" + "".join(f"{k:>18}" for k in kinds))
     for p, ks in med.items():
         cells = []
         for k in kinds:
             ratio = f" ({best[k] / ks[k]:.2f}x)" if best else ""
             cells.append(f"{ks[k]:>9.2f}{ratio:>9}")
-        lines.append(f"{p:<22}" + "".join(cells))
+        lines.append(f"{p:<28}" + "".join(cells))
     if best:
         lines.append("(Nx) = speed relative to the faster torch layout (NCHW or channels_last) in that column: "
                      "above 1 is faster")
