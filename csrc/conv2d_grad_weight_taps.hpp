@@ -116,3 +116,86 @@ void conv2d_grad_weight_taps(const T* gy, const T* x, T* gw, const ConvGeom& s) 
         default: return grad_weight_taps<T, 5>(gy, x, gw, s);
     }
 }
+
+// The same sum on channels_last data, with output channels in vector lanes
+// instead: per output pixel, KV vectors of gy (its K gradients, the last
+// masked) and one broadcast of the padded input per tap feed TG*KV FMAs, for
+// TG taps at a time, so a pixel's gy row is read ceil(taps / TG) times
+// (while its image's rows are in L2). Tasks are a fixed number of image
+// chunks (a function of the batch), each summing its images in order into its
+// own partial; the partials are then summed in chunk order: the same bits for
+// any thread count.
+template <class T>
+bool grad_weight_taps_nhwc_applies(const ConvGeom& s) {
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    return s.G == 1 && s.C * s.R * s.S <= 112 && s.K <= 4 * L;
+}
+
+template <class T, int KV>
+void grad_weight_taps_nhwc(const T* gy, const T* x, T* gw, const ConvGeom& s) {
+    typedef typename Vec<T>::type V;
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    constexpr int TG = (CK_VEC_BYTES == 64 ? 24 : 12) / KV;  // TG*KV accumulators, KV gy vectors, a broadcast
+    const idx taps = s.C * s.R * s.S, K = s.K, Kpad = KV * L, P = s.Ho * s.Wo, C = s.C;
+    idx Hp, Wp;
+    padded_extent(s, Hp, Wp);
+    const idx image = Hp * Wp * C, chunks = imin(s.N, idx(16));
+    T* xpad = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * image + 16) * sizeof(T), 0));
+    const std::size_t part_bytes = static_cast<std::size_t>(chunks * taps * Kpad) * sizeof(T);
+    T* parts = static_cast<T*>(workspace(part_bytes + static_cast<std::size_t>(taps + TG) * sizeof(idx), 1));
+    // tap j = (c, r, q), gw's order within a filter: its offset from a
+    // pixel's corner in the padded image; the last group's spare slots read
+    // the corner itself and their sums are dropped
+    idx* toff = reinterpret_cast<idx*>(reinterpret_cast<char*>(parts) + part_bytes);
+    for (idx j = 0; j < taps + TG; ++j) {
+        const idx c = j / (s.R * s.S), r = j / s.S % s.R, q = j % s.S;
+        toff[j] = j < taps ? (r * s.dh * Wp + q * s.dw) * C + c : 0;
+    }
+    pad_nhwc_images(x, s, s.N, Hp, Wp, xpad);
+#pragma omp parallel for num_threads(threads_for(chunks)) schedule(static)
+    for (idx ch = 0; ch < chunks; ++ch) {
+        T* part = parts + ch * taps * Kpad;
+        for (idx i = 0; i < taps * Kpad; ++i) part[i] = T(0);
+        for (idx n = ch * s.N / chunks; n < (ch + 1) * s.N / chunks; ++n) {
+            const T* xi = xpad + n * image;
+            const T* gi = gy + n * P * K;
+            for (idx t0 = 0; t0 < taps; t0 += TG) {
+                V acc[TG][KV] = {};
+                const idx* to = toff + t0;
+                for (idx ho = 0; ho < s.Ho; ++ho)
+                    for (idx wo = 0; wo < s.Wo; ++wo) {
+                        const T* g = gi + (ho * s.Wo + wo) * K;
+                        V gv[KV];
+                        for (int v = 0; v < KV; ++v)
+                            gv[v] = (v + 1) * L <= K ? vload<V>(g + v * L) : vload_first(g + v * L, K - v * L);
+                        const T* xb = xi + (ho * s.sh * Wp + wo * s.sw) * C;
+                        for (int j = 0; j < TG; ++j) {
+                            const T a = xb[to[j]];
+                            for (int v = 0; v < KV; ++v) acc[j][v] += a * gv[v];
+                        }
+                    }
+                for (int j = 0; j < TG && t0 + j < taps; ++j)
+                    for (int v = 0; v < KV; ++v) {
+                        T* dst = part + (t0 + j) * Kpad + v * L;
+                        vstore(dst, vload<V>(dst) + acc[j][v]);
+                    }
+            }
+        }
+    }
+    for (idx k = 0; k < K; ++k)
+        for (idx j = 0; j < taps; ++j) {
+            T sum = parts[j * Kpad + k];
+            for (idx ch = 1; ch < chunks; ++ch) sum += parts[(ch * taps + j) * Kpad + k];
+            gw[k * taps + j] = sum;
+        }
+}
+
+// gw of s (grad_weight_taps_nhwc_applies) from NHWC gy and x
+template <class T>
+void conv2d_grad_weight_taps_nhwc(const T* gy, const T* x, T* gw, const ConvGeom& s) {
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    if (s.K <= L) return grad_weight_taps_nhwc<T, 1>(gy, x, gw, s);
+    if (s.K <= 2 * L) return grad_weight_taps_nhwc<T, 2>(gy, x, gw, s);
+    if (s.K <= 3 * L) return grad_weight_taps_nhwc<T, 3>(gy, x, gw, s);
+    return grad_weight_taps_nhwc<T, 4>(gy, x, gw, s);
+}

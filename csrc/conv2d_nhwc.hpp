@@ -621,6 +621,10 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
     if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
+    if (gw && grad_weight_taps_nhwc_applies<T>(s)) {
+        conv2d_grad_weight_taps_nhwc(gy, x, gw, s);
+        gw = nullptr;
+    }
     if (gw && grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, gw, s, false))
         gw = nullptr;
     if (gw && grad_weight_implicit_applies<T>(s))

@@ -323,6 +323,27 @@ def test_weight_gradient_of_few_taps(dtype, rng):
         _check_weight_gradient(x, w, gy, kw, dtype, f"x{x_shape} w{w_shape} {kw}")
 
 
+TAPS_GW_NHWC = TAPS_GW + [((2, 2, 9, 9), (17, 2, 3, 3), dict(padding=1)),   # a vector and one lane
+                           ((3, 3, 11, 10), (50, 3, 3, 3), dict(stride=2)),  # three vectors and a part (float32)
+                           ((2, 1, 7, 7), (64, 1, 5, 5), dict(padding=2))]   # four whole vectors (float32)
+
+
+def test_weight_gradient_of_few_taps_channels_last(dtype, rng):
+    """The channels_last direct grad weight (output channels in vector lanes,
+    taps in register groups) against the reference, the same bits for 1, 2
+    and 3 threads, and with grad input."""
+    from convkern import functional
+
+    def cl(a):
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    for x_shape, w_shape, kw in TAPS_GW_NHWC:
+        x, w = cl(randn(rng, x_shape, dtype)), randn(rng, w_shape, dtype)
+        gy = cl(randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype))
+        _check_weight_gradient(x, w, gy, kw, dtype, f"channels_last x{x_shape} w{w_shape} {kw}")
+        assert functional.last_layout() == "nhwc"
+
+
 def test_weight_gradient_of_few_taps_keeps_infs_apart_from_padding_lanes(rng):
     """An inf in the input's last column: the lanes past a row's end are
     zero on both sides, so the NaNs and infs are the reference's."""
