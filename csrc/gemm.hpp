@@ -90,11 +90,26 @@ idx gemm_pack_elems() {
 template <class T>
 inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) {
     constexpr int MR = GemmBlocking<T>::MR;
-    if (csa == 1) {  // row-major A: read each row contiguously, scatter into the L1-sized panel
+    if (csa == 1) {  // row-major A
+        idx k0 = 0;
+        if constexpr (MR <= GemmBlocking<T>::L) {
+            // L columns at a time: the rows' vectors (zero past `rows`)
+            // transposed in registers, each column's first MR lanes stored
+            typedef typename GemmBlocking<T>::V V;
+            constexpr int L = GemmBlocking<T>::L;
+            for (; k0 + L <= kc; k0 += L) {
+                V r[L];
+#pragma GCC unroll 16
+                for (int i = 0; i < L; ++i) r[i] = i < rows ? vload<V>(A + i * rsa + k0) : V{};
+                transpose_regs<T>(r);
+#pragma GCC unroll 16
+                for (int j = 0; j < L; ++j) vstore_first(Ap + (k0 + j) * MR, r[j], MR);
+            }
+        }
         for (idx i = 0; i < rows; ++i)
-            for (idx k = 0; k < kc; ++k) Ap[k * MR + i] = A[i * rsa + k];
+            for (idx k = k0; k < kc; ++k) Ap[k * MR + i] = A[i * rsa + k];
         for (idx i = rows; i < MR; ++i)
-            for (idx k = 0; k < kc; ++k) Ap[k * MR + i] = T(0);
+            for (idx k = k0; k < kc; ++k) Ap[k * MR + i] = T(0);
         return;
     }
     for (idx k = 0; k < kc; ++k) {

@@ -35,19 +35,26 @@ inline void transpose_rounds(V (&r)[L]) {
     }
 }
 
+// L vectors (rows) in registers, transposed in place: r[j] lane i = old r[i] lane j.
+template <class T>
+__attribute__((always_inline)) inline void transpose_regs(typename Vec<T>::type (&r)[CK_VEC_BYTES / sizeof(T)]) {
+    typedef typename Vec<T>::type V;
+    typedef typename std::conditional<sizeof(T) == 4, int, long long>::type I;
+    typedef I M __attribute__((vector_size(CK_VEC_BYTES)));
+    transpose_rounds<V, M, CK_VEC_BYTES / sizeof(T), 1>(r);
+}
+
 // The L x L tile at s (row stride lds) to d (row stride ldd), transposed.
 // Round B swaps bit B of each element's row with bit B of its lane; after
 // every bit, element (i, j) sits at (j, i).
 template <class T>
 __attribute__((always_inline)) inline void transpose_tile(const T* s, idx lds, T* d, idx ldd) {
     typedef typename Vec<T>::type V;
-    typedef typename std::conditional<sizeof(T) == 4, int, long long>::type I;
-    typedef I M __attribute__((vector_size(CK_VEC_BYTES)));
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     V r[L];
 #pragma GCC unroll 16
     for (int i = 0; i < L; ++i) r[i] = vload<V>(s + i * lds);
-    transpose_rounds<V, M, L, 1>(r);
+    transpose_regs<T>(r);
 #pragma GCC unroll 16
     for (int i = 0; i < L; ++i) vstore(d + i * ldd, r[i]);
 }
