@@ -53,7 +53,7 @@ class Conv2d(Module):
     def _kw(self, x):
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
                   algo=self.algo)
-        if self.memory_format is not None and isinstance(x, np.ndarray):  # (the GPU backends convert)
+        if self.memory_format is not None and isinstance(x, np.ndarray):  # (on the GPU the convs stay NCHW)
             kw["memory_format"] = self.memory_format
         return kw
 

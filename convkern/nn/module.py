@@ -129,8 +129,8 @@ class Module:
         (or "contiguous", the default, to undo it): every Conv2d gives
         channels_last outputs whatever its input's layout, and the layers
         after it run on them as they lie, as a PyTorch model does after
-        ``.to(memory_format=torch.channels_last)`` (on NumPy arrays; the GPU
-        backends convert)."""
+        ``.to(memory_format=torch.channels_last)`` (NumPy arrays; on the GPU
+        the convs stay NCHW)."""
         if device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if memory_format not in (None, "contiguous", "channels_last"):
