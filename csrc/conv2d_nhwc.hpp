@@ -606,18 +606,34 @@ void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nc
     weights_from_krsc(sum, gw, s);
 }
 
+// gb = the column sums of gy (M x K), in double: a fixed number of row
+// chunks (a function of M), each summed in row order by one thread with k
+// in vector lanes, then the chunks in order: the same bits for any thread
+// count, and no single chain of M adds.
+template <class T>
+void bias_grad_nhwc(const T* gy, T* gb, idx M, idx K) {
+    const idx chunks = imax(1, imin(idx(16), M / 256));
+    double* acc = static_cast<double*>(workspace(static_cast<std::size_t>(chunks * K) * sizeof(double), 1));
+#pragma omp parallel for num_threads(threads_for(chunks)) schedule(static)
+    for (idx c = 0; c < chunks; ++c) {
+        double* a = acc + c * K;
+        for (idx k = 0; k < K; ++k) a[k] = 0.0;
+        for (idx m = c * M / chunks; m < (c + 1) * M / chunks; ++m) {
+            const T* row = gy + m * K;
+#pragma omp simd
+            for (idx k = 0; k < K; ++k) a[k] += static_cast<double>(row[k]);
+        }
+    }
+    for (idx k = 0; k < K; ++k) {
+        double sum = acc[k];
+        for (idx c = 1; c < chunks; ++c) sum += acc[c * K + k];
+        gb[k] = static_cast<T>(sum);
+    }
+}
+
 template <class T>
 void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
-    if (gb) {  // column sums of gy (M x K), in double, rows in order
-        const idx M = s.N * s.Ho * s.Wo;
-        double* acc = static_cast<double*>(workspace(static_cast<std::size_t>(s.K) * sizeof(double), 1));
-        for (idx k = 0; k < s.K; ++k) acc[k] = 0.0;
-        for (idx m = 0; m < M; ++m) {
-            const T* row = gy + m * s.K;
-            for (idx k = 0; k < s.K; ++k) acc[k] += static_cast<double>(row[k]);
-        }
-        for (idx k = 0; k < s.K; ++k) gb[k] = static_cast<T>(acc[k]);
-    }
+    if (gb) bias_grad_nhwc(gy, gb, s.N * s.Ho * s.Wo, s.K);
     if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);

@@ -344,6 +344,23 @@ def test_weight_gradient_of_few_taps_channels_last(dtype, rng):
         assert functional.last_layout() == "nhwc"
 
 
+@pytest.mark.parametrize("x_shape", [(1, 3, 5, 7), (3, 4, 40, 37)], ids=["one chunk", "sixteen chunks"])
+def test_bias_gradient_of_channels_last_data(dtype, rng, x_shape):
+    """The channels_last bias gradient (row chunks summed in double, then in
+    order) against the reference, the same bits for 1, 2 and 3 threads."""
+    def cl(a):
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    x, w = cl(randn(rng, x_shape, dtype)), randn(rng, (37, x_shape[1], 3, 3), dtype)
+    gy = cl(randn(rng, convkern.conv2d(x, w, padding=1, backend="reference").shape, dtype) + 0.25)
+    ref = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, False, True), backend="reference")[2]
+    outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, False, True),
+                                                              backend="cpp")[2])
+    assert_close(outs[0], ref, dtype, "grad bias")
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0])
+
+
 def test_weight_gradient_of_few_taps_keeps_infs_apart_from_padding_lanes(rng):
     """An inf in the input's last column: the lanes past a row's end are
     zero on both sides, so the NaNs and infs are the reference's."""
