@@ -50,22 +50,26 @@ class Conv2d(Module):
         self.memory_format = None
         self._x = self._y = None
 
-    def _kw(self, x):
-        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                  algo=self.algo)
+    def _kw(self):
+        """The conv's geometry and algorithm, for the forward and the backward."""
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                    algo=self.algo)
+
+    def _forward_kw(self, x):
+        kw = self._kw()
         if self.memory_format is not None and isinstance(x, np.ndarray):  # (on the GPU the convs stay NCHW)
             kw["memory_format"] = self.memory_format
         return kw
 
     def forward(self, x):
-        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(x))
+        y = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data, **self._forward_kw(x))
         self._x, self._y = (x if self.training else None), None
         return y
 
     def forward_relu(self, x):
         """relu(self.forward(x)) in one fused call (Sequential uses it where a
         ReLU follows); its gradient is backward_relu."""
-        y = F.conv2d_relu(x, self.weight.data, None if self.bias is None else self.bias.data, **self._kw(x))
+        y = F.conv2d_relu(x, self.weight.data, None if self.bias is None else self.bias.data, **self._forward_kw(x))
         self._x, self._y = (x, y) if self.training else (None, None)
         return y
 
@@ -77,9 +81,8 @@ class Conv2d(Module):
 
     def backward(self, grad_output, need_input_grad: bool = True):
         x = _saved(self, "_x")
-        gx, gw, gb = F.conv2d_backward(grad_output, x, self.weight.data, stride=self.stride, padding=self.padding,
-                                       dilation=self.dilation, groups=self.groups,
-                                       needs=(need_input_grad, True, self.bias is not None), algo=self.algo)
+        gx, gw, gb = F.conv2d_backward(grad_output, x, self.weight.data, **self._kw(),
+                                       needs=(need_input_grad, True, self.bias is not None))
         _accumulate(self.weight, gw)
         if self.bias is not None:
             _accumulate(self.bias, gb)
