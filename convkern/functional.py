@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -198,21 +198,50 @@ def _runs_nhwc(impl, op: str, g: ConvGeometry, algo: str, checked, device: str) 
     `checked` (the weights forward, grad_output for the weight gradient) is
     finite where the NHWC depthwise loops would skip padding taps whose
     zeros PyTorch multiplies (0 * inf = NaN)."""
-    if device != "cpu" or algo != "auto" or not hasattr(impl, op):
+    if device != "cpu" or not hasattr(impl, op):
+        return False
+    if algo != "auto" and not (op == "conv2d_forward_nhwc" and algo in _nhwc_named(impl, g)):
         return False
     depthwise_padded = g.groups == g.C == g.K and g.groups > 1 and _padded(g)
     return not (depthwise_padded and checked is not None and not _all_finite(checked, device))
 
 
+def _nhwc_algos(impl, g: ConvGeometry):
+    """The algorithms the backend's NHWC forward can be told to run on g."""
+    named = getattr(impl, "nhwc_forward_algos", None)
+    return () if named is None or not _takes_keyword(impl.conv2d_forward_nhwc, "algo") else tuple(named(g))
+
+
+def _nhwc_named(impl, g: ConvGeometry):
+    """The NCHW algorithm names a channels_last conv runs on the NHWC
+    kernels when named: Winograd's (the NHWC tiles are the faster form)."""
+    return tuple(a for a in _nhwc_algos(impl, g) if a.startswith("winograd"))
+
+
+def _nhwc_runners(impl, op: str, g: ConvGeometry, native, via_nchw) -> Dict[str, Callable[[], object]]:
+    """The candidates of a layout choice: "nchw" first (convert, run the
+    NCHW algorithms, convert back), then "nhwc" (the NHWC kernels by their
+    rules) or, where the NHWC forward has more than one algorithm for g,
+    "nhwc:<algo>" for each."""
+    algos = _nhwc_algos(impl, g) if op == "forward" else ()
+    if len(algos) < 2:
+        return {"nchw": via_nchw, "nhwc": native}
+    return {"nchw": via_nchw, **{f"nhwc:{a}": (lambda a=a: native(a)) for a in algos}}
+
+
+def _nhwc_algo(choice: str) -> str:
+    """The NHWC algorithm a layout choice names ("auto" for plain "nhwc")."""
+    return choice.partition(":")[2] or "auto"
+
+
 def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
-    """For a channels_last conv on a backend with NHWC kernels: "nhwc" (run
-    them) or "nchw" (convert, run the NCHW algorithms, convert back). The
-    NHWC kernels are implicit GEMMs; where the NCHW side has Winograd (3x3,
-    stride 1) its fewer multiplications can repay the two copies. Measured
-    by the autotuner like the algorithms (convkern.tune); with tuning off,
-    the rule: NCHW where auto would run Winograd forward, else NHWC."""
+    """For a channels_last conv on a backend with NHWC kernels: "nhwc" or
+    "nhwc:<algo>" (run them) or "nchw" (convert, run the NCHW algorithms,
+    convert back). Measured by the autotuner like the algorithms
+    (convkern.tune); with tuning off, the rule: NHWC, except forward where
+    the NCHW side has Winograd and the NHWC side has not."""
     choice = _layout_choice_made(impl, op, g, dtype, needs, native, via_nchw)
-    _last_layout[0] = choice
+    _last_layout[0] = choice.partition(":")[0]
     return choice
 
 
@@ -225,38 +254,43 @@ def last_layout() -> str:
     return _last_layout[0]
 
 
-def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: str, nchw, nhwc) -> str:
-    """"nchw" or "nhwc", measured once per problem by the autotuner (and
-    remembered like the algorithms); `rule` with tuning off, on a backend
-    that cannot be tuned, or recalled without a choice. nchw() runs first:
-    its own first call tunes the NCHW algorithms, which must not count
-    against it (a candidate whose warm-up takes 4x the fastest is dropped)."""
+def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: str, runners) -> str:
+    """One of `runners` (see _nhwc_runners), measured once per problem by the
+    autotuner (and remembered like the algorithms); `rule` with tuning off,
+    on a backend that cannot be tuned, or recalled without a choice.
+    runners["nchw"] runs first: its own first call tunes the NCHW
+    algorithms, which must not count against it (a candidate whose warm-up
+    takes 4x the fastest is dropped)."""
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
         return rule
     key = _tune_key(impl, key_op, g, dtype, needs)
     known = _tune.remembered(key)
-    if known in ("nhwc", "nchw"):
+    if known in runners or (known == "nhwc" and "nhwc:im2col" in runners):  # "nhwc": by the NHWC rules
         return known
     if mode == "recall":
         return rule
-    nchw()
-    return _tune.choose(key, ["nchw", "nhwc"], lambda a: nhwc() if a == "nhwc" else nchw())
+    runners["nchw"]()
+    return _tune.choose(key, list(runners), lambda a: runners[a]())
 
 
 def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
     chooser = getattr(impl, "choose_algo", None)
-    rule = "nchw" if op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd" else "nhwc"
-    return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule, via_nchw, native)
+    nchw_winograd = op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd"
+    rule = "nchw" if nchw_winograd and "winograd" not in _nhwc_algos(impl, g) else "nhwc"
+    return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule,
+                            _nhwc_runners(impl, op, g, native, via_nchw))
 
 
-def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> bool:
+def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> str:
     """For an NCHW conv whose algorithm auto picks, on a backend with NHWC
-    kernels: whether copying to NHWC, running those kernels and copying back
-    is faster than the NCHW algorithm the tuner chose (a small map's GEMMs
-    can be faster over pixels than over channels by more than the copies
-    cost). With tuning off, or recalled without a choice, NCHW runs."""
-    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, "nchw", nchw, nhwc) == "nhwc"
+    kernels: "nchw", or "nhwc"/"nhwc:<algo>" where copying to NHWC, running
+    those kernels and copying back is faster than the NCHW algorithm the
+    tuner chose (a small map's GEMMs can be faster over pixels than over
+    channels by more than the copies cost). With tuning off, or recalled
+    without a choice, NCHW runs."""
+    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, "nchw",
+                            _nhwc_runners(impl, op, g, nhwc, nchw))
 
 
 def _all_finite(a, device: str) -> bool:
@@ -368,10 +402,11 @@ def _forward_nchw(impl, x, w, b, g: ConvGeometry, algo: str, fuse_relu: bool):
     return impl.conv2d_forward(x, w, b, g, algo), False
 
 
-def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool):
+def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "auto"):
+    kw = {} if algo == "auto" else {"algo": algo}
     if fuse_relu and _takes_keyword(impl.conv2d_forward_nhwc, "relu"):
-        return impl.conv2d_forward_nhwc(x, w, b, g, relu=True), True
-    return impl.conv2d_forward_nhwc(x, w, b, g), False
+        return impl.conv2d_forward_nhwc(x, w, b, g, relu=True, **kw), True
+    return impl.conv2d_forward_nhwc(x, w, b, g, **kw), False
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool,
@@ -398,12 +433,17 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
                                                    groups, algo, backend, fuse_relu))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
-            def native():  # (an NCHW input asked to give channels_last is transposed here)
-                y, done = _forward_nhwc(impl, layout.nhwc(_native(x, dtype)), w, b, g, fuse_relu)
+            def native(nhwc_algo: str = "auto"):  # (an NCHW input asked to give channels_last is transposed here)
+                y, done = _forward_nhwc(impl, layout.nhwc(_native(x, dtype)), w, b, g, fuse_relu, nhwc_algo)
                 return _finish_relu(layout.from_nhwc(y), fuse_relu, done, backend)
 
-            if _layout_choice(impl, "forward", g, dtype, None, native, via_nchw) == "nhwc":
-                return native()
+            if algo != "auto":  # a Winograd named: the NHWC tiles
+                _last_layout[0] = "nhwc"
+                return native(algo)
+            choice = _layout_choice(impl, "forward", g, dtype, None, native, via_nchw)
+            if choice != "nchw":
+                return native(_nhwc_algo(choice))
+        _last_layout[0] = "nchw"
         return via_nchw()
     x = _contiguous(x, device, dtype).reshape(g.input_shape)
     auto = algo == "auto"
@@ -413,13 +453,14 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
             and not _all_finite(w, device)):
         algo = "im2col"
     if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_forward_nhwc", g, "auto", w, device):
-        def nhwc():
-            y, done = _forward_nhwc(impl, layout.nhwc(x), w, b, g, fuse_relu)
+        def nhwc(nhwc_algo: str = "auto"):
+            y, done = _forward_nhwc(impl, layout.nhwc(x), w, b, g, fuse_relu, nhwc_algo)
             return _finish_relu(layout.nchw(layout.from_nhwc(y)), fuse_relu, done, backend)
 
-        if _nchw_via_nhwc(impl, "forward", g, dtype, None,
-                          lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc):
-            return _unbatch(nhwc(), g.unbatched)
+        choice = _nchw_via_nhwc(impl, "forward", g, dtype, None,
+                                lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc)
+        if choice != "nchw":
+            return _unbatch(nhwc(_nhwc_algo(choice)), g.unbatched)
     y, done = _forward_nchw(impl, x, w, b, g, algo, fuse_relu)
     return _unbatch(_finish_relu(y, fuse_relu, done, backend), g.unbatched)
 
@@ -490,7 +531,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
                                                        g, needs)
                 return (None if gx is None else layout.nchw(layout.from_nhwc(gx))), gw, gb
 
-            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc):
+            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc) != "nchw":
                 gx, gw, gb = nhwc()
                 return _unbatch(gx, g.unbatched), gw, gb
         gx, gw, gb = nchw()

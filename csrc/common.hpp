@@ -62,7 +62,9 @@ struct OpTable {
     void (*avg_pool2d_backward)(const T* gy, T* gx, const PoolGeom&);
     // channels_last: x, y, gx and gy are NHWC; weights stay (K, C/G, R, S).
     // relu: the conv's output goes through relu before it is stored.
-    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu);
+    // wino: 2 or 4 runs a 3x3 stride-1 conv by Winograd F(2x2) or F(4x4),
+    // 0 by the implicit GEMM, -1 as the kernels' rule chooses.
+    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu, int wino);
     ConvBackward conv2d_backward_nhwc;
     // PoolGeom.planes is N here; C channels per pixel
     void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolGeom&, idx C);

@@ -492,9 +492,30 @@ void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offs
     });
 }
 
+// wino: which Winograd tile a 3x3 stride-1 conv takes: 2 (F(2x2, 3x3)), 4
+// (F(4x4, 3x3)), 0 none (the implicit GEMM), -1 the rule's choice.
+// The rule: F(2x2) once a tile's transforms are shared by enough channels
+// (16 in and 16 out, or 32 in); with fewer, the transforms cost more than
+// the multiplications they save. F(4x4) is faster still on large maps, but
+// its float32 rounding is larger: it runs where named or measured
+// (the autotuner's candidates).
 template <class T>
-void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
-    if (nhwc_is_depthwise(s) && s.R * s.S <= 64) return depthwise_nhwc_forward(x, w, b, y, s, relu);
+int nhwc_winograd_rule(const ConvGeom& s) {
+    return conv_winograd_applies(s) && s.C >= 16 && (s.K >= 16 || s.C >= 32) ? 2 : 0;
+}
+
+template <class T>
+void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu, int wino) {
+    if (nhwc_is_depthwise(s) && s.R * s.S <= 64) {
+        note_conv_algo(ConvAlgo::depthwise);
+        return depthwise_nhwc_forward(x, w, b, y, s, relu);
+    }
+    if (wino < 0) wino = nhwc_winograd_rule<T>(s);
+    if (wino && conv_winograd_applies(s) &&
+        (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu)
+                   : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu)))
+        return;
+    note_conv_algo(ConvAlgo::im2col);
     if (im2col_weights_in_place<T>(s))
         return nhwc_forward_weight_rows(x, w, s.C * s.R * s.S, [](idx j) { return j; }, b, y, s, relu);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
@@ -669,7 +690,7 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // every element is written)
         std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
         flip_transpose_filters(w, s, wf.get());
-        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false);
+        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1);
         return;
     }
     if (gx) {

@@ -119,30 +119,37 @@ inline void winograd_filter_tiles(const T (&g)[9][W], T (&u)[(M + 2) * (M + 2)][
         }
 }
 
-// The transformed filters U[xi] = (G g G^T)[xi], each a K x C matrix, from g
-// (K, C, 3, 3), written straight into the GEMM's packed A layout (what
-// pack_a_full would make of U[xi]) at Upk + xi * upk: U itself is never
-// stored, which halves the per-call filter traffic.
-template <class T, int M = 2>
-void winograd_filters(const T* w, idx K, idx C, T* Upk, idx upk) {
-    constexpr int XI = (M + 2) * (M + 2), MR = GemmBlocking<T>::MR;
-    const idx KC = gemm_dims<T>().kc, panels = (K + MR - 1) / MR, Kpad = panels * MR;
-    // a panel's MR filters of one channel at a time, so each transformed
-    // value is one MR-long run of its matrix's packed panel (16 or 36 runs
-    // per step) rather than XI single floats a matrix apart per filter
-#pragma omp parallel for num_threads(threads_for(panels)) schedule(static)
+// The transformed filters U[xi] = (G g G^T)[xi] from g (K, C, 3, 3),
+// written straight into a GEMM's packed panel layout at Upk + xi * upk: for
+// each KC block of C, W-wide panels of the K filters, a channel's W values
+// contiguous (pack_a_full's A panels of K x C with W = MR; gemm_rows' B
+// panels of C x K with W = NR). U itself is never stored, which halves the
+// per-call filter traffic. A panel's W filters of one channel go at a time,
+// so each transformed value is one W-long run (16 or 36 runs per step)
+// rather than XI single floats a matrix apart per filter.
+template <class T, int M, int W>
+void winograd_filter_panels(const T* w, idx K, idx C, idx KC, T* Upk, idx upk) {
+    constexpr int XI = (M + 2) * (M + 2);
+    const idx panels = (K + W - 1) / W, Kpad = panels * W;
+#pragma omp parallel for collapse(2) num_threads(threads_for(panels * C)) schedule(static)
     for (idx kp = 0; kp < panels; ++kp)
         for (idx c = 0; c < C; ++c) {
-            T g[9][MR], u[XI][MR];
-            for (int i = 0; i < MR; ++i) {
-                const idx k = kp * MR + i;  // rows past K pad the last panel with zeros
+            T g[9][W], u[XI][W];
+            for (int i = 0; i < W; ++i) {
+                const idx k = kp * W + i;  // filters past K pad the last panel with zeros
                 for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[(k * C + c) * 9 + j] : T(0);
             }
             winograd_filter_tiles<M>(g, u);
             const idx pc = c / KC * KC, kc = imin(KC, C - pc);
-            T* dst = Upk + pc * Kpad + kp * MR * kc + (c - pc) * MR;
+            T* dst = Upk + pc * Kpad + kp * W * kc + (c - pc) * W;
             for (int xi = 0; xi < XI; ++xi) std::memcpy(dst + xi * upk, u[xi], sizeof u[xi]);
         }
+}
+
+// U[xi] as K x C matrices in the packed GEMM's A layout
+template <class T, int M = 2>
+void winograd_filters(const T* w, idx K, idx C, T* Upk, idx upk) {
+    winograd_filter_panels<T, M, GemmBlocking<T>::MR>(w, K, C, gemm_dims<T>().kc, Upk, upk);
 }
 
 // The transforms of one tile, on X = T (one tile) or a vector of tiles

@@ -25,6 +25,7 @@ namespace {
 #include "conv2d_im2col.hpp"
 #include "conv2d_shifted.hpp"
 #include "conv2d_winograd.hpp"
+#include "conv2d_winograd_nhwc.hpp"
 #include "conv2d_grad_weight_winograd.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"

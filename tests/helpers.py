@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
+import pytest
 
 from convkern.perf.verify import TOLERANCE, DeviceOps, max_abs_error_at, relative_error
 
@@ -38,3 +42,26 @@ def numeric_grad(f, x, eps=1e-6):
         x[i] = old
         g[i] = (up - down) / (2 * eps)
     return g
+
+
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+
+
+@contextlib.contextmanager
+def at_simd_level(level: str) -> Iterator[None]:
+    """Run a block on the cpp kernels of one SIMD level (restored after);
+    the test skips, saying so, where this CPU cannot run that level."""
+    import convkern
+    from convkern.backend import cpp
+
+    if not cpp.available()[0]:
+        pytest.skip(f"the cpp backend is not built here: {cpp.available()[1]}")
+    best = cpp._cpu.build_info()["simd_best"]
+    if SIMD_LEVELS.index(level) > SIMD_LEVELS.index(best):
+        pytest.skip(f"this CPU does not support {level} (best: {best})")
+    before = convkern.simd_level()
+    convkern.set_simd_level(level)
+    try:
+        yield
+    finally:
+        convkern.set_simd_level(before)

@@ -15,6 +15,7 @@ import pytest
 import convkern as ck
 from convkern import layout
 from convkern.backend import cpp
+from helpers import SIMD_LEVELS, at_simd_level
 
 BACKENDS = ["cpp", "numba", "reference"]
 
@@ -287,7 +288,7 @@ def test_layout_detection():
     assert layout.dense_order(x) is None and layout.dense_order(x[:, :, ::2]) is None
 
 
-@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("level", SIMD_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
     """A 3x3 depthwise row's interior takes register-blocked loops: forward
@@ -296,11 +297,7 @@ def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
     2, grad input (the forward's loops over grad_output) at stride 1; channel
     counts, widths, paddings and strides here straddle each (144 channels on
     a 40-pixel row cross several chunks)."""
-    if level not in LEVELS_HERE:
-        pytest.skip(f"this CPU does not support {level}")
-    before = ck.simd_level()
-    ck.set_simd_level(level)
-    try:
+    with at_simd_level(level):
         rng = np.random.default_rng(7)
         for C, (H, W, pad), stride in itertools.product(
                 (4, 8, 16, 24, 32, 48, 144),
@@ -328,9 +325,3 @@ def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
                 o = o.transpose(0, 3, 1, 2) if name == "grad input" else o
                 np.testing.assert_allclose(o, r, **tol(dtype),
                                            err_msg=f"{level} C={C} {H}x{W} pad {pad} stride {stride} {name}")
-    finally:
-        ck.set_simd_level(before)
-
-
-LEVELS_HERE = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(
-    cpp._cpu.build_info()["simd_best"]) + 1] if cpp.available()[0] else []

@@ -90,9 +90,27 @@ def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = 
 # channels_last: arrays in and out are C-contiguous (N, H, W, C); weights (K, C/G, R, S)
 
 
-def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False):
-    """y (N, Ho, Wo, K); relu=True applies relu before storing (fused)."""
-    return _cpu.conv2d_forward_nhwc(x, weight, bias, g.as_tuple(), bool(relu))
+# the NHWC forward's algorithms, by name: its implicit GEMM and Winograd's F(2x2, 3x3) and F(4x4, 3x3)
+_NHWC_WINOGRAD = {"auto": -1, "im2col": 0, "winograd": 2, "winograd4": 4}
+
+
+def nhwc_forward_algos(g: ConvGeometry) -> Tuple[str, ...]:
+    """The algorithms conv2d_forward_nhwc can be told to run on g: the
+    implicit GEMM ("im2col"), and Winograd for 3x3 stride-1 undilated
+    ungrouped convs; none for a depthwise conv (its own loops run)."""
+    if g.groups == g.C == g.K and g.groups > 1:
+        return ()
+    winograd = (g.R, g.S, g.stride, g.dilation, g.groups) == (3, 3, (1, 1), (1, 1), 1)
+    return ("im2col", "winograd", "winograd4") if winograd else ("im2col",)
+
+
+def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False, algo: str = "auto"):
+    """y (N, Ho, Wo, K); relu=True applies relu before storing (fused).
+    algo: "auto" (the kernels' rules) or one of nhwc_forward_algos(g)."""
+    if algo != "auto" and algo not in nhwc_forward_algos(g):
+        raise ValueError(f"conv2d_forward_nhwc: algo {algo!r} cannot run this problem; "
+                         f"it takes 'auto' or one of {nhwc_forward_algos(g)}")
+    return _cpu.conv2d_forward_nhwc(x, weight, bias, g.as_tuple(), bool(relu), _NHWC_WINOGRAD[algo])
 
 
 def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):

@@ -1,0 +1,178 @@
+"""Winograd on channels_last data (the NHWC tiles): F(2x2, 3x3) and
+F(4x4, 3x3) against the float64 reference, forward and the stride-1 input
+gradient that runs them; channel counts off the vector width, maps off the
+tile size, every padding up to 3, several tile blocks with a short last one,
+relu fused, no bias. The bits do not change with the thread count, an inf or
+NaN gives the implicit GEMM's answer, the rule and the tuner choose among
+them, and every SIMD level runs them."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import convkern
+from convkern import functional as F
+from convkern import layout, tune
+from convkern.backend import cpp
+from convkern.geometry import conv2d_geometry
+from helpers import SIMD_LEVELS, assert_close, at_simd_level, randn
+
+pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the cpp backend is not built here")
+
+# (x shape, K, padding): channels below, at and off the vector width; maps
+# smaller than a tile, odd, and one tile row; blocks of tiles with a short
+# last one (3 x 17 x 19 has 270 2x2 tiles).
+SHAPES = [((1, 1, 3, 3), 1, 0), ((2, 3, 7, 9), 5, 1), ((1, 17, 6, 5), 33, 1), ((2, 40, 9, 10), 70, 2),
+          ((3, 16, 17, 19), 32, 1), ((1, 35, 4, 4), 20, 3), ((2, 64, 8, 8), 48, 0), ((1, 9, 1, 12), 7, 1)]
+
+# F(4x4)'s transforms scale by up to 8 (the filters' by 1/24): float32
+# rounding grows, as in the NCHW kernels
+TOL = {("winograd", np.float32): 1e-5, ("winograd4", np.float32): 4e-5,
+       ("winograd", np.float64): 1e-12, ("winograd4", np.float64): 1e-11}
+
+
+def _cl(a):
+    return layout.to_channels_last(a)
+
+
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_nhwc_winograd_against_the_reference(algo, dtype, rng):
+    for (xs, K, pad), relu, with_bias in itertools.product(SHAPES, (False, True), (True, False)):
+        x, w = randn(rng, xs, dtype), randn(rng, (K, xs[1], 3, 3), dtype)
+        b = randn(rng, (K,), dtype) if with_bias else None
+        what = f"{algo} x{xs} K={K} pad {pad} relu {relu} bias {with_bias}"
+        want = convkern.conv2d(x.astype(np.float64), w.astype(np.float64),
+                               None if b is None else b.astype(np.float64), padding=pad, backend="reference")
+        if relu:
+            want = np.maximum(want, 0)
+        conv = convkern.conv2d_relu if relu else convkern.conv2d
+        # (a one-channel input is both layouts: asked for channels_last)
+        y = conv(_cl(x), w, b, padding=pad, algo=algo, backend="cpp", memory_format="channels_last")
+        assert cpp.last_algo() == algo and F.last_layout() == "nhwc", f"{what}: ran {cpp.last_algo()}"
+        assert y.transpose(0, 2, 3, 1).flags.c_contiguous and y.dtype == dtype, what
+        assert_close(y, want, dtype, what, tol=TOL[algo, dtype])
+        g = conv2d_geometry(xs, w.shape, None if b is None else b.shape, padding=pad)
+        direct = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, relu=relu, algo=algo)
+        np.testing.assert_array_equal(direct, layout.nhwc(y), err_msg=f"{what}: the backend's op")
+
+
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+def test_nhwc_winograd_bits_do_not_change_with_the_thread_count(algo):
+    rng = np.random.default_rng(3)
+    # 3 x 15 x 21 tiles of 2x2: blocks of different sizes for 1, 2 and 3 threads
+    x, w, b = rng.standard_normal((3, 24, 30, 42), np.float32), rng.standard_normal((40, 24, 3, 3), np.float32), \
+        rng.standard_normal(40, np.float32)
+    g = conv2d_geometry(x.shape, w.shape, b.shape, padding=1)
+    xn = layout.nhwc(_cl(x))
+    outs = []
+    for n in (1, 2, 3):
+        convkern.set_num_threads(n)
+        try:
+            outs.append(cpp.conv2d_forward_nhwc(xn, w, b, g, algo=algo))
+        finally:
+            convkern.set_num_threads(0)
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0], err_msg=f"{algo}: changed with the thread count")
+
+
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+@pytest.mark.parametrize("where", ["input", "weight", "bias"])
+def test_nhwc_winograd_hands_non_finite_data_to_the_gemm(algo, where):
+    """The transforms would turn an inf into NaNs where the direct sum gives
+    +-inf: the implicit GEMM's answer instead, infs and NaNs where it has them."""
+    rng = np.random.default_rng(5)
+    x, w, b = rng.standard_normal((2, 20, 9, 11)), rng.standard_normal((24, 20, 3, 3)), rng.standard_normal(24)
+    {"input": lambda: x.__setitem__((1, 3, 4, 5), np.inf), "weight": lambda: w.__setitem__((2, 7, 1, 1), -np.inf),
+     "bias": lambda: b.__setitem__(5, np.nan)}[where]()
+    g = conv2d_geometry(x.shape, w.shape, b.shape, padding=1)
+    xn = layout.nhwc(_cl(x))
+    got = cpp.conv2d_forward_nhwc(xn, w, b, g, algo=algo)
+    want = cpp.conv2d_forward_nhwc(xn, w, b, g, algo="im2col")
+    assert not np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+    ref = convkern.conv2d(x, w, b, padding=1, backend="reference")
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(layout.nhwc(ref)))
+
+
+def test_nhwc_rule_takes_winograd_where_channels_share_the_transforms(rng):
+    """With tuning off, channels_last 3x3 stride-1 convs with 16+ channels in
+    and out (or 32+ in) run F(2x2) on the NHWC tiles, fewer the implicit GEMM;
+    an NCHW input keeps its own rule."""
+    with tune.forced("off"):
+        for (C, K), algo in (((16, 16), "winograd"), ((32, 8), "winograd"), ((64, 64), "winograd"),
+                             ((8, 32), "im2col"), ((16, 8), "im2col"), ((3, 64), "im2col")):
+            x, w = randn(rng, (2, C, 10, 10), np.float32), randn(rng, (K, C, 3, 3), np.float32)
+            y = convkern.conv2d(_cl(x), w, padding=1)
+            assert (cpp.last_algo(), F.last_layout()) == (algo, "nhwc"), f"C={C} K={K}"
+            named = convkern.conv2d(_cl(x), w, padding=1, algo="winograd") if algo == "winograd" else None
+            if named is not None:
+                np.testing.assert_array_equal(y, named)
+
+
+def test_stride1_grad_input_runs_the_nhwc_winograd(dtype, rng):
+    """grad input of a 3x3 stride-1 channels_last conv is the forward conv of
+    grad_output with the flipped filters: on 16+ channels, the NHWC tiles."""
+    for xs, K, pad in (((2, 24, 11, 9), 32, 1), ((1, 40, 7, 8), 16, 0), ((2, 16, 6, 6), 20, 2)):
+        x, w = randn(rng, xs, dtype), randn(rng, (K, xs[1], 3, 3), dtype)
+        gy = randn(rng, convkern.conv2d(x, w, padding=pad, backend="reference").shape, dtype)
+        with tune.forced("off"):
+            gx = convkern.conv2d_backward(_cl(gy), _cl(x), w, padding=pad, needs=(True, False, False))[0]
+        assert cpp.last_algo() == "winograd", f"x{xs} K={K} pad {pad}: grad input ran {cpp.last_algo()}"
+        assert layout.is_channels_last(gx)
+        want = convkern.conv2d_backward(gy, x, w, padding=pad, needs=(True, False, False), backend="reference")[0]
+        assert_close(gx, want, dtype, f"x{xs} K={K} pad {pad}")
+
+
+def test_the_tuner_chooses_among_the_nhwc_algorithms(tmp_path, monkeypatch, rng):
+    """Tuning a channels_last 3x3 conv times NCHW against each NHWC
+    algorithm; a remembered "nhwc:winograd4" runs F(4x4) on the NHWC tiles,
+    bit for bit the named algorithm's, and an old plain "nhwc" still means
+    the NHWC rules."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    x, w = randn(rng, (2, 16, 12, 12), np.float32), randn(rng, (16, 16, 3, 3), np.float32)
+    g = conv2d_geometry(x.shape, w.shape, None, padding=1)
+    key = F._tune_key(cpp, "forward:channels_last", g, np.float32, None)
+    tune.forget()
+    try:
+        with tune.forced("on"):
+            convkern.conv2d(_cl(x), w, padding=1)
+            assert tune.remembered(key) in ("nchw", "nhwc:im2col", "nhwc:winograd", "nhwc:winograd4")
+        for choice, algo in (("nhwc:winograd4", "winograd4"), ("nhwc:im2col", "im2col"), ("nhwc", "winograd")):
+            tune.forget()
+            tune.adopt({key: choice})
+            with tune.forced("recall"):
+                y = convkern.conv2d(_cl(x), w, padding=1)
+            assert cpp.last_algo() == algo, f"{choice}: ran {cpp.last_algo()}"
+            np.testing.assert_array_equal(layout.nhwc(y), cpp.conv2d_forward_nhwc(layout.nhwc(_cl(x)), w, None, g,
+                                                                                  algo=algo))
+    finally:
+        tune.forget()
+
+
+def test_nhwc_algorithm_names_are_checked():
+    g = conv2d_geometry((1, 4, 8, 8), (4, 4, 5, 5), None, padding=2)
+    x, w = np.ones((1, 8, 8, 4), np.float32), np.ones((4, 4, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="cannot run this problem"):
+        cpp.conv2d_forward_nhwc(x, w, None, g, algo="winograd")
+    with pytest.raises(ValueError, match="cannot run this problem"):
+        cpp.conv2d_forward_nhwc(x, w, None, g, algo="shifted")
+    assert cpp.nhwc_forward_algos(g) == ("im2col",)
+    with pytest.raises(ValueError, match="winograd needs a 3x3 kernel"):
+        convkern.conv2d(_cl(np.ones((1, 4, 8, 8), np.float32)), w, padding=2, algo="winograd")
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_nhwc_winograd_at_every_simd_level(level, dtype):
+    with at_simd_level(level):
+        rng = np.random.default_rng(11)
+        for (xs, K, pad), algo in itertools.product(SHAPES[1:6], ("winograd", "winograd4")):
+            x, w, b = randn(rng, xs, dtype), randn(rng, (K, xs[1], 3, 3), dtype), randn(rng, (K,), dtype)
+            g = conv2d_geometry(xs, w.shape, b.shape, padding=pad)
+            want = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=pad,
+                                   backend="reference")
+            y = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, algo=algo)
+            assert_close(y.transpose(0, 3, 1, 2), want.astype(dtype), dtype, f"{level} {algo} x{xs} K={K} pad {pad}",
+                         tol=TOL[algo, dtype])
