@@ -7,7 +7,7 @@ namespace {
 
 template <class T>
 py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py::object& b, const ConvGeom& s,
-                                bool relu, int wino) {
+                                bool relu, int wino, bool krsc) {
     const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.H * s.W * s.C);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
@@ -16,18 +16,18 @@ py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = mptr<T>(y);
-    kernel_region([&] { ops<T>().conv2d_forward_nhwc(xp, wp, bp, yp, s, relu, wino); });
+    kernel_region([&] { ops<T>().conv2d_forward_nhwc(xp, wp, bp, yp, s, relu, wino, krsc); });
     return y;
 }
 
 py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::object& b,
-                              const std::array<idx, 16>& geom, bool relu, int winograd) {
+                              const std::array<idx, 16>& geom, bool relu, int winograd, bool weight_krsc) {
     const ConvGeom s = conv_geom(geom);
     if (winograd != -1 && winograd != 0 && winograd != 2 && winograd != 4)
         throw py::value_error("conv2d_forward_nhwc: winograd must be -1 (the rule), 0, 2 or 4, got " +
                               std::to_string(winograd));
-    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_nhwc_t<float>(x, w, b, s, relu, winograd);
-    return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd);
+    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_nhwc_t<float>(x, w, b, s, relu, winograd, weight_krsc);
+    return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd, weight_krsc);
 }
 
 template <class T>
@@ -166,7 +166,8 @@ void bind_nhwc(py::module_& m) {
     m.def("transpose_batched", &transpose_batched, py::arg("a"),
           "(B, R, C) -> (B, C, R), C-contiguous: NCHW <-> NHWC in cache-sized tiles");
     m.def("conv2d_forward_nhwc", &conv2d_forward_nhwc, py::arg("x"), py::arg("weight"), py::arg("bias"),
-          py::arg("geom"), py::arg("relu") = false, py::arg("winograd") = -1);
+          py::arg("geom"), py::arg("relu") = false, py::arg("winograd") = -1,
+          py::arg("weight_krsc") = false);
     m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
           py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true);
     m.def("max_pool2d_forward_nhwc", &max_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),

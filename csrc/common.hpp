@@ -63,8 +63,10 @@ struct OpTable {
     // channels_last: x, y, gx and gy are NHWC; weights stay (K, C/G, R, S).
     // relu: the conv's output goes through relu before it is stored.
     // wino: 2 or 4 runs a 3x3 stride-1 conv by Winograd F(2x2) or F(4x4),
-    // 0 by the implicit GEMM, -1 as the kernels' rule chooses.
-    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu, int wino);
+    // 0 by the implicit GEMM, -1 as the kernels' rule chooses. krsc: w is
+    // (K, R, S, C/G) memory (channels_last weights), read in place.
+    void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu, int wino,
+                                bool krsc);
     ConvBackward conv2d_backward_nhwc;
     // PoolGeom.planes is N here; C channels per pixel
     void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolGeom&, idx C);

@@ -504,24 +504,34 @@ int nhwc_winograd_rule(const ConvGeom& s) {
     return conv_winograd_applies(s) && s.C >= 16 && (s.K >= 16 || s.C >= 32) ? 2 : 0;
 }
 
+// krsc: the weights are (K, R, S, C/G) memory (channels_last weights, the
+// order the GEMM wants: read in place), else (K, C/G, R, S).
 template <class T>
-void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu, int wino) {
-    if (nhwc_is_depthwise(s) && s.R * s.S <= 64) {
+void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu, int wino,
+                         bool krsc) {
+    if (nhwc_is_depthwise(s) && s.R * s.S <= 64) {  // (one channel a group: both orders are one)
         note_conv_algo(ConvAlgo::depthwise);
         return depthwise_nhwc_forward(x, w, b, y, s, relu);
     }
     if (wino < 0) wino = nhwc_winograd_rule<T>(s);
     if (wino && conv_winograd_applies(s) &&
-        (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu)
-                   : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu)))
+        (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu, krsc)
+                   : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu, krsc)))
         return;
     note_conv_algo(ConvAlgo::im2col);
-    if (im2col_weights_in_place<T>(s))
-        return nhwc_forward_weight_rows(x, w, s.C * s.R * s.S, [](idx j) { return j; }, b, y, s, relu);
+    if (im2col_weights_in_place<T>(s)) {
+        // A's row k, column j = (c, r, s) of the group's patch
+        const idx RS = s.R * s.S, Cg = s.C / s.G;
+        if (krsc)
+            return nhwc_forward_weight_rows(x, w, Cg * RS, [RS, Cg](idx j) { return j % RS * Cg + j / RS; }, b, y, s,
+                                            relu);
+        return nhwc_forward_weight_rows(x, w, Cg * RS, [](idx j) { return j; }, b, y, s, relu);
+    }
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
     T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(wr_elems) * sizeof(T) + 3 * RSC * sizeof(idx), 2));
-    weights_to_krsc(w, wr, s);
+    if (!krsc) weights_to_krsc(w, wr, s);
+    const T* wk = krsc ? w : wr;
     T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(RSC, Kg)) * sizeof(T), 1));
     // With padding, a zero-padded copy of the input (one pass, against R*S
     // reads of every element by the GEMM) leaves no border rows: every full
@@ -540,8 +550,8 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
     }
     const PatchTable table = patch_table(sp, wr + wr_elems);
     for (idx g = 0; g < s.G; ++g) {
-        // B (RSC x Kg): B[j, k] = wr[(g*Kg + k) * RSC + j]
-        pack_b_full(RSC, Kg, wr + g * Kg * RSC, idx(1), RSC, bp);
+        // B (RSC x Kg): B[j, k] = wk[(g*Kg + k) * RSC + j]
+        pack_b_full(RSC, Kg, wk + g * Kg * RSC, idx(1), RSC, bp);
         T* yg = y + g * Kg;
         const T* bg = b ? b + g * Kg : nullptr;
         const auto epilogue = [&](idx i0, idx i1, idx j0, idx j1) {
@@ -690,7 +700,7 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // every element is written)
         std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
         flip_transpose_filters(w, s, wf.get());
-        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1);
+        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1, false);
         return;
     }
     if (gx) {

@@ -119,7 +119,9 @@ inline void winograd_filter_tiles(const T (&g)[9][W], T (&u)[(M + 2) * (M + 2)][
         }
 }
 
-// The transformed filters U[xi] = (G g G^T)[xi] from g (K, C, 3, 3),
+// The transformed filters U[xi] = (G g G^T)[xi] from g (K, C, 3, 3) (tap j
+// of filter k, channel c at w[k * 9 * C + c * cs + j * js]: cs = 9, js = 1
+// for (K, C, 3, 3) memory, cs = 1, js = C for (K, 3, 3, C)),
 // written straight into a GEMM's packed panel layout at Upk + xi * upk: for
 // each KC block of C, W-wide panels of the K filters, a channel's W values
 // contiguous (pack_a_full's A panels of K x C with W = MR; gemm_rows' B
@@ -128,7 +130,7 @@ inline void winograd_filter_tiles(const T (&g)[9][W], T (&u)[(M + 2) * (M + 2)][
 // so each transformed value is one W-long run (16 or 36 runs per step)
 // rather than XI single floats a matrix apart per filter.
 template <class T, int M, int W>
-void winograd_filter_panels(const T* w, idx K, idx C, idx KC, T* Upk, idx upk) {
+void winograd_filter_panels(const T* w, idx K, idx C, idx cs, idx js, idx KC, T* Upk, idx upk) {
     constexpr int XI = (M + 2) * (M + 2);
     const idx panels = (K + W - 1) / W, Kpad = panels * W;
 #pragma omp parallel for collapse(2) num_threads(threads_for(panels * C)) schedule(static)
@@ -137,7 +139,7 @@ void winograd_filter_panels(const T* w, idx K, idx C, idx KC, T* Upk, idx upk) {
             T g[9][W], u[XI][W];
             for (int i = 0; i < W; ++i) {
                 const idx k = kp * W + i;  // filters past K pad the last panel with zeros
-                for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[(k * C + c) * 9 + j] : T(0);
+                for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[k * 9 * C + c * cs + j * js] : T(0);
             }
             winograd_filter_tiles<M>(g, u);
             const idx pc = c / KC * KC, kc = imin(KC, C - pc);
@@ -149,7 +151,7 @@ void winograd_filter_panels(const T* w, idx K, idx C, idx KC, T* Upk, idx upk) {
 // U[xi] as K x C matrices in the packed GEMM's A layout
 template <class T, int M = 2>
 void winograd_filters(const T* w, idx K, idx C, T* Upk, idx upk) {
-    winograd_filter_panels<T, M, GemmBlocking<T>::MR>(w, K, C, gemm_dims<T>().kc, Upk, upk);
+    winograd_filter_panels<T, M, GemmBlocking<T>::MR>(w, K, C, idx(9), idx(1), gemm_dims<T>().kc, Upk, upk);
 }
 
 // The transforms of one tile, on X = T (one tile) or a vector of tiles

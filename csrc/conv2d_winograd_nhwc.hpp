@@ -167,15 +167,18 @@ void winograd_gemms_nhwc(const T* V, const T* Upk, idx upk, const ConvGeom& s, c
 
 // Returns false (y then holds no defined values) where an input or weight
 // is not finite, see above.
+// krsc: w is (K, 3, 3, C) memory (channels_last weights), else (K, C, 3, 3)
 template <class T, int M>
-bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu) {
+bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu,
+                                  bool krsc) {
     typedef WinogradNhwcLayout<T, M> Lay;
     constexpr int XI = Lay::kXi;
     const Lay lay(s);
     const idx upk = packed_b_elems<T>(s.C, s.K) + Lay::kPlanePad;
     T* Upk = static_cast<T*>(workspace(static_cast<std::size_t>(XI * upk) * sizeof(T), 1));
     // U[xi] as C x K matrices in gemm_rows' packed B layout
-    winograd_filter_panels<T, M, GemmBlocking<T>::NR>(w, s.K, s.C, rows_kc<T>(), Upk, upk);
+    winograd_filter_panels<T, M, GemmBlocking<T>::NR>(w, s.K, s.C, krsc ? idx(1) : idx(9), krsc ? s.C : idx(1),
+                                                      rows_kc<T>(), Upk, upk);
     const int nt = threads_for(lay.blocks);
     T* scratch = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.block_elems) * sizeof(T), 0));
     int bad = 0;

@@ -176,3 +176,38 @@ def test_nhwc_winograd_at_every_simd_level(level, dtype):
             y = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, algo=algo)
             assert_close(y.transpose(0, 3, 1, 2), want.astype(dtype), dtype, f"{level} {algo} x{xs} K={K} pad {pad}",
                          tol=TOL[algo, dtype])
+
+
+# (x shape, w shape, kwargs): the NHWC forward's routes, each with weights in
+# both layouts: Winograd, the implicit GEMM (padded, strided), the weights read
+# in place (more filters than output pixels), groups, depthwise, 1x1
+WEIGHT_ROUTES = [((2, 24, 9, 10), (32, 24, 3, 3), dict(padding=1)),
+                 ((2, 5, 11, 9), (7, 5, 3, 3), dict(padding=1, stride=2)),
+                 ((2, 20, 3, 3), (40, 20, 3, 3), dict(padding=1)),
+                 ((2, 6, 12, 12), (9, 2, 3, 3), dict(padding=1, stride=2, groups=3)),
+                 ((2, 8, 7, 7), (8, 1, 3, 3), dict(padding=1, groups=8)),
+                 ((2, 16, 5, 6), (12, 16, 1, 1), {})]
+
+
+@pytest.mark.parametrize("case", WEIGHT_ROUTES, ids=lambda c: "x".join(map(str, c[0])) + "-" + "x".join(map(str, c[1])))
+def test_channels_last_weights_are_read_in_place(case, dtype, rng):
+    """A model moved to channels_last has channels_last weights too: the NHWC
+    forward reads their (K, R, S, C/G) memory in place, with the bits of the
+    contiguous weights, on channels_last and NCHW inputs and for every NHWC
+    algorithm that runs the problem."""
+    xs, ws, kw = case
+    x, w, b = randn(rng, xs, dtype), randn(rng, ws, dtype), randn(rng, (ws[0],), dtype)
+    wcl = _cl(w)
+    assert layout.is_channels_last(wcl) or ws[1] == 1 or ws[2:] == (1, 1)  # (else both layouts at once)
+    want = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw,
+                           backend="reference")
+    with tune.forced("off"):
+        for xin in (_cl(x), x):
+            plain = convkern.conv2d(xin, w, b, **kw)
+            got = convkern.conv2d(xin, wcl, b, **kw)
+            np.testing.assert_array_equal(got, plain, err_msg=f"channels_last weights, input {xin.strides}")
+            assert_close(got, want, dtype, f"x{xs} w{ws} {kw}")
+    g = conv2d_geometry(xs, ws, b.shape, **kw)
+    for algo in cpp.nhwc_forward_algos(g) or ("auto",):
+        np.testing.assert_array_equal(cpp.conv2d_forward_nhwc(layout.nhwc(x), wcl, b, g, algo=algo),
+                                      cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, algo=algo), err_msg=algo)

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import layout
 from ..geometry import ConvGeometry, PoolGeometry, check_layout
 
 NAME = "cpp"
@@ -104,13 +105,21 @@ def nhwc_forward_algos(g: ConvGeometry) -> Tuple[str, ...]:
     return ("im2col", "winograd", "winograd4") if winograd else ("im2col",)
 
 
+# conv2d_forward_nhwc reads channels_last weights in place (the implicit
+# GEMM's own order), as well as contiguous ones
+CHANNELS_LAST_WEIGHTS = True
+
+
 def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False, algo: str = "auto"):
     """y (N, Ho, Wo, K); relu=True applies relu before storing (fused).
-    algo: "auto" (the kernels' rules) or one of nhwc_forward_algos(g)."""
+    algo: "auto" (the kernels' rules) or one of nhwc_forward_algos(g).
+    weight: (K, C/G, R, S), C-contiguous or channels_last."""
     if algo != "auto" and algo not in nhwc_forward_algos(g):
         raise ValueError(f"conv2d_forward_nhwc: algo {algo!r} cannot run this problem; "
                          f"it takes 'auto' or one of {nhwc_forward_algos(g)}")
-    return _cpu.conv2d_forward_nhwc(x, weight, bias, g.as_tuple(), bool(relu), _NHWC_WINOGRAD[algo])
+    krsc = layout.is_channels_last(weight)
+    return _cpu.conv2d_forward_nhwc(x, layout.nhwc(weight) if krsc else weight, bias, g.as_tuple(), bool(relu),
+                                    _NHWC_WINOGRAD[algo], krsc)
 
 
 def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):
