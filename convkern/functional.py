@@ -258,30 +258,32 @@ def last_layout() -> str:
     return _last_layout[0]
 
 
-def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: str, runners) -> str:
+def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Callable[[], str], runners) -> str:
     """One of `runners` (see _nhwc_runners), measured once per problem by the
-    autotuner (and remembered like the algorithms); `rule` with tuning off,
+    autotuner (and remembered like the algorithms); rule() with tuning off,
     on a backend that cannot be tuned, or recalled without a choice.
     runners["nchw"] runs first: its own first call tunes the NCHW
     algorithms, which must not count against it (a candidate whose warm-up
     takes 4x the fastest is dropped)."""
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
-        return rule
+        return rule()
     key = _tune_key(impl, key_op, g, dtype, needs)
     known = _tune.remembered(key)
     if known in runners or (known == "nhwc" and "nhwc:im2col" in runners):  # "nhwc": by the NHWC rules
         return known
     if mode == "recall":
-        return rule
+        return rule()
     runners["nchw"]()
     return _tune.choose(key, list(runners), lambda a: runners[a]())
 
 
 def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
-    chooser = getattr(impl, "choose_algo", None)
-    nchw_winograd = op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd"
-    rule = "nchw" if nchw_winograd and "winograd" not in _nhwc_algos(impl, g) else "nhwc"
+    def rule() -> str:
+        chooser = getattr(impl, "choose_algo", None)
+        nchw_winograd = op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd"
+        return "nchw" if nchw_winograd and "winograd" not in _nhwc_algos(impl, g) else "nhwc"
+
     return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule,
                             _nhwc_runners(impl, op, g, native, via_nchw))
 
@@ -293,7 +295,7 @@ def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> 
     tuner chose (a small map's GEMMs can be faster over pixels than over
     channels by more than the copies cost). With tuning off, or recalled
     without a choice, NCHW runs."""
-    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, "nchw",
+    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, lambda: "nchw",
                             _nhwc_runners(impl, op, g, nhwc, nchw))
 
 

@@ -24,6 +24,8 @@ PARAM_LIMIT = 2**31 - 1
 
 
 def _int(value, name: str) -> int:
+    if type(value) is int and -PARAM_LIMIT <= value <= PARAM_LIMIT:  # the common case, without ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if abs(int(value)) > PARAM_LIMIT:
@@ -135,8 +137,9 @@ def conv2d_geometry(x_shape, weight_shape, bias_shape=None, stride: IntPair = 1,
     """The geometry of a conv2d call, checked (ValueError/TypeError naming the
     argument). Remembered for plain arguments: a layer asks for the same one
     every step, and working it out costs microseconds a small layer feels."""
-    key = (tuple(x_shape), tuple(weight_shape), None if bias_shape is None else tuple(bias_shape), stride, padding,
-           dilation, groups)
+    # (a list of ints, as a torch module's padding, means its tuple)
+    key = (tuple(x_shape), tuple(weight_shape), None if bias_shape is None else tuple(bias_shape),
+           *(tuple(v) if type(v) is list else v for v in (stride, padding, dilation)), groups)
     if all(type(d) is int for shape in key[:3] if shape is not None for d in shape) and all(map(_plain, key[3:])):
         return _conv2d_geometry_remembered(*key)
     return _conv2d_geometry(*key)

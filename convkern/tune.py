@@ -166,6 +166,7 @@ def _save() -> None:
         warnings.warn(f"convkern: could not write the tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=4096)  # (asked on every auto call: a layer's key is made once)
 def key(backend: str, op: str, geometry: Tuple[int, ...], dtype: str, threads: int,
         extra: Sequence[object] = ()) -> str:
     return "|".join(str(p) for p in (backend, op, dtype, threads, ",".join(map(str, geometry)), *extra))

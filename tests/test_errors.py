@@ -126,7 +126,8 @@ def test_byte_swapped_and_read_only_inputs_work():
 
 
 @pytest.mark.parametrize("kw", [dict(stride=True), dict(stride=1.0), dict(stride=(1, True)), dict(groups=True),
-                                dict(padding=1.0), dict(dilation=(1.0, 1))], ids=str)
+                                dict(padding=1.0), dict(dilation=(1.0, 1)), dict(padding=[1, True]),
+                                dict(stride=[1.0, 1])], ids=str)
 def test_remembered_geometry_still_refuses_what_equals_a_good_argument(kw):
     """conv2d_geometry remembers plain arguments; True == 1 and 1.0 == 1, but
     those stay errors after the int form has been remembered."""
@@ -135,3 +136,9 @@ def test_remembered_geometry_still_refuses_what_equals_a_good_argument(kw):
     with pytest.raises(TypeError, match="must be an int"):
         convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), **{**dict(stride=1, padding=1, dilation=1, groups=1),
                                                                  **kw})
+
+
+def test_a_list_argument_is_remembered_as_its_tuple():
+    """A torch module's padding arrives as a list: the same geometry as the tuple, remembered."""
+    good = convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), stride=(1, 2), padding=(1, 0))
+    assert convkern.conv2d_geometry((1, 2, 5, 5), (2, 2, 3, 3), stride=[1, 2], padding=[1, 0]) is good
