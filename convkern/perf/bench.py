@@ -243,7 +243,14 @@ def _channels_last_case(name: str, op: str, layer_name: str, work: float, x, w, 
     from ..layout import is_channels_last, to_channels_last
 
     xc, gyc = to_channels_last(x), to_channels_last(gy)
-    ran = (lambda: F.last_layout().upper() + " kernels") if is_channels_last(xc) else "NCHW (one channel: both layouts)"
+    module = _backends.get(name)
+
+    def layout_ran() -> str:
+        text = F.last_layout().upper() + " kernels"
+        # (forward: the algorithm; a backward runs several)
+        return text if backward or not hasattr(module, "last_algo") else f"{text}, {_what_ran(module)}"
+
+    ran = layout_ran if is_channels_last(xc) else "NCHW (one channel: both layouts)"
     if backward:
         def run():
             return F.conv2d_backward(gyc, xc, w, **kw, needs=(True, True, False), backend=name)[0]
