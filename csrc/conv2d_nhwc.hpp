@@ -557,7 +557,10 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         const auto epilogue = [&](idx i0, idx i1, idx j0, idx j1) {
             for (idx m = i0; m < i1; ++m) bias_relu_row(yg + m * s.K, bg, relu, j0, j1);
         };
-        gemm_rows(M, Kg, RSC, NhwcPatches<T>{xs, sp, g, table}, bp, yg, s.K, epilogue);
+        if (conv_is_pointwise(s))  // a pixel's patch is its own row of the input: no index arithmetic per row
+            gemm_rows(M, Kg, RSC, InPlaceRows<T>{xs + g * Cg, s.C, table.off}, bp, yg, s.K, epilogue);
+        else
+            gemm_rows(M, Kg, RSC, NhwcPatches<T>{xs, sp, g, table}, bp, yg, s.K, epilogue);
     }
 }
 
