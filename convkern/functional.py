@@ -354,7 +354,9 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     and "im2col" everywhere; on cpp also "depthwise", "shifted", "winograd"
     (F(2x2, 3x3)) and "winograd4" (F(4x4, 3x3), float32 error a few times
     the others'); on cuda "implicit". A named algorithm that cannot run this
-    problem raises ValueError saying why.
+    problem raises ValueError saying why. On a channels_last input the cpp
+    Winograd algorithms run on the NHWC data itself (channels in vector
+    lanes); the others run on an NCHW copy.
     memory_format: None (the output takes the input's layout) or
     "channels_last": the output is channels_last whatever the input's (an
     NCHW input is converted first; a one-channel input, both layouts at
