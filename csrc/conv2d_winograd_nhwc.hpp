@@ -11,9 +11,12 @@
 // NHWC output pixels directly, with the bias and relu.
 //
 // Tiles go in blocks, each on one thread with its own scratch (V and M of
-// the block, sized to stay in L2): transform, XI GEMMs, transform back. Every
-// output is reduced over C in a fixed order: deterministic for any thread
-// count.
+// the block, sized to stay in L2): transform, XI GEMMs, transform back. Each
+// block reads all of U; where U outweighs the whole batch's V and M (small
+// maps, many channels) the batch is one block instead, and the threads split
+// its GEMMs by plane, so U is read once. Every output is reduced over C in a
+// fixed order by the same micro-kernel steps either way: deterministic for
+// any thread count.
 //
 // Inf and NaN: the transforms subtract inputs, so an inf in x or w can give a
 // NaN where the direct sum gives +-inf. Such an input always leaves some
@@ -28,6 +31,7 @@ struct WinogradNhwcLayout {
     static constexpr idx kMaxTiles = 240;
     idx tH, tW, tiles;   // output tiles per image column/row, in the batch
     idx ldv, ldm;        // row strides of V (C) and M (K), whole vectors
+    bool whole;          // the batch is one block, its GEMMs split by plane
     idx tb, blocks;      // tiles per block (whole MR-row panels), blocks
     idx vplane, mplane;  // one plane of V and of M in a block
     idx block_elems;
@@ -38,14 +42,20 @@ struct WinogradNhwcLayout {
         tiles = s.N * tH * tW;
         ldv = (s.C + L - 1) / L * L;
         ldm = (s.K + L - 1) / L * L;
-        // a block's V and M in half of L2, at most kMaxTiles tiles, and at
-        // least two blocks per thread where the batch has the tiles
-        const idx per_tile = kXi * (ldv + ldm) * static_cast<idx>(sizeof(T));
-        idx t = imin(kMaxTiles, imax(MR, cache_sizes().l2 / 2 / per_tile));
-        t = imin(t, imax(MR, (tiles + 2 * num_threads() - 1) / (2 * num_threads())));
-        blocks = (tiles + t - 1) / t;
-        tb = ((tiles + blocks - 1) / blocks + MR - 1) / MR * MR;
-        blocks = (tiles + tb - 1) / tb;
+        whole = tiles * (ldv + ldm) <= s.C * s.K;
+        if (whole) {
+            tb = (tiles + MR - 1) / MR * MR;
+            blocks = 1;
+        } else {
+            // a block's V and M in half of L2, at most kMaxTiles tiles, and
+            // at least two blocks per thread where the batch has the tiles
+            const idx per_tile = kXi * (ldv + ldm) * static_cast<idx>(sizeof(T));
+            idx t = imin(kMaxTiles, imax(MR, cache_sizes().l2 / 2 / per_tile));
+            t = imin(t, imax(MR, (tiles + 2 * num_threads() - 1) / (2 * num_threads())));
+            blocks = (tiles + t - 1) / t;
+            tb = ((tiles + blocks - 1) / blocks + MR - 1) / MR * MR;
+            blocks = (tiles + tb - 1) / tb;
+        }
         vplane = tb * ldv + kPlanePad;
         mplane = tb * ldm + kPlanePad;
         block_elems = (kXi * (vplane + mplane) + 15) / 16 * 16;
@@ -121,18 +131,19 @@ bool winograd_output_nhwc(const T* Mt, const T* b, const ConvGeom& s, const Wino
     return true;
 }
 
-// The block's XI GEMMs, M[xi] = V[xi] U[xi], with gemm_rows' micro-kernels
-// reading V's rows in place. Rows of the last panel past the block's tiles
-// read the block's first row; their results land in M rows never used.
+// The block's GEMMs M[xi] = V[xi] U[xi] for planes [xi0, xi1), with
+// gemm_rows' micro-kernels reading V's rows in place. Rows of the last panel
+// past the block's tiles read the block's first row; their results land in M
+// rows never used.
 template <class T, int M>
 void winograd_gemms_nhwc(const T* V, const T* Upk, idx upk, const ConvGeom& s, const WinogradNhwcLayout<T, M>& lay,
-                         idx nb, T* Mt) {
+                         idx nb, T* Mt, int xi0, int xi1) {
     typedef GemmBlocking<T> GB;
-    constexpr int MR = GB::MR, NR = GB::NR, XI = (M + 2) * (M + 2);
+    constexpr int MR = GB::MR, NR = GB::NR;
     const idx KC = rows_kc<T>(), npanels = (s.K + NR - 1) / NR, Npad = npanels * NR, mpanels = (nb + MR - 1) / MR;
     idx iota[kRowsKCMax];
     for (idx k = 0; k < KC; ++k) iota[k] = k;
-    for (int xi = 0; xi < XI; ++xi) {
+    for (int xi = xi0; xi < xi1; ++xi) {
         const T* Vx = V + xi * lay.vplane;
         T* Mx = Mt + xi * lay.mplane;
         for (idx pc = 0; pc < s.C; pc += KC) {
@@ -179,9 +190,35 @@ bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, cons
     // U[xi] as C x K matrices in gemm_rows' packed B layout
     winograd_filter_panels<T, M, GemmBlocking<T>::NR>(w, s.K, s.C, krsc ? idx(1) : idx(9), krsc ? s.C : idx(1),
                                                       rows_kc<T>(), Upk, upk);
+    int bad = 0;
+    if (lay.whole) {
+        // (tile chunks of a few vectors' work each for the transforms)
+        constexpr idx kChunk = 4;
+        const idx chunks = (lay.tiles + kChunk - 1) / kChunk;
+        T* V = static_cast<T*>(workspace(static_cast<std::size_t>(lay.block_elems) * sizeof(T), 0));
+        T* Mt = V + XI * lay.vplane;
+        if (lay.ldm != s.K) std::memset(Mt, 0, static_cast<std::size_t>(XI * lay.mplane) * sizeof(T));
+#pragma omp parallel num_threads(threads_for(chunks)) reduction(| : bad)
+        {
+#pragma omp for schedule(static)
+            for (idx c = 0; c < chunks; ++c) {
+                const idx t0 = c * kChunk, t1 = imin(lay.tiles, t0 + kChunk);
+                winograd_input_nhwc(x, s, lay, t0, t1, V + t0 * lay.ldv);
+            }
+#pragma omp for schedule(static)
+            for (int xi = 0; xi < XI; ++xi) winograd_gemms_nhwc(V, Upk, upk, s, lay, lay.tiles, Mt, xi, xi + 1);
+#pragma omp for schedule(static)
+            for (idx c = 0; c < chunks; ++c) {
+                const idx t0 = c * kChunk, t1 = imin(lay.tiles, t0 + kChunk);
+                bad |= !winograd_output_nhwc(Mt + t0 * lay.ldm, b, s, lay, t0, t1, y, relu);
+            }
+        }
+        if (bad) return false;
+        note_conv_algo(M == 2 ? ConvAlgo::winograd : ConvAlgo::winograd4);
+        return true;
+    }
     const int nt = threads_for(lay.blocks);
     T* scratch = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.block_elems) * sizeof(T), 0));
-    int bad = 0;
 #pragma omp parallel num_threads(nt) reduction(| : bad)
     {
         T* V = scratch + omp_get_thread_num() * lay.block_elems;
@@ -193,7 +230,7 @@ bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, cons
         for (idx blk = 0; blk < lay.blocks; ++blk) {
             const idx t0 = blk * lay.tb, t1 = imin(lay.tiles, t0 + lay.tb);
             winograd_input_nhwc(x, s, lay, t0, t1, V);
-            winograd_gemms_nhwc(V, Upk, upk, s, lay, t1 - t0, Mt);
+            winograd_gemms_nhwc(V, Upk, upk, s, lay, t1 - t0, Mt, 0, XI);
             bad |= !winograd_output_nhwc(Mt, b, s, lay, t0, t1, y, relu);
         }
     }

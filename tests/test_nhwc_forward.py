@@ -27,9 +27,12 @@ pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the cpp backend 
 
 # (x shape, K, padding): channels below, at and off the vector width; maps
 # smaller than a tile, odd, and one tile row; blocks of tiles with a short
-# last one (3 x 17 x 19 has 270 2x2 tiles).
+# last one (3 x 17 x 19 has 270 2x2 tiles); batches whose transformed
+# filters outweigh their tiles (one block, GEMMs split by plane: 2 x 64 x
+# 8 x 8 and 2 x 90 x 5 x 7).
 SHAPES = [((1, 1, 3, 3), 1, 0), ((2, 3, 7, 9), 5, 1), ((1, 17, 6, 5), 33, 1), ((2, 40, 9, 10), 70, 2),
-          ((3, 16, 17, 19), 32, 1), ((1, 35, 4, 4), 20, 3), ((2, 64, 8, 8), 48, 0), ((1, 9, 1, 12), 7, 1)]
+          ((3, 16, 17, 19), 32, 1), ((1, 35, 4, 4), 20, 3), ((2, 64, 8, 8), 48, 0), ((1, 9, 1, 12), 7, 1),
+          ((2, 90, 5, 7), 72, 1)]
 
 # error norms against the norm of the terms' magnitudes (see
 # _assert_winograd_close), about 10x what 15 random draws of SHAPES gave;
@@ -78,11 +81,14 @@ def test_nhwc_winograd_against_the_reference(algo, dtype, rng):
 
 
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
-def test_nhwc_winograd_bits_do_not_change_with_the_thread_count(algo):
+@pytest.mark.parametrize("xs,K", [((3, 24, 30, 42), 40), ((2, 90, 5, 7), 72)], ids=["blocks", "one-block"])
+def test_nhwc_winograd_bits_do_not_change_with_the_thread_count(algo, xs, K):
+    """3 x 15 x 21 tiles of 2x2: blocks of different sizes for 1, 2 and 3
+    threads; 2 x 3 x 4 tiles under 90 -> 72 channels: one block, its GEMMs
+    split by plane among the threads."""
     rng = np.random.default_rng(3)
-    # 3 x 15 x 21 tiles of 2x2: blocks of different sizes for 1, 2 and 3 threads
-    x, w, b = rng.standard_normal((3, 24, 30, 42), np.float32), rng.standard_normal((40, 24, 3, 3), np.float32), \
-        rng.standard_normal(40, np.float32)
+    x, w, b = rng.standard_normal(xs, np.float32), rng.standard_normal((K, xs[1], 3, 3), np.float32), \
+        rng.standard_normal(K, np.float32)
     g = conv2d_geometry(x.shape, w.shape, b.shape, padding=1)
     xn = layout.nhwc(_cl(x))
     outs = []
