@@ -158,17 +158,8 @@ void winograd_gemms_nhwc(const T* V, const T* Upk, idx upk, const ConvGeom& s, c
                         const idx r = ip * MR + i;
                         rows[i] = Vx + (r < nb ? r : 0) * lay.ldv + pc;
                     }
-                    T* Ct = Mx + ip * MR * lay.ldm + jp * NR;
-                    if (pair) {
-                        for (int h = 0; h < 2; ++h)
-                            gemm_micro_indirect_wide<T>(kc, rows + h * (MR / 2), iota, Bblk + jp * NR * kc,
-                                                        Bblk + (jp + 1) * NR * kc, Ct + h * (MR / 2) * lay.ldm,
-                                                        lay.ldm, pc > 0);
-                    } else if (nr <= GB::L) {
-                        gemm_micro_indirect<T, 1>(kc, rows, iota, Bblk + jp * NR * kc, Ct, lay.ldm, nr, pc > 0);
-                    } else {
-                        gemm_micro_indirect<T, 2>(kc, rows, iota, Bblk + jp * NR * kc, Ct, lay.ldm, nr, pc > 0);
-                    }
+                    gemm_micro_indirect_panel(kc, rows, iota, Bblk, jp, nr, pair, Mx + ip * MR * lay.ldm + jp * NR,
+                                              lay.ldm, pc > 0);
                 }
                 if (pair) ++jp;
             }
@@ -213,25 +204,23 @@ bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, cons
                 bad |= !winograd_output_nhwc(Mt + t0 * lay.ldm, b, s, lay, t0, t1, y, relu);
             }
         }
-        if (bad) return false;
-        note_conv_algo(M == 2 ? ConvAlgo::winograd : ConvAlgo::winograd4);
-        return true;
-    }
-    const int nt = threads_for(lay.blocks);
-    T* scratch = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.block_elems) * sizeof(T), 0));
+    } else {
+        const int nt = threads_for(lay.blocks);
+        T* scratch = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.block_elems) * sizeof(T), 0));
 #pragma omp parallel num_threads(nt) reduction(| : bad)
-    {
-        T* V = scratch + omp_get_thread_num() * lay.block_elems;
-        T* Mt = V + XI * lay.vplane;
-        // the GEMMs write K columns of M; the output transform reads whole
-        // vectors, whose lanes past K must be finite
-        if (lay.ldm != s.K) std::memset(Mt, 0, static_cast<std::size_t>(XI * lay.mplane) * sizeof(T));
+        {
+            T* V = scratch + omp_get_thread_num() * lay.block_elems;
+            T* Mt = V + XI * lay.vplane;
+            // the GEMMs write K columns of M; the output transform reads
+            // whole vectors, whose lanes past K must be finite
+            if (lay.ldm != s.K) std::memset(Mt, 0, static_cast<std::size_t>(XI * lay.mplane) * sizeof(T));
 #pragma omp for schedule(dynamic, 1)
-        for (idx blk = 0; blk < lay.blocks; ++blk) {
-            const idx t0 = blk * lay.tb, t1 = imin(lay.tiles, t0 + lay.tb);
-            winograd_input_nhwc(x, s, lay, t0, t1, V);
-            winograd_gemms_nhwc(V, Upk, upk, s, lay, t1 - t0, Mt, 0, XI);
-            bad |= !winograd_output_nhwc(Mt, b, s, lay, t0, t1, y, relu);
+            for (idx blk = 0; blk < lay.blocks; ++blk) {
+                const idx t0 = blk * lay.tb, t1 = imin(lay.tiles, t0 + lay.tb);
+                winograd_input_nhwc(x, s, lay, t0, t1, V);
+                winograd_gemms_nhwc(V, Upk, upk, s, lay, t1 - t0, Mt, 0, XI);
+                bad |= !winograd_output_nhwc(Mt, b, s, lay, t0, t1, y, relu);
+            }
         }
     }
     if (bad) return false;

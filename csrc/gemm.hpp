@@ -297,6 +297,27 @@ inline void gemm_micro_indirect_wide(idx kc, const T* const* rows, const idx* __
     store_tile<T, MH, 4>(c, C, ldc, MH, 2 * NR, accumulate);
 }
 
+// One MR-row panel of A read in place (rows, off) against column panel jp of
+// a packed B block, nr of its columns live; with pair, panel jp + 1 too, by
+// the wide tile (the caller checks kIndirectWide and that both are full).
+template <class T>
+__attribute__((always_inline)) inline void gemm_micro_indirect_panel(idx kc, const T* const* rows, const idx* off,
+                                                                     const T* Bblk, idx jp, idx nr, bool pair, T* Ct,
+                                                                     idx ldc, bool accumulate) {
+    typedef GemmBlocking<T> GB;
+    constexpr int MR = GB::MR, NR = GB::NR;
+    const T* Bp = Bblk + jp * NR * kc;
+    if (pair) {
+        for (int h = 0; h < 2; ++h)
+            gemm_micro_indirect_wide<T>(kc, rows + h * (MR / 2), off, Bp, Bp + NR * kc, Ct + h * (MR / 2) * ldc, ldc,
+                                        accumulate);
+    } else if (nr <= GB::L) {
+        gemm_micro_indirect<T, 1>(kc, rows, off, Bp, Ct, ldc, nr, accumulate);
+    } else {
+        gemm_micro_indirect<T, 2>(kc, rows, off, Bp, Ct, ldc, nr, accumulate);
+    }
+}
+
 template <class T>
 __attribute__((always_inline)) inline void gemm_micro(idx kc, const T* __restrict Ap, const T* __restrict Bp, T* C,
                                                       idx ldc, idx mr, idx nr, bool accumulate) {

@@ -111,21 +111,12 @@ void gemm_rows(idx M, idx N, idx K, const ASource& a_src, const T* Bp, T* C, idx
                 for (idx ip = 0; ip < mpanels; ++ip) {
                     T* Ct = C + (i0 + ip * MR) * ldc + jp * NR;
                     const idx nr = imin(NR, N - jp * NR);
-                    if (direct[ip] && paired(jp, jp0, jp1)) {
-                        for (int h = 0; h < 2; ++h)
-                            gemm_micro_indirect_wide<T>(kc, rows_of[ip] + h * (MR / 2), off, Bblk + jp * NR * kc,
-                                                        Bblk + (jp + 1) * NR * kc, Ct + h * (MR / 2) * ldc, ldc,
-                                                        pc > 0);
-                    } else if (direct[ip] && jp > jp0 && paired(jp - 1, jp0, jp1)) {
-                        continue;  // done with the panel before it
-                    } else if (!direct[ip]) {
+                    if (!direct[ip])
                         gemm_micro(kc, Ap + ip * MR * kc, Bblk + jp * NR * kc, Ct, ldc, imin(MR, mc - ip * MR), nr,
                                    pc > 0);
-                    } else if (nr <= GB::L) {
-                        gemm_micro_indirect<T, 1>(kc, rows_of[ip], off, Bblk + jp * NR * kc, Ct, ldc, nr, pc > 0);
-                    } else {
-                        gemm_micro_indirect<T, 2>(kc, rows_of[ip], off, Bblk + jp * NR * kc, Ct, ldc, nr, pc > 0);
-                    }
+                    else if (!(jp > jp0 && paired(jp - 1, jp0, jp1)))  // (else done with the panel before it)
+                        gemm_micro_indirect_panel(kc, rows_of[ip], off, Bblk, jp, nr, paired(jp, jp0, jp1), Ct, ldc,
+                                                  pc > 0);
                 }
         }
         epilogue(i0, i0 + mc, jp0 * NR, imin(N, jp1 * NR));
