@@ -21,6 +21,7 @@ from .functional import (algorithms, avg_pool2d, avg_pool2d_backward, conv2d, co
                          conv2d_relu_backward, linear, linear_backward, max_pool2d, max_pool2d_backward, relu,
                          relu_backward)
 from .geometry import ConvGeometry, PoolGeometry, conv2d_geometry, pool2d_geometry
+from .weight_cache import cached_weights
 from . import _moved
 
 _moved.install()
@@ -96,6 +97,6 @@ __all__ = [
     "relu", "relu_backward", "linear", "linear_backward", "algorithms", "backends", "use_backend", "register_backend", "BackendInfo",
     "BackendUnavailableError", "UnsupportedOpError",
     "ConvGeometry", "PoolGeometry", "conv2d_geometry", "pool2d_geometry", "set_num_threads",
-    "get_num_threads", "simd_level", "set_simd_level", "set_flush_denormal", "get_flush_denormal", "__version__",
+    "get_num_threads", "cached_weights", "simd_level", "set_simd_level", "set_flush_denormal", "get_flush_denormal", "__version__",
     "keep_freed_memory",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from . import backend as _backends
 from . import layout, strided
 from . import tune as _tune
+from . import weight_cache as _weight_cache
 from .arrays import array_module as _xp
 from .arrays import cupy_or_none as _cupy
 from .arrays import device_of as _device_of
@@ -160,11 +161,14 @@ def _resolve_algo(impl, algo: str) -> str:
     return algo
 
 
-def _tune_key(impl, op: str, g: ConvGeometry, dtype, needs) -> str:
-    """The tuning cache's key for a conv problem on a backend (choices are per thread count)."""
+def _tune_key(impl, op: str, g: ConvGeometry, dtype, needs, extra: Tuple[str, ...] = ()) -> str:
+    """The tuning cache's key for a conv problem on a backend (choices are per
+    thread count); `extra` names what else changes the timings (channels_last
+    weights: read in place by the NHWC kernels, transposed for the NCHW ones;
+    Winograd filters kept across calls, no longer transformed in each)."""
     threads = impl.threads() if hasattr(impl, "threads") else 0
     return _tune.key(getattr(impl, "NAME", "?"), op, g.as_tuple(), _dtype_name(dtype), threads,
-                     () if needs is None else ("".join("1" if n else "0" for n in needs),))
+                     (() if needs is None else ("".join("1" if n else "0" for n in needs),)) + extra)
 
 
 def _tuned(impl, op: str, g: ConvGeometry, dtype, needs, run) -> str:
@@ -238,13 +242,14 @@ def _nhwc_algo(choice: str) -> str:
     return choice.partition(":")[2] or "auto"
 
 
-def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
+def _layout_choice(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw,
+                   extra: Tuple[str, ...] = ()) -> str:
     """For a channels_last conv on a backend with NHWC kernels: "nhwc" or
     "nhwc:<algo>" (run them) or "nchw" (convert, run the NCHW algorithms,
     convert back). Measured by the autotuner like the algorithms
     (convkern.tune); with tuning off, the rule: NHWC, except forward where
     the NCHW side has Winograd and the NHWC side has not."""
-    choice = _layout_choice_made(impl, op, g, dtype, needs, native, via_nchw)
+    choice = _layout_choice_made(impl, op, g, dtype, needs, native, via_nchw, extra)
     _last_layout[0] = choice.partition(":")[0]
     return choice
 
@@ -258,7 +263,8 @@ def last_layout() -> str:
     return _last_layout[0]
 
 
-def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Callable[[], str], runners) -> str:
+def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Callable[[], str], runners,
+                     extra: Tuple[str, ...] = ()) -> str:
     """One of `runners` (see _nhwc_runners), measured once per problem by the
     autotuner (and remembered like the algorithms); rule() with tuning off,
     on a backend that cannot be tuned, or recalled without a choice.
@@ -268,7 +274,7 @@ def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Cal
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
         return rule()
-    key = _tune_key(impl, key_op, g, dtype, needs)
+    key = _tune_key(impl, key_op, g, dtype, needs, extra)
     known = _tune.remembered(key)
     if known in runners or (known == "nhwc" and "nhwc:im2col" in runners):  # "nhwc": by the NHWC rules
         return known
@@ -278,17 +284,17 @@ def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Cal
     return _tune.choose(key, list(runners), lambda a: runners[a]())
 
 
-def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw) -> str:
+def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, via_nchw, extra) -> str:
     def rule() -> str:
         chooser = getattr(impl, "choose_algo", None)
         nchw_winograd = op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd"
         return "nchw" if nchw_winograd and "winograd" not in _nhwc_algos(impl, g) else "nhwc"
 
     return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule,
-                            _nhwc_runners(impl, op, g, native, via_nchw))
+                            _nhwc_runners(impl, op, g, native, via_nchw), extra)
 
 
-def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> str:
+def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc, extra: Tuple[str, ...] = ()) -> str:
     """For an NCHW conv whose algorithm auto picks, on a backend with NHWC
     kernels: "nchw", or "nhwc"/"nhwc:<algo>" where copying to NHWC, running
     those kernels and copying back is faster than the NCHW algorithm the
@@ -296,7 +302,7 @@ def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc) -> 
     channels by more than the copies cost). With tuning off, or recalled
     without a choice, NCHW runs."""
     return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, lambda: "nchw",
-                            _nhwc_runners(impl, op, g, nhwc, nchw))
+                            _nhwc_runners(impl, op, g, nhwc, nchw), extra)
 
 
 def _all_finite(a, device: str) -> bool:
@@ -412,6 +418,10 @@ def _forward_nchw(impl, x, w, b, g: ConvGeometry, algo: str, fuse_relu: bool):
 
 def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "auto"):
     kw = {} if algo == "auto" else {"algo": algo}
+    if _weight_cache.active():
+        filters = _weight_cache.winograd_filters(impl, w, g, algo)
+        if filters is not None:
+            kw["filters"] = filters
     if fuse_relu and _takes_keyword(impl.conv2d_forward_nhwc, "relu"):
         return impl.conv2d_forward_nhwc(x, w, b, g, relu=True, **kw), True
     return impl.conv2d_forward_nhwc(x, w, b, g, **kw), False
@@ -436,6 +446,9 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
     w_cl = w if (device == "cpu" and w.dtype == dtype and layout.is_channels_last(w)
                  and getattr(impl, "CHANNELS_LAST_WEIGHTS", False)) else None
     w = w if w_cl is not None else _contiguous(w, device, dtype)
+    # what changes the routes' costs (see _tune_key): channels_last weights;
+    # Winograd filters kept across calls (convkern.cached_weights)
+    weights = (() if w_cl is None else ("w:channels_last",)) + (("w:kept",) if _weight_cache.active() else ())
     algo = _resolve_algo(impl, algo)
     if g.N == 0:
         y = _zeros(device, g.output_shape, dtype)
@@ -453,7 +466,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
             if algo != "auto":  # a Winograd named: the NHWC tiles
                 _last_layout[0] = "nhwc"
                 return native(algo)
-            choice = _layout_choice(impl, "forward", g, dtype, None, native, via_nchw)
+            choice = _layout_choice(impl, "forward", g, dtype, None, native, via_nchw, weights)
             if choice != "nchw":
                 return native(_nhwc_algo(choice))
         _last_layout[0] = "nchw"
@@ -472,7 +485,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
             return _finish_relu(layout.nchw(layout.from_nhwc(y)), fuse_relu, done, backend)
 
         choice = _nchw_via_nhwc(impl, "forward", g, dtype, None,
-                                lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc)
+                                lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc, weights)
         if choice != "nchw":
             return _unbatch(nhwc(_nhwc_algo(choice)), g.unbatched)
     y, done = _forward_nchw(impl, x, w, b, g, algo, fuse_relu)

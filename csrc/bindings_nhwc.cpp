@@ -5,29 +5,84 @@
 
 namespace {
 
+bool winograd_shape(const ConvGeom& s) {  // (the kernels' conv_winograd_applies)
+    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
+}
+
+// A weight's transformed filters for the NHWC Winograd F(m x m, 3x3), made
+// once and handed to many calls: their packing follows the SIMD level that
+// made them (its GEMM panel width), which each call checks.
+struct WinogradFilters {
+    py::array data;
+    int m;
+    idx K, C;
+    convkern::SimdLevel level;
+    DType dt;
+};
+
+template <class T>
+WinogradFilters winograd_nhwc_filters_t(const py::array& w, idx K, idx C, int m, bool krsc) {
+    const convkern::OpTable<T>& t = ops<T>();
+    py::array u = empty<T>({t.winograd_nhwc_filter_elems(K, C, m)});
+    const T* wp = cptr<T>(w);
+    T* up = mptr<T>(u);
+    {
+        py::gil_scoped_release nogil;
+        t.winograd_nhwc_filters(wp, K, C, m, krsc, up);
+    }
+    return WinogradFilters{u, m, K, C, convkern::active_simd_level(), dtype_of(w, "weight")};
+}
+
+WinogradFilters winograd_nhwc_filters(const py::array& w, const std::array<idx, 16>& geom, int m, bool weight_krsc) {
+    const ConvGeom s = conv_geom(geom);
+    if (m != 2 && m != 4) throw py::value_error("winograd_nhwc_filters: m must be 2 or 4, got " + std::to_string(m));
+    if (!winograd_shape(s))
+        throw py::value_error("winograd_nhwc_filters: the geometry is not a 3x3 stride-1 ungrouped conv");
+    const DType dt = dtype_of(w, "weight");
+    require(w, "weight", dt, s.K * s.C * 9);
+    if (dt == DType::f32) return winograd_nhwc_filters_t<float>(w, s.K, s.C, m, weight_krsc);
+    return winograd_nhwc_filters_t<double>(w, s.K, s.C, m, weight_krsc);
+}
+
 template <class T>
 py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py::object& b, const ConvGeom& s,
-                                bool relu, int wino, bool krsc) {
+                                bool relu, int wino, bool krsc, const WinogradFilters* u) {
     const DType dt = dtype_of(x, "x");
     require(x, "x", dt, s.N * s.H * s.W * s.C);
     require(w, "weight", dt, s.K * (s.C / s.G) * s.R * s.S);
     const T* bp = bias_ptr<T>(b, dt, s.K);
+    const T* up = nullptr;
+    if (u) {
+        if (u->m != wino || u->K != s.K || u->C != s.C || u->dt != dt || !winograd_shape(s))
+            throw py::value_error("conv2d_forward_nhwc: filters were made for F(" + std::to_string(u->m) +
+                                  "x" + std::to_string(u->m) + ") of " + std::to_string(u->K) + " x " +
+                                  std::to_string(u->C) + " weights, this call runs winograd=" +
+                                  std::to_string(wino) + " with K=" + std::to_string(s.K) +
+                                  ", C=" + std::to_string(s.C) + " (or another dtype)");
+        if (u->level != convkern::active_simd_level())
+            throw py::value_error(std::string("conv2d_forward_nhwc: filters were made at SIMD level ") +
+                                  convkern::simd_level_name(u->level) + ", the active level is " +
+                                  convkern::simd_level_name(convkern::active_simd_level()));
+        up = cptr<T>(u->data);
+    }
     py::array y = empty<T>({s.N, s.Ho, s.Wo, s.K});
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
     T* yp = mptr<T>(y);
-    kernel_region([&] { ops<T>().conv2d_forward_nhwc(xp, wp, bp, yp, s, relu, wino, krsc); });
+    kernel_region([&] { ops<T>().conv2d_forward_nhwc(xp, wp, bp, yp, s, relu, wino, krsc, up); });
     return y;
 }
 
 py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::object& b,
-                              const std::array<idx, 16>& geom, bool relu, int winograd, bool weight_krsc) {
+                              const std::array<idx, 16>& geom, bool relu, int winograd, bool weight_krsc,
+                              const WinogradFilters* filters) {
     const ConvGeom s = conv_geom(geom);
     if (winograd != -1 && winograd != 0 && winograd != 2 && winograd != 4)
         throw py::value_error("conv2d_forward_nhwc: winograd must be -1 (the rule), 0, 2 or 4, got " +
                               std::to_string(winograd));
-    if (dtype_of(x, "x") == DType::f32) return conv2d_forward_nhwc_t<float>(x, w, b, s, relu, winograd, weight_krsc);
-    return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd, weight_krsc);
+    if (dtype_of(x, "x") == DType::f32)
+        return conv2d_forward_nhwc_t<float>(x, w, b, s, relu, winograd, weight_krsc, filters);
+    return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd, weight_krsc, filters);
 }
 
 template <class T>
@@ -165,9 +220,25 @@ py::array transpose_batched(const py::array& a) {
 void bind_nhwc(py::module_& m) {
     m.def("transpose_batched", &transpose_batched, py::arg("a"),
           "(B, R, C) -> (B, C, R), C-contiguous: NCHW <-> NHWC in cache-sized tiles");
+    py::class_<WinogradFilters>(m, "WinogradFilters",
+                                "A weight's transformed filters for the NHWC Winograd F(m x m, 3x3) "
+                                "(winograd_nhwc_filters), valid at the SIMD level that made them")
+        .def_readonly("m", &WinogradFilters::m)
+        .def_readonly("K", &WinogradFilters::K)
+        .def_readonly("C", &WinogradFilters::C)
+        .def_property_readonly("nbytes", [](const WinogradFilters& u) { return u.data.nbytes(); })
+        .def_property_readonly("simd_level",
+                               [](const WinogradFilters& u) { return std::string(convkern::simd_level_name(u.level)); });
+    m.def("nhwc_winograd_rule", [](const std::array<idx, 16>& geom) {
+        return ops<float>().nhwc_winograd_rule(conv_geom(geom));
+    }, py::arg("geom"), "The Winograd tile conv2d_forward_nhwc(winograd=-1) runs (2 or 4), or 0 for none");
+    m.def("winograd_nhwc_filters", &winograd_nhwc_filters, py::arg("weight"), py::arg("geom"), py::arg("m"),
+          py::arg("weight_krsc") = false,
+          "The transformed filters conv2d_forward_nhwc(..., winograd=m, filters=) reads instead of transforming "
+          "the weights in each call");
     m.def("conv2d_forward_nhwc", &conv2d_forward_nhwc, py::arg("x"), py::arg("weight"), py::arg("bias"),
           py::arg("geom"), py::arg("relu") = false, py::arg("winograd") = -1,
-          py::arg("weight_krsc") = false);
+          py::arg("weight_krsc") = false, py::arg("filters") = nullptr);
     m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
           py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true);
     m.def("max_pool2d_forward_nhwc", &max_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),

@@ -64,9 +64,15 @@ struct OpTable {
     // relu: the conv's output goes through relu before it is stored.
     // wino: 2 or 4 runs a 3x3 stride-1 conv by Winograd F(2x2) or F(4x4),
     // 0 by the implicit GEMM, -1 as the kernels' rule chooses. krsc: w is
-    // (K, R, S, C/G) memory (channels_last weights), read in place.
+    // (K, R, S, C/G) memory (channels_last weights), read in place. U: with
+    // wino 2 or 4, w's transformed filters from winograd_nhwc_filters at
+    // this level (whose elements winograd_nhwc_filter_elems counts), or
+    // nullptr to transform w in the call.
     void (*conv2d_forward_nhwc)(const T* x, const T* w, const T* b, T* y, const ConvGeom&, bool relu, int wino,
-                                bool krsc);
+                                bool krsc, const T* U);
+    int (*nhwc_winograd_rule)(const ConvGeom&);  // the tile wino=-1 takes (0: none)
+    idx (*winograd_nhwc_filter_elems)(idx K, idx C, int m);
+    void (*winograd_nhwc_filters)(const T* w, idx K, idx C, int m, bool krsc, T* U);
     ConvBackward conv2d_backward_nhwc;
     // PoolGeom.planes is N here; C channels per pixel
     void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolGeom&, idx C);

@@ -505,18 +505,19 @@ int nhwc_winograd_rule(const ConvGeom& s) {
 }
 
 // krsc: the weights are (K, R, S, C/G) memory (channels_last weights, the
-// order the GEMM wants: read in place), else (K, C/G, R, S).
+// order the GEMM wants: read in place), else (K, C/G, R, S). U: with wino 2
+// or 4, w's transformed filters for it (winograd_nhwc_filters), or nullptr.
 template <class T>
 void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu, int wino,
-                         bool krsc) {
+                         bool krsc, const T* U) {
     if (nhwc_is_depthwise(s) && s.R * s.S <= 64) {  // (one channel a group: both orders are one)
         note_conv_algo(ConvAlgo::depthwise);
         return depthwise_nhwc_forward(x, w, b, y, s, relu);
     }
     if (wino < 0) wino = nhwc_winograd_rule<T>(s);
     if (wino && conv_winograd_applies(s) &&
-        (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu, krsc)
-                   : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu, krsc)))
+        (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu, krsc, U)
+                   : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu, krsc, U)))
         return;
     note_conv_algo(ConvAlgo::im2col);
     if (im2col_weights_in_place<T>(s)) {
@@ -703,7 +704,8 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         // every element is written)
         std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
         flip_transpose_filters(w, s, wf.get());
-        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1, false);
+        conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1, false,
+                            static_cast<const T*>(nullptr));
         return;
     }
     if (gx) {

@@ -6,7 +6,8 @@
 // batch), and its (m+2)^2 results are rows of (m+2)^2 matrices V[xi]
 // (tiles x C), which the in-place GEMM kernels read as they are:
 //     M[xi] (tiles x K) = V[xi] (tiles x C) U[xi] (C x K),
-// U[xi] the transformed filters, packed once per call as gemm_rows' B. The
+// U[xi] the transformed filters, packed as gemm_rows' B once per call, or
+// once for many calls (winograd_nhwc_filters: the caller keeps them). The
 // output transform reads K contiguous values per tile and plane and writes
 // NHWC output pixels directly, with the bias and relu.
 //
@@ -167,20 +168,49 @@ void winograd_gemms_nhwc(const T* V, const T* Upk, idx upk, const ConvGeom& s, c
     }
 }
 
+// One plane of U (C x K in gemm_rows' packed B layout, which depends on the
+// SIMD level's NR and the caches' KC), and all of them.
+template <class T, int M>
+idx winograd_nhwc_plane(idx K, idx C) {
+    return packed_b_elems<T>(C, K) + WinogradNhwcLayout<T, M>::kPlanePad;
+}
+
+template <class T>
+idx winograd_nhwc_filter_elems(idx K, idx C, int m) {
+    return m == 4 ? 36 * winograd_nhwc_plane<T, 4>(K, C) : 16 * winograd_nhwc_plane<T, 2>(K, C);
+}
+
+// U[xi] of F(m x m, 3x3) for (K, C, 3, 3) weights, or (K, 3, 3, C) memory
+// with krsc (channels_last weights).
+template <class T>
+void winograd_nhwc_filters(const T* w, idx K, idx C, int m, bool krsc, T* U) {
+    const idx cs = krsc ? idx(1) : idx(9), js = krsc ? C : idx(1);
+    if (m == 4)
+        winograd_filter_panels<T, 4, GemmBlocking<T>::NR>(w, K, C, cs, js, rows_kc<T>(), U,
+                                                          winograd_nhwc_plane<T, 4>(K, C));
+    else
+        winograd_filter_panels<T, 2, GemmBlocking<T>::NR>(w, K, C, cs, js, rows_kc<T>(), U,
+                                                          winograd_nhwc_plane<T, 2>(K, C));
+}
+
 // Returns false (y then holds no defined values) where an input or weight
 // is not finite, see above.
-// krsc: w is (K, 3, 3, C) memory (channels_last weights), else (K, C, 3, 3)
+// krsc: w is (K, 3, 3, C) memory (channels_last weights), else (K, C, 3, 3).
+// U: w's transformed filters (winograd_nhwc_filters at this SIMD level), or
+// nullptr to transform w here.
 template <class T, int M>
 bool conv2d_forward_winograd_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu,
-                                  bool krsc) {
+                                  bool krsc, const T* U) {
     typedef WinogradNhwcLayout<T, M> Lay;
     constexpr int XI = Lay::kXi;
     const Lay lay(s);
-    const idx upk = packed_b_elems<T>(s.C, s.K) + Lay::kPlanePad;
-    T* Upk = static_cast<T*>(workspace(static_cast<std::size_t>(XI * upk) * sizeof(T), 1));
-    // U[xi] as C x K matrices in gemm_rows' packed B layout
-    winograd_filter_panels<T, M, GemmBlocking<T>::NR>(w, s.K, s.C, krsc ? idx(1) : idx(9), krsc ? s.C : idx(1),
-                                                      rows_kc<T>(), Upk, upk);
+    const idx upk = winograd_nhwc_plane<T, M>(s.K, s.C);
+    const T* Upk = U;
+    if (!Upk) {
+        T* fresh = static_cast<T*>(workspace(static_cast<std::size_t>(XI * upk) * sizeof(T), 1));
+        winograd_nhwc_filters(w, s.K, s.C, M, krsc, fresh);
+        Upk = fresh;
+    }
     int bad = 0;
     if (lay.whole) {
         // (tile chunks of a few vectors' work each for the transforms)

@@ -233,6 +233,9 @@ OpTable<T> make_table() {
     t.avg_pool2d_forward = &avg_pool2d_forward<T>;
     t.avg_pool2d_backward = &avg_pool2d_backward<T>;
     t.conv2d_forward_nhwc = &conv2d_forward_nhwc<T>;
+    t.nhwc_winograd_rule = &nhwc_winograd_rule<T>;
+    t.winograd_nhwc_filter_elems = &winograd_nhwc_filter_elems<T>;
+    t.winograd_nhwc_filters = &winograd_nhwc_filters<T>;
     t.conv2d_backward_nhwc = &conv2d_backward_nhwc<T>;
     t.max_pool2d_forward_nhwc = &max_pool2d_forward_nhwc<T>;
     t.max_pool2d_backward_nhwc = &max_pool2d_backward_nhwc<T>;

@@ -176,6 +176,30 @@ def test_the_tuner_chooses_among_the_nhwc_algorithms(tmp_path, monkeypatch, rng)
         tune.forget()
 
 
+def test_channels_last_weights_are_timed_apart(tmp_path, monkeypatch, rng):
+    """channels_last weights cost the NCHW route a transpose that the NHWC
+    kernels, reading them in place, do not pay: a choice timed with
+    contiguous weights is not reused for them (and back), on channels_last
+    and NCHW inputs."""
+    x, w = randn(rng, (2, 16, 12, 12), np.float32), randn(rng, (16, 16, 3, 3), np.float32)
+    g = conv2d_geometry(x.shape, w.shape, None, padding=1)
+    tune.forget()
+    try:
+        for op, xin in (("forward:channels_last", _cl(x)), ("forward:nchw_via_nhwc", x)):
+            plain = F._tune_key(cpp, op, g, np.float32, None)
+            cl = F._tune_key(cpp, op, g, np.float32, None, ("w:channels_last",))
+            assert plain != cl
+            monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / op))  # (forget() alone rereads the file)
+            tune.forget()
+            with tune.forced("on"):
+                convkern.conv2d(xin, w, padding=1)
+                assert tune.remembered(plain) is not None and tune.remembered(cl) is None, op
+                convkern.conv2d(xin, _cl(w), padding=1)
+                assert tune.remembered(cl) is not None, op
+    finally:
+        tune.forget()
+
+
 def test_nhwc_algorithm_names_are_checked():
     g = conv2d_geometry((1, 4, 8, 8), (4, 4, 5, 5), None, padding=2)
     x, w = np.ones((1, 8, 8, 4), np.float32), np.ones((4, 4, 5, 5), np.float32)

@@ -50,6 +50,10 @@ def threads() -> int:
     return int(_cpu.num_threads())
 
 
+def simd_level() -> str:
+    return str(_cpu.simd_level())
+
+
 def last_algo() -> str:
     """The algorithm this thread's last conv2d call ran (backward: for its grad
     input): what "auto" picked, and where a named one handed the call on
@@ -110,16 +114,37 @@ def nhwc_forward_algos(g: ConvGeometry) -> Tuple[str, ...]:
 CHANNELS_LAST_WEIGHTS = True
 
 
-def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False, algo: str = "auto"):
+def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False, algo: str = "auto", filters=None):
     """y (N, Ho, Wo, K); relu=True applies relu before storing (fused).
     algo: "auto" (the kernels' rules) or one of nhwc_forward_algos(g).
-    weight: (K, C/G, R, S), C-contiguous or channels_last."""
+    weight: (K, C/G, R, S), C-contiguous or channels_last. filters: where
+    this call runs Winograd (nhwc_winograd_tile), weight's transformed
+    filters from winograd_nhwc_filters, read instead of transforming weight."""
     if algo != "auto" and algo not in nhwc_forward_algos(g):
         raise ValueError(f"conv2d_forward_nhwc: algo {algo!r} cannot run this problem; "
                          f"it takes 'auto' or one of {nhwc_forward_algos(g)}")
     krsc = layout.is_channels_last(weight)
+    wino = _NHWC_WINOGRAD[algo]
+    if filters is not None and wino < 0:
+        wino = nhwc_winograd_tile(g, algo)
     return _cpu.conv2d_forward_nhwc(x, layout.nhwc(weight) if krsc else weight, bias, g.as_tuple(), bool(relu),
-                                    _NHWC_WINOGRAD[algo], krsc)
+                                    wino, krsc, filters)
+
+
+def nhwc_winograd_tile(g: ConvGeometry, algo: str = "auto") -> int:
+    """The Winograd tile conv2d_forward_nhwc(g, algo=algo) runs: 2 (F(2x2)),
+    4 (F(4x4)) or 0 (none: the implicit GEMM, or the depthwise loops)."""
+    wino = _NHWC_WINOGRAD[algo]
+    if wino >= 0 or (g.groups == g.C == g.K and g.groups > 1):
+        return max(wino, 0)
+    return int(_cpu.nhwc_winograd_rule(g.as_tuple()))
+
+
+def winograd_nhwc_filters(weight, g: ConvGeometry, m: int):
+    """weight's transformed filters for conv2d_forward_nhwc's F(m x m, 3x3)
+    on g (m 2 or 4), valid at the SIMD level active now."""
+    krsc = layout.is_channels_last(weight)
+    return _cpu.winograd_nhwc_filters(layout.nhwc(weight) if krsc else weight, g.as_tuple(), int(m), krsc)
 
 
 def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):

@@ -48,7 +48,10 @@ def _inputs(torch, name: str, batch: int, size: int):
     return torch.randn(batch, channels, size, size, generator=g)
 
 
-def _peer_runs(torch, model, x, fmt) -> Dict[str, Callable[[], object]]:
+KEPT = "inference, weights kept"  # (convkern.cached_weights: each Winograd filter transform made once)
+
+
+def _peer_runs(torch, model, x, fmt, kept: bool = False) -> Dict[str, Callable[[], object]]:
     model = model.to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
 
@@ -62,7 +65,18 @@ def _peer_runs(torch, model, x, fmt) -> Dict[str, Callable[[], object]]:
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
 
-    return {"inference": infer, "train step": train}
+    runs = {"inference": infer, "train step": train}
+    if kept:
+        from ..weight_cache import cached_weights
+
+        cache = cached_weights()
+
+        def infer_kept():
+            with cache:
+                return infer()
+
+        runs[KEPT] = infer_kept
+    return runs
 
 
 def _onnx_run(torch, model, x) -> Optional[Callable[[], object]]:
@@ -100,19 +114,23 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
                 "torch channels_last": _peer_runs(torch, copy.deepcopy(base), x, torch.channels_last)}
             for b in backends:
                 peers[f"convkern {b}"] = _peer_runs(torch, ckt.patch(copy.deepcopy(base), backend=b), x,
-                                                    torch.contiguous_format)
+                                                    torch.contiguous_format, kept=True)
                 peers[f"convkern {b} channels_last"] = _peer_runs(
-                    torch, ckt.patch(copy.deepcopy(base), backend=b), x, torch.channels_last)
+                    torch, ckt.patch(copy.deepcopy(base), backend=b), x, torch.channels_last, kept=True)
             if onnx:
                 ort_run = _onnx_run(torch, copy.deepcopy(base), x)
                 if ort_run is not None:
                     peers["onnxruntime"] = {"inference": ort_run}
             want = peers["torch NCHW"]["inference"]().numpy()
             for peer, fns in peers.items():  # validate before timing
-                got = np.asarray(fns["inference"]())
-                err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-                if err > 1e-3:
-                    raise RuntimeError(f"bench-net: {peer}'s {name} logits differ from torch's (relative {err:.2g})")
+                for kind in ("inference", KEPT):
+                    if kind not in fns:
+                        continue
+                    got = np.asarray(fns[kind]())
+                    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                    if err > 1e-3:
+                        raise RuntimeError(f"bench-net: {peer}'s {name} logits ({kind}) differ from torch's "
+                                           f"(relative {err:.2g})")
             row = {"net": name, "batch": batch, "size": int(x.shape[-1]), "ms": interleaved_peer_ms(peers, rounds)}
             results.append(row)
             if progress:
@@ -121,7 +139,8 @@ def run(nets: Sequence[str], batches: Sequence[int], size: int = 112, rounds: in
 
 
 def _best_torch(row: dict, kind: str) -> float:
-    return min(row["ms"][p][kind] for p in TORCH_PEERS)
+    """torch's faster layout for `kind` (torch's own inference for the kept-weights row)."""
+    return min(row["ms"][p]["inference" if kind == KEPT else kind] for p in TORCH_PEERS)
 
 
 def _row_text(row: dict) -> str:
@@ -137,8 +156,11 @@ def table(report: dict) -> str:
     width = max([24] + [len(p) + 2 for p in peers])  # every column apart, the longest name included
     lines = [f"ms per call, median of {report['rounds']} interleaved rounds; (Nx) = speed relative to the faster "
              f"torch layout in that row, above 1 is faster"]
-    for kind in ("inference", "train step"):
-        lines.append(f"\n{kind}")
+    for kind in ("inference", KEPT, "train step"):
+        if not any(kind in row["ms"][p] for row in report["rows"] for p in peers):
+            continue
+        lines.append(f"\n{kind}" + (" (convkern.cached_weights(); torch's figures are its plain inference)"
+                                     if kind == KEPT else ""))
         lines.append(f"{'net':<14}{'batch':>6}{'px':>5}" + "".join(f"{p:>{width}}" for p in peers))
         for row in report["rows"]:
             best = _best_torch(row, kind)

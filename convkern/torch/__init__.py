@@ -5,6 +5,8 @@
                                                    # (a Conv2d then ReLU in a Sequential: one fused op)
     loss = model(x).sum(); loss.backward()         # gradients through convkern's backward kernels
     print(ckt.report(model))                       # what was swapped, what was left to torch and why
+    with torch.no_grad(), ckt.cached_weights():    # inference: each weight's Winograd filters made once
+        for x in batches: model(x)
 
 or op by op, with ``torch.nn.functional``'s signatures::
 
@@ -55,6 +57,7 @@ if _version > SUPPORTED_TORCH[1]:
 
 from .functional import adaptive_avg_pool2d, avg_pool2d, conv2d, conv2d_relu, max_pool2d, relu  # noqa: E402
 from .modules import PatchReport, patch, report, unpatch  # noqa: E402
+from ..weight_cache import cached_weights  # noqa: E402
 
 __all__ = ["conv2d", "conv2d_relu", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu", "patch", "unpatch", "report",
-           "PatchReport", "SUPPORTED_TORCH"]
+           "PatchReport", "cached_weights", "SUPPORTED_TORCH"]

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as ck
+from .. import weight_cache as _weight_cache
 from ..geometry import conv2d_geometry, pool2d_geometry
 
 # ---------------------------------------------------------------- crossing
@@ -162,9 +163,16 @@ class Op:
 
 def _run_conv(fn, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, same: bool, dilation,
               groups: int, algo: str, backend: str) -> Tensor:
-    with on_torch_stream(input):
-        y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
-               _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+    # inside convkern.cached_weights(), the tensor's version tells a weight
+    # changed in place (an optimizer step) from the one whose filters are kept
+    token = _weight_cache.weight_version.set(weight._version) if _weight_cache.active() else None
+    try:
+        with on_torch_stream(input):
+            y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
+                   _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+    finally:
+        if token is not None:
+            _weight_cache.weight_version.reset(token)
     return from_array(y, memory_format(input))
 
 
