@@ -226,15 +226,19 @@ def _nhwc_named(impl, g: ConvGeometry):
     return tuple(a for a in _nhwc_algos(impl, g) if a.startswith("winograd"))
 
 
-def _nhwc_runners(impl, op: str, g: ConvGeometry, native, via_nchw) -> Dict[str, Callable[[], object]]:
+def _nhwc_choices(impl, op: str, g: ConvGeometry) -> Tuple[str, ...]:
     """The candidates of a layout choice: "nchw" first (convert, run the
     NCHW algorithms, convert back), then "nhwc" (the NHWC kernels by their
     rules) or, where the NHWC forward has more than one algorithm for g,
     "nhwc:<algo>" for each."""
     algos = _nhwc_algos(impl, g) if op == "forward" else ()
-    if len(algos) < 2:
-        return {"nchw": via_nchw, "nhwc": native}
-    return {"nchw": via_nchw, **{f"nhwc:{a}": (lambda a=a: native(a)) for a in algos}}
+    return ("nchw", "nhwc") if len(algos) < 2 else ("nchw",) + tuple(f"nhwc:{a}" for a in algos)
+
+
+def _nhwc_runners(choices: Sequence[str], native, via_nchw) -> Dict[str, Callable[[], object]]:
+    """Each of `choices` as a call: via_nchw(), native() ("nhwc") or native(<algo>) ("nhwc:<algo>")."""
+    return {c: via_nchw if c == "nchw" else native if c == "nhwc" else (lambda a=_nhwc_algo(c): native(a))
+            for c in choices}
 
 
 def _nhwc_algo(choice: str) -> str:
@@ -263,23 +267,26 @@ def last_layout() -> str:
     return _last_layout[0]
 
 
-def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Callable[[], str], runners,
-                     extra: Tuple[str, ...] = ()) -> str:
-    """One of `runners` (see _nhwc_runners), measured once per problem by the
-    autotuner (and remembered like the algorithms); rule() with tuning off,
-    on a backend that cannot be tuned, or recalled without a choice.
-    runners["nchw"] runs first: its own first call tunes the NCHW
-    algorithms, which must not count against it (a candidate whose warm-up
-    takes 4x the fastest is dropped)."""
+def _measured_layout(impl, key_op: str, g: ConvGeometry, dtype, needs, rule: Callable[[], str], op: str, native,
+                     via_nchw, extra: Tuple[str, ...] = ()) -> str:
+    """One of _nhwc_choices, measured once per problem by the autotuner
+    (and remembered like the algorithms); rule() with tuning off, on a
+    backend that cannot be tuned, or recalled without a choice. "nchw"
+    runs first: its own first call tunes the NCHW algorithms, which must
+    not count against it (a candidate whose warm-up takes 4x the fastest is
+    dropped)."""
     mode = _tune.mode()
     if mode == "off" or getattr(impl, "algo_problem", None) is None:
         return rule()
     key = _tune_key(impl, key_op, g, dtype, needs, extra)
     known = _tune.remembered(key)
-    if known in runners or (known == "nhwc" and "nhwc:im2col" in runners):  # "nhwc": by the NHWC rules
-        return known
+    if known is not None:
+        choices = _nhwc_choices(impl, op, g)
+        if known in choices or (known == "nhwc" and "nhwc:im2col" in choices):  # "nhwc": by the NHWC rules
+            return known
     if mode == "recall":
         return rule()
+    runners = _nhwc_runners(_nhwc_choices(impl, op, g), native, via_nchw)
     runners["nchw"]()
     return _tune.choose(key, list(runners), lambda a: runners[a]())
 
@@ -290,8 +297,7 @@ def _layout_choice_made(impl, op: str, g: ConvGeometry, dtype, needs, native, vi
         nchw_winograd = op == "forward" and chooser is not None and chooser(g, False, dtype) == "winograd"
         return "nchw" if nchw_winograd and "winograd" not in _nhwc_algos(impl, g) else "nhwc"
 
-    return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule,
-                            _nhwc_runners(impl, op, g, native, via_nchw), extra)
+    return _measured_layout(impl, op + ":channels_last", g, dtype, needs, rule, op, native, via_nchw, extra)
 
 
 def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc, extra: Tuple[str, ...] = ()) -> str:
@@ -301,8 +307,7 @@ def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc, ext
     tuner chose (a small map's GEMMs can be faster over pixels than over
     channels by more than the copies cost). With tuning off, or recalled
     without a choice, NCHW runs."""
-    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, lambda: "nchw",
-                            _nhwc_runners(impl, op, g, nhwc, nchw), extra)
+    return _measured_layout(impl, op + ":nchw_via_nhwc", g, dtype, needs, lambda: "nchw", op, nhwc, nchw, extra)
 
 
 def _all_finite(a, device: str) -> bool:

@@ -129,7 +129,15 @@ def _plain(v) -> bool:
     """An int, a tuple of ints or a string, by exact type: arguments whose
     equality means the same geometry (True == 1 and 1.0 == 1, but a bool or
     a float stride is an error)."""
-    return type(v) in (int, str) or (type(v) is tuple and all(type(e) is int for e in v))
+    t = type(v)
+    return t is int or t is str or (t is tuple and _ints(v))
+
+
+def _ints(values) -> bool:
+    for e in values:  # (a loop: all() over a generator costs more than the check on a short tuple)
+        if type(e) is not int:
+            return False
+    return True
 
 
 def conv2d_geometry(x_shape, weight_shape, bias_shape=None, stride: IntPair = 1, padding: Padding = 0,
@@ -138,11 +146,14 @@ def conv2d_geometry(x_shape, weight_shape, bias_shape=None, stride: IntPair = 1,
     argument). Remembered for plain arguments: a layer asks for the same one
     every step, and working it out costs microseconds a small layer feels."""
     # (a list of ints, as a torch module's padding, means its tuple)
-    key = (tuple(x_shape), tuple(weight_shape), None if bias_shape is None else tuple(bias_shape),
-           *(tuple(v) if type(v) is list else v for v in (stride, padding, dilation)), groups)
-    if all(type(d) is int for shape in key[:3] if shape is not None for d in shape) and all(map(_plain, key[3:])):
-        return _conv2d_geometry_remembered(*key)
-    return _conv2d_geometry(*key)
+    xs, ws, bs = tuple(x_shape), tuple(weight_shape), None if bias_shape is None else tuple(bias_shape)
+    s = tuple(stride) if type(stride) is list else stride
+    p = tuple(padding) if type(padding) is list else padding
+    d = tuple(dilation) if type(dilation) is list else dilation
+    if (_ints(xs) and _ints(ws) and (bs is None or _ints(bs)) and _plain(s) and _plain(p) and _plain(d)
+            and type(groups) is int):
+        return _conv2d_geometry_remembered(xs, ws, bs, s, p, d, groups)
+    return _conv2d_geometry(xs, ws, bs, s, p, d, groups)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -124,7 +124,12 @@ def _machine_digest() -> str:
 
 def cache_path() -> str:
     """The per-machine cache file (its name digests the machine key)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return _cache_path(os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=16)  # (asked on every tuned call: the path is worked out once per environment)
+def _cache_path(xdg: Optional[str], home: Optional[str]) -> str:
+    root = xdg or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "convkern", f"tune-{_machine_digest()}.json")
 
 

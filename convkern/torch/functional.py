@@ -51,11 +51,24 @@ def _backend(backend: Optional[str]) -> str:
 
 
 def _pair(value, name: str):
+    t = type(value)  # (a module's own tuple of two ints, or an int: most calls; checked in full otherwise)
+    if t is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return [value[0], value[1]]
+    if t is int:
+        return [value, value]
     return list(pair(value, name))
 
 
+def _fine(input, weight, bias) -> bool:
+    """The common case check_tensors passes, asked quickly: CPU tensors of one supported dtype."""
+    return (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.is_cpu and weight.is_cpu
+            and input.dtype in SUPPORTED_DTYPES and weight.dtype == input.dtype
+            and (bias is None or (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == input.dtype)))
+
+
 def _conv_args(op: str, input, weight, bias, stride, padding, dilation, algo):
-    check_tensors(op, input=input, weight=weight, bias=bias)
+    if not _fine(input, weight, bias):
+        check_tensors(op, input=input, weight=weight, bias=bias)
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")

@@ -48,9 +48,9 @@ def memory_format(t: Tensor) -> torch.memory_format:
 
 def to_array(t: Tensor):
     """A NumPy (CPU) or CuPy (CUDA) view of `t`: same memory, no copy."""
+    if t.is_cpu:
+        return (t.detach() if t.requires_grad else t).numpy()
     t = t.detach()
-    if t.device.type == "cpu":
-        return t.numpy()
     if t.device.type == "cuda":
         import cupy
 
@@ -94,6 +94,16 @@ def on_torch_stream(t: Tensor):
     stream = torch.cuda.current_stream(t.device)
     with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
         yield
+
+
+def run_on(t: Tensor, call):
+    """call() as on_torch_stream(t) runs it (a CPU tensor without the context
+    manager's cost, which a small layer's call feels)."""
+    if t.is_cpu:
+        _follow_torch_threads()
+        return call()
+    with on_torch_stream(t):
+        return call()
 
 
 def _opt(backend: str) -> Optional[str]:
@@ -167,9 +177,9 @@ def _run_conv(fn, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
     # changed in place (an optimizer step) from the one whose filters are kept
     token = _weight_cache.weight_version.set(weight._version) if _weight_cache.active() else None
     try:
-        with on_torch_stream(input):
-            y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
-                   _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+        y = run_on(input, lambda: fn(to_array(input), to_array(weight), None if bias is None else to_array(bias),
+                                     stride, _padding(padding, same), dilation, groups, algo=algo,
+                                     backend=_opt(backend)))
     finally:
         if token is not None:
             _weight_cache.weight_version.reset(token)
