@@ -511,13 +511,18 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     needs = tuple(bool(n) for n in needs)
     (gy, x, w), device, dtype = _prepare("conv2d_backward", [("grad_output", grad_output), ("input", input),
                                                              ("weight", weight)], contiguous=False)
-    w = _contiguous(w, device, dtype)
     g = conv2d_geometry(x.shape, w.shape, None, stride, padding, dilation, groups)
     gy = _check_shape(gy, g.output_shape, "grad_output", "conv2d_backward", g.unbatched)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
         return None, None, None
+    # channels_last weights: read in place by NHWC kernels that take them (and
+    # their gradient given in that layout); contiguous for everything else
+    w_cl = w if (device == "cpu" and w.dtype == dtype and layout.is_channels_last(w)
+                 and getattr(impl, "CHANNELS_LAST_WEIGHTS", False)) else None
+    w = _contiguous(w, device, dtype) if w_cl is None else w
+    weights = () if w_cl is None else ("w:channels_last",)  # (the routes' costs differ: see _tune_key)
     # a one-channel input is both layouts: a channels_last grad_output decides
     # (else the whole of it would be copied to NCHW)
     if g.N > 0 and (layout.is_channels_last(x) or (layout.is_both(x) and layout.is_channels_last(gy))):
@@ -534,10 +539,11 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
                 gx, gw, gb = impl.conv2d_backward_nhwc(gyn, xn, w, g, needs)
                 return (None if gx is None else layout.from_nhwc(gx)), gw, gb
 
-            if _layout_choice(impl, "backward", g, dtype, needs, native, via_nchw) == "nhwc":
+            if _layout_choice(impl, "backward", g, dtype, needs, native, via_nchw, weights) == "nhwc":
                 return native()
         return via_nchw()
     gy, x = _contiguous(gy, device, dtype), _contiguous(x, device, dtype)
+    w_nhwc, w = w, (w if w_cl is None else layout.nchw(w))
     if g.N == 0:
         gx = _zeros(device, g.input_shape, dtype) if needs[0] else None
         gw = _zeros(device, g.weight_shape, dtype) if needs[1] else None
@@ -559,11 +565,11 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
         if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None,
                                            device):
             def nhwc():
-                gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gy.reshape(g.output_shape)), layout.nhwc(x), w,
-                                                       g, needs)
+                gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gy.reshape(g.output_shape)), layout.nhwc(x),
+                                                       w_nhwc, g, needs)
                 return (None if gx is None else layout.nchw(layout.from_nhwc(gx))), gw, gb
 
-            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc) != "nchw":
+            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc, weights) != "nchw":
                 gx, gw, gb = nhwc()
                 return _unbatch(gx, g.unbatched), gw, gb
         gx, gw, gb = nchw()

@@ -85,9 +85,11 @@ py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::
     return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd, weight_krsc, filters);
 }
 
+// krsc: the weights are (K, R, S, C/G) memory, and so is the weight
+// gradient returned (shaped so)
 template <class T>
 py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const py::array& w, const ConvGeom& s,
-                                 bool need_gx, bool need_gw, bool need_gb) {
+                                 bool need_gx, bool need_gw, bool need_gb, bool krsc) {
     const DType dt = dtype_of(gy, "grad_output");
     require(gy, "grad_output", dt, s.N * s.Ho * s.Wo * s.K);
     require(x, "x", dt, s.N * s.H * s.W * s.C);
@@ -97,16 +99,20 @@ py::tuple conv2d_backward_nhwc_t(const py::array& gy, const py::array& x, const 
     const T* gyp = cptr<T>(gy);
     const T* xp = cptr<T>(x);
     const T* wp = cptr<T>(w);
-    kernel_region([&] { ops<T>().conv2d_backward_nhwc(gyp, xp, wp, gxp, gwp, gbp, s); });
+    kernel_region([&] { ops<T>().conv2d_backward_nhwc(gyp, xp, wp, gxp, gwp, gbp, s, krsc); });
+    if (krsc && need_gw)
+        return py::make_tuple(out.gx, py::reinterpret_borrow<py::array>(out.gw).reshape({s.K, s.R, s.S, s.C / s.G}),
+                              out.gb);
     return out.tuple();
 }
 
 py::tuple conv2d_backward_nhwc(const py::array& gy, const py::array& x, const py::array& w,
-                               const std::array<idx, 16>& geom, bool need_gx, bool need_gw, bool need_gb) {
+                               const std::array<idx, 16>& geom, bool need_gx, bool need_gw, bool need_gb,
+                               bool weight_krsc) {
     const ConvGeom s = conv_geom(geom);
     if (dtype_of(gy, "grad_output") == DType::f32)
-        return conv2d_backward_nhwc_t<float>(gy, x, w, s, need_gx, need_gw, need_gb);
-    return conv2d_backward_nhwc_t<double>(gy, x, w, s, need_gx, need_gw, need_gb);
+        return conv2d_backward_nhwc_t<float>(gy, x, w, s, need_gx, need_gw, need_gb, weight_krsc);
+    return conv2d_backward_nhwc_t<double>(gy, x, w, s, need_gx, need_gw, need_gb, weight_krsc);
 }
 
 // The pool geometry's first entry is N*C planes; these kernels want N and C.
@@ -240,7 +246,8 @@ void bind_nhwc(py::module_& m) {
           py::arg("geom"), py::arg("relu") = false, py::arg("winograd") = -1,
           py::arg("weight_krsc") = false, py::arg("filters") = nullptr);
     m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
-          py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true);
+          py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true,
+          py::arg("weight_krsc") = false);
     m.def("max_pool2d_forward_nhwc", &max_pool2d_forward_nhwc, py::arg("x"), py::arg("geom"), py::arg("channels"),
           py::arg("indices") = true);
     m.def("max_pool2d_backward_nhwc", &max_pool2d_backward_nhwc, py::arg("grad_output"), py::arg("indices"),

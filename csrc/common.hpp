@@ -73,7 +73,10 @@ struct OpTable {
     int (*nhwc_winograd_rule)(const ConvGeom&);  // the tile wino=-1 takes (0: none)
     idx (*winograd_nhwc_filter_elems)(idx K, idx C, int m);
     void (*winograd_nhwc_filters)(const T* w, idx K, idx C, int m, bool krsc, T* U);
-    ConvBackward conv2d_backward_nhwc;
+    // krsc: w is (K, R, S, C/G) memory and gw is written so (channels_last
+    // weights, read and written as they lie)
+    void (*conv2d_backward_nhwc)(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom&,
+                                 bool krsc);
     // PoolGeom.planes is N here; C channels per pixel
     void (*max_pool2d_forward_nhwc)(const T* x, T* y, std::int64_t* ind, const PoolGeom&, idx C);
     bool (*max_pool2d_backward_nhwc)(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom&, idx C);

@@ -51,15 +51,20 @@ inline bool grad_input_conv_shape(const ConvGeom& s, ConvGeom& t) {
 
 // wt[g*Cg + c][k][r][s] = w[g*Kg + k][c][R-1-r][S-1-s]: the filters of that conv
 template <class T>
-void flip_transpose_filters(const T* w, const ConvGeom& s, T* wt) {
+void flip_transpose_filters(const T* w, const ConvGeom& s, T* wt, bool krsc = false) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RS = s.R * s.S;
 #pragma omp parallel for num_threads(threads_for(s.G * Cg)) schedule(static)
     for (idx gc = 0; gc < s.G * Cg; ++gc) {
         const idx g = gc / Cg, c = gc % Cg;
         for (idx k = 0; k < Kg; ++k) {
-            const T* src = w + ((g * Kg + k) * Cg + c) * RS;
             T* dst = wt + ((g * Cg + c) * Kg + k) * RS;
-            for (idx i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];
+            if (krsc) {  // w (K, R, S, C/G): filter k's channel c is RS values Cg apart
+                const T* src = w + (g * Kg + k) * RS * Cg + c;
+                for (idx i = 0; i < RS; ++i) dst[i] = src[(RS - 1 - i) * Cg];
+            } else {
+                const T* src = w + ((g * Kg + k) * Cg + c) * RS;
+                for (idx i = 0; i < RS; ++i) dst[i] = src[RS - 1 - i];
+            }
         }
     }
 }

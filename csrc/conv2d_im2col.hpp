@@ -338,7 +338,7 @@ void conv2d_forward_im2col(const T* x, const T* w, const T* b, T* y, const ConvG
 template <class T>
 void conv2d_forward_gemm(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
 template <class T>
-void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw);
+void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw, bool krsc);
 template <class T>
 bool grad_weight_winograd_pays(const ConvGeom& s);
 template <class T>
@@ -425,7 +425,7 @@ void conv2d_backward_im2col(const T* gy, const T* x, const T* w, T* gx, T* gw, T
         conv2d_grad_weight_implicit(gy, x, gw, s, true);
         gw = nullptr;
     } else if (gw && as_forward && gw_via_nhwc(s, CRS)) {
-        nhwc_grad_weight(gy, x, gw, s, true);
+        nhwc_grad_weight(gy, x, gw, s, true, false);
         gw = nullptr;
     }
     if (gw) {

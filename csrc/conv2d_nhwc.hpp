@@ -577,9 +577,10 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
 // its GEMM split across the threads.
 // nchw: x and gy are NCHW; each image is transposed to NHWC in the chunk's
 // scratch as its turn comes (bands then stop at image boundaries), so the
-// copies stay one image large.
+// copies stay one image large. krsc: gw is written (K, R, S, C/G), the
+// order the GEMMs produce.
 template <class T>
-void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw) {
+void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nchw, bool krsc) {
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
     constexpr idx kMinReduce = 256, kMaxBandBytes = idx(8) << 20;
@@ -638,7 +639,31 @@ void nhwc_grad_weight(const T* gy, const T* x, T* gw, const ConvGeom& s, bool nc
         sum = part + chunks * wsize;
         sum_chunks(part, chunks, wsize, sum);
     }
-    weights_from_krsc(sum, gw, s);
+    if (krsc)
+        std::memcpy(gw, sum, static_cast<std::size_t>(wsize) * sizeof(T));
+    else
+        weights_from_krsc(sum, gw, s);
+}
+
+// grad weight of an NHWC conv by the fastest route that applies. The taps,
+// Winograd and implicit-GEMM routes give (K, C/G, R, S); with krsc (gw
+// wanted (K, R, S, C/G)) they write a scratch copy, transposed once after.
+template <class T>
+void nhwc_grad_weight_routes(const T* gy, const T* x, T* gw, const ConvGeom& s, bool krsc) {
+    std::unique_ptr<T[]> kcrs;
+    const auto dst = [&]() -> T* {
+        if (!krsc) return gw;
+        if (!kcrs) kcrs.reset(new T[static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S)]);
+        return kcrs.get();
+    };
+    if (grad_weight_taps_nhwc_applies<T>(s))
+        conv2d_grad_weight_taps_nhwc(gy, x, dst(), s);
+    else if (grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, dst(), s, false)) {
+    } else if (grad_weight_implicit_applies<T>(s))
+        conv2d_grad_weight_implicit(gy, x, dst(), s, false);
+    else
+        return nhwc_grad_weight(gy, x, gw, s, false, krsc);
+    if (krsc) weights_to_krsc(kcrs.get(), gw, s);
 }
 
 // gb = the column sums of gy (M x K), in double: a fixed number of row
@@ -666,22 +691,16 @@ void bias_grad_nhwc(const T* gy, T* gb, idx M, idx K) {
     }
 }
 
+// krsc: w is (K, R, S, C/G) memory and gw is written so (channels_last
+// weights), else both are (K, C/G, R, S).
 template <class T>
-void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s) {
+void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* gb, const ConvGeom& s, bool krsc) {
     if (gb) bias_grad_nhwc(gy, gb, s.N * s.Ho * s.Wo, s.K);
+    // (one channel a group: both weight orders are one)
     if (nhwc_is_depthwise(s)) return depthwise_nhwc_backward(gy, x, w, gx, gw, s);
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, P = s.Ho * s.Wo, M = s.N * P;
     const bool pointwise = s.G == 1 && conv_is_pointwise(s);
-    if (gw && grad_weight_taps_nhwc_applies<T>(s)) {
-        conv2d_grad_weight_taps_nhwc(gy, x, gw, s);
-        gw = nullptr;
-    }
-    if (gw && grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, gw, s, false))
-        gw = nullptr;
-    if (gw && grad_weight_implicit_applies<T>(s))
-        conv2d_grad_weight_implicit(gy, x, gw, s, false);
-    else if (gw)
-        nhwc_grad_weight(gy, x, gw, s, false);
+    if (gw) nhwc_grad_weight_routes(gy, x, gw, s, krsc);
     if (gx && s.G == 1 && !pointwise && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.ph < s.R &&
         s.pw < s.S) {
         // At stride 1 grad input is the forward conv of grad_output with the
@@ -695,22 +714,30 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         t.Ho = s.H, t.Wo = s.W;
         if (im2col_weights_in_place<T>(t)) {
             // the flipped filters read where they lie: t's row c, column
-            // (k, r, s) is w[k, c, R-1-r, S-1-s]
+            // (k, r, s) is w[k, c, R-1-r, S-1-s] (w[k, R-1-r, S-1-s, c] with krsc)
             const idx RS = s.R * s.S, CRS = s.C * RS;
+            if (krsc)
+                return nhwc_forward_weight_rows(
+                    gy, w, idx(1), [RS, CRS, &s](idx j) { return j / RS * CRS + (RS - 1 - j % RS) * s.C; },
+                    static_cast<const T*>(nullptr), gx, t, false);
             return nhwc_forward_weight_rows(gy, w, RS, [RS, CRS](idx j) { return j / RS * CRS + (RS - 1 - j % RS); },
                                             static_cast<const T*>(nullptr), gx, t, false);
         }
         // (not a workspace slot: the forward uses all of them; not zeroed:
         // every element is written)
         std::unique_ptr<T[]> wf(new T[static_cast<std::size_t>(s.K * s.C * s.R * s.S)]);
-        flip_transpose_filters(w, s, wf.get());
+        flip_transpose_filters(w, s, wf.get(), krsc);
         conv2d_forward_nhwc(gy, wf.get(), static_cast<const T*>(nullptr), gx, t, false, -1, false,
                             static_cast<const T*>(nullptr));
         return;
     }
     if (gx) {
-        T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * RSC) * sizeof(T), 2));
-        weights_to_krsc(w, wr, s);
+        const T* wr = w;
+        if (!krsc) {
+            T* fresh = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * RSC) * sizeof(T), 2));
+            weights_to_krsc(w, fresh, s);
+            wr = fresh;
+        }
         if (pointwise) {  // gx (M x C) = gy (M x K) W (K x C)
             T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(s.K, s.C)) * sizeof(T), 1));
             pack_b_full(s.K, s.C, wr, s.C, idx(1), bp);

@@ -109,8 +109,9 @@ def nhwc_forward_algos(g: ConvGeometry) -> Tuple[str, ...]:
     return ("im2col", "winograd", "winograd4") if winograd else ("im2col",)
 
 
-# conv2d_forward_nhwc reads channels_last weights in place (the implicit
-# GEMM's own order), as well as contiguous ones
+# conv2d_forward_nhwc and conv2d_backward_nhwc read channels_last weights in
+# place (the implicit GEMM's own order), as well as contiguous ones, and the
+# backward gives their gradient in the weights' layout
 CHANNELS_LAST_WEIGHTS = True
 
 
@@ -148,8 +149,12 @@ def winograd_nhwc_filters(weight, g: ConvGeometry, m: int):
 
 
 def conv2d_backward_nhwc(grad_output, x, weight, g: ConvGeometry, needs=(True, True, True)):
-    return tuple(_cpu.conv2d_backward_nhwc(grad_output, x, weight, g.as_tuple(), bool(needs[0]), bool(needs[1]),
-                                           bool(needs[2])))
+    """weight: (K, C/G, R, S), C-contiguous or channels_last; grad_weight comes
+    in the same layout."""
+    krsc = layout.is_channels_last(weight)
+    gx, gw, gb = _cpu.conv2d_backward_nhwc(grad_output, x, layout.nhwc(weight) if krsc else weight, g.as_tuple(),
+                                           bool(needs[0]), bool(needs[1]), bool(needs[2]), krsc)
+    return gx, (layout.from_nhwc(gw) if krsc and gw is not None else gw), gb
 
 
 def max_pool2d_forward_nhwc(x, g: PoolGeometry, indices: bool = True):
