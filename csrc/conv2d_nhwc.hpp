@@ -531,8 +531,10 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
     T* wr = static_cast<T*>(workspace(static_cast<std::size_t>(wr_elems) * sizeof(T) + 3 * RSC * sizeof(idx), 2));
-    if (!krsc) weights_to_krsc(w, wr, s);
-    const T* wk = krsc ? w : wr;
+    // (K, R, S, C/G) is (K, C/G, R, S) where R*S or C/G is 1: no copy then
+    const bool in_order = krsc || s.R * s.S == 1 || Cg == 1;
+    if (!in_order) weights_to_krsc(w, wr, s);
+    const T* wk = in_order ? w : wr;
     T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(RSC, Kg)) * sizeof(T), 1));
     // With padding, a zero-padded copy of the input (one pass, against R*S
     // reads of every element by the GEMM) leaves no border rows: every full
@@ -733,7 +735,7 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
     }
     if (gx) {
         const T* wr = w;
-        if (!krsc) {
+        if (!krsc && s.R * s.S > 1 && Cg > 1) {  // (else both orders are one)
             T* fresh = static_cast<T*>(workspace(static_cast<std::size_t>(s.K * RSC) * sizeof(T), 2));
             weights_to_krsc(w, fresh, s);
             wr = fresh;
