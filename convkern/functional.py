@@ -421,6 +421,18 @@ def _forward_nchw(impl, x, w, b, g: ConvGeometry, algo: str, fuse_relu: bool):
     return impl.conv2d_forward(x, w, b, g, algo), False
 
 
+def _weights(impl, w, device: str, dtype):
+    """(weights, the same if channels_last else None, tuning-key note): a
+    model moved to channels_last has channels_last weights, which the
+    backend's NHWC kernels read in place (and whose gradient they give in
+    that layout) where it says so; anything else is made C-contiguous. The
+    note tells the tuner which, since the routes' costs differ (_tune_key)."""
+    if (device == "cpu" and w.dtype == dtype and layout.is_channels_last(w)
+            and getattr(impl, "CHANNELS_LAST_WEIGHTS", False)):
+        return w, w, ("w:channels_last",)
+    return _contiguous(w, device, dtype), None, ()
+
+
 def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "auto"):
     kw = {} if algo == "auto" else {"algo": algo}
     if _weight_cache.active():
@@ -446,14 +458,9 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
     g = conv2d_geometry(x.shape, w.shape, None if b is None else b.shape, stride, padding, dilation, groups)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_forward")
-    # channels_last weights (a model moved to that format) go to NHWC kernels
-    # that read them in place; anything else gets C-contiguous ones
-    w_cl = w if (device == "cpu" and w.dtype == dtype and layout.is_channels_last(w)
-                 and getattr(impl, "CHANNELS_LAST_WEIGHTS", False)) else None
-    w = w if w_cl is not None else _contiguous(w, device, dtype)
-    # what changes the routes' costs (see _tune_key): channels_last weights;
-    # Winograd filters kept across calls (convkern.cached_weights)
-    weights = (() if w_cl is None else ("w:channels_last",)) + (("w:kept",) if _weight_cache.active() else ())
+    w, w_cl, weights = _weights(impl, w, device, dtype)
+    if _weight_cache.active():  # (Winograd filters kept across calls: the routes' costs differ again)
+        weights += ("w:kept",)
     algo = _resolve_algo(impl, algo)
     if g.N == 0:
         y = _zeros(device, g.output_shape, dtype)
@@ -517,12 +524,7 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
         return None, None, None
-    # channels_last weights: read in place by NHWC kernels that take them (and
-    # their gradient given in that layout); contiguous for everything else
-    w_cl = w if (device == "cpu" and w.dtype == dtype and layout.is_channels_last(w)
-                 and getattr(impl, "CHANNELS_LAST_WEIGHTS", False)) else None
-    w = _contiguous(w, device, dtype) if w_cl is None else w
-    weights = () if w_cl is None else ("w:channels_last",)  # (the routes' costs differ: see _tune_key)
+    w, w_cl, weights = _weights(impl, w, device, dtype)
     # a one-channel input is both layouts: a channels_last grad_output decides
     # (else the whole of it would be copied to NCHW)
     if g.N > 0 and (layout.is_channels_last(x) or (layout.is_both(x) and layout.is_channels_last(gy))):

@@ -82,28 +82,31 @@ def _follow_torch_threads() -> None:
         _threads_set[0] = n
 
 
-@contextlib.contextmanager
-def on_torch_stream(t: Tensor):
-    """Run CPU work with torch's thread count, CuPy work on torch's current stream for `t`'s device."""
-    if t.device.type != "cuda":
-        _follow_torch_threads()
-        yield
-        return
-    import cupy
+class on_torch_stream:
+    """Run CPU work with torch's thread count, CuPy work on torch's current
+    stream for `t`'s device. (A class, not a generator context manager: that
+    costs a few microseconds a call, which a small layer feels.)"""
 
-    stream = torch.cuda.current_stream(t.device)
-    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
-        yield
+    __slots__ = ("_t", "_inner")
 
+    def __init__(self, t: Tensor):
+        self._t, self._inner = t, None
 
-def run_on(t: Tensor, call):
-    """call() as on_torch_stream(t) runs it (a CPU tensor without the context
-    manager's cost, which a small layer's call feels)."""
-    if t.is_cpu:
-        _follow_torch_threads()
-        return call()
-    with on_torch_stream(t):
-        return call()
+    def __enter__(self) -> None:
+        t = self._t
+        if not t.is_cuda:
+            _follow_torch_threads()
+            return
+        import cupy
+
+        stream = torch.cuda.current_stream(t.device)
+        self._inner = contextlib.ExitStack()
+        self._inner.enter_context(cupy.cuda.Device(t.device.index))
+        self._inner.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index))
+
+    def __exit__(self, *exc) -> None:
+        if self._inner is not None:
+            self._inner.__exit__(*exc)
 
 
 def _opt(backend: str) -> Optional[str]:
@@ -177,9 +180,9 @@ def _run_conv(fn, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
     # changed in place (an optimizer step) from the one whose filters are kept
     token = _weight_cache.weight_version.set(weight._version) if _weight_cache.active() else None
     try:
-        y = run_on(input, lambda: fn(to_array(input), to_array(weight), None if bias is None else to_array(bias),
-                                     stride, _padding(padding, same), dilation, groups, algo=algo,
-                                     backend=_opt(backend)))
+        with on_torch_stream(input):
+            y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
+                   _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
     finally:
         if token is not None:
             _weight_cache.weight_version.reset(token)
