@@ -177,7 +177,8 @@ idx winograd_nhwc_plane(idx K, idx C) {
 
 template <class T>
 idx winograd_nhwc_filter_elems(idx K, idx C, int m) {
-    return m == 4 ? 36 * winograd_nhwc_plane<T, 4>(K, C) : 16 * winograd_nhwc_plane<T, 2>(K, C);
+    return m == 4 ? WinogradNhwcLayout<T, 4>::kXi * winograd_nhwc_plane<T, 4>(K, C)
+                  : WinogradNhwcLayout<T, 2>::kXi * winograd_nhwc_plane<T, 2>(K, C);
 }
 
 // U[xi] of F(m x m, 3x3) for (K, C, 3, 3) weights, or (K, 3, 3, C) memory
