@@ -129,22 +129,55 @@ inline void winograd_filter_tiles(const T (&g)[9][W], T (&u)[(M + 2) * (M + 2)][
 // per-call filter traffic. A panel's W filters of one channel go at a time,
 // so each transformed value is one W-long run (16 or 36 runs per step)
 // rather than XI single floats a matrix apart per filter.
+// Channels go L (a vector's lanes) at a time. A whole panel's block of L
+// channels is 9 L-long runs of each filter's row (9L consecutive values for
+// (K, C, 3, 3) memory, one run of L channels per tap for (K, 3, 3, C)): L x L
+// tiles of those rows are transposed in registers into g's layout, where
+// gathering the W x 9 values of each channel one by one cost three times
+// the transform's arithmetic. Other blocks (the last panel's filters past
+// K, channels past the last whole L) take the element loop.
 template <class T, int M, int W>
 void winograd_filter_panels(const T* w, idx K, idx C, idx cs, idx js, idx KC, T* Upk, idx upk) {
     constexpr int XI = (M + 2) * (M + 2);
-    const idx panels = (K + W - 1) / W, Kpad = panels * W;
-#pragma omp parallel for collapse(2) num_threads(threads_for(panels * C)) schedule(static)
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    const idx panels = (K + W - 1) / W, Kpad = panels * W, blocks = (C + L - 1) / L;
+    const bool kcrs = cs == 9 && js == 1, krsc = cs == 1 && js == C;
+    const bool tiled = W % L == 0 && (kcrs || krsc);
+    const auto store = [&](idx kp, idx c, const T (&g)[9][W]) {
+        T u[XI][W];
+        winograd_filter_tiles<M>(g, u);
+        const idx pc = c / KC * KC, kc = imin(KC, C - pc);
+        T* dst = Upk + pc * Kpad + kp * W * kc + (c - pc) * W;
+        for (int xi = 0; xi < XI; ++xi) std::memcpy(dst + xi * upk, u[xi], sizeof u[xi]);
+    };
+#pragma omp parallel for collapse(2) num_threads(threads_for(panels * blocks)) schedule(static)
     for (idx kp = 0; kp < panels; ++kp)
-        for (idx c = 0; c < C; ++c) {
-            T g[9][W], u[XI][W];
-            for (int i = 0; i < W; ++i) {
-                const idx k = kp * W + i;  // filters past K pad the last panel with zeros
-                for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[k * 9 * C + c * cs + j * js] : T(0);
+        for (idx cb = 0; cb < blocks; ++cb) {
+            const idx c0 = cb * L, c1 = imin(C, c0 + L);
+            T g[9][W];
+            if (tiled && (kp + 1) * W <= K && c1 - c0 == L) {
+                // flat[q][i]: filter kp*W + i's value q of the block, q = (c - c0) * 9 + j
+                // for (K, C, 3, 3) memory, j * L + (c - c0) for (K, 3, 3, C)
+                alignas(64) T flat[9 * L][W];
+                const T* base = w + kp * W * 9 * C;
+                for (idx i0 = 0; i0 < W; i0 += L)
+                    for (idx t = 0; t < 9; ++t)
+                        transpose_tile(base + i0 * 9 * C + (kcrs ? c0 * 9 + t * L : t * C + c0), 9 * C,
+                                       &flat[t * L][i0], idx(W));
+                for (idx cl = 0; cl < L; ++cl) {
+                    for (int j = 0; j < 9; ++j)
+                        std::memcpy(g[j], flat[kcrs ? cl * 9 + j : j * L + cl], sizeof g[j]);
+                    store(kp, c0 + cl, g);
+                }
+                continue;
             }
-            winograd_filter_tiles<M>(g, u);
-            const idx pc = c / KC * KC, kc = imin(KC, C - pc);
-            T* dst = Upk + pc * Kpad + kp * W * kc + (c - pc) * W;
-            for (int xi = 0; xi < XI; ++xi) std::memcpy(dst + xi * upk, u[xi], sizeof u[xi]);
+            for (idx c = c0; c < c1; ++c) {
+                for (int i = 0; i < W; ++i) {
+                    const idx k = kp * W + i;  // filters past K pad the last panel with zeros
+                    for (int j = 0; j < 9; ++j) g[j][i] = k < K ? w[k * 9 * C + c * cs + j * js] : T(0);
+                }
+                store(kp, c, g);
+            }
         }
 }
 
