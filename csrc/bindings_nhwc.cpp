@@ -5,10 +5,6 @@
 
 namespace {
 
-bool winograd_shape(const ConvGeom& s) {  // (the kernels' conv_winograd_applies)
-    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
-}
-
 // A weight's transformed filters for the NHWC Winograd F(m x m, 3x3), made
 // once and handed to many calls: their packing follows the SIMD level that
 // made them (its GEMM panel width), which each call checks.
@@ -36,7 +32,7 @@ WinogradFilters winograd_nhwc_filters_t(const py::array& w, idx K, idx C, int m,
 WinogradFilters winograd_nhwc_filters(const py::array& w, const std::array<idx, 16>& geom, int m, bool weight_krsc) {
     const ConvGeom s = conv_geom(geom);
     if (m != 2 && m != 4) throw py::value_error("winograd_nhwc_filters: m must be 2 or 4, got " + std::to_string(m));
-    if (!winograd_shape(s))
+    if (!convkern::conv_winograd_applies(s))
         throw py::value_error("winograd_nhwc_filters: the geometry is not a 3x3 stride-1 ungrouped conv");
     const DType dt = dtype_of(w, "weight");
     require(w, "weight", dt, s.K * s.C * 9);
@@ -53,7 +49,7 @@ py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py
     const T* bp = bias_ptr<T>(b, dt, s.K);
     const T* up = nullptr;
     if (u) {
-        if (u->m != wino || u->K != s.K || u->C != s.C || u->dt != dt || !winograd_shape(s))
+        if (u->m != wino || u->K != s.K || u->C != s.C || u->dt != dt || !convkern::conv_winograd_applies(s))
             throw py::value_error("conv2d_forward_nhwc: filters were made for F(" + std::to_string(u->m) +
                                   "x" + std::to_string(u->m) + ") of " + std::to_string(u->K) + " x " +
                                   std::to_string(u->C) + " weights, this call runs winograd=" +

@@ -18,6 +18,12 @@ using idx = std::int64_t;  // 64-bit everywhere: products of sizes overflow int3
 // The conv and pool geometry (ConvGeom, PoolGeom) is shared with the CUDA
 // kernels and Python: convkern/include/convkern/geometry.h.
 
+// The convs Winograd F(m x m, 3x3) takes: 3x3, stride 1, undilated, one group
+// (asked by the kernels and by the bindings that check handed-in filters).
+inline bool conv_winograd_applies(const ConvGeom& s) {
+    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
+}
+
 // conv2d algorithms, each a slot in the op table. direct: the direct loops;
 // depthwise: padded planes, one filter each (C == groups, stride 1); im2col: the
 // column matrix in bands times the packed GEMM; shifted: an implicit GEMM over

@@ -22,10 +22,6 @@
 // in parallel, each on its own scratch; the reduction order of every output
 // is fixed, so results are deterministic for any thread count.
 
-inline bool conv_winograd_applies(const ConvGeom& s) {
-    return s.R == 3 && s.S == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 && s.G == 1;
-}
-
 // Where the transforms pay for themselves. Measured against the shifted GEMM
 // (batch 8 unless noted, float32, 2 threads, one process). AVX-512: 2.0x
 // faster on vgg_3x3 (128 -> 128 at 112x112), 1.25x on resnet_l3_3x3 (256 at

@@ -136,7 +136,7 @@ def nhwc_winograd_tile(g: ConvGeometry, algo: str = "auto") -> int:
     """The Winograd tile conv2d_forward_nhwc(g, algo=algo) runs: 2 (F(2x2)),
     4 (F(4x4)) or 0 (none: the implicit GEMM, or the depthwise loops)."""
     wino = _NHWC_WINOGRAD[algo]
-    if wino >= 0 or (g.groups == g.C == g.K and g.groups > 1):
+    if wino >= 0 or not nhwc_forward_algos(g):  # (none: a depthwise conv's own loops)
         return max(wino, 0)
     return int(_cpu.nhwc_winograd_rule(g.as_tuple()))
 
