@@ -56,30 +56,49 @@ def rel(a, b, scale=0.0):
     return float((a - b).norm()) / max(float(b.norm()), scale, 1e-300)
 
 
-def assert_same(ours, theirs, dtype, what):
+def _errors(ours, theirs):
+    """Relative distances of (logits, input gradient, {parameter: gradient});
+    a gradient that is mathematically zero (a conv bias before a train-mode
+    BatchNorm) is judged against the typical gradient's size."""
     (y1, gx1, g1), (y2, gx2, g2) = ours, theirs
-    tol = TOL[dtype]
-    assert rel(y1, y2) <= tol, f"{what}: logits {rel(y1, y2):.3g}"
-    assert rel(gx1, gx2) <= tol, f"{what}: input gradient {rel(gx1, gx2):.3g}"
-    # a gradient that is mathematically zero (a conv bias before a train-mode
-    # BatchNorm) is judged against the typical gradient's size
     typical = float(np.median([float(g.norm()) / g.numel() ** 0.5 for g in g2.values()]))
-    for name, g in g2.items():
-        err = rel(g1[name], g, typical * g.numel() ** 0.5)
-        assert err <= tol, f"{what}: grad of {name} {err:.3g}"
+    return rel(y1, y2), rel(gx1, gx2), {n: rel(g1[n], g, typical * g.numel() ** 0.5) for n, g in g2.items()}
+
+
+def assert_same(ours, theirs, dtype, what, allowed=None):
+    """ours within TOL[dtype] of theirs; with `allowed` (errors as _errors
+    gives them), each quantity within the larger of TOL and its allowance."""
+    tol = TOL[dtype]
+    ey, egx, eg = _errors(ours, theirs)
+    ay, agx, ag = allowed if allowed is not None else (0.0, 0.0, {})
+    assert ey <= max(tol, ay), f"{what}: logits {ey:.3g}"
+    assert egx <= max(tol, agx), f"{what}: input gradient {egx:.3g}"
+    for name, err in eg.items():
+        assert err <= max(tol, ag.get(name, 0.0)), f"{what}: grad of {name} {err:.3g}"
+
+
+def _double(result):
+    return [t.double() if isinstance(t, torch.Tensor) else {n: g.double() for n, g in t.items()} for t in result]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", NAMES)
 def test_patched_network_matches_torch(name, dtype):
     """Judged against the unpatched model in float64: in float32 that is the
-    truth both implementations round away from (torch's own float32
-    MobileNetV2 input gradient is 1.3e-2 from it, convkern's 2.8e-5)."""
+    truth both implementations round away from, each quantity by at most
+    1e-4 or torch's own float32 distance from it, whichever is larger. (A
+    float32 MobileNetV2's input gradient is ill-conditioned: rounding moves
+    activations across ReLU6's kinks and train-mode BatchNorm spreads each
+    flip over its channel. torch's own lies far outside 1e-4 of the truth,
+    and convkern's lies inside or outside by SIMD level and cache sizes,
+    which set the order of its sums.)"""
     model, x = make(name, torch.float64)
+    truth = run(model, x)
     patched = ckt.patch(copy.deepcopy(model).to(dtype))
-    ours = [t.double() if isinstance(t, torch.Tensor) else {n: g.double() for n, g in t.items()}
-            for t in run(patched, x.to(dtype))]
-    assert_same(ours, run(model, x), dtype, name)
+    allowed = None
+    if dtype != torch.float64:
+        allowed = _errors(_double(run(copy.deepcopy(model).to(dtype), x.to(dtype))), truth)
+    assert_same(_double(run(patched, x.to(dtype))), truth, dtype, name, allowed)
 
 
 @pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in NAMES] + [("lenet", torch.float32)],
