@@ -71,11 +71,17 @@ py::array conv2d_forward_nhwc_t(const py::array& x, const py::array& w, const py
 
 py::array conv2d_forward_nhwc(const py::array& x, const py::array& w, const py::object& b,
                               const std::array<idx, 16>& geom, bool relu, int winograd, bool weight_krsc,
-                              const WinogradFilters* filters) {
+                              const WinogradFilters* filters, bool pixel_rows) {
     const ConvGeom s = conv_geom(geom);
     if (winograd != -1 && winograd != 0 && winograd != 2 && winograd != 4)
         throw py::value_error("conv2d_forward_nhwc: winograd must be -1 (the rule), 0, 2 or 4, got " +
                               std::to_string(winograd));
+    if (pixel_rows) {
+        if (winograd != 0)
+            throw py::value_error("conv2d_forward_nhwc: pixel_rows=True asks for a GEMM, so winograd must be 0, got " +
+                                  std::to_string(winograd));
+        winograd = convkern::kNhwcPixelRows;  // (the kernels' code for that GEMM form)
+    }
     if (dtype_of(x, "x") == DType::f32)
         return conv2d_forward_nhwc_t<float>(x, w, b, s, relu, winograd, weight_krsc, filters);
     return conv2d_forward_nhwc_t<double>(x, w, b, s, relu, winograd, weight_krsc, filters);
@@ -240,7 +246,7 @@ void bind_nhwc(py::module_& m) {
           "the weights in each call");
     m.def("conv2d_forward_nhwc", &conv2d_forward_nhwc, py::arg("x"), py::arg("weight"), py::arg("bias"),
           py::arg("geom"), py::arg("relu") = false, py::arg("winograd") = -1,
-          py::arg("weight_krsc") = false, py::arg("filters") = nullptr);
+          py::arg("weight_krsc") = false, py::arg("filters") = nullptr, py::arg("pixel_rows") = false);
     m.def("conv2d_backward_nhwc", &conv2d_backward_nhwc, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
           py::arg("geom"), py::arg("need_gx") = true, py::arg("need_gw") = true, py::arg("need_gb") = true,
           py::arg("weight_krsc") = false);

@@ -53,6 +53,10 @@ struct SgdStep {
     bool nesterov, first;
 };
 
+// conv2d_forward_nhwc's wino code for the GEMM whose rows are output pixels
+// (patches read in place), never the one over output channels.
+constexpr int kNhwcPixelRows = 1;
+
 template <class T>
 struct OpTable {
     typedef void (*ConvForward)(const T* x, const T* w, const T* b, T* y, const ConvGeom&);
@@ -69,7 +73,8 @@ struct OpTable {
     // channels_last: x, y, gx and gy are NHWC; weights stay (K, C/G, R, S).
     // relu: the conv's output goes through relu before it is stored.
     // wino: 2 or 4 runs a 3x3 stride-1 conv by Winograd F(2x2) or F(4x4),
-    // 0 by the implicit GEMM, -1 as the kernels' rule chooses. krsc: w is
+    // 0 by a GEMM (of the form the rule picks), kNhwcPixelRows by the GEMM
+    // over output pixels, -1 as the kernels' rule chooses. krsc: w is
     // (K, R, S, C/G) memory (channels_last weights), read in place. U: with
     // wino 2 or 4, w's transformed filters from winograd_nhwc_filters at
     // this level (whose elements winograd_nhwc_filter_elems counts), or

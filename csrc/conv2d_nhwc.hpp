@@ -493,7 +493,8 @@ void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offs
 }
 
 // wino: which Winograd tile a 3x3 stride-1 conv takes: 2 (F(2x2, 3x3)), 4
-// (F(4x4, 3x3)), 0 none (the implicit GEMM), -1 the rule's choice.
+// (F(4x4, 3x3)), 0 none (a GEMM), -1 the rule's choice; kNhwcPixelRows a
+// GEMM with output pixels as its rows only (below).
 // The rule: F(2x2) once a tile's transforms are shared by enough channels
 // (16 in and 16 out, or 32 in); with fewer, the transforms cost more than
 // the multiplications they save. F(4x4) is faster still on large maps, but
@@ -507,6 +508,12 @@ int nhwc_winograd_rule(const ConvGeom& s) {
 // krsc: the weights are (K, R, S, C/G) memory (channels_last weights, the
 // order the GEMM wants: read in place), else (K, C/G, R, S). U: with wino 2
 // or 4, w's transformed filters for it (winograd_nhwc_filters), or nullptr.
+// The GEMM takes output pixels as its rows (patches read in place), or where
+// the weights outnumber the pixels (im2col_weights_in_place) output channels
+// (weights read in place, the input and output transposed); which is faster
+// depends on the shape and the machine (a 1x1 conv from many channels to few
+// loses by the transposes), so wino = kNhwcPixelRows asks for the first
+// whatever the shape, for the autotuner to time against the rule.
 template <class T>
 void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s, bool relu, int wino,
                          bool krsc, const T* U) {
@@ -515,12 +522,12 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         return depthwise_nhwc_forward(x, w, b, y, s, relu);
     }
     if (wino < 0) wino = nhwc_winograd_rule<T>(s);
-    if (wino && conv_winograd_applies(s) &&
+    if ((wino == 2 || wino == 4) && conv_winograd_applies(s) &&
         (wino == 4 ? conv2d_forward_winograd_nhwc<T, 4>(x, w, b, y, s, relu, krsc, U)
                    : conv2d_forward_winograd_nhwc<T, 2>(x, w, b, y, s, relu, krsc, U)))
         return;
     note_conv_algo(ConvAlgo::im2col);
-    if (im2col_weights_in_place<T>(s)) {
+    if (wino != kNhwcPixelRows && im2col_weights_in_place<T>(s)) {
         // A's row k, column j = (c, r, s) of the group's patch
         const idx RS = s.R * s.S, Cg = s.C / s.G;
         if (krsc)

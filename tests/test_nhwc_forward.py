@@ -224,6 +224,55 @@ def test_nhwc_winograd_at_every_simd_level(level, dtype):
                                    f"{level} {algo} x{xs} K={K} pad {pad}")
 
 
+# (x shape, w shape, kwargs) with more output channels than the batch has
+# output pixels: the rule's GEMM runs over output channels (weights read in
+# place), "implicit" over output pixels
+FEW_PIXELS = [((2, 20, 3, 3), (40, 20, 3, 3), dict(padding=1)),
+              ((2, 16, 4, 4), (64, 16, 3, 3), dict(padding=1, stride=2)),
+              ((2, 24, 3, 3), (40, 24, 1, 1), {}),
+              ((3, 12, 2, 2), (16, 12, 1, 1), {})]
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_implicit_runs_over_output_pixels_on_few_pixels(level, dtype):
+    """Where a batch has no more output pixels than output channels, the NHWC
+    forward offers "implicit" beside the rule's GEMM (for the autotuner to
+    time): the GEMM over output pixels, whose sums for a pixel do not depend
+    on how many pixels there are. So its output is, bit for bit, the first
+    images of the same conv on a batch large enough for the rule to take that
+    GEMM itself, and the reference's within rounding."""
+    rng = np.random.default_rng(5)
+    with at_simd_level(level):
+        for xs, ws, kw in FEW_PIXELS:
+            x, w, b = randn(rng, xs, dtype), randn(rng, ws, dtype), randn(rng, (ws[0],), dtype)
+            g = conv2d_geometry(xs, ws, b.shape, **kw)
+            assert g.N * g.Ho * g.Wo <= g.K and "implicit" in cpp.nhwc_forward_algos(g)
+            got = cpp.conv2d_forward_nhwc(layout.nhwc(x), w, b, g, algo="implicit")
+            big = np.concatenate([x] * (g.K // (g.N * g.Ho * g.Wo) + 1))
+            gb = conv2d_geometry(big.shape, ws, b.shape, **kw)
+            assert "implicit" not in cpp.nhwc_forward_algos(gb)
+            np.testing.assert_array_equal(got, cpp.conv2d_forward_nhwc(layout.nhwc(big), w, b, gb, algo="im2col")[:g.N],
+                                          err_msg=f"{level} x{xs} w{ws} {kw}")
+            want = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw,
+                                   backend="reference")
+            assert_close(got.transpose(0, 3, 1, 2), want, dtype, f"{level} x{xs} w{ws} {kw}")
+
+
+def test_implicit_is_offered_only_where_the_gemms_differ():
+    many = conv2d_geometry((8, 16, 8, 8), (32, 16, 1, 1), None)
+    few = conv2d_geometry((8, 16, 2, 2), (32, 16, 1, 1), None)
+    grouped = conv2d_geometry((2, 16, 2, 2), (32, 8, 1, 1), None, groups=2)
+    assert cpp.nhwc_forward_algos(many) == ("im2col",) and cpp.nhwc_forward_algos(grouped) == ("im2col",)
+    assert cpp.nhwc_forward_algos(few) == ("im2col", "implicit")
+    x, w = np.ones((8, 2, 2, 16), np.float32), np.ones((32, 16, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="cannot run this problem"):
+        cpp.conv2d_forward_nhwc(np.ones((8, 8, 8, 16), np.float32), w, None, many, algo="implicit")
+    with pytest.raises(ValueError, match="pixel_rows=True asks for a GEMM"):
+        cpp._cpu.conv2d_forward_nhwc(x, w, None, few.as_tuple(), False, 2, False, None, True)
+    with pytest.raises(ValueError, match="is not offered by backend"):  # (an NHWC form, not an NCHW algorithm)
+        convkern.conv2d(np.ones((8, 16, 2, 2), np.float32), w, algo="implicit")
+
+
 # (x shape, w shape, kwargs): the NHWC forward's routes, each with weights in
 # both layouts: Winograd, the implicit GEMM (padded, strided), the weights read
 # in place (more filters than output pixels), groups, depthwise, 1x1 (input

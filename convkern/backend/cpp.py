@@ -96,17 +96,22 @@ def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = 
 
 
 # the NHWC forward's algorithms, by name: its implicit GEMM and Winograd's F(2x2, 3x3) and F(4x4, 3x3)
-_NHWC_WINOGRAD = {"auto": -1, "im2col": 0, "winograd": 2, "winograd4": 4}
+_NHWC_WINOGRAD = {"auto": -1, "im2col": 0, "implicit": 0, "winograd": 2, "winograd4": 4}
 
 
 def nhwc_forward_algos(g: ConvGeometry) -> Tuple[str, ...]:
-    """The algorithms conv2d_forward_nhwc can be told to run on g: the
-    implicit GEMM ("im2col"), and Winograd for 3x3 stride-1 undilated
-    ungrouped convs; none for a depthwise conv (its own loops run)."""
+    """The algorithms conv2d_forward_nhwc can be told to run on g: a GEMM
+    ("im2col": over output pixels, patches read in place, or where the
+    weights outnumber the batch's pixels over output channels, weights read
+    in place), "implicit" (over output pixels whatever the shape; offered
+    where the two may differ, one group and no more pixels than output
+    channels), and Winograd for 3x3 stride-1 undilated ungrouped convs;
+    none for a depthwise conv (its own loops run)."""
     if g.groups == g.C == g.K and g.groups > 1:
         return ()
+    gemms = ("im2col", "implicit") if g.groups == 1 and g.K >= g.N * g.Ho * g.Wo else ("im2col",)
     winograd = (g.R, g.S, g.stride, g.dilation, g.groups) == (3, 3, (1, 1), (1, 1), 1)
-    return ("im2col", "winograd", "winograd4") if winograd else ("im2col",)
+    return gemms + ("winograd", "winograd4") if winograd else gemms
 
 
 # conv2d_forward_nhwc and conv2d_backward_nhwc read channels_last weights in
@@ -129,7 +134,7 @@ def conv2d_forward_nhwc(x, weight, bias, g: ConvGeometry, relu: bool = False, al
     if filters is not None and wino < 0:
         wino = nhwc_winograd_tile(g, algo)
     return _cpu.conv2d_forward_nhwc(x, layout.nhwc(weight) if krsc else weight, bias, g.as_tuple(), bool(relu),
-                                    wino, krsc, filters)
+                                    wino, krsc, filters, algo == "implicit")
 
 
 def nhwc_winograd_tile(g: ConvGeometry, algo: str = "auto") -> int:
