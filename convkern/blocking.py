@@ -8,9 +8,11 @@ runs faster with a longer KC (fewer passes over C), and which one wins is a
 property of the core, not of its cache sizes.
 
 ``convkern tune`` therefore times a few candidates around the model's
-(KC as derived, 1.5x and 2x it, each with its own MC and NC) on the GEMM
-shapes of the canonical layers and 2048^3, in child processes (a process's
-blocking is fixed at its first kernel call), in interleaved rounds. A
+(KC as derived, 1.5x, 2x and 3x it, each with its own MC and NC) on the GEMM
+shapes of the canonical layers and 2048^3, and on the canonical layers as
+channels_last convs (whose GEMM over output pixels takes the same KC), in
+child processes (a process's blocking is fixed at its first kernel call),
+in interleaved rounds. A
 candidate replaces the model's only if its geometric-mean speed is more than
 2% higher. The winner is kept per SIMD level and thread count in a JSON file
 beside the algorithm choices, keyed by the CPU's identity and the build, and
@@ -66,38 +68,67 @@ def candidates() -> Dict[str, Blocking]:
     args = (c["l1d"], c["l2"], c["l3"], c["ways"][0], c["ways"][1])
     rule = _cpu().gemm_blocking_for(*args)
     out = {"model": (rule["KC"], rule["MC"], rule["NC"])}
-    for name, factor in (("KC x1.5", 1.5), ("KC x2", 2.0)):
+    for name, factor in (("KC x1.5", 1.5), ("KC x2", 2.0), ("KC x3", 3.0)):
         kc = int(rule["KC"] * factor) // 16 * 16
         b = _cpu().gemm_blocking_for(*args, kc=kc)
         out[name] = (b["KC"], b["MC"], b["NC"])
     return out
 
 
-def _speeds(shapes: Sequence[Tuple[int, int, int]], min_time: float) -> Dict[str, float]:
-    """GFLOP/s of the cpp GEMM on each shape in this process, from its best
-    time: on a shared machine a neighbour's load only ever slows a call down,
-    so the fastest call is the one that measures the blocking."""
+NHWC_BATCH = 2
+
+
+def nhwc_layers() -> List[str]:
+    """The canonical layers whose channels_last forward runs a GEMM (not
+    depthwise), timed at batch NHWC_BATCH by their "im2col" NHWC algorithm."""
+    from .perf.canonical import CANONICAL
+
+    return [layer.name for layer in CANONICAL if layer.groups == 1]
+
+
+def _best_time(fn, min_time: float) -> float:
+    """The fastest call of fn within min_time (at least 3): on a shared
+    machine a neighbour's load only ever slows a call down, so the fastest
+    call is the one that measures the blocking."""
+    fn()
+    times: List[float] = []
+    end = time.perf_counter() + min_time
+    while time.perf_counter() < end or len(times) < 3:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _speeds(shapes: Sequence[Tuple[int, int, int]], min_time: float,
+            layers: Sequence[str] = ()) -> Dict[str, float]:
+    """GFLOP/s of the cpp GEMM on each shape, and of each named canonical
+    layer's channels_last forward, in this process."""
     from .backend import cpp
+    from .geometry import conv2d_geometry
+    from .perf.canonical import CANONICAL
 
     rng = np.random.default_rng(0)
     out = {}
     for m, k, n in shapes:
         a = rng.standard_normal((m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
-        cpp.gemm(a, b)
-        times: List[float] = []
-        end = time.perf_counter() + min_time
-        while time.perf_counter() < end or len(times) < 3:
-            t0 = time.perf_counter()
-            cpp.gemm(a, b)
-            times.append(time.perf_counter() - t0)
-        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / min(times) / 1e9
+        out[f"{m}x{k}x{n}"] = 2.0 * m * k * n / _best_time(lambda: cpp.gemm(a, b), min_time) / 1e9
+    by_name = {layer.name: layer for layer in CANONICAL}
+    for name in layers:
+        ly = by_name[name]
+        x = rng.standard_normal((NHWC_BATCH, ly.H, ly.W, ly.C)).astype(np.float32)
+        w = rng.standard_normal((ly.K, ly.C // ly.groups, ly.R, ly.S)).astype(np.float32)
+        g = conv2d_geometry((NHWC_BATCH, ly.C, ly.H, ly.W), w.shape, None, ly.stride, ly.pad, 1, ly.groups)
+        seconds = _best_time(lambda: cpp.conv2d_forward_nhwc(x, w, None, g, algo="im2col"), min_time)
+        out[f"{name} channels_last"] = g.flops / seconds / 1e9
     return out
 
 
-def _child(blocking: Blocking, shapes, min_time: float) -> Dict[str, float]:
+def _child(blocking: Blocking, shapes, min_time: float, layers: Sequence[str] = ()) -> Dict[str, float]:
     env = dict(os.environ, CONVKERN_GEMM_BLOCKING=",".join(map(str, blocking)), CONVKERN_TUNE="off")
-    cmd = [sys.executable, "-m", "convkern.blocking", json.dumps({"shapes": shapes, "min_time": min_time})]
+    spec = {"shapes": shapes, "min_time": min_time, "layers": list(layers)}
+    cmd = [sys.executable, "-m", "convkern.blocking", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tempfile.gettempdir())
     if r.returncode != 0:
         raise RuntimeError(f"timing the GEMM with blocking {blocking} failed:\n{r.stderr[-2000:]}")
@@ -105,14 +136,16 @@ def _child(blocking: Blocking, shapes, min_time: float) -> Dict[str, float]:
 
 
 def measure(cands: Dict[str, Blocking], shapes=None, rounds: int = 3,
-            min_time: float = 0.2) -> Dict[str, Dict[str, object]]:
-    """Each candidate's geometric-mean GFLOP/s over the shapes (the best of
+            min_time: float = 0.2, layers: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
+    """Each candidate's geometric-mean GFLOP/s over the GEMM shapes and the
+    channels_last layers (default: all of nhwc_layers; the best of
     interleaved rounds per shape)."""
     shapes = [list(s) for s in (shapes or gemm_shapes())]
+    layers = nhwc_layers() if layers is None else list(layers)
     runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in cands}
     for _ in range(rounds):
         for name, blocking in cands.items():
-            runs[name].append(_child(blocking, shapes, min_time))
+            runs[name].append(_child(blocking, shapes, min_time, layers))
     out = {}
     for name, rs in runs.items():
         per_shape = {s: max(r[s] for r in rs) for s in rs[0]}
@@ -217,4 +250,4 @@ def apply() -> Optional[Blocking]:
 
 if __name__ == "__main__":  # a child of measure(): time the GEMM under the blocking in the environment
     spec = json.loads(sys.argv[1])
-    print(json.dumps(_speeds([tuple(s) for s in spec["shapes"]], spec["min_time"])))
+    print(json.dumps(_speeds([tuple(s) for s in spec["shapes"]], spec["min_time"], spec.get("layers", ()))))

@@ -73,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                                         else " (read from this machine)"))
             print(f"GEMM blocking (float32, {bi['simd_active']}): register tile {b['MR']}x{b['NR']}, KC {b['KC']}, "
                   f"MC {b['MC']}, NC {b['NC']} ({source}); channels_last GEMM KC {b['rows_KC']} "
-                  f"(the same L1d rule)")
+                  f"(the same, at most 512)")
     except ImportError:
         pass
     from . import machine, tune

@@ -13,17 +13,19 @@
 // of float32) stays in L2. Fixed, as the per-block row tables are on the stack.
 constexpr idx kRowsMC = 144, kRowsKCMax = 512;
 
-// KC of gemm_rows: the B micro-panel (kc x NR) streamed by every micro-kernel
-// call should stay in L1 beside the A rows: the packed GEMM's L1 rule
-// (l1_kc) for this machine's caches, at most kRowsKCMax.
+// KC of gemm_rows: the packed GEMM's (derived from L1 by the same rule, so
+// that the B micro-panel streamed by every micro-kernel call stays in L1
+// beside the A rows, or measured by the blocking tuner, which times both
+// GEMM forms: a core whose L2 feeds B fast enough runs both faster with a
+// longer KC), at most kRowsKCMax.
 template <class T>
-idx rows_kc_for(const CacheSizes& c) {
-    return imin(kRowsKCMax, l1_kc<T>(c));
+idx rows_kc_for(idx packed_kc) {
+    return imin(kRowsKCMax, packed_kc);
 }
 
 template <class T>
 idx rows_kc() {
-    static const idx kc = rows_kc_for<T>(cache_sizes());
+    static const idx kc = rows_kc_for<T>(gemm_dims<T>().kc);
     return kc;
 }
 

@@ -219,7 +219,7 @@ warnings.simplefilter("always")
 from convkern.backend import cpp
 from convkern import tune
 b = cpp._cpu.build_info()["gemm_blocking_f32"]
-print(json.dumps({"blocking": [b["KC"], b["MC"], b["NC"]], "source": b["source"],
+print(json.dumps({"blocking": [b["KC"], b["MC"], b["NC"]], "source": b["source"], "rows_KC": b["rows_KC"],
                   "key": tune.machine_key()["blocking"]["gemm"]}))
 """
 
@@ -235,9 +235,12 @@ def test_measured_blocking_is_kept_and_applied_by_the_next_process(tuning):
     from convkern import blocking
 
     cands = blocking.candidates()
-    assert cands["model"][0] < cands["KC x1.5"][0] < cands["KC x2"][0]
-    results = blocking.measure(cands, shapes=[(24, 300, 70), (12, 40, 33)], rounds=1, min_time=0.01)
+    assert cands["model"][0] < cands["KC x1.5"][0] < cands["KC x2"][0] < cands["KC x3"][0]
+    results = blocking.measure(cands, shapes=[(24, 300, 70), (12, 40, 33)], rounds=1, min_time=0.01,
+                               layers=["mnist_conv2"])
     assert set(results) == set(cands) and all(r["gflops"] > 0 for r in results.values())
+    assert all(set(r["per_shape"]) == {"24x300x70", "12x40x33", "mnist_conv2 channels_last"}
+               for r in results.values())
     # whatever won, store a candidate other than the model's, to see it applied
     results["KC x2"]["gflops"] = 2 * results["model"]["gflops"]
     assert blocking.pick(results) == "KC x2"
@@ -245,11 +248,14 @@ def test_measured_blocking_is_kept_and_applied_by_the_next_process(tuning):
     assert os.path.dirname(path) == os.path.dirname(tune.cache_path())
     want = list(cands["KC x2"])
     got, _ = _child_blocking(tuning, CONVKERN_TUNE="on")
-    assert got == {"blocking": want, "source": "convkern tune", "key": want}  # algorithm choices keyed by it
+    # algorithm choices are keyed by it, and the channels_last GEMM takes its KC
+    assert got == {"blocking": want, "source": "convkern tune", "key": want, "rows_KC": min(512, want[0])}
     got, _ = _child_blocking(tuning, CONVKERN_TUNE="off")
-    assert got["source"] == "caches" and got["key"] == "derived"
+    assert got["source"] == "caches" and got["key"] == "derived" and got["rows_KC"] == got["blocking"][0]
     got, _ = _child_blocking(tuning, CONVKERN_TUNE="on", CONVKERN_GEMM_BLOCKING="64,48,128")
-    assert got["blocking"] == [64, 48, 128] and got["source"] == "CONVKERN_GEMM_BLOCKING"
+    assert got["blocking"] == [64, 48, 128] and got["source"] == "CONVKERN_GEMM_BLOCKING" and got["rows_KC"] == 64
+    got, _ = _child_blocking(tuning, CONVKERN_TUNE="on", CONVKERN_GEMM_BLOCKING="640,48,128")
+    assert got["rows_KC"] == 512  # (the channels_last GEMM's row tables hold at most 512)
 
 
 def test_the_model_blocking_stays_unless_beaten_by_the_margin():
