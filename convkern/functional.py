@@ -19,6 +19,7 @@ import numpy as np
 
 from . import backend as _backends
 from . import layout, strided
+from . import plan_cache as _plan_cache
 from . import tune as _tune
 from . import weight_cache as _weight_cache
 from .arrays import array_module as _xp
@@ -311,7 +312,7 @@ def _nchw_via_nhwc(impl, op: str, g: ConvGeometry, dtype, needs, nchw, nhwc, ext
 
 
 def _all_finite(a, device: str) -> bool:
-    return bool(_xp(device).isfinite(a).all())
+    return _plan_cache.log_finite(bool(_xp(device).isfinite(a).all()))
 
 
 def _padded(g: ConvGeometry) -> bool:
@@ -446,8 +447,37 @@ def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool,
             memory_format: Optional[str] = None):
+    # a signature seen before, in the same state: its plan (convkern.plan_cache)
+    k = _plan_cache.key("conv2d", (input, weight, bias),
+                        (stride, padding, dilation, groups, algo, backend, fuse_relu, memory_format))
+    if k is not None:
+        plan = _plan_cache.get(k)
+        if plan is not None:
+            impl = _backends.select("cpu", backend, "conv2d_forward")
+            if (impl is plan.impl and plan.state == _plan_cache.state(impl)
+                    and (not plan.check_finite or _all_finite(weight, "cpu"))):
+                if plan.recalls:
+                    _tune.count_remembered(plan.recalls)
+                return plan.run(input, weight, bias)
+    with _plan_cache.Making() as making:
+        impl, run, arrays = _conv2d_plan(input, weight, bias, stride, padding, dilation, groups, algo, backend,
+                                         fuse_relu, memory_format)
+    if k is not None and impl is not None:
+        plan = making.plan(impl, run)
+        if plan is not None:
+            _plan_cache.put(k, plan)
+    return run(*arrays)
+
+
+def _conv2d_plan(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool,
+                 memory_format: Optional[str]):
+    """Check a conv2d call and decide how it runs: (impl, run, arrays), run
+    giving the output for `arrays` (the call's arrays as taken) or for the
+    arrays of any later call of the same signature (impl None: nothing to
+    remember)."""
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)],
                                         contiguous=False)
+    taken = (x, w, b)
     if memory_format not in (None, "channels_last"):
         raise ValueError(f"conv2d: memory_format must be None or 'channels_last', got {memory_format!r}")
     to_cl = memory_format == "channels_last"
@@ -462,46 +492,73 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backen
     if _weight_cache.active():  # (Winograd filters kept across calls: the routes' costs differ again)
         weights += ("w:kept",)
     algo = _resolve_algo(impl, algo)
+
+    # what every route does to the arrays as taken, as _weights and the bias's _contiguous did here (a
+    # flag, not w_cl, in the closures: a plan must not keep the first call's weights alive)
+    weights_in_place = w_cl is not None
+
+    def arrays(xr, wr, br):
+        return xr, (wr if weights_in_place else _contiguous(wr, device, dtype)), \
+            None if br is None else _contiguous(br, device, dtype)
+
     if g.N == 0:
         y = _zeros(device, g.output_shape, dtype)
-        return layout.to_channels_last(y) if to_cl else _unbatch(y, g.unbatched)
+        return None, lambda *_: layout.to_channels_last(y) if to_cl else _unbatch(y, g.unbatched), taken
     if layout.is_channels_last(x) or to_cl:
-        def via_nchw():
-            return layout.to_channels_last(_conv2d(layout.nchw(_native(x, dtype)), w, b, stride, padding, dilation,
-                                                   groups, algo, backend, fuse_relu))
+        def via_nchw_run(xr, wr, br):
+            _last_layout[0] = "nchw"
+            xr, wr, br = arrays(xr, wr, br)
+            return layout.to_channels_last(_conv2d(layout.nchw(_native(xr, dtype)), wr, br, stride, padding,
+                                                   dilation, groups, algo, backend, fuse_relu))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
-            def native(nhwc_algo: str = "auto"):  # (an NCHW input asked to give channels_last is transposed here)
-                y, done = _forward_nhwc(impl, layout.nhwc(_native(x, dtype)), w, b, g, fuse_relu, nhwc_algo)
-                return _finish_relu(layout.from_nhwc(y), fuse_relu, done, backend)
+            def native_run(nhwc_algo: str):  # (an NCHW input asked to give channels_last is transposed here)
+                def run(xr, wr, br):
+                    _last_layout[0] = "nhwc"
+                    xr, wr, br = arrays(xr, wr, br)
+                    y, done = _forward_nhwc(impl, layout.nhwc(_native(xr, dtype)), wr, br, g, fuse_relu, nhwc_algo)
+                    return _finish_relu(layout.from_nhwc(y), fuse_relu, done, backend)
+                return run
 
             if algo != "auto":  # a Winograd named: the NHWC tiles
-                _last_layout[0] = "nhwc"
-                return native(algo)
-            choice = _layout_choice(impl, "forward", g, dtype, None, native, via_nchw, weights)
+                return impl, native_run(algo), taken
+            choice = _layout_choice(impl, "forward", g, dtype, None,
+                                    lambda nhwc_algo="auto": native_run(nhwc_algo)(x, w, b),
+                                    lambda: via_nchw_run(x, w, b), weights)
             if choice != "nchw":
-                return native(_nhwc_algo(choice))
-        _last_layout[0] = "nchw"
-        return via_nchw()
-    x = _contiguous(x, device, dtype).reshape(g.input_shape)
-    w_nhwc, w = w, (w if w_cl is None else layout.nchw(w))
+                return impl, native_run(_nhwc_algo(choice)), taken
+        return impl, via_nchw_run, taken
+    xc = _contiguous(x, device, dtype).reshape(g.input_shape)
+    w_nchw = w if w_cl is None else layout.nchw(w)
     auto = algo == "auto"
     if auto:
-        algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(x, w, b, g, a))
+        algo = _tuned(impl, "forward", g, dtype, None, lambda a: impl.conv2d_forward(xc, w_nchw, b, g, a))
     if (_direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, False)
-            and not _all_finite(w, device)):
+            and not _all_finite(w_nchw, device)):
         algo = "im2col"
-    if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_forward_nhwc", g, "auto", w, device):
-        def nhwc(nhwc_algo: str = "auto"):
-            y, done = _forward_nhwc(impl, layout.nhwc(x), w_nhwc, b, g, fuse_relu, nhwc_algo)
-            return _finish_relu(layout.nchw(layout.from_nhwc(y)), fuse_relu, done, backend)
+
+    def nchw_run(xr, wr, br):
+        xr, wr, br = arrays(xr, wr, br)
+        xr = _contiguous(xr, device, dtype).reshape(g.input_shape)
+        y, done = _forward_nchw(impl, xr, layout.nchw(wr) if weights_in_place else wr, br, g, algo, fuse_relu)
+        return _unbatch(_finish_relu(y, fuse_relu, done, backend), g.unbatched)
+
+    if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_forward_nhwc", g, "auto", w_nchw, device):
+        def nhwc_run(nhwc_algo: str):
+            def run(xr, wr, br):
+                xr, wr, br = arrays(xr, wr, br)
+                xr = _contiguous(xr, device, dtype).reshape(g.input_shape)
+                y, done = _forward_nhwc(impl, layout.nhwc(xr), wr, br, g, fuse_relu, nhwc_algo)
+                return _unbatch(_finish_relu(layout.nchw(layout.from_nhwc(y)), fuse_relu, done, backend),
+                                g.unbatched)
+            return run
 
         choice = _nchw_via_nhwc(impl, "forward", g, dtype, None,
-                                lambda: _forward_nchw(impl, x, w, b, g, algo, fuse_relu)[0], nhwc, weights)
+                                lambda: _forward_nchw(impl, xc, w_nchw, b, g, algo, fuse_relu)[0],
+                                lambda nhwc_algo="auto": nhwc_run(nhwc_algo)(x, w, b), weights)
         if choice != "nchw":
-            return _unbatch(nhwc(_nhwc_algo(choice)), g.unbatched)
-    y, done = _forward_nchw(impl, x, w, b, g, algo, fuse_relu)
-    return _unbatch(_finish_relu(y, fuse_relu, done, backend), g.unbatched)
+            return impl, nhwc_run(_nhwc_algo(choice)), taken
+    return impl, nchw_run, taken
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Padding = 0,

@@ -51,6 +51,14 @@ _memory: Dict[str, str] = {}
 _loaded_from: Optional[str] = None
 _override: List[str] = []  # set by forced(); innermost last
 _stats = {"measured": 0, "remembered": 0}
+_generation = [0]  # bumped whenever the choices held may have changed
+
+
+def generation() -> int:
+    """A number that changes whenever the choices held may have (measured,
+    adopted, forgotten or read from a file): what a caller that remembers
+    decisions made from them checks."""
+    return _generation[0]
 
 
 def mode() -> str:
@@ -156,6 +164,7 @@ def _load() -> None:
         return
     for key, algo in data["choices"].items():
         _memory.setdefault(key, algo)
+    _generation[0] += 1
 
 
 def _save() -> None:
@@ -215,9 +224,17 @@ def choose(cache_key: str, candidates: Sequence[str], run: Callable[[str], objec
         times = _timings({a: (lambda a=a: run(a)) for a in candidates}, mode() == "exhaustive")
         best = min(times, key=times.get)
         _memory[cache_key] = best
+        _generation[0] += 1
         _stats["measured"] += 1
         _save()
         return best
+
+
+def count_remembered(n: int) -> None:
+    """Count n choices as remembered: a caller that keeps what it decided
+    from them (convkern.plan_cache) counts its recalls as if it had asked."""
+    with _lock:
+        _stats["remembered"] += n
 
 
 def remembered(cache_key: str) -> Optional[str]:
@@ -244,6 +261,7 @@ def adopt(made: Dict[str, str]) -> None:
     with _lock:
         _load()
         _memory.update({str(k): str(v) for k, v in made.items()})
+        _generation[0] += 1
 
 
 def status() -> Dict[str, object]:
@@ -260,3 +278,4 @@ def forget() -> None:
     with _lock:
         _memory.clear()
         _loaded_from = None
+        _generation[0] += 1
