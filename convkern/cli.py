@@ -67,8 +67,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             read = ", ".join(f"{name} {size // 1024} KiB {ways}-way" + ("" if known else " (not reported: default)")
                              for name, size, known, ways in zip(("L1d", "L2", "L3"), (c["l1d"], c["l2"], c["l3"]),
                                                                 c["known"], c["ways"]))
-            source = ("set by CONVKERN_GEMM_BLOCKING" if b["source"] == "CONVKERN_GEMM_BLOCKING"
-                      else "micro-panels in L1d's ways, A block in half of L2, B block in half of L3")
+            source = {"CONVKERN_GEMM_BLOCKING": "set by CONVKERN_GEMM_BLOCKING",
+                      "convkern tune": "measured by convkern tune"}.get(
+                b["source"], "micro-panels in L1d's ways, A block in half of L2, B block in half of L3")
             print(f"caches: {read}" + (" (set by CONVKERN_CACHES)" if c["source"] == "CONVKERN_CACHES"
                                         else " (read from this machine)"))
             print(f"GEMM blocking (float32, {bi['simd_active']}): register tile {b['MR']}x{b['NR']}, KC {b['KC']}, "
