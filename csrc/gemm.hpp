@@ -112,6 +112,18 @@ inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) 
             for (idx k = k0; k < kc; ++k) Ap[k * MR + i] = T(0);
         return;
     }
+    if (rsa == 1 && rows > 0) {  // column-major A (a transposed operand, e.g. grad_output in a weight gradient)
+        // each k's rows are contiguous: one masked vector copy per k
+        if constexpr (MR <= GemmBlocking<T>::L) {
+            for (idx k = 0; k < kc; ++k) vstore_first(Ap + k * MR, vload_first(A + k * csa, rows), MR);
+            return;
+        }
+        for (idx k = 0; k < kc; ++k) {
+            std::memcpy(Ap + k * MR, A + k * csa, static_cast<std::size_t>(rows) * sizeof(T));
+            for (idx i = rows; i < MR; ++i) Ap[k * MR + i] = T(0);
+        }
+        return;
+    }
     for (idx k = 0; k < kc; ++k) {
         idx i = 0;
         for (; i < rows; ++i) Ap[k * MR + i] = A[i * rsa + k * csa];
