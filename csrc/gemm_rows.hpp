@@ -18,14 +18,13 @@ constexpr idx kRowsMC = 144, kRowsKCMax = 512;
 // beside the A rows, or measured by the blocking tuner, which times both
 // GEMM forms: a core whose L2 feeds B fast enough runs both faster with a
 // longer KC), at most kRowsKCMax.
-template <class T>
-idx rows_kc_for(idx packed_kc) {
+inline idx rows_kc_for(idx packed_kc) {
     return imin(kRowsKCMax, packed_kc);
 }
 
 template <class T>
 idx rows_kc() {
-    static const idx kc = rows_kc_for<T>(gemm_dims<T>().kc);
+    static const idx kc = rows_kc_for(gemm_dims<T>().kc);
     return kc;
 }
 

@@ -206,7 +206,7 @@ void gemm_blocking(const CacheSizes* caches, idx kc, idx out[7]) {
     out[2] = d.kc;
     out[3] = d.mc;
     out[4] = d.nc;
-    out[5] = rows_kc_for<T>(d.kc);  // (not rows_kc(): asking must not fix the blocking)
+    out[5] = rows_kc_for(d.kc);  // (not rows_kc(): asking must not fix the blocking)
     out[6] = static_cast<idx>(source);
 }
 

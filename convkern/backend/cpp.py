@@ -95,7 +95,8 @@ def avg_pool2d_backward(grad_output, g: PoolGeometry, count_include_pad: bool = 
 # channels_last: arrays in and out are C-contiguous (N, H, W, C); weights (K, C/G, R, S)
 
 
-# the NHWC forward's algorithms, by name: its implicit GEMM and Winograd's F(2x2, 3x3) and F(4x4, 3x3)
+# the NHWC forward's algorithms, by name (their winograd code): its GEMMs and Winograd's F(2x2, 3x3) and
+# F(4x4, 3x3); "implicit" also passes pixel_rows
 _NHWC_WINOGRAD = {"auto": -1, "im2col": 0, "implicit": 0, "winograd": 2, "winograd4": 4}
 
 
