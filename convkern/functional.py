@@ -445,20 +445,34 @@ def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "
     return impl.conv2d_forward_nhwc(x, w, b, g, **kw), False
 
 
+_NO_PLAN = object()
+
+
+def _by_plan(k: tuple, op: str, backend, checked, arrays):
+    """The call's result by the plan kept for its signature k, or _NO_PLAN
+    where there is none, it was made in another state, or `checked` (the
+    array its decisions checked for NaN/inf) is no longer finite."""
+    plan = _plan_cache.get(k)
+    if plan is None:
+        return _NO_PLAN
+    impl = _backends.select("cpu", backend, op)
+    if (impl is not plan.impl or plan.state != _plan_cache.state(impl)
+            or (plan.check_finite and not _all_finite(checked, "cpu"))):
+        return _NO_PLAN
+    if plan.recalls:
+        _tune.count_remembered(plan.recalls)
+    return plan.run(*arrays)
+
+
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, algo, backend, fuse_relu: bool,
             memory_format: Optional[str] = None):
     # a signature seen before, in the same state: its plan (convkern.plan_cache)
     k = _plan_cache.key("conv2d", (input, weight, bias),
                         (stride, padding, dilation, groups, algo, backend, fuse_relu, memory_format))
     if k is not None:
-        plan = _plan_cache.get(k)
-        if plan is not None:
-            impl = _backends.select("cpu", backend, "conv2d_forward")
-            if (impl is plan.impl and plan.state == _plan_cache.state(impl)
-                    and (not plan.check_finite or _all_finite(weight, "cpu"))):
-                if plan.recalls:
-                    _tune.count_remembered(plan.recalls)
-                return plan.run(input, weight, bias)
+        planned = _by_plan(k, "conv2d_forward", backend, weight, (input, weight, bias))
+        if planned is not _NO_PLAN:
+            return planned
     with _plan_cache.Making() as making:
         impl, run, arrays = _conv2d_plan(input, weight, bias, stride, padding, dilation, groups, algo, backend,
                                          fuse_relu, memory_format)
@@ -573,66 +587,103 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: Pa
     if len(tuple(needs)) != 3:
         raise ValueError(f"conv2d_backward: needs must be three booleans (input, weight, bias), got {needs!r}")
     needs = tuple(bool(n) for n in needs)
+    # a signature seen before, in the same state: its plan (convkern.plan_cache); the only data its
+    # decisions read is grad_output's finiteness
+    k = _plan_cache.key("conv2d_backward", (grad_output, input, weight),
+                        (stride, padding, dilation, groups, needs, algo, backend))
+    if k is not None:
+        planned = _by_plan(k, "conv2d_backward", backend, grad_output, (grad_output, input, weight))
+        if planned is not _NO_PLAN:
+            return planned
+    with _plan_cache.Making() as making:
+        impl, run, arrays = _conv2d_backward_plan(grad_output, input, weight, stride, padding, dilation, groups,
+                                                  needs, algo, backend)
+    if k is not None and impl is not None:
+        plan = making.plan(impl, run)
+        if plan is not None:
+            _plan_cache.put(k, plan)
+    return run(*arrays)
+
+
+def _conv2d_backward_plan(grad_output, input, weight, stride, padding, dilation, groups, needs, algo, backend):
+    """Check a conv2d_backward call and decide how it runs: (impl, run,
+    arrays), as _conv2d_plan."""
     (gy, x, w), device, dtype = _prepare("conv2d_backward", [("grad_output", grad_output), ("input", input),
                                                              ("weight", weight)], contiguous=False)
+    taken = (gy, x, w)
     g = conv2d_geometry(x.shape, w.shape, None, stride, padding, dilation, groups)
     gy = _check_shape(gy, g.output_shape, "grad_output", "conv2d_backward", g.unbatched)
     algo = _check_algo(algo)
     impl = _backends.select(device, backend, "conv2d_backward")
     if not any(needs):
-        return None, None, None
+        return None, lambda *_: (None, None, None), taken
     w, w_cl, weights = _weights(impl, w, device, dtype)
+    # (a flag, not w_cl, in the closures: a plan must not keep the first call's weights alive)
+    weights_in_place = w_cl is not None
+
+    def weights_of(wr):  # what _weights did to the weights as taken
+        return wr if weights_in_place else _contiguous(wr, device, dtype)
+
     # a one-channel input is both layouts: a channels_last grad_output decides
     # (else the whole of it would be copied to NCHW)
     if g.N > 0 and (layout.is_channels_last(x) or (layout.is_both(x) and layout.is_channels_last(gy))):
         algo = _resolve_algo(impl, algo)
-        def via_nchw():
-            gx, gw, gb = conv2d_backward(layout.nchw(_native(gy, dtype)), layout.nchw(_native(x, dtype)), w, stride,
-                                         padding, dilation, groups, needs=needs, algo=algo, backend=backend)
+
+        def via_nchw_run(gyr, xr, wr):
+            _last_layout[0] = "nchw"
+            gx, gw, gb = conv2d_backward(layout.nchw(_native(gyr.reshape(g.output_shape), dtype)),
+                                         layout.nchw(_native(xr, dtype)), weights_of(wr), stride, padding, dilation,
+                                         groups, needs=needs, algo=algo, backend=backend)
             return (None if gx is None else layout.to_channels_last(gx)), gw, gb
 
         if _runs_nhwc(impl, "conv2d_backward_nhwc", g, algo, gy if needs[1] else None, device):
-            gyn, xn = layout.nhwc(_native(gy, dtype)), layout.nhwc(_native(x, dtype))
-
-            def native():
-                gx, gw, gb = impl.conv2d_backward_nhwc(gyn, xn, w, g, needs)
+            def native_run(gyr, xr, wr):
+                _last_layout[0] = "nhwc"
+                gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(_native(gyr.reshape(g.output_shape), dtype)),
+                                                       layout.nhwc(_native(xr, dtype)), weights_of(wr), g, needs)
                 return (None if gx is None else layout.from_nhwc(gx)), gw, gb
 
-            if _layout_choice(impl, "backward", g, dtype, needs, native, via_nchw, weights) == "nhwc":
-                return native()
-        return via_nchw()
-    gy, x = _contiguous(gy, device, dtype), _contiguous(x, device, dtype)
-    w_nhwc, w = w, (w if w_cl is None else layout.nchw(w))
+            if _layout_choice(impl, "backward", g, dtype, needs, lambda: native_run(*taken),
+                              lambda: via_nchw_run(*taken), weights) == "nhwc":
+                return impl, native_run, taken
+        return impl, via_nchw_run, taken
     if g.N == 0:
         gx = _zeros(device, g.input_shape, dtype) if needs[0] else None
         gw = _zeros(device, g.weight_shape, dtype) if needs[1] else None
         gb = _zeros(device, (g.K,), dtype) if needs[2] else None
-    else:
-        x = x.reshape(g.input_shape)
-        algo = _resolve_algo(impl, algo)
-        auto = algo == "auto"
-        if auto:
-            algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gy, x, w, g, a, needs))
+        return None, lambda *_: (_unbatch(gx, g.unbatched), gw, gb), taken
 
-        def nchw():
-            if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
-                    and not _all_finite(gy, device)):
-                gx = impl.conv2d_backward(gy, x, w, g, algo, (needs[0], False, False))[0] if needs[0] else None
-                return (gx,) + tuple(impl.conv2d_backward(gy, x, w, g, "im2col", (False, True, needs[2]))[1:])
-            return impl.conv2d_backward(gy, x, w, g, algo, needs)
+    def parts(gyr, xr, wr):  # the call's arrays as the kernels take them: (gy, x, w as given, w NCHW)
+        wr = weights_of(wr)
+        return (_contiguous(gyr.reshape(g.output_shape), device, dtype),
+                _contiguous(xr, device, dtype).reshape(g.input_shape), wr, layout.nchw(wr) if weights_in_place else wr)
 
-        if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None,
-                                           device):
-            def nhwc():
-                gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gy.reshape(g.output_shape)), layout.nhwc(x),
-                                                       w_nhwc, g, needs)
-                return (None if gx is None else layout.nchw(layout.from_nhwc(gx))), gw, gb
+    algo = _resolve_algo(impl, algo)
+    auto = algo == "auto"
+    if auto:
+        gyc, xc, _, wc = parts(*taken)
+        algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gyc, xc, wc, g, a, needs))
 
-            if _nchw_via_nhwc(impl, "backward", g, dtype, needs, nchw, nhwc, weights) != "nchw":
-                gx, gw, gb = nhwc()
-                return _unbatch(gx, g.unbatched), gw, gb
-        gx, gw, gb = nchw()
-    return _unbatch(gx, g.unbatched), gw, gb
+    def nchw_run(gyr, xr, wr):
+        gyr, xr, _, wr = parts(gyr, xr, wr)
+        if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
+                and not _all_finite(gyr, device)):
+            gx = impl.conv2d_backward(gyr, xr, wr, g, algo, (needs[0], False, False))[0] if needs[0] else None
+            gx, gw, gb = (gx,) + tuple(impl.conv2d_backward(gyr, xr, wr, g, "im2col", (False, True, needs[2]))[1:])
+        else:
+            gx, gw, gb = impl.conv2d_backward(gyr, xr, wr, g, algo, needs)
+        return _unbatch(gx, g.unbatched), gw, gb
+
+    if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None, device):
+        def nhwc_run(gyr, xr, wr):
+            gyr, xr, w_nhwc, _ = parts(gyr, xr, wr)
+            gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gyr), layout.nhwc(xr), w_nhwc, g, needs)
+            return _unbatch(None if gx is None else layout.nchw(layout.from_nhwc(gx)), g.unbatched), gw, gb
+
+        if _nchw_via_nhwc(impl, "backward", g, dtype, needs, lambda: nchw_run(*taken), lambda: nhwc_run(*taken),
+                          weights) != "nchw":
+            return impl, nhwc_run, taken
+    return impl, nchw_run, taken
 
 
 # ---------------------------------------------------------------- pooling

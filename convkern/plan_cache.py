@@ -14,10 +14,12 @@ plan by:
   (``tune.generation``), the backend selected, its thread count and SIMD
   level, and whether ``cached_weights`` is active.
 
-One decision depends on the data: where kernels that skip padding taps
-would run, the weights are checked for NaN/inf (PyTorch multiplies the
-padding's zeros, so 0 * inf must give NaN). A plan made where that check
-ran says so (``Plan.check_finite``) and the check runs again on each call;
+The same holds for a conv's backward (``conv2d_backward``). One decision
+depends on the data: where kernels that skip padding taps would run, the
+weights (forward) or grad_output (the weight gradient) are checked for
+NaN/inf (PyTorch multiplies the padding's zeros, so 0 * inf must give NaN).
+A plan made where that check ran says so (``Plan.check_finite``) and the
+check runs again on each call;
 a call whose check fails takes the full road. A plan is stored only from a
 call that measured nothing (the next call recalls what was measured) and
 whose checks all passed.

@@ -1,8 +1,8 @@
-"""Plans (convkern.plan_cache): a conv2d call's decisions remembered per
-signature. A repeated call skips them and gives the same bits; anything its
+"""Plans (convkern.plan_cache): a conv2d or conv2d_backward call's
+decisions remembered per signature. A repeated call skips them and gives the same bits; anything its
 decisions depended on (tuning mode and choices, backend, threads, SIMD
-level, the arrays' strides and dtype, NaN/inf in the weights) makes the
-next call decide again."""
+level, the arrays' strides and dtype, NaN/inf in the weights forward or in
+grad_output backward) makes the next call decide again."""
 
 import numpy as np
 import pytest
@@ -16,19 +16,30 @@ from helpers import SIMD_LEVELS, assert_close, at_simd_level, randn
 pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the plans under test are the cpp backend's")
 
 
-@pytest.fixture
-def decisions(monkeypatch):
-    """Counts the calls that decide (no plan, or a stale one)."""
+def _spy(monkeypatch, name):
     plan_cache.clear()
     seen = []
-    real = F._conv2d_plan
+    real = getattr(F, name)
 
     def spy(*args):
         seen.append(args[:3])
         return real(*args)
 
-    monkeypatch.setattr(F, "_conv2d_plan", spy)
-    yield seen
+    monkeypatch.setattr(F, name, spy)
+    return seen
+
+
+@pytest.fixture
+def decisions(monkeypatch):
+    """Counts the conv2d calls that decide (no plan, or a stale one)."""
+    yield _spy(monkeypatch, "_conv2d_plan")
+    plan_cache.clear()
+
+
+@pytest.fixture
+def backward_decisions(monkeypatch):
+    """Counts the conv2d_backward calls that decide."""
+    yield _spy(monkeypatch, "_conv2d_backward_plan")
     plan_cache.clear()
 
 
@@ -135,3 +146,79 @@ def test_nan_weights_after_a_plan_get_torch_semantics(decisions, rng):
                                backend="reference")
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         assert np.isnan(got[:, 2]).all() and not np.isnan(got[:, 3]).any()
+
+
+NEEDS = [(True, True, True), (True, False, False), (False, True, True)]
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "".join("xwb"[i] for i in range(3) if n[i]))
+@pytest.mark.parametrize("case,layout_of", [(c, "nchw") for c in CASES] + [(c, "channels_last") for c in CASES[:3]],
+                         ids=lambda v: "x".join(map(str, v[0])) if isinstance(v, tuple) else v)
+def test_a_repeated_backward_skips_deciding_and_gives_the_same_bits(case, layout_of, needs, backward_decisions,
+                                                                     rng):
+    xs, ws, kw = case
+    x, w = randn(rng, xs, np.float32), randn(rng, ws, np.float32)
+    gy = randn(rng, convkern.conv2d(x, w, **kw).shape, np.float32)
+    if layout_of == "channels_last":
+        x, gy = _cl(x), _cl(gy)
+    with tune.forced("off"):
+        first = convkern.conv2d_backward(gy, x, w, **kw, needs=needs)
+        n = len(backward_decisions)
+        gy2, x2, w2 = gy * 2, x.copy(order="K") - 1, w + 1  # other arrays, same signature
+        again = convkern.conv2d_backward(gy, x, w, **kw, needs=needs)
+        other = convkern.conv2d_backward(gy2, x2, w2, **kw, needs=needs)
+        assert len(backward_decisions) == n, "a repeated signature decided again"
+        for a, b in zip(again, first):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+                assert a.strides == b.strides
+        plan_cache.clear()
+        fresh = convkern.conv2d_backward(gy2, x2, w2, **kw, needs=needs)
+    want = convkern.conv2d_backward(gy2.astype(np.float64), x2.astype(np.float64), w2.astype(np.float64), **kw,
+                                    needs=needs, backend="reference")
+    for name, got, again_fresh, ref in zip("xwb", other, fresh, want):
+        assert (got is None) == (ref is None), name
+        if got is not None:
+            np.testing.assert_array_equal(got, again_fresh)  # as if decided afresh
+            assert_close(got, ref, np.float32, f"grad {name}: x{xs} w{ws} {kw} needs {needs}")
+
+
+def test_what_backward_decisions_depend_on_makes_them_again(backward_decisions, rng):
+    x, w = randn(rng, (2, 8, 9, 9), np.float32), randn(rng, (12, 8, 3, 3), np.float32)
+    gy = randn(rng, (2, 12, 9, 9), np.float32)
+    with tune.forced("off"):
+        convkern.conv2d_backward(gy, x, w, padding=1)
+        n = len(backward_decisions)
+        for change in (lambda: convkern.conv2d_backward(_cl(gy), _cl(x), w, padding=1),   # strides
+                       lambda: convkern.conv2d_backward(gy, x, w, padding=1, needs=(True, False, False)),
+                       lambda: convkern.conv2d_backward(gy, x, _cl(w), padding=1),        # weights' layout
+                       lambda: convkern.conv2d_backward(gy, x, w, padding=1, backend="reference")):
+            change()
+            assert len(backward_decisions) == n + 1, "a new signature must decide"
+            n += 1
+        with tune.forced("recall"):
+            convkern.conv2d_backward(gy, x, w, padding=1)
+        assert len(backward_decisions) == n + 1
+
+
+def test_nan_grad_output_after_a_backward_plan_gets_torch_semantics(backward_decisions, rng):
+    """A padded depthwise weight gradient planned on a finite grad_output
+    runs kernels that skip the padding taps; a NaN in a later grad_output
+    must still reach every tap of its channel's weight gradient (it meets
+    the padding's zeros, 0 * NaN), as PyTorch's does."""
+    x, w = randn(rng, (2, 6, 7, 7), np.float32), randn(rng, (6, 1, 3, 3), np.float32)
+    gy = randn(rng, (2, 6, 7, 7), np.float32)
+    bad = gy.copy()
+    bad[1, 2, 0, 0] = np.nan
+    for cl in (False, True):
+        args = (_cl(gy), _cl(x)) if cl else (gy, x)
+        with tune.forced("off"):
+            convkern.conv2d_backward(*args, w, padding=1, groups=6)
+            n = len(backward_decisions)
+            gw = convkern.conv2d_backward(_cl(bad) if cl else bad, args[1], w, padding=1, groups=6)[1]
+            assert len(backward_decisions) > n, "a NaN grad_output must take the full road"
+        want = convkern.conv2d_backward(bad.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                        padding=1, groups=6, backend="reference")[1]
+        np.testing.assert_array_equal(np.isnan(gw), np.isnan(want))
+        assert np.isnan(gw[2]).all() and not np.isnan(gw[3]).any()
