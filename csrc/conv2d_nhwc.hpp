@@ -665,6 +665,8 @@ void nhwc_grad_weight_routes(const T* gy, const T* x, T* gw, const ConvGeom& s, 
         if (!kcrs) kcrs.reset(new T[static_cast<std::size_t>(s.K * (s.C / s.G) * s.R * s.S)]);
         return kcrs.get();
     };
+    if (grad_weight_pointwise_nhwc_applies<T>(s))  // (a 1x1 filter's two weight orders are one)
+        return grad_weight_pointwise_nhwc(gy, x, gw, s);
     if (grad_weight_taps_nhwc_applies<T>(s))
         conv2d_grad_weight_taps_nhwc(gy, x, dst(), s);
     else if (grad_weight_winograd_pays<T>(s) && conv2d_grad_weight_winograd(gy, x, dst(), s, false)) {
@@ -748,9 +750,15 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
             wr = fresh;
         }
         if (pointwise) {  // gx (M x C) = gy (M x K) W (K x C)
-            T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(s.K, s.C)) * sizeof(T), 1));
+            T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(s.K, s.C)) * sizeof(T) +
+                                              static_cast<std::size_t>(s.K) * sizeof(idx), 1));
             pack_b_full(s.K, s.C, wr, s.C, idx(1), bp);
-            gemm_rows(M, s.C, s.K, StridedRows<T>{gy, s.K, idx(1)}, bp, gx, s.C, [](idx, idx, idx, idx) {});
+            // gy's rows read in place: with few input channels (an expansion
+            // layer's) each packed row of A would serve one or two B panels,
+            // so packing would cost about as much as the FMAs
+            idx* iota = reinterpret_cast<idx*>(bp + packed_b_elems<T>(s.K, s.C));
+            for (idx k = 0; k < s.K; ++k) iota[k] = k;
+            gemm_rows(M, s.C, s.K, InPlaceRows<T>{gy, s.K, iota}, bp, gx, s.C, [](idx, idx, idx, idx) {});
             return;
         }
         // gcol (pixels x RSC) = gy (pixels x Kg) W_g (Kg x RSC) for a chunk of

@@ -27,6 +27,7 @@ namespace {
 #include "conv2d_winograd.hpp"
 #include "conv2d_winograd_nhwc.hpp"
 #include "conv2d_grad_weight_winograd.hpp"
+#include "conv2d_grad_weight_pointwise.hpp"
 #include "max_pool2d.hpp"
 #include "avg_pool2d.hpp"
 #include "conv2d_nhwc.hpp"
