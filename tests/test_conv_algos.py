@@ -299,7 +299,7 @@ def test_winograd_weight_gradient_hands_non_finite_data_to_im2col(rng, where):
         assert_close(got[finite], ref[finite], np.float64, f"{algo}: finite entries")
 
 
-# auto's grad weight for filters of few taps (C*R*S <= 112, up to 5 a row,
+# auto's grad weight for filters of few taps (C*R*S <= 112 but more than one, up to 5 a row,
 # column stride 1): LeNet's first layer (rows of a vector and a partial
 # one), three channels at row stride 2 with rows of exactly one float32
 # AVX-512 vector and fewer filters than a block, rows shorter than a vector,
