@@ -369,7 +369,9 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: Padding = 0, 
     problem raises ValueError saying why. On a channels_last input the cpp
     Winograd algorithms run on the NHWC data itself (channels in vector
     lanes); the others run on an NCHW copy.
-    memory_format: None (the output takes the input's layout) or
+    memory_format: None (the output takes the input's layout; an input of
+    both layouts at once, one channel or 1x1 planes, takes the weights'
+    where their strides read channels_last by PyTorch's rule) or
     "channels_last": the output is channels_last whatever the input's (an
     NCHW input is converted first; a one-channel input, both layouts at
     once, is not), as PyTorch does for a conv whose weight is channels_last.
@@ -446,6 +448,8 @@ def _forward_nhwc(impl, x, w, b, g: ConvGeometry, fuse_relu: bool, algo: str = "
 
 
 _NO_PLAN = object()
+# (conv2d's memory_format inside: run on NCHW arrays and give NCHW, whatever the weights' layout)
+_AS_NCHW = object()
 
 
 def _by_plan(k: tuple, op: str, backend, checked, arrays):
@@ -492,7 +496,7 @@ def _conv2d_plan(input, weight, bias, stride, padding, dilation, groups, algo, b
     (x, w, b), device, dtype = _prepare("conv2d", [("input", input), ("weight", weight), ("bias", bias)],
                                         contiguous=False)
     taken = (x, w, b)
-    if memory_format not in (None, "channels_last"):
+    if memory_format not in (None, "channels_last", _AS_NCHW):
         raise ValueError(f"conv2d: memory_format must be None or 'channels_last', got {memory_format!r}")
     to_cl = memory_format == "channels_last"
     if to_cl and (x.ndim != 4 or not isinstance(x, np.ndarray)):
@@ -518,12 +522,15 @@ def _conv2d_plan(input, weight, bias, stride, padding, dilation, groups, algo, b
     if g.N == 0:
         y = _zeros(device, g.output_shape, dtype)
         return None, lambda *_: layout.to_channels_last(y) if to_cl else _unbatch(y, g.unbatched), taken
-    if layout.is_channels_last(x) or to_cl:
+    # an input of both layouts (one channel, 1x1 planes) takes the weights' layout, as in torch: a
+    # channels_last model's first conv on a one-channel image gives channels_last
+    if (layout.is_channels_last(x) or to_cl
+            or (memory_format is None and layout.is_both(x) and layout.prefers_channels_last(taken[1]))):
         def via_nchw_run(xr, wr, br):
             _last_layout[0] = "nchw"
             xr, wr, br = arrays(xr, wr, br)
             return layout.to_channels_last(_conv2d(layout.nchw(_native(xr, dtype)), wr, br, stride, padding,
-                                                   dilation, groups, algo, backend, fuse_relu))
+                                                   dilation, groups, algo, backend, fuse_relu, _AS_NCHW))
 
         if _runs_nhwc(impl, "conv2d_forward_nhwc", g, algo, w, device):
             def native_run(nhwc_algo: str):  # (an NCHW input asked to give channels_last is transposed here)

@@ -3,7 +3,8 @@ and channels_last means NHWC strides, such as
 ``np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)``.
 
 The layout is read from the strides. An op's output has its input's layout
-(a channels_last input gives a channels_last output), as in torch. Where the
+(a channels_last input gives a channels_last output), as in torch; a conv's
+input of both layouts at once (one channel, 1x1 planes) takes its weights'. Where the
 backend has channels_last kernels (cpp) the data is read and written in NHWC
 order with no transposes; elsewhere the op converts, at the cost of a copy
 each way.
@@ -28,6 +29,33 @@ def is_both(a) -> bool:
     planes, C-contiguous): it takes whichever layout the arrays beside it have."""
     return (isinstance(a, np.ndarray) and a.ndim == 4 and a.flags.c_contiguous
             and a.transpose(0, 2, 3, 1).flags.c_contiguous)
+
+
+def strides_say_channels_last(shape, strides) -> bool:
+    """Whether element strides of a 4-D (N, C, H, W) shape read as
+    channels_last by PyTorch's rule, which also settles arrays of one
+    channel or 1x1 planes by the strides their size-1 dimensions carry: a
+    one-channel weight made channels_last, (C, 1, 5, 5) with strides
+    (25, 1, 5, 1), is; the same weight C-contiguous, strides (25, 25, 5, 1),
+    is not. (NumPy's flags ignore a size-1 dimension's stride.)"""
+    if len(shape) != 4 or strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if shape[d] == 0 or strides[d] < least:
+            return False
+        if d == 0 and least == strides[1]:  # N x 1 x 1 x 1 with equal strides: NCHW
+            return False
+        least = strides[d] * (shape[d] if shape[d] > 1 else 1)
+    return True
+
+
+def prefers_channels_last(a) -> bool:
+    """A 4-D NumPy array whose strides read as channels_last by PyTorch's
+    rule (strides_say_channels_last): every channels_last array, and arrays
+    of both layouts whose size-1 dimensions carry NHWC strides."""
+    return (isinstance(a, np.ndarray) and a.ndim == 4 and a.itemsize > 0
+            and strides_say_channels_last(a.shape, tuple(st // a.itemsize for st in a.strides)))
 
 
 def _transposer():

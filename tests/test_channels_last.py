@@ -278,6 +278,38 @@ def test_relu_keeps_any_dense_layout():
         np.testing.assert_array_equal(g, np.where(v > 0, v, 0))
 
 
+@pytest.mark.parametrize("shape, ws", [((3, 1, 12, 10), (6, 1, 3, 3)), ((5, 4, 1, 1), (6, 4, 1, 1))],
+                         ids=["one channel", "1x1 planes"])
+def test_an_input_in_both_layouts_takes_the_weights_layout(shape, ws):
+    """A one-channel input (or 1x1 planes) is NCHW and NHWC at once: its
+    conv's output is channels_last where the weights' strides read so (a
+    channels_last model's first conv), NCHW where they are C-contiguous, the
+    same values either way."""
+    rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    # NHWC strides on every axis, size-1 ones included (as a torch tensor made channels_last
+    # carries them; NumPy keeps a view's strides where a size-1 axis makes it contiguous already)
+    w_cl = np.moveaxis(w, 1, 3).copy().transpose(0, 3, 1, 2)
+    assert layout.is_both(x) and layout.prefers_channels_last(w_cl) and not layout.prefers_channels_last(w)
+    want = ck.conv2d(x, w, padding=1, backend="reference")
+    for weights, channels_last in ((w_cl, True), (w, False)):
+        got = ck.conv2d(x, weights, padding=1)
+        assert layout.is_channels_last(got) == channels_last and (channels_last or got.flags.c_contiguous)
+        np.testing.assert_allclose(got, want, **tol(np.float32))
+
+
+def test_strides_read_as_pytorch_reads_them():
+    """Channels_last by PyTorch's stride rule, which settles size-1
+    dimensions by their strides where NumPy's flags ignore them."""
+    say = layout.strides_say_channels_last
+    assert say((8, 3, 4, 5), (60, 1, 15, 3)) and not say((8, 3, 4, 5), (60, 20, 5, 1))
+    assert say((32, 1, 5, 5), (25, 1, 5, 1)) and not say((32, 1, 5, 5), (25, 25, 5, 1))
+    assert say((2, 6, 1, 1), (6, 1, 6, 6)) and not say((2, 6, 1, 1), (6, 1, 1, 1))  # N x C x 1 x 1
+    assert not say((4, 1, 1, 1), (1, 1, 1, 1)) and not say((2, 3, 4, 5), (60, 0, 15, 3))
+    assert not layout.prefers_channels_last(np.zeros((2, 3, 4), np.float32))
+
+
 def test_layout_detection():
     x = np.zeros((2, 3, 4, 5), np.float32)
     assert not layout.is_channels_last(x)

@@ -116,6 +116,57 @@ def test_channels_last_in_gives_channels_last_out(dtype):
         assert rel(g1, g2) <= tol
 
 
+# inputs of both layouts at once (one channel; 1x1 planes) and an NCHW one,
+# each against weights C-contiguous and made channels_last: torch's conv
+# output takes the weight's layout where the input's is ambiguous
+BOTH_LAYOUT_CONVS = [((2, 1, 9, 8), (5, 1, 3, 3), dict(padding=1)),
+                     ((3, 6, 1, 1), (4, 6, 1, 1), {}),
+                     ((2, 1, 7, 7), (3, 1, 5, 5), dict(padding=2, stride=2)),
+                     ((2, 3, 6, 6), (4, 3, 3, 3), {})]
+
+
+@pytest.mark.parametrize("case", BOTH_LAYOUT_CONVS, ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("weights", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("inputs", ["contiguous", "channels_last"])
+def test_conv_output_layout_follows_torch_for_inputs_of_both_layouts(case, weights, inputs):
+    xs, ws, kw = case
+    x = randn(*xs, dtype=torch.float32)
+    w = randn(*ws, dtype=torch.float32, seed=1)
+    if inputs == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if weights == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    ours, theirs = ckt.conv2d(x, w, **kw), TF.conv2d(x, w, **kw)
+    assert ours.stride() == theirs.stride(), f"ours {ours.stride()}, torch's {theirs.stride()}"
+    assert rel(ours, theirs) <= 1e-5
+    gy = randn(*ours.shape, dtype=torch.float32, seed=9)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), gy), torch.autograd.grad(theirs, (x, w), gy)):
+        assert rel(a, b) <= 1e-5
+
+
+def test_a_channels_last_lenet_on_one_channel_images_stays_channels_last():
+    """A channels_last model's first conv on a one-channel image (both
+    layouts) gives channels_last, as torch's does, so the layers after it
+    run on the channels_last kernels rather than NCHW ones."""
+    from convkern.torch.nets import LeNet
+
+    torch.manual_seed(3)
+    model = LeNet().to(memory_format=torch.channels_last).eval()  # (eval: no dropout masks to differ)
+    ours = ckt.patch(LeNet()).to(memory_format=torch.channels_last).eval()
+    ours.load_state_dict(model.state_dict())
+    x = randn(4, 1, 28, 28, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    seen, want = [], []
+    for net, log in ((ours, seen), (model, want)):
+        net.features[2].register_forward_hook(lambda m, i, o, log=log: log.append(o.stride()))
+        with tune.forced("off"):
+            net(x).square().sum().backward()
+    assert seen == want and ours.features[2](ours.features[0](x)).is_contiguous(memory_format=torch.channels_last)
+    for (name, p), q in zip(ours.named_parameters(), model.parameters()):
+        assert rel(p.grad, q.grad) <= 1e-4, name
+
+
 def test_cpu_tensors_cross_without_copies():
     t = randn(2, 3, 4, 5, dtype=torch.float32)
     a = ops.to_array(t)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as ck
+from .. import layout as _layout
 from .. import weight_cache as _weight_cache
 from ..geometry import conv2d_geometry, pool2d_geometry
 
@@ -44,6 +45,16 @@ def memory_format(t: Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def conv_memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The format torch gives a conv's output: channels_last where the input
+    is, or where the weight's strides read so (a channels_last model's conv
+    on an NCHW input, or on one-channel images, which are both layouts)."""
+    if input.dim() == 4 and weight.dim() == 4 and _layout.strides_say_channels_last(tuple(weight.shape),
+                                                                                    weight.stride()):
+        return torch.channels_last
+    return memory_format(input)
 
 
 def to_array(t: Tensor):
@@ -180,13 +191,15 @@ def _run_conv(fn, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
     # changed in place (an optimizer step) from the one whose filters are kept
     token = _weight_cache.weight_version.set(weight._version) if _weight_cache.active() else None
     try:
+        fmt = conv_memory_format(input, weight)
         with on_torch_stream(input):
             y = fn(to_array(input), to_array(weight), None if bias is None else to_array(bias), stride,
-                   _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend))
+                   _padding(padding, same), dilation, groups, algo=algo, backend=_opt(backend),
+                   memory_format="channels_last" if fmt == torch.channels_last and input.dim() == 4 else None)
     finally:
         if token is not None:
             _weight_cache.weight_version.reset(token)
-    return from_array(y, memory_format(input))
+    return from_array(y, fmt)
 
 
 def conv2d_impl(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -198,7 +211,7 @@ def _conv2d_fake(input, weight, bias, stride, padding, same, dilation, groups, a
     g = conv2d_geometry(input.shape, weight.shape, None if bias is None else bias.shape, stride,
                         _padding(padding, same), dilation, groups)
     shape = g.output_shape[1:] if g.unbatched else g.output_shape
-    return empty(input, shape, memory_format(input))
+    return empty(input, shape, conv_memory_format(input, weight))
 
 
 def conv2d_backward_impl(grad_output: Tensor, input: Tensor, weight: Tensor, stride: List[int], padding: List[int],
