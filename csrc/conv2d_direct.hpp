@@ -168,7 +168,7 @@ inline bool depthwise_grad_input_applies(const ConvGeom& s) { return conv_is_dep
 // masked store (a memcpy per row through a tile cost an eighth of a 56-wide
 // layer's time in the C library's memmove).
 template <class T, int NV, int K3 = 0>
-inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias, T* yrow, idx wo,
+__attribute__((always_inline)) inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias, T* yrow, idx wo,
                           const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
@@ -204,8 +204,12 @@ inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias
     }
 }
 
+// (always inlined, with depthwise_run: once the strided grad input below
+// called it too, GCC kept it out of line and the forward ran 5% more
+// instructions)
 template <class T, int K3>
-void depthwise_plane_k(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s) {
+__attribute__((always_inline)) inline void depthwise_plane_k(const T* xpad, const DepthwiseLayout<T>& lay, const T* w,
+                                                             T bias, T* y, const ConvGeom& s) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
     const idx Ws = lay.Ws, ps = lay.pstride;
@@ -311,12 +315,73 @@ void conv2d_grad_input_direct_planes(const T* gy, const T* w, T* gx, const ConvG
     }
 }
 
+// A strided depthwise conv's input gradient (one filter per channel) as
+// the stride-1 depthwise conv of its grad_output with zeros inserted
+// between the values ((Ho-1)*sh+1 x (Wo-1)*sw+1) by the flipped filter:
+// each channel's zero-inserted plane is written into the depthwise kernel's
+// padded buffer (in L1/L2), which the vector kernel then reads at unit
+// steps. Of its FMAs 1/(sh*sw) meet a value, against the gather's scalar
+// stride-sw stores into every tap's input row.
+// The zero-inserted conv, t: padding (R-1)*dh - ph (at least 0).
+inline bool depthwise_upsampled_shape(const ConvGeom& s, ConvGeom& t) {
+    t = s;
+    t.H = (s.Ho - 1) * s.sh + 1, t.W = (s.Wo - 1) * s.sw + 1;
+    t.Ho = s.H, t.Wo = s.W;
+    t.sh = t.sw = 1;
+    t.ph = (s.R - 1) * s.dh - s.ph, t.pw = (s.S - 1) * s.dw - s.pw;
+    return conv_is_depthwise(s) && s.K == s.C && (s.sh > 1 || s.sw > 1) && t.ph >= 0 && t.pw >= 0 &&
+           s.R * s.S <= 64;
+}
+
+template <class T>
+bool depthwise_grad_input_upsampled_applies(const ConvGeom& s) {
+    ConvGeom t;
+    return depthwise_upsampled_shape(s, t) && DepthwiseLayout<T>(t).elems * static_cast<idx>(sizeof(T)) <= (idx(4) << 20);
+}
+
+template <class T>
+bool all_finite(const T* a, idx n) {
+    int bad = 0;
+    for (idx i = 0; i < n; ++i) bad |= !(a[i] - a[i] == T(0));  // (v - v is 0 only for finite v)
+    return bad == 0;
+}
+
+template <class T>
+void depthwise_grad_input_upsampled(const T* gy, const T* w, T* gx, const ConvGeom& s) {
+    note_conv_algo(ConvAlgo::depthwise);
+    ConvGeom t;
+    depthwise_upsampled_shape(s, t);
+    const DepthwiseLayout<T> lay(t);
+    const idx RS = s.R * s.S, P = s.Ho * s.Wo, planes = s.N * s.C;
+    const int nt = threads_for(planes);
+    T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.elems) * sizeof(T), 0));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (idx p = 0; p < planes; ++p) {
+        const idx c = p % s.C;
+        T* up = buf + omp_get_thread_num() * lay.elems;
+        std::memset(up, 0, static_cast<std::size_t>(lay.elems) * sizeof(T));
+        const T* g = gy + p * P;
+        for (idx i = 0; i < s.Ho; ++i) {
+            T* row = up + (t.ph + i * s.sh) * lay.Ws + t.pw;
+            for (idx j = 0; j < s.Wo; ++j) row[j * s.sw] = g[i * s.Wo + j];
+        }
+        T wf[64];
+        for (idx i = 0; i < RS; ++i) wf[i] = w[c * RS + RS - 1 - i];
+        depthwise_plane(up, lay, wf, T(0), gx + p * s.H * s.W, t);
+    }
+}
+
 // Stride 1: the input gradient as a forward conv (grad_input_conv_shape) on
-// the register-tiled forward kernel. Otherwise each input plane gathers.
+// the register-tiled forward kernel. Strided depthwise: the zero-inserted
+// stride-1 conv above. Otherwise each input plane gathers.
 template <class T>
 void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvGeom& s, bool generic = false) {
     ConvGeom t;
     if (!grad_input_conv_shape(s, t)) {
+        // (finite weights only: the inserted zeros times an inf weight would be NaN where the
+        // gather, like torch, adds no product)
+        if (!generic && depthwise_grad_input_upsampled_applies<T>(s) && all_finite(w, s.K * s.R * s.S))
+            return depthwise_grad_input_upsampled(gy, w, gx, s);
         note_conv_algo(ConvAlgo::direct);
         conv2d_grad_input_direct_planes(gy, w, gx, s);
         return;

@@ -10,7 +10,7 @@ import convkern
 from convkern.backend import cpp
 from convkern.geometry import conv2d_geometry
 from convkern.perf.canonical import CANONICAL
-from helpers import assert_close, randn
+from helpers import SIMD_LEVELS, assert_close, at_simd_level, randn
 
 # (x shape, w shape, kwargs) that each cpp algorithm runs, awkward ones included
 RUNS = {
@@ -403,6 +403,48 @@ def test_depthwise_gradients_at_any_stride(dtype, rng):
         ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
         for name, g, r in zip(("grad input", "grad weight", "grad bias"), got, ref):
             assert_close(g, r, dtype, f"x{x_shape} w{w_shape} {kw} {name}")
+
+
+# strided depthwise convs (one filter per channel) whose grad input runs as
+# the zero-inserted stride-1 conv: strides 2, 3 and per axis, dilation,
+# padding from none to the taps' reach, rows shorter and longer than a
+# vector, one channel
+UPSAMPLED_GX = [((2, 3, 9, 9), (3, 1, 3, 3), dict(groups=3, stride=2, padding=1)),
+                ((1, 4, 12, 37), (4, 1, 3, 3), dict(groups=4, stride=2)),
+                ((2, 2, 11, 10), (2, 1, 5, 5), dict(groups=2, stride=3, padding=2)),
+                ((1, 3, 10, 19), (3, 1, 3, 3), dict(groups=3, stride=(2, 1), padding=(1, 0))),
+                ((1, 3, 13, 8), (3, 1, 3, 5), dict(groups=3, stride=(1, 2), padding=(0, 2))),
+                ((2, 2, 15, 15), (2, 1, 3, 3), dict(groups=2, stride=2, padding=2, dilation=2)),
+                ((1, 5, 7, 70), (5, 1, 3, 3), dict(groups=5, stride=2, padding=1)),
+                ((1, 1, 4, 4), (1, 1, 3, 3), dict(stride=2, padding=1))]
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_strided_depthwise_grad_input_as_a_zero_inserted_conv(level, dtype, rng):
+    for x_shape, w_shape, kw in UPSAMPLED_GX:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, dtype)
+        with at_simd_level(level):
+            got = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, False, False), backend="cpp")[0]
+            assert cpp.last_algo() == "depthwise", f"x{x_shape} w{w_shape} {kw}: ran {cpp.last_algo()}"
+        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, False, False), backend="reference")[0]
+        assert_close(got, ref, dtype, f"{level} x{x_shape} w{w_shape} {kw}")
+
+
+def test_strided_depthwise_grad_input_of_an_inf_weight_is_the_gathers(rng):
+    """An inf weight times the inserted zeros would be NaN where the gather
+    (and torch) adds no product: such weights take the gather."""
+    x, w = randn(rng, (1, 3, 9, 9), np.float64), randn(rng, (3, 1, 3, 3), np.float64)
+    w[1, 0, 0, 2] = np.inf
+    gy = randn(rng, (1, 3, 5, 5), np.float64)
+    got = convkern.conv2d_backward(gy, x, w, stride=2, padding=1, groups=3, needs=(True, False, False),
+                                   backend="cpp")[0]
+    ref = convkern.conv2d_backward(gy, x, w, stride=2, padding=1, groups=3, needs=(True, False, False),
+                                   backend="reference")[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    assert np.isinf(ref).any() and not np.isnan(got[:, 0]).any()
+    assert_close(got[np.isfinite(ref)], ref[np.isfinite(ref)], np.float64, "finite entries")
 
 
 @pytest.mark.parametrize("algo", ["winograd", "winograd4"])
