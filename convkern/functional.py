@@ -660,19 +660,22 @@ def _conv2d_backward_plan(grad_output, input, weight, stride, padding, dilation,
         gb = _zeros(device, (g.K,), dtype) if needs[2] else None
         return None, lambda *_: (_unbatch(gx, g.unbatched), gw, gb), taken
 
-    def parts(gyr, xr, wr):  # the call's arrays as the kernels take them: (gy, x, w as given, w NCHW)
+    def gy_x(gyr, xr):  # the call's grad_output and input as the kernels take them
+        return _contiguous(gyr.reshape(g.output_shape), device, dtype), \
+            _contiguous(xr, device, dtype).reshape(g.input_shape)
+
+    def nchw_weights(wr):
         wr = weights_of(wr)
-        return (_contiguous(gyr.reshape(g.output_shape), device, dtype),
-                _contiguous(xr, device, dtype).reshape(g.input_shape), wr, layout.nchw(wr) if weights_in_place else wr)
+        return layout.nchw(wr) if weights_in_place else wr
 
     algo = _resolve_algo(impl, algo)
     auto = algo == "auto"
     if auto:
-        gyc, xc, _, wc = parts(*taken)
+        (gyc, xc), wc = gy_x(*taken[:2]), nchw_weights(taken[2])
         algo = _tuned(impl, "backward", g, dtype, needs, lambda a: impl.conv2d_backward(gyc, xc, wc, g, a, needs))
 
     def nchw_run(gyr, xr, wr):
-        gyr, xr, _, wr = parts(gyr, xr, wr)
+        (gyr, xr), wr = gy_x(gyr, xr), nchw_weights(wr)
         if (needs[1] and _direct_skips_padding(impl, g) and _may_skip_padding(impl, algo, g, dtype, True)
                 and not _all_finite(gyr, device)):
             gx = impl.conv2d_backward(gyr, xr, wr, g, algo, (needs[0], False, False))[0] if needs[0] else None
@@ -683,8 +686,8 @@ def _conv2d_backward_plan(grad_output, input, weight, stride, padding, dilation,
 
     if auto and g.C > 1 and _runs_nhwc(impl, "conv2d_backward_nhwc", g, "auto", gy if needs[1] else None, device):
         def nhwc_run(gyr, xr, wr):
-            gyr, xr, w_nhwc, _ = parts(gyr, xr, wr)
-            gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gyr), layout.nhwc(xr), w_nhwc, g, needs)
+            gyr, xr = gy_x(gyr, xr)
+            gx, gw, gb = impl.conv2d_backward_nhwc(layout.nhwc(gyr), layout.nhwc(xr), weights_of(wr), g, needs)
             return _unbatch(None if gx is None else layout.nchw(layout.from_nhwc(gx)), g.unbatched), gw, gb
 
         if _nchw_via_nhwc(impl, "backward", g, dtype, needs, lambda: nchw_run(*taken), lambda: nhwc_run(*taken),
