@@ -168,8 +168,9 @@ inline bool depthwise_grad_input_applies(const ConvGeom& s) { return conv_is_dep
 // masked store (a memcpy per row through a tile cost an eighth of a 56-wide
 // layer's time in the C library's memmove).
 template <class T, int NV, int K3 = 0>
-__attribute__((always_inline)) inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias, T* yrow, idx wo,
-                          const ConvGeom& s) {
+__attribute__((always_inline)) inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias,
+                                                         T* yrow, idx wo,
+                                                         const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     V acc[NV];
@@ -336,7 +337,7 @@ inline bool depthwise_upsampled_shape(const ConvGeom& s, ConvGeom& t) {
 template <class T>
 bool depthwise_grad_input_upsampled_applies(const ConvGeom& s) {
     ConvGeom t;
-    return depthwise_upsampled_shape(s, t) && DepthwiseLayout<T>(t).elems * static_cast<idx>(sizeof(T)) <= (idx(4) << 20);
+    return depthwise_upsampled_shape(s, t) && depthwise_plane_fits<T>(t);
 }
 
 template <class T>
