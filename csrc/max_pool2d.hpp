@@ -11,11 +11,29 @@ inline idx window_first(idx start, idx dilation) {
 
 // The NaN-propagating, first-index-on-ties running max, branch-free: on random
 // data a taken/not-taken max comparison mispredicts about half the time.
+// Written with selects the compiler still made branches of them, so on x86
+// the compares are SSE masks and the index a masked xor.
 template <class T>
 inline void max_step(T v, idx i, T& m, idx& best) {
+#if defined(__SSE2__)
+    idx take;
+    if constexpr (sizeof(T) == sizeof(float)) {
+        const __m128 a = _mm_set_ss(v), b = _mm_set_ss(m);
+        const __m128 t = _mm_or_ps(_mm_cmpgt_ss(a, b), _mm_cmpunord_ss(a, a));
+        m = _mm_cvtss_f32(_mm_or_ps(_mm_and_ps(t, a), _mm_andnot_ps(t, b)));
+        take = _mm_movemask_ps(t) & 1;
+    } else {
+        const __m128d a = _mm_set_sd(v), b = _mm_set_sd(m);
+        const __m128d t = _mm_or_pd(_mm_cmpgt_sd(a, b), _mm_cmpunord_sd(a, a));
+        m = _mm_cvtsd_f64(_mm_or_pd(_mm_and_pd(t, a), _mm_andnot_pd(t, b)));
+        take = _mm_movemask_pd(t) & 1;
+    }
+    best ^= (best ^ i) & -take;
+#else
     const bool take = (v > m) | (v != v);
     m = take ? v : m;
     best = take ? i : best;
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -150,6 +168,120 @@ __attribute__((always_inline)) inline void max_pool_window_x16(const float* xp, 
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2's counterparts of the x16 kernels above, 8 outputs of one row. At
+// column stride 2 a tap's 8 inputs are the even elements of two loads, taken
+// by in-lane shuffles only: the lanes then hold outputs 0,1,4,5,2,3,6,7
+// (kStride2Cols: their columns), put in order once, on store. max_step's
+// running max (greater, or NaN; the first tap on ties and for all -inf) runs
+// lane-wise, with indices as int32 (callers check the plane fits), widened
+// on store. Compiled, max_step's compares became branches that random data
+// mispredicts about half the time.
+inline __m256i max_pool_lane_cols(idx sw) {
+    return sw == 1 ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7) : _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
+}
+
+inline __m256 even_cols_x8(const float* src) {
+    return _mm256_shuffle_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src + 8), 0x88);
+}
+
+template <bool Ind>
+__attribute__((always_inline)) inline void max_step_x8(__m256 v, __m256i at, __m256& m, __m256i& best) {
+    const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_blendv_ps(m, v, take);
+    if constexpr (Ind) best = _mm256_blendv_epi8(best, at, _mm256_castps_si256(take));
+}
+
+template <bool Ind>
+__attribute__((always_inline)) inline void max_store_x8(__m256 m, __m256i best, bool scrambled, float* y,
+                                                        std::int64_t* ind) {
+    if (scrambled) m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8));
+    _mm256_storeu_ps(y, m);
+    if constexpr (Ind) {
+        if (scrambled) best = _mm256_permute4x64_epi64(best, 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ind), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(best)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ind + 4),
+                            _mm256_cvtepi32_epi64(_mm256_extracti128_si256(best, 1)));
+    }
+}
+
+// 2x2 / stride 2 windows whose top-left taps are r0[0], r0[2], ...: reads
+// r0[0, 16) and r1[0, 16), exactly the windows' inputs.
+template <bool Ind>
+__attribute__((always_inline)) inline void max_pool_2x2s2_x8(const float* r0, const float* r1, idx i00, idx W,
+                                                             float* y, std::int64_t* ind) {
+    const __m256 a0 = _mm256_loadu_ps(r0), b0 = _mm256_loadu_ps(r0 + 8);
+    const __m256 a1 = _mm256_loadu_ps(r1), b1 = _mm256_loadu_ps(r1 + 8);
+    __m256 m = _mm256_shuffle_ps(a0, b0, 0x88);
+    const __m256i base = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i00)), max_pool_lane_cols(2));
+    __m256i best = base;
+    max_step_x8<Ind>(_mm256_shuffle_ps(a0, b0, 0xDD), _mm256_add_epi32(base, _mm256_set1_epi32(1)), m, best);
+    max_step_x8<Ind>(_mm256_shuffle_ps(a1, b1, 0x88), _mm256_add_epi32(base, _mm256_set1_epi32(int(W))), m, best);
+    max_step_x8<Ind>(_mm256_shuffle_ps(a1, b1, 0xDD), _mm256_add_epi32(base, _mm256_set1_epi32(int(W + 1))), m,
+                     best);
+    max_store_x8<Ind>(m, best, true, y, ind);
+}
+
+// V vectors of 8 outputs, any window and dilation, column stride 1 or 2,
+// over rows [hstart, hend) of the window, every window's columns inside the
+// row. Two vectors at once run two independent max chains. The caller keeps
+// every load inside x: at stride 2 the last load reads one float past the
+// last window's last tap.
+template <bool Ind, int V>
+__attribute__((always_inline)) inline void max_pool_inside_x8(const float* xp, const PoolGeom& p, idx hstart,
+                                                              idx hend, idx w0, float* y, std::int64_t* ind) {
+    const idx W = p.W, sw = p.sw;
+    const __m256i lane = max_pool_lane_cols(sw);
+    __m256 m[V];
+    __m256i best[V];
+    for (int j = 0; j < V; ++j) {
+        m[j] = _mm256_set1_ps(-__builtin_inff());
+        best[j] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(hstart * W + w0 + 8 * j * sw)), lane);
+    }
+    for (idx h = hstart; h < hend; h += p.dh)
+        for (idx q = 0; q < p.kw; ++q) {
+            const idx w = w0 + q * p.dw;
+            const float* src = xp + h * W + w;
+            for (int j = 0; j < V; ++j) {
+                const float* s = src + 8 * j * sw;
+                const __m256 v = sw == 1 ? _mm256_loadu_ps(s) : even_cols_x8(s);
+                const idx at = h * W + w + 8 * j * sw;
+                max_step_x8<Ind>(v, _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(at)), lane), m[j], best[j]);
+            }
+        }
+    for (int j = 0; j < V; ++j) max_store_x8<Ind>(m[j], best[j], sw == 2, y + 8 * j, Ind ? ind + 8 * j : nullptr);
+}
+
+// One row's inside columns [lo, hi), at least 8, V vectors a step; a run not
+// a multiple of 8V ends with a step overlapping the one before (its outputs
+// rewritten with the same values). Returns where it stopped: before a step
+// whose last load would leave x.
+template <bool Ind, int V>
+inline idx max_pool_inside_run(const float* xp, const PoolGeom& p, idx hstart, idx hend, idx lo, idx hi,
+                               float* yrow, std::int64_t* irow, const float* x_end) {
+    const idx last_row = hstart + (hend - 1 - hstart) / p.dh * p.dh, span = 8 * V * p.sw;
+    idx wo = lo;
+    for (; wo < hi; wo += 8 * V) {
+        const idx at = imin(wo, hi - 8 * V), w0 = at * p.sw - p.pw;
+        if (xp + last_row * p.W + w0 + (p.kw - 1) * p.dw + span > x_end) return wo;
+        max_pool_inside_x8<Ind, V>(xp, p, hstart, hend, w0, yrow + at, Ind ? irow + at : nullptr);
+    }
+    return hi;
+}
+
+// Whether one plane's rows run through max_pool_inside_x8: float, column
+// stride 1 or 2, indices that fit int32.
+template <class T>
+inline bool max_pool_rows_x8(const PoolGeom& p) {
+    return sizeof(T) == sizeof(float) && p.sw <= 2 && p.H * p.W <= idx(INT32_MAX);
+}
+#else
+template <class T>
+inline bool max_pool_rows_x8(const PoolGeom&) {
+    return false;
+}
+#endif
+
 // 2x2 windows, dilation 1, fully inside the row pair (the common pooling layer).
 template <class T>
 inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx pw, idx wo_begin, idx wo_end,
@@ -161,6 +293,21 @@ inline void max_pool_row_2x2(const T* r0, const T* r1, idx h, idx W, idx sw, idx
                 const idx w = wo * 2 - pw;
                 max_pool_2x2s2_x16(r0 + w, r1 + w, h * W + w, W, imin(16, wo_end - wo), yrow + wo,
                                    irow ? irow + wo : nullptr, x_end);
+            }
+            return;
+        }
+    }
+#elif defined(__AVX2__)
+    if constexpr (sizeof(T) == sizeof(float)) {
+        if (sw == 2 && wo_end - wo_begin >= 8 && (h + 2) * W <= idx(INT32_MAX)) {
+            // a run not a multiple of 8 ends with a vector overlapping the one
+            // before (its outputs rewritten with the same values)
+            for (idx wo = wo_begin; wo < wo_end; wo += 8) {
+                const idx at = imin(wo, wo_end - 8), w = at * 2 - pw;
+                if (irow)
+                    max_pool_2x2s2_x8<true>(r0 + w, r1 + w, h * W + w, W, yrow + at, irow + at);
+                else
+                    max_pool_2x2s2_x8<false>(r0 + w, r1 + w, h * W + w, W, yrow + at, nullptr);
             }
             return;
         }
@@ -270,6 +417,27 @@ __attribute__((noinline)) void max_pool_plane(const T* xp, const PoolGeom& p, T*
             }
         }
 #endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        if constexpr (sizeof(T) == sizeof(float)) {
+            if (max_pool_rows_x8<T>(p)) {
+                // the inside columns in runs of 8 while the last tap's load
+                // stays inside x; the rest (borders, tail) scalar
+                idx wo = lo;
+                if (hstart < hend && hi - lo >= 8) {
+                    const bool two = hi - lo >= 16;
+                    if (irow)
+                        wo = two ? max_pool_inside_run<true, 2>(xp, p, hstart, hend, lo, hi, yrow, irow, x_end)
+                                 : max_pool_inside_run<true, 1>(xp, p, hstart, hend, lo, hi, yrow, irow, x_end);
+                    else
+                        wo = two ? max_pool_inside_run<false, 2>(xp, p, hstart, hend, lo, hi, yrow, irow, x_end)
+                                 : max_pool_inside_run<false, 1>(xp, p, hstart, hend, lo, hi, yrow, irow, x_end);
+                }
+                for (idx c = 0; c < lo; ++c) max_pool_output(xp, p, hstart, hend, c, yrow, irow);
+                for (idx c = wo; c < p.Wo; ++c) max_pool_output(xp, p, hstart, hend, c, yrow, irow);
+                continue;
+            }
+        }
+#endif
         (void)x_end;
         idx skip_begin = 0, skip_end = 0;
         if (h0 >= 0 && h0 + (p.kh - 1) * p.dh < p.H && lo < hi) {
@@ -294,7 +462,9 @@ void max_pool2d_forward(const T* x, T* y, std::int64_t* ind, const PoolGeom& p) 
         std::int64_t* ip = ind ? ind + t * P : nullptr;
         // 2x2 windows here (the columns whose window lies inside the row on
         // the fast path), any other in max_pool_plane
-        const bool fast2 = p.kh == 2 && p.kw == 2 && p.dh == 1 && p.dw == 1;
+        // (on AVX2 the 2x2 path's vectors take column stride 2 only)
+        const bool fast2 =
+            p.kh == 2 && p.kw == 2 && p.dh == 1 && p.dw == 1 && !(p.sw == 1 && max_pool_rows_x8<T>(p));
         if (!fast2) {
             max_pool_plane(xp, p, yp, ip, x_end);
             continue;

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, randn, ck
+from helpers import SIMD_LEVELS, assert_close, at_simd_level, randn, ck
 
 MAX_CASES = {
     "2x2": ((2, 3, 8, 8), dict(kernel_size=2)),
@@ -122,6 +122,40 @@ def test_max_pool_nan_ties_and_inf_on_wide_rows(backend, dtype, rng, kw):
         np.testing.assert_array_equal(ind, ref_ind)
         np.testing.assert_array_equal(ck.max_pool2d(x, **kw, backend=backend), ref)
     assert np.isnan(ck.max_pool2d(nan, **kw, backend="reference")).any()
+
+
+# Row widths around the vector kernels' sizes (8 and 16 outputs, two 8s at
+# once): fewer windows than one vector, exactly one, one plus an overlapping
+# last step, whole double steps plus a tail; the odd input widths put the
+# last plane's last load at the array's end (stride 2 reads one float past
+# the last tap, so that step falls back to scalar).
+LEVEL_WIDTHS = (9, 14, 16, 17, 30, 33, 47, 66)
+LEVEL_KWS = (dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=1, padding=1),
+             dict(kernel_size=2, stride=1), dict(kernel_size=3, stride=2, padding=1, dilation=2),
+             dict(kernel_size=(2, 3), stride=2, padding=(1, 0), ceil_mode=True))
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_max_pool_every_simd_level(level, rng):
+    """Each SIMD level's kernels against the float64 reference, values and
+    indices, with NaN, ties and all -inf windows mixed into random data."""
+    import convkern
+
+    with at_simd_level(level):
+        assert convkern.simd_level() == level
+        for width in LEVEL_WIDTHS:
+            for kw in LEVEL_KWS:
+                for dtype in (np.float32, np.float64):
+                    x = randn(rng, (2, 3, 7, width), dtype)
+                    x[rng.random(x.shape) < 0.02] = np.nan
+                    x[:, 1] = rng.integers(0, 3, x[:, 1].shape)  # ties
+                    x[:, 2][rng.random(x[:, 2].shape) < 0.6] = -np.inf
+                    ref, ref_ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
+                    out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend="cpp")
+                    what = f"{level} {x.shape} {kw} {dtype.__name__}"
+                    np.testing.assert_array_equal(out, ref, err_msg=what)
+                    np.testing.assert_array_equal(ind, ref_ind, err_msg=what)
+                    np.testing.assert_array_equal(ck.max_pool2d(x, **kw, backend="cpp"), ref, err_msg=what)
 
 
 def test_avg_pool_divisors(backend, dtype):
