@@ -32,6 +32,103 @@ inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstar
     }
 }
 
+// Integer vectors beside the value vectors, of the values' lane width: masks
+// and int32 indices for float, int64 for double. (A vector_size that depends
+// on T is dropped inside a template, so the types are chosen by T below.)
+typedef std::int32_t vint_f __attribute__((vector_size(CK_VEC_BYTES)));
+typedef std::int64_t vint_d __attribute__((vector_size(CK_VEC_BYTES)));
+
+// The L int64 indices beside a vector of L values, compared with a position
+// as a lane mask of the values' width. For float they are two registers,
+// whose compare results are narrowed with shuffles (the generic vector code
+// for the double-width type was scalarized: 6x slower than the scatter).
+struct IndicesF {
+#if defined(__AVX512F__)
+    __m512i lo, hi;
+    explicit IndicesF(const std::int64_t* p) : lo(_mm512_loadu_si512(p)), hi(_mm512_loadu_si512(p + 8)) {}
+    vint_f eq(std::int64_t v) const {
+        const __m512i s = _mm512_set1_epi64(v);
+        return (vint_f)_mm512_movm_epi32(
+            __mmask16(_mm512_cmpeq_epi64_mask(lo, s) | (_mm512_cmpeq_epi64_mask(hi, s) << 8)));
+    }
+#elif defined(__AVX2__)
+    __m256i lo, hi;
+    explicit IndicesF(const std::int64_t* p)
+        : lo(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+          hi(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4))) {}
+    vint_f eq(std::int64_t v) const {  // low halves of the 64-bit masks, then the quarters in order
+        const __m256i s = _mm256_set1_epi64x(v);
+        const __m256 e = _mm256_shuffle_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi64(lo, s)),
+                                           _mm256_castsi256_ps(_mm256_cmpeq_epi64(hi, s)), 0x88);
+        return (vint_f)_mm256_permute4x64_epi64(_mm256_castps_si256(e), 0xD8);
+    }
+#else
+    std::int64_t i[CK_VEC_BYTES / 4];
+    explicit IndicesF(const std::int64_t* p) { std::memcpy(i, p, sizeof(i)); }
+    vint_f eq(std::int64_t v) const {
+        vint_f m{};
+        for (int j = 0; j < CK_VEC_BYTES / 4; ++j) m[j] = i[j] == v ? -1 : 0;
+        return m;
+    }
+#endif
+};
+
+struct IndicesD {
+    vint_d i;
+    explicit IndicesD(const std::int64_t* p) : i(vload<vint_d>(p)) {}
+    vint_d eq(std::int64_t v) const { return i == (vint_d{} + v); }
+};
+
+// int32 (float's) or int64 lanes stored as int64
+inline void store_indices(std::int64_t* dst, vint_d b) { vstore(dst, b); }
+inline void store_indices(std::int64_t* dst, vint_f b) {
+#if defined(__AVX512F__)
+    _mm512_storeu_si512(dst, _mm512_cvtepi32_epi64(_mm512_castsi512_si256((__m512i)b)));
+    _mm512_storeu_si512(dst + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64((__m512i)b, 1)));
+#elif defined(__AVX2__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_cvtepi32_epi64(_mm256_castsi256_si128((__m256i)b)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
+                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256((__m256i)b, 1)));
+#else
+    for (int j = 0; j < CK_VEC_BYTES / 4; ++j) dst[j] = b[j];
+#endif
+}
+
+// max_window_nhwc with each channel's index too: value and index vectors stay
+// in registers over the window (indices as integers of the values' width,
+// int32 for float, so the plane must fit one), stored once per channel block
+// and widened to int64 there.
+template <class T>
+inline void max_window_nhwc_indices(const T* px, T* out, std::int64_t* oi, idx hstart, idx hend, idx wstart,
+                                    idx wend, const PoolGeom& p, idx C, std::int64_t first) {
+    typedef typename Vec<T>::type V;
+    typedef std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t> I;
+    typedef std::conditional_t<sizeof(T) == 4, vint_f, vint_d> VI;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    idx c = 0;
+    for (; c + L <= C; c += L) {
+        V m = V{} - __builtin_inf();
+        VI b = VI{} + static_cast<I>(first);
+        for (idx h = hstart; h < hend; h += p.dh)
+            for (idx w = wstart; w < wend; w += p.dw) {
+                const V v = vload<V>(px + (h * p.W + w) * C + c);
+                const VI take = (v > m) | (v != v);
+                m = take ? v : m;
+                b = take ? VI{} + static_cast<I>(h * p.W + w) : b;
+            }
+        vstore(out + c, m);
+        store_indices(oi + c, b);
+    }
+    for (; c < C; ++c) {
+        T m = -__builtin_inf();
+        idx best = first;
+        for (idx h = hstart; h < hend; h += p.dh)
+            for (idx w = wstart; w < wend; w += p.dw) max_step(px[(h * p.W + w) * C + c], h * p.W + w, m, best);
+        out[c] = m;
+        oi[c] = best;
+    }
+}
+
 template <class T>
 void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolGeom& p, idx C) {
     const idx rows = p.planes * p.Ho;
@@ -47,6 +144,10 @@ void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolGeom
             std::int64_t* oi = ind ? ind + ((n * p.Ho + ho) * p.Wo + wo) * C : nullptr;
             if (!oi) {  // vectors of channels kept in registers over the window, stored once
                 max_window_nhwc(x + n * p.H * p.W * C, out, hstart, hend, wstart, wend, p, C);
+                continue;
+            }
+            if (p.H * p.W <= idx(INT32_MAX)) {
+                max_window_nhwc_indices(x + n * p.H * p.W * C, out, oi, hstart, hend, wstart, wend, p, C, first);
                 continue;
             }
             for (idx c = 0; c < C; ++c) out[c] = -__builtin_inf();
@@ -67,13 +168,73 @@ void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolGeom
     }
 }
 
+// Backward of one image whose windows tile the input (kernel == stride, no
+// padding or dilation: LeNet's and VGG's 2x2/2) in gather form: every input
+// takes its window's gradient where the window's index names it, else 0, a
+// vector of channels at a time, so each element of gx is written once, with
+// no zero pass and no scattered adds. Returns false if an index other than -1
+// lies outside its window (indices not from this pooling): the caller then
+// scatters.
+template <class T>
+bool max_pool_tiles_backward_nhwc(const T* gy, const std::int64_t* ind, T* g, const PoolGeom& p, idx C) {
+    typedef typename Vec<T>::type V;
+    constexpr int L = CK_VEC_BYTES / sizeof(T);
+    typedef std::conditional_t<sizeof(T) == 4, vint_f, vint_d> VM;
+    typedef std::conditional_t<sizeof(T) == 4, IndicesF, IndicesD> Indices;
+    VM stray = VM{};
+    bool tail_ok = true;
+    for (idx ho = 0; ho < p.Ho; ++ho)
+        for (idx wo = 0; wo < p.Wo; ++wo) {
+            const T* go = gy + (ho * p.Wo + wo) * C;
+            const std::int64_t* io = ind + (ho * p.Wo + wo) * C;
+            const idx h0 = ho * p.kh, w0 = wo * p.kw;
+            idx c = 0;
+            for (; c + L <= C; c += L) {
+                const V gv = vload<V>(go + c);
+                const Indices iv(io + c);
+                VM named = iv.eq(-1);
+                for (idx r = 0; r < p.kh; ++r)
+                    for (idx q = 0; q < p.kw; ++q) {
+                        const std::int64_t pos = (h0 + r) * p.W + w0 + q;
+                        const VM hit = iv.eq(pos);
+                        named |= hit;
+                        vstore(g + pos * C + c, hit ? gv : V{});
+                    }
+                stray |= ~named;
+            }
+            for (; c < C; ++c) {
+                const std::int64_t i = io[c];
+                bool named = i == -1;
+                for (idx r = 0; r < p.kh; ++r)
+                    for (idx q = 0; q < p.kw; ++q) {
+                        const std::int64_t pos = (h0 + r) * p.W + w0 + q;
+                        g[pos * C + c] = i == pos ? go[c] : T(0);
+                        named |= i == pos;
+                    }
+                tail_ok &= named;
+            }
+        }
+    // rows and columns past the last whole window: no window covers them
+    for (idx h = 0; h < p.H; ++h) {
+        const idx w_from = h < p.Ho * p.kh ? p.Wo * p.kw : 0;
+        for (idx i = (h * p.W + w_from) * C; i < (h + 1) * p.W * C; ++i) g[i] = T(0);
+    }
+    for (int j = 0; j < L; ++j) tail_ok &= stray[j] == 0;
+    return tail_ok;
+}
+
+// each output's gradient goes to the input that won its window (index -1:
+// none); an image is owned by one thread and walked in order: deterministic
 template <class T>
 bool max_pool2d_backward_nhwc(const T* gy, const std::int64_t* ind, T* gx, const PoolGeom& p, idx C) {
     const idx HW = p.H * p.W, OP = p.Ho * p.Wo;
+    const bool tiles = p.kh == p.sh && p.kw == p.sw && p.ph == 0 && p.pw == 0 && p.dh == 1 && p.dw == 1 &&
+                       p.Ho * p.kh <= p.H && p.Wo * p.kw <= p.W;
     bool ok = true;
 #pragma omp parallel for num_threads(threads_for(p.planes)) schedule(static) reduction(&& : ok)
     for (idx n = 0; n < p.planes; ++n) {
         T* g = gx + n * HW * C;
+        if (tiles && max_pool_tiles_backward_nhwc(gy + n * OP * C, ind + n * OP * C, g, p, C)) continue;
         for (idx i = 0; i < HW * C; ++i) g[i] = T(0);
         for (idx o = 0; o < OP; ++o) {
             const T* go = gy + (n * OP + o) * C;

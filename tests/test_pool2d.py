@@ -135,27 +135,43 @@ LEVEL_KWS = (dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1), dict
              dict(kernel_size=(2, 3), stride=2, padding=(1, 0), ceil_mode=True))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("level", SIMD_LEVELS)
-def test_max_pool_every_simd_level(level, rng):
-    """Each SIMD level's kernels against the float64 reference, values and
-    indices, with NaN, ties and all -inf windows mixed into random data."""
+def test_max_pool_every_simd_level(level, channels_last, rng):
+    """Each SIMD level's kernels against the float64 reference, values,
+    indices and the backward, with NaN, ties and all -inf windows mixed into
+    random data; on channels_last data, channel counts around the vector
+    widths."""
     import convkern
+
+    def as_layout(a):
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if channels_last else a
 
     with at_simd_level(level):
         assert convkern.simd_level() == level
         for width in LEVEL_WIDTHS:
             for kw in LEVEL_KWS:
                 for dtype in (np.float32, np.float64):
-                    x = randn(rng, (2, 3, 7, width), dtype)
+                    channels = 3 + 2 * width % 37 if channels_last else 3
+                    x = randn(rng, (2, channels, 7, width), dtype)
                     x[rng.random(x.shape) < 0.02] = np.nan
-                    x[:, 1] = rng.integers(0, 3, x[:, 1].shape)  # ties
-                    x[:, 2][rng.random(x[:, 2].shape) < 0.6] = -np.inf
+                    x[:, 1::3] = rng.integers(0, 3, x[:, 1::3].shape)  # ties
+                    x[:, 2::3][rng.random(x[:, 2::3].shape) < 0.6] = -np.inf
+                    x = as_layout(x)
                     ref, ref_ind = ck.max_pool2d(x, **kw, return_indices=True, backend="reference")
                     out, ind = ck.max_pool2d(x, **kw, return_indices=True, backend="cpp")
                     what = f"{level} {x.shape} {kw} {dtype.__name__}"
                     np.testing.assert_array_equal(out, ref, err_msg=what)
                     np.testing.assert_array_equal(ind, ref_ind, err_msg=what)
                     np.testing.assert_array_equal(ck.max_pool2d(x, **kw, backend="cpp"), ref, err_msg=what)
+                    # backward: its own indices, and indices from elsewhere in the
+                    # plane (the gather paths must notice and scatter instead)
+                    gy = randn(rng, ref.shape, dtype)
+                    foreign = rng.integers(0, x.shape[2] * x.shape[3], ref_ind.shape)
+                    for indices in (ref_ind, foreign):
+                        want = ck.max_pool2d_backward(gy, x, indices, **kw, backend="reference")
+                        got = ck.max_pool2d_backward(as_layout(gy), x, as_layout(indices), **kw, backend="cpp")
+                        assert_close(got, want, dtype, what + " backward")
 
 
 def test_avg_pool_divisors(backend, dtype):
