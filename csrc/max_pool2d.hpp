@@ -555,6 +555,62 @@ inline bool max_pool_2x2s2_backward_plane(const float* g, const std::int64_t* ip
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Two vectors of 4 int64 compare masks as one mask of 8 float lanes, in order:
+// the low halves in-lane by a shuffle, then the 64-bit quarters in order.
+inline __m256 narrow_masks64(__m256i lo, __m256i hi) {
+    const __m256 e = _mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), 0x88);
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8));
+}
+
+// AVX2's form of the gather backward above, 8 windows a step: each input of
+// a window gets the gradient if it is the window's recorded index, else 0.
+// A row not a multiple of 8 windows ends with a step overlapping the one
+// before (the same values rewritten). Returns false if some index lies
+// outside its own window, or for rows of fewer than 8 windows (the scatter
+// was faster there): the caller then scatters.
+inline bool max_pool_2x2s2_backward_plane_x8(const float* g, const std::int64_t* ip, float* gp, idx H, idx W,
+                                             idx Ho, idx Wo) {
+    const __m256i step2 = _mm256_setr_epi64x(0, 2, 4, 6), none = _mm256_set1_epi64x(-1);
+    if (Wo < 8) return false;
+    __m256 stray = _mm256_setzero_ps();
+    for (idx ho = 0; ho < Ho; ++ho) {
+        float* r0 = gp + 2 * ho * W;
+        float* r1 = r0 + W;
+        const float* grow = g + ho * Wo;
+        const std::int64_t* irow = ip + ho * Wo;
+        for (idx wo = 0; wo < Wo; wo += 8) {
+            const idx at = imin(wo, Wo - 8);
+            const __m256 gv = _mm256_loadu_ps(grow + at);
+            const __m256i ilo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(irow + at));
+            const __m256i ihi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(irow + at + 4));
+            const __m256i blo = _mm256_add_epi64(_mm256_set1_epi64x(2 * ho * W + 2 * at), step2);
+            const __m256i bhi = _mm256_add_epi64(blo, _mm256_set1_epi64x(8));
+            const std::int64_t offs[4] = {0, 1, W, W + 1};
+            __m256 v[4], named = narrow_masks64(_mm256_cmpeq_epi64(ilo, none), _mm256_cmpeq_epi64(ihi, none));
+            for (int c = 0; c < 4; ++c) {
+                const __m256i o = _mm256_set1_epi64x(offs[c]);
+                const __m256 hit = narrow_masks64(_mm256_cmpeq_epi64(ilo, _mm256_add_epi64(blo, o)),
+                                                  _mm256_cmpeq_epi64(ihi, _mm256_add_epi64(bhi, o)));
+                named = _mm256_or_ps(named, hit);
+                v[c] = _mm256_and_ps(hit, gv);
+            }
+            stray = _mm256_or_ps(stray, _mm256_andnot_ps(named, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+            // window j's left and right inputs interleaved: columns 2j, 2j + 1
+            const __m256 a_lo = _mm256_unpacklo_ps(v[0], v[1]), a_hi = _mm256_unpackhi_ps(v[0], v[1]);
+            const __m256 b_lo = _mm256_unpacklo_ps(v[2], v[3]), b_hi = _mm256_unpackhi_ps(v[2], v[3]);
+            _mm256_storeu_ps(r0 + 2 * at, _mm256_permute2f128_ps(a_lo, a_hi, 0x20));
+            _mm256_storeu_ps(r0 + 2 * at + 8, _mm256_permute2f128_ps(a_lo, a_hi, 0x31));
+            _mm256_storeu_ps(r1 + 2 * at, _mm256_permute2f128_ps(b_lo, b_hi, 0x20));
+            _mm256_storeu_ps(r1 + 2 * at + 8, _mm256_permute2f128_ps(b_lo, b_hi, 0x31));
+        }
+        for (idx w = 2 * Wo; w < W; ++w) r0[w] = r1[w] = 0.0f;  // columns no window covers
+    }
+    for (idx i = 2 * Ho * W; i < H * W; ++i) gp[i] = 0.0f;  // rows no window covers
+    return _mm256_movemask_ps(stray) == 0;
+}
+#endif
+
 // gx = 0, then each output's gradient goes to the input that won its window
 // (index -1: none).
 // A plane is owned by one thread and walked in order: deterministic.
@@ -574,6 +630,10 @@ bool max_pool2d_backward(const T* gy, const std::int64_t* ind, T* gx, const Pool
 #if defined(__AVX512F__)
         if constexpr (sizeof(T) == sizeof(float)) {
             if (tiles && max_pool_2x2s2_backward_plane(g, ip, gp, p.H, p.W, p.Ho, p.Wo, g_end)) continue;
+        }
+#elif defined(__AVX2__)
+        if constexpr (sizeof(T) == sizeof(float)) {
+            if (tiles && max_pool_2x2s2_backward_plane_x8(g, ip, gp, p.H, p.W, p.Ho, p.Wo)) continue;
         }
 #endif
         (void)tiles;

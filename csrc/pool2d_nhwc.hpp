@@ -56,11 +56,9 @@ struct IndicesF {
     explicit IndicesF(const std::int64_t* p)
         : lo(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
           hi(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 4))) {}
-    vint_f eq(std::int64_t v) const {  // low halves of the 64-bit masks, then the quarters in order
+    vint_f eq(std::int64_t v) const {
         const __m256i s = _mm256_set1_epi64x(v);
-        const __m256 e = _mm256_shuffle_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi64(lo, s)),
-                                           _mm256_castsi256_ps(_mm256_cmpeq_epi64(hi, s)), 0x88);
-        return (vint_f)_mm256_permute4x64_epi64(_mm256_castps_si256(e), 0xD8);
+        return (vint_f)_mm256_castps_si256(narrow_masks64(_mm256_cmpeq_epi64(lo, s), _mm256_cmpeq_epi64(hi, s)));
     }
 #else
     std::int64_t i[CK_VEC_BYTES / 4];
