@@ -5,33 +5,6 @@
 // index -1. The innermost loops run across channels, which are contiguous.
 // PoolGeom.planes is the image count N here; `C` is passed beside it.
 
-// out[c] = the window's max (NaN wins) for every channel, L channels a vector
-template <class T>
-inline void max_window_nhwc(const T* px, T* out, idx hstart, idx hend, idx wstart, idx wend, const PoolGeom& p,
-                            idx C) {
-    typedef typename Vec<T>::type V;
-    constexpr int L = CK_VEC_BYTES / sizeof(T);
-    idx c = 0;
-    for (; c + L <= C; c += L) {
-        V m = V{} - __builtin_inf();
-        for (idx h = hstart; h < hend; h += p.dh)
-            for (idx w = wstart; w < wend; w += p.dw) {
-                const V v = vload<V>(px + (h * p.W + w) * C + c);
-                m = ((v > m) | (v != v)) ? v : m;
-            }
-        vstore(out + c, m);
-    }
-    for (; c < C; ++c) {
-        T m = -__builtin_inf();
-        for (idx h = hstart; h < hend; h += p.dh)
-            for (idx w = wstart; w < wend; w += p.dw) {
-                const T v = px[(h * p.W + w) * C + c];
-                m = ((v > m) | (v != v)) ? v : m;
-            }
-        out[c] = m;
-    }
-}
-
 // Integer vectors beside the value vectors, of the values' lane width: masks
 // and int32 indices for float, int64 for double. (A vector_size that depends
 // on T is dropped inside a template, so the types are chosen by T below.)
@@ -92,13 +65,13 @@ inline void store_indices(std::int64_t* dst, vint_f b) {
 #endif
 }
 
-// max_window_nhwc with each channel's index too: value and index vectors stay
-// in registers over the window (indices as integers of the values' width,
-// int32 for float, so the plane must fit one), stored once per channel block
-// and widened to int64 there.
-template <class T>
-inline void max_window_nhwc_indices(const T* px, T* out, std::int64_t* oi, idx hstart, idx hend, idx wstart,
-                                    idx wend, const PoolGeom& p, idx C, std::int64_t first) {
+// out[c] = the window's max (NaN wins) for every channel, L channels a
+// vector kept in registers over the window and stored once; with Ind,
+// oi[c] = its index too, as integers of the values' width (int32 for float,
+// so the plane must fit one) beside them, widened to int64 on store.
+template <bool Ind, class T>
+inline void max_window_nhwc(const T* px, T* out, std::int64_t* oi, idx hstart, idx hend, idx wstart, idx wend,
+                            const PoolGeom& p, idx C, std::int64_t first) {
     typedef typename Vec<T>::type V;
     typedef std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t> I;
     typedef std::conditional_t<sizeof(T) == 4, vint_f, vint_d> VI;
@@ -112,10 +85,10 @@ inline void max_window_nhwc_indices(const T* px, T* out, std::int64_t* oi, idx h
                 const V v = vload<V>(px + (h * p.W + w) * C + c);
                 const VI take = (v > m) | (v != v);
                 m = take ? v : m;
-                b = take ? VI{} + static_cast<I>(h * p.W + w) : b;
+                if constexpr (Ind) b = take ? VI{} + static_cast<I>(h * p.W + w) : b;
             }
         vstore(out + c, m);
-        store_indices(oi + c, b);
+        if constexpr (Ind) store_indices(oi + c, b);
     }
     for (; c < C; ++c) {
         T m = -__builtin_inf();
@@ -123,7 +96,7 @@ inline void max_window_nhwc_indices(const T* px, T* out, std::int64_t* oi, idx h
         for (idx h = hstart; h < hend; h += p.dh)
             for (idx w = wstart; w < wend; w += p.dw) max_step(px[(h * p.W + w) * C + c], h * p.W + w, m, best);
         out[c] = m;
-        oi[c] = best;
+        if constexpr (Ind) oi[c] = best;
     }
 }
 
@@ -140,12 +113,13 @@ void max_pool2d_forward_nhwc(const T* x, T* y, std::int64_t* ind, const PoolGeom
             const std::int64_t first = (hstart < hend && wstart < wend) ? hstart * p.W + wstart : -1;
             T* out = y + ((n * p.Ho + ho) * p.Wo + wo) * C;
             std::int64_t* oi = ind ? ind + ((n * p.Ho + ho) * p.Wo + wo) * C : nullptr;
-            if (!oi) {  // vectors of channels kept in registers over the window, stored once
-                max_window_nhwc(x + n * p.H * p.W * C, out, hstart, hend, wstart, wend, p, C);
+            const T* px = x + n * p.H * p.W * C;
+            if (!oi) {
+                max_window_nhwc<false>(px, out, oi, hstart, hend, wstart, wend, p, C, first);
                 continue;
             }
             if (p.H * p.W <= idx(INT32_MAX)) {
-                max_window_nhwc_indices(x + n * p.H * p.W * C, out, oi, hstart, hend, wstart, wend, p, C, first);
+                max_window_nhwc<true>(px, out, oi, hstart, hend, wstart, wend, p, C, first);
                 continue;
             }
             for (idx c = 0; c < C; ++c) out[c] = -__builtin_inf();
