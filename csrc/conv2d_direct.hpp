@@ -169,8 +169,7 @@ inline bool depthwise_grad_input_applies(const ConvGeom& s) { return conv_is_dep
 // layer's time in the C library's memmove).
 template <class T, int NV, int K3 = 0>
 __attribute__((always_inline)) inline void depthwise_run(const T* xrow, idx Ws, idx pstride, const T* w, T bias,
-                                                         T* yrow, idx wo,
-                                                         const ConvGeom& s) {
+                                                         T* yrow, idx wo, const ConvGeom& s) {
     typedef typename Vec<T>::type V;
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     V acc[NV];
@@ -338,13 +337,6 @@ template <class T>
 bool depthwise_grad_input_upsampled_applies(const ConvGeom& s) {
     ConvGeom t;
     return depthwise_upsampled_shape(s, t) && depthwise_plane_fits<T>(t);
-}
-
-template <class T>
-bool all_finite(const T* a, idx n) {
-    int bad = 0;
-    for (idx i = 0; i < n; ++i) bad |= !(a[i] - a[i] == T(0));  // (v - v is 0 only for finite v)
-    return bad == 0;
 }
 
 template <class T>

@@ -276,9 +276,7 @@ bool conv2d_grad_weight_winograd(const T* gy, const T* x, T* gw, const ConvGeom&
     }
     // an inf or NaN anywhere in V or GY leaves a whole row or column of some
     // plane's sum non-finite (0 * inf is NaN): checking the sums finds it
-    int nonfinite = 0;
-    for (idx i = 0; i < lay.msize; ++i) nonfinite |= !(sum[i] - sum[i] == T(0));
-    if (nonfinite) return false;
+    if (!all_finite(sum, lay.msize)) return false;
     // gw[k][c][r][s], one k and L channels at a time, through a KRSC staging
     // row (the 3x3 results of L channels land as 9 vectors)
     T* krsc = part + (lay.chunks > 1 ? 0 : mstride);

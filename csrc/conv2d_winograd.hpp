@@ -361,8 +361,7 @@ bool conv2d_forward_winograd(const T* x, const T* w, const T* b, T* y, const Con
         nonfinite |= copy_padded_plane<true>(x + t * s.H * s.W, s.H, s.W, -s.ph, -s.pw, 1, 1, xpad + t * lay.plane,
                                              lay.Hp, lay.Wp, lay.plane);
     // (padding is never negative and Hp, Wp cover the input, so the copy saw all of x)
-    for (idx i = 0; i < s.K * s.C * 9; ++i) nonfinite |= !(w[i] - w[i] == T(0));
-    if (nonfinite) return false;
+    if (nonfinite || !all_finite(w, s.K * s.C * 9)) return false;
     winograd_filters<T, M>(w, s.K, s.C, Upk, upk_elems);
 
     const idx blocks = lay.blocks;

@@ -36,6 +36,14 @@ inline void valid_range(idx in, idx out, idx stride, idx offset, idx& lo, idx& h
     if (hi < lo) hi = lo;
 }
 
+// no inf or NaN among a[0, n) (v - v is 0 only for finite v; no branch per value)
+template <class T>
+bool all_finite(const T* a, idx n) {
+    int bad = 0;
+    for (idx i = 0; i < n; ++i) bad |= !(a[i] - a[i] == T(0));
+    return bad == 0;
+}
+
 inline int threads_for(idx work_items) {
     int nt = num_threads();
     if (work_items < nt) nt = static_cast<int>(work_items < 1 ? 1 : work_items);
