@@ -58,7 +58,10 @@ def _as_array(a, name: str, op: str):
 
 
 def _float_dtype(a, name: str, op: str) -> np.dtype:
-    dt = np.dtype(a.dtype)
+    dt = a.dtype
+    if dt in _FLOAT_DTYPES:  # (a NumPy or CuPy array's own float32/float64: asked first)
+        return dt
+    dt = np.dtype(dt)
     native = dt.newbyteorder("=")
     if native not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {dt}; supported dtypes are float32 and float64")
@@ -122,7 +125,7 @@ def _check_shape(arr, expected, name: str, op: str, unbatched: bool):
     want = tuple(expected[1:]) if unbatched else tuple(expected)
     if shape != want:
         raise ValueError(f"{op}: {name} must have shape {want}, got {shape}")
-    return arr.reshape(expected)
+    return arr.reshape(expected) if unbatched else arr
 
 
 @functools.lru_cache(maxsize=None)
@@ -717,17 +720,21 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     else:
         def run(xb, gb):
             return impl.max_pool2d_forward(xb, gb)
-    cl = layout.is_channels_last(x)
-    if g.N == 0:
+    cl = False
+    if device == "cpu" and g.N and x.flags.c_contiguous and x.dtype == dtype:  # (most calls: nothing to convert)
+        y, ind = run(x.reshape(g.input_shape) if g.unbatched else x, g)
+    elif g.N == 0:
+        cl = layout.is_channels_last(x)
         y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
-    elif cl and hasattr(impl, "max_pool2d_forward_nhwc"):
+    elif layout.is_channels_last(x) and hasattr(impl, "max_pool2d_forward_nhwc"):
         y, ind = impl.max_pool2d_forward_nhwc(layout.nhwc(_native(x, dtype)), g, bool(return_indices))
         y, ind = layout.from_nhwc(y), None if ind is None else layout.from_nhwc(ind)
-        cl = False  # already channels_last
-    elif device == "cpu" and strided.worth_blocking(x, dtype):
-        y, ind = _pool_blocks(x.reshape(g.input_shape), g, dtype, run, two=True)
     else:
-        y, ind = run(_contiguous(x, device, dtype).reshape(g.input_shape), g)
+        cl = layout.is_channels_last(x)
+        if device == "cpu" and strided.worth_blocking(x, dtype):
+            y, ind = _pool_blocks(x.reshape(g.input_shape), g, dtype, run, two=True)
+        else:
+            y, ind = run(_contiguous(x, device, dtype).reshape(g.input_shape), g)
     if cl:  # a backend without channels_last kernels: the output takes the input's layout
         y, ind = layout.to_channels_last(y), None if ind is None else layout.to_channels_last(ind)
     y = _unbatch(y, g.unbatched)
@@ -750,6 +757,9 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size: IntPair, strid
         raise TypeError(f"max_pool2d_backward: indices must be an integer array, got dtype {ind.dtype}")
     ind = _check_shape(ind, g.output_shape, "indices", "max_pool2d_backward", g.unbatched)
     impl = _backends.select(device, backend, "max_pool2d_backward")
+    if (device == "cpu" and g.N and gy.flags.c_contiguous and ind.flags.c_contiguous and gy.dtype == dtype
+            and ind.dtype == np.int64 and not layout.is_channels_last(x)):  # (most calls: nothing to convert)
+        return _unbatch(impl.max_pool2d_backward(gy, ind, g), g.unbatched)
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     if layout.is_channels_last(x):
@@ -781,6 +791,8 @@ def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     def run(xb, gb):
         return impl.avg_pool2d_forward(xb, gb, bool(count_include_pad), div)
 
+    if device == "cpu" and g.N and x.flags.c_contiguous and x.dtype == dtype:  # (most calls: nothing to convert)
+        return _unbatch(run(x.reshape(g.input_shape) if g.unbatched else x, g), g.unbatched)
     if g.N == 0:
         return _unbatch(_zeros(device, g.output_shape, dtype), g.unbatched)
     if layout.is_channels_last(x):
@@ -807,6 +819,9 @@ def avg_pool2d_backward(grad_output, input, kernel_size: IntPair, stride: Option
     def run(gyb, gb):
         return impl.avg_pool2d_backward(gyb, gb, bool(count_include_pad), div)
 
+    if (device == "cpu" and g.N and gy.flags.c_contiguous and gy.dtype == dtype
+            and not layout.is_channels_last(x)):  # (most calls: nothing to convert)
+        return _unbatch(run(gy, g), g.unbatched)
     if g.N == 0:
         return _unbatch(_zeros(device, g.input_shape, dtype), g.unbatched)
     if layout.is_channels_last(x):
@@ -826,6 +841,9 @@ def relu(input, inplace: bool = False, *, backend: Optional[str] = None):
     """max(input, 0) elementwise, any shape; NaN stays NaN. With inplace=True
     the result is written into `input` (which must be a writeable array of
     float32/float64) and `input` is returned."""
+    if type(input) is np.ndarray and not inplace and input.dtype in _FLOAT_DTYPES and input.flags.c_contiguous:
+        # the common call, asked first: what the road below comes to for it
+        return _backends.select("cpu", backend, "relu_forward").relu_forward(input)
     (x,), device, dtype = _prepare("relu", [("input", input)], contiguous=False)
     impl = _backends.select(device, backend, "relu_forward")
     if inplace:
@@ -855,6 +873,11 @@ def relu_backward(grad_output, input, inplace: bool = False, *, backend: Optiona
     result is written into `grad_output` (a writeable float32/float64 array
     of input's dtype) and `grad_output` is returned: a gradient nothing else
     holds need not be copied."""
+    if (type(grad_output) is np.ndarray and type(input) is np.ndarray and not inplace
+            and grad_output.dtype in _FLOAT_DTYPES and input.dtype == grad_output.dtype
+            and grad_output.shape == input.shape and grad_output.flags.c_contiguous and input.flags.c_contiguous):
+        # the common call, asked first: what the road below comes to for it
+        return _backends.select("cpu", backend, "relu_backward").relu_backward(grad_output, input)
     (gy, x), device, dtype = _prepare("relu_backward", [("grad_output", grad_output), ("input", input)],
                                       contiguous=False)
     if gy.shape != x.shape:

@@ -275,6 +275,25 @@ def pool_output_size(size: int, kernel: int, pad: int, stride: int, dilation: in
 
 def pool2d_geometry(x_shape, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
                     dilation: IntPair = 1, ceil_mode: bool = False, op: str = "max_pool2d") -> PoolGeometry:
+    """The geometry of a pooling call, checked. Remembered for plain
+    arguments, as conv2d_geometry's: a layer asks for the same one every step."""
+    xs = tuple(x_shape)
+    k = tuple(kernel_size) if type(kernel_size) is list else kernel_size
+    s = tuple(stride) if type(stride) is list else stride
+    p = tuple(padding) if type(padding) is list else padding
+    d = tuple(dilation) if type(dilation) is list else dilation
+    if _ints(xs) and _plain(k) and (s is None or _plain(s)) and _plain(p) and _plain(d) and type(ceil_mode) is bool:
+        return _pool2d_geometry_remembered(xs, k, s, p, d, ceil_mode, op)
+    return _pool2d_geometry(xs, k, s, p, d, ceil_mode, op)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pool2d_geometry_remembered(*key) -> PoolGeometry:
+    return _pool2d_geometry(*key)
+
+
+def _pool2d_geometry(x_shape, kernel_size: IntPair, stride: Optional[IntPair], padding: IntPair,
+                     dilation: IntPair, ceil_mode: bool, op: str) -> PoolGeometry:
     (N, C, H, W), unbatched = batched_shape(tuple(x_shape), "input", op)
     kh, kw = _positive(kernel_size, "kernel_size")
     if stride is None or (isinstance(stride, Sequence) and not isinstance(stride, str) and len(stride) == 0):

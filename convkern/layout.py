@@ -113,4 +113,4 @@ def dense_order(a) -> Optional[Tuple[int, ...]]:
 
 
 def inverse(order: Tuple[int, ...]) -> Tuple[int, ...]:
-    return tuple(int(i) for i in np.argsort(order))
+    return tuple(sorted(range(len(order)), key=order.__getitem__))

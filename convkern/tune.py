@@ -42,7 +42,7 @@ import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import machine
+from . import envvars, machine
 
 MODES = ("off", "on", "exhaustive", "recall")
 FORMAT = 1
@@ -65,7 +65,7 @@ def mode() -> str:
     """The tuning mode now: forced() if active, else CONVKERN_TUNE (default "on")."""
     if _override:
         return _override[-1]
-    value = os.environ.get("CONVKERN_TUNE", "on").strip().lower()
+    value = (envvars.get("CONVKERN_TUNE") or "on").strip().lower()
     if value not in MODES:
         raise ValueError(f"CONVKERN_TUNE must be one of {', '.join(MODES)}, got {value!r}")
     return value

@@ -36,6 +36,32 @@ def test_use_backend_and_environment_override(monkeypatch):
     assert registry.select("cpu", "cpp").NAME == "cpp"
 
 
+def test_selection_follows_settings_changed_between_calls(monkeypatch):
+    """select keeps its automatic answer per (device, op), but a backend made
+    unavailable, one chosen, or CONVKERN_BACKEND set or unset at run time
+    holds from the next call, as before anything was kept."""
+    from convkern import envvars
+    from convkern.backend import cpp
+
+    for _ in range(2):
+        assert registry.select("cpu", op="relu_forward") is cpp
+    monkeypatch.setattr(cpp, "available", lambda: (False, "simulated"))
+    assert registry.select("cpu", op="relu_forward").NAME in ("numba", "reference")
+    monkeypatch.undo()
+    assert registry.select("cpu", op="relu_forward") is cpp
+    monkeypatch.setenv("CONVKERN_BACKEND", "reference")
+    assert envvars.get("CONVKERN_BACKEND") == "reference"
+    assert registry.select("cpu", op="relu_forward").NAME == "reference"
+    x = np.linspace(-1, 1, 7, dtype=np.float32)
+    np.testing.assert_array_equal(convkern.relu(x), np.maximum(x, 0))
+    monkeypatch.delenv("CONVKERN_BACKEND")
+    assert envvars.get("CONVKERN_BACKEND") is None
+    assert registry.select("cpu", op="relu_forward") is cpp
+    monkeypatch.setenv("CONVKERN_BACKEND", "nonesuch")
+    with pytest.raises(ValueError, match="unknown backend 'nonesuch'"):
+        convkern.relu(x)
+
+
 def test_use_backend_rejects_an_unavailable_backend_at_once():
     if registry.info("cupy").available:
         pytest.skip("cupy is available here")

@@ -71,6 +71,31 @@ def test_pool_bad_input(fn, args, kwargs, exc, match):
         getattr(convkern, fn)(*args, **kwargs)
 
 
+def test_pool_geometry_kept_for_plain_ints_still_refuses_what_it_should():
+    """Pooling geometry made from plain ints is kept per call signature; values
+    that compare equal to a kept key's (2.0 and True to 2 and 1) must still be
+    checked and refused, every time."""
+    from convkern import geometry
+
+    assert convkern.max_pool2d(X, 2, 1).shape == (2, 4, 7, 7) and convkern.max_pool2d(X, 2).shape == (2, 4, 4, 4)
+    kept = geometry.pool2d_geometry(X.shape, 2, None, 0, 1, False, "max_pool2d")
+    assert geometry.pool2d_geometry(X.shape, [2, 2], None, 0, 1, False, "max_pool2d") == kept
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"kernel_size must be an int"):
+            convkern.max_pool2d(X, 2.0)
+        with pytest.raises(TypeError, match=r"kernel_size must be an int"):
+            convkern.max_pool2d(X, (2, 2.0))
+        with pytest.raises(TypeError, match=r"stride must be an int"):
+            convkern.max_pool2d(X, 2, True)
+        with pytest.raises(ValueError, match=r"stride must be positive"):
+            convkern.max_pool2d(X, 2, 0)
+        with pytest.raises(ValueError, match=r"padding \(2, 2\) must be at most half"):
+            convkern.max_pool2d(X, 2, padding=2)
+    # another op name keeps its own geometry (its messages name it)
+    with pytest.raises(ValueError, match=r"^avg_pool2d: output would be"):
+        convkern.avg_pool2d(X, 9)
+
+
 def test_pool_backward_bad_input():
     out, ind = convkern.max_pool2d(X, 2, return_indices=True)
     with pytest.raises(ValueError, match=r"grad_output must have shape \(2, 4, 4, 4\)"):

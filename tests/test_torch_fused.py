@@ -40,6 +40,24 @@ def test_conv2d_relu_gradcheck(kw, xs, ws, channels_last):
     assert torch.autograd.gradcheck(lambda x, w, b: ckt.conv2d_relu(x, w, b, **kw), (x, w, b))
 
 
+@pytest.mark.parametrize("x_cl,gy_cl", [(False, False), (False, True), (True, True), (True, False)],
+                         ids=["nchw", "gy-channels_last", "channels_last", "x-channels_last"])
+def test_conv2d_relu_backward_is_the_unfused_backward_bit_for_bit(x_cl, gy_cl):
+    """The fused backward hands relu's gradient to the conv's backward as an
+    array, in whatever layout grad_output and the output give it: the
+    gradients are still those of relu(conv2d(...)) run op by op, bit for bit."""
+    fmt = torch.channels_last if x_cl else torch.contiguous_format
+    x = randn(2, 5, 9, 8, dtype=torch.float32).to(memory_format=fmt).requires_grad_()
+    w, b = randn(6, 5, 3, 3, seed=1, dtype=torch.float32, grad=True), randn(6, seed=2, dtype=torch.float32, grad=True)
+    fused = ckt.conv2d_relu(x, w, b, padding=1)
+    unfused = ckt.relu(ckt.conv2d(x, w, b, padding=1))
+    assert torch.equal(fused, unfused)
+    gy = randn(*fused.shape, seed=3, dtype=torch.float32).contiguous(memory_format=torch.channels_last if gy_cl else torch.contiguous_format)
+    got, want = torch.autograd.grad(fused, (x, w, b), gy), torch.autograd.grad(unfused, (x, w, b), gy)
+    assert all(torch.equal(p, q) for p, q in zip(got, want))
+    assert rel(got[0], torch.autograd.grad(TF.relu(TF.conv2d(x, w, b, padding=1)), x, gy)[0]) < 1e-5
+
+
 def test_conv2d_relu_passes_nan_as_torch_does():
     x, w = randn(2, 3, 6, 6, grad=True), randn(4, 3, 3, 3, seed=1, grad=True)
     with torch.no_grad():

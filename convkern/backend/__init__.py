@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from .. import envvars
 
 _MODULES: Dict[str, str] = {
     "cpp": "convkern.backend.cpp",
@@ -39,6 +40,10 @@ _chosen: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("convker
 _REGISTERED: Dict[str, ModuleType] = {}
 _IMPORTED: Dict[str, ModuleType] = {}  # built-in and entry-point modules once imported (select runs per op call)
 _entry_points_loaded = False
+# select's answer for (device, op) when no backend is named: kept only where it is the first in the
+# preference order (an unavailable one skipped would make the answer change when it comes back), and
+# its availability is asked again on each use
+_FIRST: Dict[Tuple[str, Optional[str]], ModuleType] = {}
 
 ENTRY_POINT_GROUP = "convkern.backends"
 OPS = ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
@@ -156,8 +161,12 @@ def get(name: str) -> ModuleType:
 
 def select(device: str, name: Optional[str] = None, op: Optional[str] = None) -> ModuleType:
     """The backend to run `op` on arrays living on `device`."""
-    name = name or _chosen.get() or os.environ.get("CONVKERN_BACKEND") or None
-    if name is not None:
+    name = name or _chosen.get() or envvars.get("CONVKERN_BACKEND") or None
+    if name is None:
+        module = _FIRST.get((device, op))
+        if module is not None and _available(module)[0]:
+            return module
+    else:
         module = get(name)
         if _DEVICES[name] != device:
             raise ValueError(f"backend {name!r} runs on {_DEVICES[name]} arrays, but the arrays are on {device}")
@@ -172,6 +181,8 @@ def select(device: str, name: Optional[str] = None, op: Optional[str] = None) ->
         except BackendUnavailableError as exc:
             module, ok, reason = None, False, str(exc)
         if ok and (op is None or supports(module, op)):
+            if not reasons:
+                _FIRST[(device, op)] = module
             return module
         reasons.append(f"{candidate}: {reason or 'does not implement ' + str(op)}")
     detail = "; ".join(reasons) or "none is implemented yet"

@@ -66,6 +66,12 @@ def _fine(input, weight, bias) -> bool:
             and (bias is None or (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == input.dtype)))
 
 
+def _check_input(op: str, input) -> None:
+    """check_tensors for an op's one tensor, the common case asked first."""
+    if not (isinstance(input, Tensor) and input.is_cpu and input.dtype in SUPPORTED_DTYPES):
+        check_tensors(op, input=input)
+
+
 def _conv_args(op: str, input, weight, bias, stride, padding, dilation, algo):
     if not _fine(input, weight, bias):
         check_tensors(op, input=input, weight=weight, bias=bias)
@@ -106,7 +112,7 @@ def _stride(stride, kernel_size):
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False, *, backend: Optional[str] = None):
     """``torch.nn.functional.max_pool2d`` on convkern (indices are h*W + w per plane, as torch's)."""
-    check_tensors("max_pool2d", input=input)
+    _check_input("max_pool2d", input)
     y, ind = ops.max_pool2d.call(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
                                  _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode),
                                  _backend(backend))
@@ -117,7 +123,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
                count_include_pad: bool = True, divisor_override: Optional[int] = None, *,
                backend: Optional[str] = None) -> Tensor:
     """``torch.nn.functional.avg_pool2d`` on convkern."""
-    check_tensors("avg_pool2d", input=input)
+    _check_input("avg_pool2d", input)
     return ops.avg_pool2d.call(input, _pair(kernel_size, "kernel_size"), _stride(stride, kernel_size),
                                _pair(padding, "padding"), bool(ceil_mode), bool(count_include_pad), divisor_override,
                                _backend(backend))
@@ -178,7 +184,7 @@ def relu(input: Tensor, inplace: bool = False, *, backend: Optional[str] = None)
     """``torch.nn.functional.relu``; with inplace=True the result is written
     into `input` (an in-place op autograd and torch.compile track, as torch's
     relu_) and `input` is returned."""
-    check_tensors("relu", input=input)
+    _check_input("relu", input)
     if not inplace:
         return ops.relu.call(input, _backend(backend))
     if torch.is_grad_enabled() and input.requires_grad and not torch.compiler.is_compiling():

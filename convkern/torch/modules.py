@@ -41,6 +41,8 @@ class Settings:
 
 
 def _fallback_reason(x: Tensor) -> Optional[str]:
+    if x.is_cpu and x.dtype in F.SUPPORTED_DTYPES:  # (most calls, asked first)
+        return None
     if x.dtype not in F.SUPPORTED_DTYPES:
         return f"input dtype {x.dtype}"
     if x.device.type not in ("cpu", "cuda"):

@@ -93,31 +93,37 @@ def _follow_torch_threads() -> None:
         _threads_set[0] = n
 
 
-class on_torch_stream:
-    """Run CPU work with torch's thread count, CuPy work on torch's current
-    stream for `t`'s device. (A class, not a generator context manager: that
-    costs a few microseconds a call, which a small layer feels.)"""
+class _OnTorchStream:
+    """CuPy work on torch's current stream for a CUDA tensor's device."""
 
     __slots__ = ("_t", "_inner")
 
     def __init__(self, t: Tensor):
-        self._t, self._inner = t, None
+        self._t, self._inner = t, contextlib.ExitStack()
 
     def __enter__(self) -> None:
-        t = self._t
-        if not t.is_cuda:
-            _follow_torch_threads()
-            return
         import cupy
 
+        t = self._t
         stream = torch.cuda.current_stream(t.device)
-        self._inner = contextlib.ExitStack()
         self._inner.enter_context(cupy.cuda.Device(t.device.index))
         self._inner.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index))
 
     def __exit__(self, *exc) -> None:
-        if self._inner is not None:
-            self._inner.__exit__(*exc)
+        self._inner.__exit__(*exc)
+
+
+_ON_CPU = contextlib.nullcontext()
+
+
+def on_torch_stream(t: Tensor):
+    """A context that runs CPU work with torch's thread count (set here), or
+    CuPy work on torch's current stream for `t`'s device. (The CPU's is one
+    shared do-nothing context: small layers feel every microsecond a call.)"""
+    if not t.is_cuda:
+        _follow_torch_threads()
+        return _ON_CPU
+    return _OnTorchStream(t)
 
 
 def _opt(backend: str) -> Optional[str]:
@@ -145,8 +151,9 @@ class Op:
     and the same setup and gradient as a plain autograd.Function for eager
     calls (see the module docstring). ``op(*args)`` calls the registered op."""
 
-    def __init__(self, name, impl, fake, backward_impl, backward_fake, setup, grad):
+    def __init__(self, name, impl, fake, backward_impl, backward_fake, setup, grad, tensors: int):
         self.impl, self.backward_impl = impl, backward_impl
+        self.tensors = tensors  # how many leading arguments may be tensors (the rest are settings)
         self.op = torch.library.custom_op(f"convkern::{name}", impl, mutates_args=())
         self.op.register_fake(fake)
         self.backward_op = torch.library.custom_op(f"convkern::{name}_backward", backward_impl, mutates_args=())
@@ -177,8 +184,10 @@ class Op:
         implementation."""
         if torch.compiler.is_compiling():
             return self.op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return self.function.apply(*args)
+        if torch.is_grad_enabled():
+            for a in args[:self.tensors]:
+                if a is not None and a.requires_grad:
+                    return self.function.apply(*args)
         return self.impl(*args)
 
 
@@ -218,9 +227,13 @@ def conv2d_backward_impl(grad_output: Tensor, input: Tensor, weight: Tensor, str
                     same: bool, dilation: List[int], groups: int, needs: List[bool], algo: str,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     with on_torch_stream(input):
-        gx, gw, gb = ck.conv2d_backward(to_array(grad_output), to_array(input), to_array(weight), stride,
-                                        _padding(padding, same), dilation, groups, needs=tuple(needs), algo=algo,
-                                        backend=_opt(backend))
+        grads = ck.conv2d_backward(to_array(grad_output), to_array(input), to_array(weight), stride,
+                                   _padding(padding, same), dilation, groups, needs=tuple(needs), algo=algo,
+                                   backend=_opt(backend))
+    return _conv_grads(input, *grads)
+
+
+def _conv_grads(input: Tensor, gx, gw, gb) -> Tuple[Tensor, Tensor, Tensor]:
     # outputs may not alias each other: a fresh empty tensor for each gradient not asked for
     return (input.new_empty(0) if gx is None else from_array(gx, memory_format(input)),
             input.new_empty(0) if gw is None else from_array(gw),
@@ -251,7 +264,7 @@ def _conv2d_grad(ctx, backward, grad_output):
 
 
 conv2d = Op("conv2d", conv2d_impl, _conv2d_fake, conv2d_backward_impl, _conv2d_backward_fake, _conv2d_setup,
-            _conv2d_grad)
+            _conv2d_grad, 3)
 
 # ---------------------------------------------------------------- conv2d + relu (fused)
 
@@ -264,9 +277,11 @@ def conv2d_relu_impl(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 def conv2d_relu_backward_impl(grad_output: Tensor, output: Tensor, input: Tensor, weight: Tensor,
                               stride: List[int], padding: List[int], same: bool, dilation: List[int], groups: int,
                               needs: List[bool], algo: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    with on_torch_stream(output):
-        g_pre = _elementwise(lambda y, gy: ck.relu_backward(gy, y, backend=_opt(backend)), output, grad_output)
-    return conv2d_backward_impl(g_pre, input, weight, stride, padding, same, dilation, groups, needs, algo, backend)
+    with on_torch_stream(input):  # (relu's gradient as an array, straight into the conv's backward)
+        grads = ck.conv2d_relu_backward(to_array(grad_output), to_array(input), to_array(weight), to_array(output),
+                                        stride, _padding(padding, same), dilation, groups, needs=tuple(needs),
+                                        algo=algo, backend=_opt(backend))
+    return _conv_grads(input, *grads)
 
 
 def _conv2d_relu_backward_fake(grad_output, output, input, weight, stride, padding, same, dilation, groups, needs,
@@ -294,7 +309,7 @@ def _conv2d_relu_grad(ctx, backward, grad_output):
 
 
 conv2d_relu = Op("conv2d_relu", conv2d_relu_impl, _conv2d_fake, conv2d_relu_backward_impl,
-                 _conv2d_relu_backward_fake, _conv2d_relu_setup, _conv2d_relu_grad)
+                 _conv2d_relu_backward_fake, _conv2d_relu_setup, _conv2d_relu_grad, 3)
 
 # ---------------------------------------------------------------- max pooling
 
@@ -345,7 +360,7 @@ def _max_pool2d_grad(ctx, backward, grad_output, grad_indices):
 
 
 max_pool2d = Op("max_pool2d", max_pool2d_impl, _max_pool2d_fake, max_pool2d_backward_impl, _max_pool2d_backward_fake,
-                _max_pool2d_setup, _max_pool2d_grad)
+                _max_pool2d_setup, _max_pool2d_grad, 1)
 
 # ---------------------------------------------------------------- average pooling
 
@@ -389,7 +404,7 @@ def _avg_pool2d_grad(ctx, backward, grad_output):
 
 
 avg_pool2d = Op("avg_pool2d", avg_pool2d_impl, _avg_pool2d_fake, avg_pool2d_backward_impl, _avg_pool2d_backward_fake,
-                _avg_pool2d_setup, _avg_pool2d_grad)
+                _avg_pool2d_setup, _avg_pool2d_grad, 1)
 
 # ---------------------------------------------------------------- relu
 
@@ -420,6 +435,8 @@ def _like(t: Tensor) -> Tensor:
 
 def relu_impl(input: Tensor, backend: str) -> Tensor:
     with on_torch_stream(input):
+        if input.is_contiguous():
+            return from_array(ck.relu(to_array(input), backend=_opt(backend)))
         return _elementwise(lambda x: ck.relu(x, backend=_opt(backend)), input)
 
 
@@ -429,6 +446,8 @@ def _relu_fake(input, backend):
 
 def relu_backward_impl(grad_output: Tensor, output: Tensor, backend: str) -> Tensor:
     with on_torch_stream(output):
+        if grad_output.stride() == output.stride():  # (ck's result then has output's memory order too)
+            return from_array(ck.relu_backward(to_array(grad_output), to_array(output), backend=_opt(backend)))
         return _elementwise(lambda y, gy: ck.relu_backward(gy, y, backend=_opt(backend)), output, grad_output)
 
 
@@ -448,4 +467,4 @@ def _relu_grad(ctx, backward, grad_output):
     return backward(grad_output, output, ctx.backend), None
 
 
-relu = Op("relu", relu_impl, _relu_fake, relu_backward_impl, _relu_backward_fake, _relu_setup, _relu_grad)
+relu = Op("relu", relu_impl, _relu_fake, relu_backward_impl, _relu_backward_fake, _relu_setup, _relu_grad, 1)
