@@ -352,9 +352,13 @@ def _max_pool2d_setup(ctx, inputs, output):
     ctx.save_for_backward(input, output[1])
     ctx.geometry = geometry
     ctx.mark_non_differentiable(output[1])
+    # (else autograd fills the indices' gradient, never asked for, with a tensor of zeros on every backward)
+    ctx.set_materialize_grads(False)
 
 
 def _max_pool2d_grad(ctx, backward, grad_output, grad_indices):
+    if grad_output is None:  # only the indices were used
+        return (None,) * 7
     input, indices = ctx.saved_tensors
     return (backward(grad_output, input, indices, *ctx.geometry),) + (None,) * 6
 
