@@ -65,7 +65,8 @@ def mode() -> str:
     """The tuning mode now: forced() if active, else CONVKERN_TUNE (default "on")."""
     if _override:
         return _override[-1]
-    value = (envvars.get("CONVKERN_TUNE") or "on").strip().lower()
+    value = envvars.get("CONVKERN_TUNE")
+    value = ("on" if value is None else value).strip().lower()
     if value not in MODES:
         raise ValueError(f"CONVKERN_TUNE must be one of {', '.join(MODES)}, got {value!r}")
     return value

@@ -174,9 +174,12 @@ def test_off_means_the_rules_and_a_named_algorithm_is_never_replaced(tuning, rng
     convkern.conv2d(x, w, **KW)
     g = conv2d_geometry(X, W, None, **KW)
     assert cpp.last_algo() == cpp.choose_algo(g) and _counts()[0] == m0
-    monkeypatch.setenv("CONVKERN_TUNE", "sometimes")
-    with pytest.raises(ValueError, match="CONVKERN_TUNE must be one of off, on, exhaustive"):
-        convkern.conv2d(x, w, **KW)
+    for bad in ("sometimes", ""):  # (set but empty is not unset)
+        monkeypatch.setenv("CONVKERN_TUNE", bad)
+        with pytest.raises(ValueError, match="CONVKERN_TUNE must be one of off, on, exhaustive"):
+            convkern.conv2d(x, w, **KW)
+    monkeypatch.delenv("CONVKERN_TUNE")
+    assert convkern.tune.mode() == "on"
 
 
 def test_exhaustive_and_forced_modes(tuning, rng):
