@@ -723,15 +723,15 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None, pa
     cl = False
     if device == "cpu" and g.N and x.flags.c_contiguous and x.dtype == dtype:  # (most calls: nothing to convert)
         y, ind = run(x.reshape(g.input_shape) if g.unbatched else x, g)
-    elif g.N == 0:
-        cl = layout.is_channels_last(x)
-        y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
-    elif layout.is_channels_last(x) and hasattr(impl, "max_pool2d_forward_nhwc"):
-        y, ind = impl.max_pool2d_forward_nhwc(layout.nhwc(_native(x, dtype)), g, bool(return_indices))
-        y, ind = layout.from_nhwc(y), None if ind is None else layout.from_nhwc(ind)
     else:
         cl = layout.is_channels_last(x)
-        if device == "cpu" and strided.worth_blocking(x, dtype):
+        if g.N == 0:
+            y, ind = _zeros(device, g.output_shape, dtype), _zeros(device, g.output_shape, np.int64)
+        elif cl and hasattr(impl, "max_pool2d_forward_nhwc"):
+            y, ind = impl.max_pool2d_forward_nhwc(layout.nhwc(_native(x, dtype)), g, bool(return_indices))
+            y, ind = layout.from_nhwc(y), None if ind is None else layout.from_nhwc(ind)
+            cl = False  # already channels_last
+        elif device == "cpu" and strided.worth_blocking(x, dtype):
             y, ind = _pool_blocks(x.reshape(g.input_shape), g, dtype, run, two=True)
         else:
             y, ind = run(_contiguous(x, device, dtype).reshape(g.input_shape), g)
