@@ -105,6 +105,31 @@ def test_moved_modules_keep_their_old_names_for_a_release_with_a_warning(old):
         if saved is not None:
             sys.modules[old] = saved
 
+def test_bench_lets_openblas_threads_go_idle_after_numpy_gemm(monkeypatch):
+    """NumPy's BLAS threads keep spinning after a call; the case timed next
+    must not run beside them (it read up to 3x slower)."""
+    import numpy as np
+
+    from convkern.perf import bench
+
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+    cases = bench.gemm_cases((8, 8, 8), ["cpp"], np.random.default_rng(0))
+    assert cases["numpy"].settle_s >= 0.2 and cases["cpp"].settle_s == 0
+    timed = {impl: bench.Case(c.op, c.problem, c.work, c.unit, (lambda impl=impl: events.append(impl)), c.output,
+                              settle_s=c.settle_s) for impl, c in cases.items()}
+    bench._interleaved_times(timed, min_time=0.0, rounds=2)
+    assert events[0] == ("sleep", cases["numpy"].settle_s)  # after the checks' calls
+    for i, e in enumerate(events):
+        if e == "numpy" and i + 1 < len(events) and events[i + 1] != "numpy":
+            assert events[i + 1] == ("sleep", cases["numpy"].settle_s), events
+    assert events.count(("sleep", cases["numpy"].settle_s)) == 3
+    if bench._backends.info("numba").available:  # its im2col multiplies through NumPy's BLAS
+        conv = bench.conv_cases("mnist_conv1", 1, ["numba:im2col", "numba:direct", "cpp:im2col"], False,
+                                np.random.default_rng(0))
+        assert [conv[i].settle_s > 0 for i in ("numba:im2col", "numba:direct", "cpp:im2col")] == [True, False, False]
+
+
 def test_bench_net_table_keeps_long_column_names_apart(monkeypatch):
     from convkern.perf import bench_net
 

@@ -115,6 +115,7 @@ class Case:
     output: Callable[[], np.ndarray]
     device: str = "cpu"  # "cuda": timed with CUDA events after warm-up
     ran: object = ""     # for algo "auto": what ran (a callable asked right after the checked call)
+    settle_s: float = 0.0  # seconds to let pass after timing it (see BLAS_SETTLE_S)
 
 
 def _device_of(backend_name: str) -> str:
@@ -216,7 +217,7 @@ def conv_cases(layer_name: str, batch: int, impls: Sequence[str], backward: bool
             def run(name=name, algo=algo, xd=xd, wd=wd, bd=bd):
                 return F.conv2d(xd, wd, bd, **kw, algo=algo, backend=name)
         cases[impl] = Case(op, layer_name, work, "GFLOP/s", run, (lambda run=run, back=back: back(run())), device,
-                           ran)
+                           ran, BLAS_SETTLE_S if (name, algo) == ("numba", "im2col") else 0.0)
     tg = _torch_gpu() if any(c.device == "cuda" for c in cases.values()) else None
     if tg is not None:
         run_cudnn = _torch_conv(tg, [tg.from_numpy(a).cuda() for a in (x, w, b, gy)], kw, backward)
@@ -333,7 +334,8 @@ def gemm_cases(shape, impls: Sequence[str], rng) -> Dict[str, Case]:
 
         cases["cpp"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: cpp.gemm(a, b),
                             lambda: cpp.gemm(a, b))
-    cases["numpy"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: a @ b, lambda: a @ b)
+    cases["numpy"] = Case("gemm", problem, 2.0 * m * n * k, "GFLOP/s", lambda: a @ b, lambda: a @ b,
+                          settle_s=BLAS_SETTLE_S)
     torch = _torch()
     if torch is not None:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -411,6 +413,12 @@ def measure_gpu_ceilings(reps: int = 20) -> Dict[str, float]:
 
 ROUNDS = 5
 
+# OpenBLAS's threads (NumPy's matmul, and so the numba backend's im2col) keep
+# spinning for about 2^28 cycles after a call: whatever is timed in that
+# window shares the cores with them and reads up to 3x slower. Cases that call
+# it are followed by this pause before the next case is timed.
+BLAS_SETTLE_S = 0.25
+
 
 def interleaved_peer_ms(peers: Dict[str, Dict[str, Callable[[], object]]], rounds: int,
                         reps: int = 1) -> Dict[str, Dict[str, float]]:
@@ -440,12 +448,15 @@ def _interleaved_times(cases: Dict[str, Case], min_time: float, rounds: int = RO
     kernel left behind) then falls on all of them alike, where timing one
     case to the end and then the next favoured whichever came later."""
     samples: Dict[str, List[float]] = {impl: [] for impl in cases}
+    time.sleep(max((case.settle_s for case in cases.values()), default=0.0))  # after the checks' calls
     for _ in range(rounds):
         for impl, case in cases.items():
             if case.device == "cuda":
                 samples[impl].append(gpu_median_time(case.run, reps=10))
             else:
                 samples[impl].append(median_time(case.run, min_time / rounds, min_reps=2))
+            if case.settle_s:
+                time.sleep(case.settle_s)
     return {impl: statistics.median(v) for impl, v in samples.items()}
 
 
