@@ -203,8 +203,8 @@ bool keep_freed_memory();
 // Per-calling-thread scratch memory, reused across calls so large buffers are
 // not page-faulted in again each time. Returns 64-byte aligned storage of at
 // least `bytes`; contents are undefined. Throws std::bad_alloc. Call it outside
-// OpenMP regions and carve per-thread slices from it. `slot` lets one call hold
-// two independent buffers.
+// OpenMP regions and carve per-thread slices from it. `slot` (0-4) lets one
+// call hold independent buffers; slot 4 belongs to gemm_blocked.
 void* workspace(std::size_t bytes, int slot);
 
 }  // namespace convkern

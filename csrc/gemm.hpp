@@ -381,9 +381,127 @@ void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
         }
 }
 
+// One thread's block of C: rows [r0, r1) (whole MR panels, but for M's last
+// one), columns [c0, c1), B packed ncb columns at a time. Ap holds MC x KC
+// (unused with a_packed), Bp KC x ncb.
+template <class T>
+void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* A, idx rsa, idx csa, const T* B,
+                idx rsb, idx csb, T* C, idx ldc, bool accumulate, T* Ap, T* Bp, const T* a_packed) {
+    typedef GemmBlocking<T> GB;
+    constexpr int MR = GB::MR, NR = GB::NR;
+    const GemmDims& d = gemm_dims<T>();
+    const idx KC = d.kc, MC = d.mc, Mpad = (M + MR - 1) / MR * MR;
+    for (idx jc = c0; jc < c1; jc += ncb) {
+        const idx nc = imin(ncb, c1 - jc), npanels = (nc + NR - 1) / NR;
+        for (idx pc = 0; pc < K; pc += KC) {
+            const idx kc = imin(KC, K - pc);
+            const bool acc = accumulate || pc > 0;
+            for (idx jp = 0; jp < npanels; ++jp)
+                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
+                             Bp + jp * NR * kc);
+            for (idx ic = r0; ic < r1; ic += MC) {
+                const idx mc = imin(MC, r1 - ic), mpanels = (mc + MR - 1) / MR;
+                const T* Ablk = Ap;
+                if (a_packed)
+                    Ablk = a_packed + pc * Mpad + ic * kc;
+                else
+                    for (idx ip = 0; ip < mpanels; ++ip)
+                        pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
+                                     Ap + ip * MR * kc);
+                for (idx jp = 0; jp < npanels; ++jp)
+                    for (idx ip = 0; ip < mpanels; ++ip)
+                        gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
+                                   ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
+            }
+        }
+    }
+}
+
+// How gemm_blocked shares C among nt threads: a grid of tm x tn blocks.
+struct GemmSplit {
+    int tm, tn;
+    double balance;  // the busiest thread's fair share of its tiles (1: even)
+};
+
+// The grid whose busiest thread does least: its multiply-adds (2 FMA ports of
+// L lanes a cycle) plus what it packs, about one element a cycle: the A rows
+// it reads, once per B block, unless A is pre-packed, and its B columns.
+template <class T>
+GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed) {
+    typedef GemmBlocking<T> GB;
+    const idx mp = (M + GB::MR - 1) / GB::MR, np = (N + GB::NR - 1) / GB::NR;
+    GemmSplit best{1, nt, 0.0};
+    double best_cost = -1;
+    for (int tm = 1; tm <= nt; ++tm) {
+        if (nt % tm) continue;
+        const int tn = nt / tm;
+        const idx rows = (mp + tm - 1) / tm * GB::MR, cols = (np + tn - 1) / tn * GB::NR;
+        const double cost = double(rows) * double(cols) / (2 * GB::L) + double(cols) +
+                            (a_packed ? 0.0 : double(rows) * double((cols + ncb - 1) / ncb));
+        if (best_cost < 0 || cost < best_cost) {
+            best_cost = cost;
+            best = GemmSplit{tm, tn, double(mp) * double(np) / (double(nt) * double(rows / GB::MR) * double(cols / GB::NR))};
+        }
+    }
+    return best;
+}
+
+// The threads share each packed block and split its tiles evenly, waiting
+// for each other after every packing step: for GEMMs that blocks of C would
+// share out unevenly (seven column panels between two threads).
+template <class T>
+void gemm_shared(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
+                 bool accumulate, T* pack, int nt, const T* a_packed) {
+    typedef GemmBlocking<T> GB;
+    constexpr int MR = GB::MR, NR = GB::NR;
+    const GemmDims& d = gemm_dims<T>();
+    const idx KC = d.kc, MC = d.mc, NC = d.nc;
+    T* Ap = pack;
+    T* Bp = pack + MC * KC;
+#pragma omp parallel num_threads(nt)
+    for (idx jc = 0; jc < N; jc += NC) {
+        const idx nc = imin(NC, N - jc), npanels = (nc + NR - 1) / NR;
+        for (idx pc = 0; pc < K; pc += KC) {
+            const idx kc = imin(KC, K - pc);
+            const bool acc = accumulate || pc > 0;
+#pragma omp for schedule(static)
+            for (idx jp = 0; jp < npanels; ++jp)
+                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
+                             Bp + jp * NR * kc);
+            for (idx ic = 0; ic < M; ic += MC) {
+                const idx mc = imin(MC, M - ic), mpanels = (mc + MR - 1) / MR;
+                const T* Ablk = Ap;
+                if (a_packed) {
+                    Ablk = a_packed + pc * ((M + MR - 1) / MR) * MR + ic * kc;
+                } else {
+#pragma omp for schedule(static)
+                    for (idx ip = 0; ip < mpanels; ++ip)
+                        pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
+                                     Ap + ip * MR * kc);
+                }
+#pragma omp for schedule(static)
+                for (idx t = 0; t < npanels * mpanels; ++t) {
+                    const idx jp = t / mpanels, ip = t % mpanels;
+                    gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
+                               ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
+                }
+            }
+        }
+    }
+}
+
 // `pack` must hold gemm_pack_elems<T>() elements, 64-byte aligned.
 // parallel=false when called from inside an OpenMP region. With `a_packed`
 // (from pack_a_full of this A) A is not read or packed again.
+//
+// With several threads each owns a block of C and packs what it reads, so
+// the threads never wait for each other: with shared packed blocks every
+// packing step ends in a barrier, where a thread that waits longer than the
+// OpenMP runtime spins goes to sleep and has to be woken. Thread 0 packs
+// into `pack`; the others' A blocks come from workspace slot 4 and their B
+// blocks share `pack`'s KC x NC. Where no grid of blocks gives each thread
+// within 1/16 of its fair share of tiles, the threads share the packing
+// instead (gemm_shared), which splits tiles evenly.
 template <class T>
 void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
                   bool accumulate, T* pack, bool parallel, const T* a_packed = nullptr) {
@@ -397,40 +515,27 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
     }
     const GemmDims& d = gemm_dims<T>();
     const idx KC = d.kc, MC = d.mc, NC = d.nc;
-    T* Ap = pack;
-    T* Bp = pack + MC * KC;
-    int nt = parallel ? num_threads() : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    for (idx jc = 0; jc < N; jc += NC) {
-        idx nc = imin(NC, N - jc);
-        idx npanels = (nc + NR - 1) / NR;
-        for (idx pc = 0; pc < K; pc += KC) {
-            idx kc = imin(KC, K - pc);
-            bool acc = accumulate || pc > 0;
-#pragma omp for schedule(static)
-            for (idx jp = 0; jp < npanels; ++jp)
-                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
-                             Bp + jp * NR * kc);
-            for (idx ic = 0; ic < M; ic += MC) {
-                idx mc = imin(MC, M - ic);
-                idx mpanels = (mc + MR - 1) / MR;
-                const T* Ablk = Ap;
-                if (a_packed) {
-                    Ablk = a_packed + pc * ((M + MR - 1) / MR) * MR + ic * kc;
-                } else {
-#pragma omp for schedule(static)
-                    for (idx ip = 0; ip < mpanels; ++ip)
-                        pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
-                                     Ap + ip * MR * kc);
-                }
-#pragma omp for schedule(static)
-                for (idx t = 0; t < npanels * mpanels; ++t) {
-                    idx jp = t / mpanels, ip = t % mpanels;
-                    gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
-                               ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
-                }
-            }
-        }
+    const idx mp = (M + MR - 1) / MR, np = (N + NR - 1) / NR;
+    idx nt = parallel ? num_threads() : 1;
+    nt = imin(nt, imin(mp * np, NC / NR));
+    if (nt <= 1) return gemm_block(M, K, idx(0), M, idx(0), N, NC, A, rsa, csa, B, rsb, csb, C, ldc, accumulate,
+                                   pack, pack + MC * KC, a_packed);
+    const idx ncb = NC / nt / NR * NR;
+    const GemmSplit sp = gemm_split<T>(M, N, static_cast<int>(nt), ncb, a_packed != nullptr);
+    if (sp.balance < 15.0 / 16.0)
+        return gemm_shared(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, static_cast<int>(nt), a_packed);
+    const idx a_elems = (MC * KC + 15) / 16 * 16;
+    T* extra = a_packed ? nullptr
+                        : static_cast<T*>(workspace(static_cast<std::size_t>((nt - 1) * a_elems) * sizeof(T), 4));
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+        const idx t = omp_get_thread_num(), bi = t / sp.tn, bj = t % sp.tn;
+        const idx r0 = imin(M, bi * mp / sp.tm * MR), r1 = imin(M, (bi + 1) * mp / sp.tm * MR);
+        const idx c0 = imin(N, bj * np / sp.tn * NR), c1 = imin(N, (bj + 1) * np / sp.tn * NR);
+        T* Ap = t == 0 ? pack : extra + (t - 1) * a_elems;
+        if (r0 < r1 && c0 < c1)
+            gemm_block(M, K, r0, r1, c0, c1, ncb, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, Ap,
+                       pack + MC * KC + t * ncb * KC, a_packed);
     }
 }
 

@@ -353,7 +353,7 @@ struct Buffer {
     std::unique_ptr<void, FreeDeleter> ptr;
     std::size_t size = 0;
 };
-constexpr int kSlots = 4;
+constexpr int kSlots = 5;
 }  // namespace
 
 void* workspace(std::size_t bytes, int slot) {

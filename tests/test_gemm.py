@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import convkern
 from convkern.backend import cpp
 from helpers import assert_close
 
@@ -43,6 +44,49 @@ def test_gemm_crosses_cache_blocks(rng, which):
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     assert_close(cpp.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), np.float32, str(shape))
+
+
+# rows only, columns only, a grid of both, a single row or column, a long K
+SPLIT_SHAPES = [(517, 37, 21), (7, 45, 700), (300, 29, 300), (1, 5, 1000), (1000, 5, 1), (64, 700, 97)]
+
+
+def _at_thread_counts(call, counts=(1, 2, 3, 4)):
+    outs = []
+    for nt in counts:
+        convkern.set_num_threads(nt)
+        try:
+            outs.append(call())
+        finally:
+            convkern.set_num_threads(0)
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_threads_share_the_gemm_without_changing_bits(rng, dtype):
+    """Each thread owns a block of C (rows, columns or a grid of both, as a
+    cost model picks) and packs what it reads; every element still sums over
+    K in the same order, so the bits match at any thread count (3 and 4
+    oversubscribe a 2-core machine: the split is the same)."""
+    for m, k, n in SPLIT_SHAPES:
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        outs = _at_thread_counts(lambda: cpp.gemm(a, b))
+        assert_close(outs[0], a.astype(np.float64) @ b.astype(np.float64), dtype, f"{m}x{k}x{n}")
+        for nt, out in zip((2, 3, 4), outs[1:]):
+            np.testing.assert_array_equal(out, outs[0], err_msg=f"{m}x{k}x{n} at {nt} threads")
+
+
+@pytest.mark.parametrize("channels,size", [(130, 3), (64, 17)], ids=["rows", "columns"])
+def test_threads_share_a_gemm_of_packed_weights(rng, channels, size):
+    """One image: im2col's GEMM runs on all threads with the weights packed
+    once beforehand, each thread reading its rows of them in place."""
+    x = rng.standard_normal((1, 5, size, size + 2)).astype(np.float32)
+    w = rng.standard_normal((channels, 5, 3, 3)).astype(np.float32)
+    outs = _at_thread_counts(lambda: convkern.conv2d(x, w, padding=1, algo="im2col", backend="cpp"))
+    ref = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="reference")
+    assert_close(outs[0], ref, np.float32, f"{channels} channels")
+    for nt, out in zip((2, 3, 4), outs[1:]):
+        np.testing.assert_array_equal(out, outs[0], err_msg=f"{channels} channels at {nt} threads")
 
 
 def test_gemm_rejects_mismatched_shapes():
