@@ -97,13 +97,20 @@ inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) 
             // transposed in registers, each column's first MR lanes stored
             typedef typename GemmBlocking<T>::V V;
             constexpr int L = GemmBlocking<T>::L;
+            // Each column is stored whole, its lanes past MR landing where
+            // the next column's store overwrites them; only the panel's last
+            // column is masked (a masked store is microcoded on some cores).
             for (; k0 + L <= kc; k0 += L) {
                 V r[L];
 #pragma GCC unroll 16
                 for (int i = 0; i < L; ++i) r[i] = i < rows ? vload<V>(A + i * rsa + k0) : V{};
                 transpose_regs<T>(r);
 #pragma GCC unroll 16
-                for (int j = 0; j < L; ++j) vstore_first(Ap + (k0 + j) * MR, r[j], MR);
+                for (int j = 0; j < L - 1; ++j) vstore(Ap + (k0 + j) * MR, r[j]);
+                if (k0 + L < kc)
+                    vstore(Ap + (k0 + L - 1) * MR, r[L - 1]);
+                else
+                    vstore_first(Ap + (k0 + L - 1) * MR, r[L - 1], MR);
             }
         }
         for (idx i = 0; i < rows; ++i)
@@ -115,7 +122,9 @@ inline void pack_a_panel(idx kc, idx rows, const T* A, idx rsa, idx csa, T* Ap) 
     if (rsa == 1 && rows > 0) {  // column-major A (a transposed operand, e.g. grad_output in a weight gradient)
         // each k's rows are contiguous: one masked vector copy per k
         if constexpr (MR <= GemmBlocking<T>::L) {
-            for (idx k = 0; k < kc; ++k) vstore_first(Ap + k * MR, vload_first(A + k * csa, rows), MR);
+            // whole stores but the last, as above
+            for (idx k = 0; k + 1 < kc; ++k) vstore(Ap + k * MR, vload_first(A + k * csa, rows));
+            vstore_first(Ap + (kc - 1) * MR, vload_first(A + (kc - 1) * csa, rows), MR);
             return;
         }
         for (idx k = 0; k < kc; ++k) {
@@ -221,6 +230,12 @@ __attribute__((always_inline)) inline void gemm_micro_t(idx kc, const T* __restr
     typedef GemmBlocking<T> GB;
     typedef typename GB::V V;
     constexpr int MR = GB::MR, NR = GB::NR;
+    // C's rows are ldc apart, each on its own lines and often its own page:
+    // asked for now, they arrive while the K loop runs, not at the store
+    for (idx i = 0; i < mr; ++i) {
+        __builtin_prefetch(C + i * ldc, 1, 3);
+        __builtin_prefetch(C + i * ldc + nr - 1, 1, 3);
+    }
     V c[RT][NV] = {};
     for (idx k = 0; k < kc; ++k) {
         tile_step<T, RT, NV>(c, Ap, Bp);
