@@ -173,6 +173,36 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
+// The panels of an nc-column block of B. A row-major B is copied eight rows
+// at a time across all whole panels, so each row is read front to back and
+// each panel written in runs of eight rows. Panel by panel, every k started
+// a new line rsb apart, a pattern the hardware prefetchers follow poorly: a
+// GEMM with few rows of A, which packs much B for little arithmetic, spent
+// a large part of its time on those misses.
+template <class T>
+inline void pack_b_block(idx kc, idx nc, const T* B, idx rsb, idx csb, T* Bp) {
+    constexpr int NR = GemmBlocking<T>::NR;
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int L = GemmBlocking<T>::L;
+    const idx whole = csb == 1 ? nc / NR : 0;
+    if (whole > 1) {
+        constexpr idx kRows = 8;
+        for (idx k0 = 0; k0 < kc; k0 += kRows) {
+            const idx k1 = imin(kc, k0 + kRows);
+            for (idx jp = 0; jp < whole; ++jp)
+                for (idx k = k0; k < k1; ++k)
+#pragma GCC unroll 2
+                    for (int v = 0; v < NR / L; ++v)
+                        vstore(Bp + jp * NR * kc + k * NR + v * L, vload<V>(B + k * rsb + jp * NR + v * L));
+        }
+    } else {
+        for (idx jp = 0; jp < whole; ++jp) pack_b_panel(kc, idx(NR), B + jp * NR, rsb, csb, Bp + jp * NR * kc);
+    }
+    const idx npanels = (nc + NR - 1) / NR;
+    for (idx jp = whole; jp < npanels; ++jp)
+        pack_b_panel(kc, imin(NR, nc - jp * NR), B + jp * NR * csb, rsb, csb, Bp + jp * NR * kc);
+}
+
 // C (mr x nr of an RT x NV-vector tile) = c (+ C).
 template <class T, int RT, int NV>
 __attribute__((always_inline)) inline void store_tile(const typename GemmBlocking<T>::V (&c)[RT][NV], T* C,
@@ -411,9 +441,7 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
         for (idx pc = 0; pc < K; pc += KC) {
             const idx kc = imin(KC, K - pc);
             const bool acc = accumulate || pc > 0;
-            for (idx jp = 0; jp < npanels; ++jp)
-                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
-                             Bp + jp * NR * kc);
+            pack_b_block(kc, nc, B + pc * rsb + jc * csb, rsb, csb, Bp);
             for (idx ic = r0; ic < r1; ic += MC) {
                 const idx mc = imin(MC, r1 - ic), mpanels = (mc + MR - 1) / MR;
                 const T* Ablk = Ap;
