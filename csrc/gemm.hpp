@@ -428,10 +428,13 @@ void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
 
 // One thread's block of C: rows [r0, r1) (whole MR panels, but for M's last
 // one), columns [c0, c1), B packed ncb columns at a time. Ap holds MC x KC
-// (unused with a_packed), Bp KC x ncb.
+// (unused with a_packed), Bp KC x ncb. With b_packed (all of B, packed as
+// pack_a_full packs A: per KC block, every panel; c0 = 0, ncb >= c1 = N),
+// B is not read or packed again.
 template <class T>
 void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* A, idx rsa, idx csa, const T* B,
-                idx rsb, idx csb, T* C, idx ldc, bool accumulate, T* Ap, T* Bp, const T* a_packed) {
+                idx rsb, idx csb, T* C, idx ldc, bool accumulate, T* Ap, T* Bp, const T* a_packed,
+                const T* b_packed = nullptr) {
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;
     const GemmDims& d = gemm_dims<T>();
@@ -441,7 +444,11 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
         for (idx pc = 0; pc < K; pc += KC) {
             const idx kc = imin(KC, K - pc);
             const bool acc = accumulate || pc > 0;
-            pack_b_block(kc, nc, B + pc * rsb + jc * csb, rsb, csb, Bp);
+            const T* Bblk = Bp;
+            if (b_packed)
+                Bblk = b_packed + pc * npanels * NR;
+            else
+                pack_b_block(kc, nc, B + pc * rsb + jc * csb, rsb, csb, Bp);
             for (idx ic = r0; ic < r1; ic += MC) {
                 const idx mc = imin(MC, r1 - ic), mpanels = (mc + MR - 1) / MR;
                 const T* Ablk = Ap;
@@ -453,7 +460,7 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
                                      Ap + ip * MR * kc);
                 for (idx jp = 0; jp < npanels; ++jp)
                     for (idx ip = 0; ip < mpanels; ++ip)
-                        gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
+                        gemm_micro(kc, Ablk + ip * MR * kc, Bblk + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
                                    ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
             }
         }
@@ -468,9 +475,11 @@ struct GemmSplit {
 
 // The grid whose busiest thread does least: its multiply-adds (2 FMA ports of
 // L lanes a cycle) plus what it packs, about one element a cycle: the A rows
-// it reads, once per B block, unless A is pre-packed, and its B columns.
+// it reads, once per B block, unless A is pre-packed, and its B columns, or
+// its share of B where the threads split only rows and B fits the workspace
+// (b_shared: B is then packed once, by all of them).
 template <class T>
-GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed) {
+GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed, bool b_shared) {
     typedef GemmBlocking<T> GB;
     const idx mp = (M + GB::MR - 1) / GB::MR, np = (N + GB::NR - 1) / GB::NR;
     GemmSplit best{1, nt, 0.0};
@@ -479,7 +488,8 @@ GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed) {
         if (nt % tm) continue;
         const int tn = nt / tm;
         const idx rows = (mp + tm - 1) / tm * GB::MR, cols = (np + tn - 1) / tn * GB::NR;
-        const double cost = double(rows) * double(cols) / (2 * GB::L) + double(cols) +
+        const double b_cols = tn == 1 && b_shared ? double(cols) / nt : double(cols);
+        const double cost = double(rows) * double(cols) / (2 * GB::L) + b_cols +
                             (a_packed ? 0.0 : double(rows) * double((cols + ncb - 1) / ncb));
         if (best_cost < 0 || cost < best_cost) {
             best_cost = cost;
@@ -542,9 +552,11 @@ void gemm_shared(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, 
 // packing step ends in a barrier, where a thread that waits longer than the
 // OpenMP runtime spins goes to sleep and has to be woken. Thread 0 packs
 // into `pack`; the others' A blocks come from workspace slot 4 and their B
-// blocks share `pack`'s KC x NC. Where no grid of blocks gives each thread
-// within 1/16 of its fair share of tiles, the threads share the packing
-// instead (gemm_shared), which splits tiles evenly.
+// blocks share `pack`'s KC x NC. Where the threads split only rows and all of
+// B fits that block, B is packed once by all of them (one barrier) instead
+// of by each. Where no grid of blocks gives each thread within 1/16 of its
+// fair share of tiles, the threads share the packing of every block
+// (gemm_shared), which splits tiles evenly.
 template <class T>
 void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
                   bool accumulate, T* pack, bool parallel, const T* a_packed = nullptr) {
@@ -564,12 +576,36 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
     if (nt <= 1) return gemm_block(M, K, idx(0), M, idx(0), N, NC, A, rsa, csa, B, rsb, csb, C, ldc, accumulate,
                                    pack, pack + MC * KC, a_packed);
     const idx ncb = NC / nt / NR * NR;
-    const GemmSplit sp = gemm_split<T>(M, N, static_cast<int>(nt), ncb, a_packed != nullptr);
+    const bool b_shared = K * np * NR <= KC * NC;
+    const GemmSplit sp = gemm_split<T>(M, N, static_cast<int>(nt), ncb, a_packed != nullptr, b_shared);
     if (sp.balance < 15.0 / 16.0)
         return gemm_shared(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, static_cast<int>(nt), a_packed);
     const idx a_elems = (MC * KC + 15) / 16 * 16;
     T* extra = a_packed ? nullptr
                         : static_cast<T*>(workspace(static_cast<std::size_t>((nt - 1) * a_elems) * sizeof(T), 4));
+    if (sp.tn == 1 && b_shared) {
+        // rows only: every thread reads all of B, so it is packed once, into
+        // `pack`'s B block, in groups of panels shared out over the threads
+        T* Bfull = pack + MC * KC;
+        constexpr idx kGroup = 8;
+        const idx blocks = (K + KC - 1) / KC, groups = (np + kGroup - 1) / kGroup;
+#pragma omp parallel num_threads(static_cast<int>(nt))
+        {
+#pragma omp for schedule(static)
+            for (idx g = 0; g < blocks * groups; ++g) {
+                const idx pc = g / groups * KC, kc = imin(KC, K - pc), j0 = g % groups * kGroup * NR;
+                pack_b_block(kc, imin(kGroup * NR, N - j0), B + pc * rsb + j0 * csb, rsb, csb,
+                             Bfull + pc * np * NR + j0 * kc);
+            }
+            const idx t = omp_get_thread_num();
+            const idx r0 = imin(M, t * mp / nt * MR), r1 = imin(M, (t + 1) * mp / nt * MR);
+            T* Ap = t == 0 ? pack : extra + (t - 1) * a_elems;
+            if (r0 < r1)
+                gemm_block(M, K, r0, r1, idx(0), N, N, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, Ap,
+                           static_cast<T*>(nullptr), a_packed, static_cast<const T*>(Bfull));
+        }
+        return;
+    }
 #pragma omp parallel num_threads(static_cast<int>(nt))
     {
         const idx t = omp_get_thread_num(), bi = t / sp.tn, bj = t % sp.tn;
