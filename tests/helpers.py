@@ -65,3 +65,18 @@ def at_simd_level(level: str) -> Iterator[None]:
         yield
     finally:
         convkern.set_simd_level(before)
+
+
+def at_thread_counts(call, counts=(1, 2, 3)) -> list:
+    """call() under each thread count in turn (the default restored after):
+    the results, in order."""
+    import convkern
+
+    outs = []
+    for n in counts:
+        convkern.set_num_threads(n)
+        try:
+            outs.append(call())
+        finally:
+            convkern.set_num_threads(0)
+    return outs

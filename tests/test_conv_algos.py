@@ -10,7 +10,7 @@ import convkern
 from convkern.backend import cpp
 from convkern.geometry import conv2d_geometry
 from convkern.perf.canonical import CANONICAL
-from helpers import SIMD_LEVELS, assert_close, at_simd_level, randn
+from helpers import SIMD_LEVELS, assert_close, at_simd_level, at_thread_counts, randn
 
 # (x shape, w shape, kwargs) that each cpp algorithm runs, awkward ones included
 RUNS = {
@@ -192,23 +192,11 @@ def test_weight_gradient_on_large_maps(dtype, rng):
 # pixels, more pixels than filters. Filters fewer than and not a multiple of
 # a register panel's rows, strides with dilation, no padding, three panels a
 # tap, pixels just above the filters, and a batch in several chunks.
-def _at_thread_counts(call, counts=(1, 2, 3)):
-    """call() under each thread count in turn: the results, in order."""
-    outs = []
-    for n in counts:
-        convkern.set_num_threads(n)
-        try:
-            outs.append(call())
-        finally:
-            convkern.set_num_threads(0)
-    return outs
-
-
 def _check_weight_gradient(x, w, gy, kw, dtype, what, algo="auto"):
     """grad weight against the reference, the same bits for 1, 2 and 3
     threads, and the same with grad input computed alongside."""
     ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), backend="reference")[1]
-    outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), algo=algo,
+    outs = at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), algo=algo,
                                                               backend="cpp")[1])
     assert_close(outs[0], ref, dtype, what)
     for other in outs[1:]:
@@ -354,7 +342,7 @@ def test_bias_gradient_of_channels_last_data(dtype, rng, x_shape):
     x, w = cl(randn(rng, x_shape, dtype)), randn(rng, (37, x_shape[1], 3, 3), dtype)
     gy = cl(randn(rng, convkern.conv2d(x, w, padding=1, backend="reference").shape, dtype) + 0.25)
     ref = convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, False, True), backend="reference")[2]
-    outs = _at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, False, True),
+    outs = at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, padding=1, needs=(False, False, True),
                                                               backend="cpp")[2])
     assert_close(outs[0], ref, dtype, "grad bias")
     for other in outs[1:]:

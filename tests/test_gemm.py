@@ -15,7 +15,7 @@ import pytest
 
 import convkern
 from convkern.backend import cpp
-from helpers import assert_close
+from helpers import assert_close, at_thread_counts
 
 BLOCKING = cpp._cpu.build_info()["gemm_blocking_f32"]
 
@@ -52,17 +52,6 @@ SPLIT_SHAPES = [(517, 37, 21), (7, 45, 700), (300, 29, 300), (1, 5, 1000), (1000
                 (130, 700, 40), (12, 700, 500)]
 
 
-def _at_thread_counts(call, counts=(1, 2, 3, 4)):
-    outs = []
-    for nt in counts:
-        convkern.set_num_threads(nt)
-        try:
-            outs.append(call())
-        finally:
-            convkern.set_num_threads(0)
-    return outs
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_threads_share_the_gemm_without_changing_bits(rng, dtype):
     """Each thread owns a block of C (rows, columns or a grid of both, as a
@@ -72,7 +61,7 @@ def test_threads_share_the_gemm_without_changing_bits(rng, dtype):
     for m, k, n in SPLIT_SHAPES:
         a = rng.standard_normal((m, k)).astype(dtype)
         b = rng.standard_normal((k, n)).astype(dtype)
-        outs = _at_thread_counts(lambda: cpp.gemm(a, b))
+        outs = at_thread_counts(lambda: cpp.gemm(a, b), (1, 2, 3, 4))
         assert_close(outs[0], a.astype(np.float64) @ b.astype(np.float64), dtype, f"{m}x{k}x{n}")
         for nt, out in zip((2, 3, 4), outs[1:]):
             np.testing.assert_array_equal(out, outs[0], err_msg=f"{m}x{k}x{n} at {nt} threads")
@@ -84,7 +73,8 @@ def test_threads_share_a_gemm_of_packed_weights(rng, channels, size):
     once beforehand, each thread reading its rows of them in place."""
     x = rng.standard_normal((1, 5, size, size + 2)).astype(np.float32)
     w = rng.standard_normal((channels, 5, 3, 3)).astype(np.float32)
-    outs = _at_thread_counts(lambda: convkern.conv2d(x, w, padding=1, algo="im2col", backend="cpp"))
+    outs = at_thread_counts(lambda: convkern.conv2d(x, w, padding=1, algo="im2col", backend="cpp"),
+                            (1, 2, 3, 4))
     ref = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="reference")
     assert_close(outs[0], ref, np.float32, f"{channels} channels")
     for nt, out in zip((2, 3, 4), outs[1:]):
