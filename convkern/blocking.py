@@ -40,14 +40,14 @@ MARGIN = 1.02  # a candidate must beat the model's blocking by this factor
 Blocking = Tuple[int, int, int]
 
 
-def gemm_shapes() -> List[Tuple[int, int, int]]:
-    """(M, K, N) of each canonical layer's per-image im2col GEMM (output
-    channels x patch length x output pixels), and 2048^3."""
+def gemm_shapes(layers: Optional[Sequence[str]] = None) -> List[Tuple[int, int, int]]:
+    """(M, K, N) of each canonical layer's (or each named one's) per-image
+    im2col GEMM (output channels x patch length x output pixels), and 2048^3."""
     from .perf.canonical import CANONICAL
 
     shapes = []
     for layer in CANONICAL:
-        if layer.groups > 1:
+        if layer.groups > 1 or (layers is not None and layer.name not in layers):
             continue  # depthwise layers run no GEMM
         ho = (layer.H + 2 * layer.pad - layer.R) // layer.stride + 1
         wo = (layer.W + 2 * layer.pad - layer.S) // layer.stride + 1

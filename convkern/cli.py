@@ -215,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("bench", help="side-by-side benchmark of backends/algorithms (and PyTorch if installed)")
     p.add_argument("--ops", default="conv2d", help="comma-separated: conv2d, conv2d_backward, max_pool2d, "
-                   "avg_pool2d and relu (each also _backward), gemm (default conv2d)")
+                   "avg_pool2d and relu (each also _backward), gemm (each layer's per-image im2col GEMM, "
+                   "256x2304x1568 and 2048^3; default conv2d)")
     p.add_argument("--backends", help="comma-separated backend names or backend:algo pairs "
                    "(default: every available CPU backend and algorithm)")
     p.add_argument("--layers", help="comma-separated canonical layer names (default: all)")

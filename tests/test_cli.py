@@ -105,6 +105,25 @@ def test_moved_modules_keep_their_old_names_for_a_release_with_a_warning(old):
         if saved is not None:
             sys.modules[old] = saved
 
+def test_bench_gemm_rows_follow_the_layers():
+    """The gemm op times each chosen layer's per-image im2col GEMM beside the
+    fixed shapes, against NumPy's BLAS, every row checked."""
+    from convkern.blocking import gemm_shapes
+    from convkern.perf import bench
+
+    report = bench.run(["gemm"], ["cpp"], ["mnist_conv2", "depthwise_3x3"], min_time=0.01, progress=False)
+    rows = {(r["problem"], r["impl"]): r for r in report["results"]}
+    layer_shapes = gemm_shapes(["mnist_conv2", "depthwise_3x3"])
+    assert len(layer_shapes) == 2  # the depthwise layer runs no GEMM: mnist_conv2's and 2048^3
+    for m, k, n in layer_shapes + list(bench.GEMM_SHAPES):
+        for impl in ("cpp", "numpy"):
+            row = rows[(f"{m}x{k}x{n}", impl)]
+            assert row["ms"] > 0 and not row["check"].startswith(bench.FAILED), row
+    assert len(report["results"]) == len(rows)
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        bench.run(["gemm"], ["cpp"], ["nope"], min_time=0.01, progress=False)
+
+
 def test_bench_lets_openblas_threads_go_idle_after_numpy_gemm(monkeypatch):
     """NumPy's BLAS threads keep spinning after a call; the case timed next
     must not run beside them (it read up to 3x slower)."""

@@ -30,8 +30,9 @@ from .verify import relative_error
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
        "relu", "relu_backward", "gemm")
-# (M, K, N): square, and resnet_l3_3x3's forward over a batch of 8 as one GEMM
-GEMM_SHAPES = ((2048, 2048, 2048), (256, 2304, 1568))
+# (M, K, N): resnet_l3_3x3's forward over a batch of 8 as one GEMM; the gemm
+# op adds each selected layer's per-image GEMM and 2048^3 (blocking.gemm_shapes)
+GEMM_SHAPES = ((256, 2304, 1568),)
 MEMORY_SHAPE = (8, 64, 112, 112)  # a ResNet stem activation: pooling and relu are timed on it
 
 
@@ -501,13 +502,17 @@ def run(ops: Sequence[str] = ("conv2d",), impls: Optional[Sequence[str]] = None,
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
-        if op == "gemm":
-            jobs.extend((op, shape) for shape in GEMM_SHAPES)
-        elif op.startswith("conv2d"):
+        if op == "gemm" or op.startswith("conv2d"):
             for layer in layers:
                 if layer not in BY_NAME:
                     raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(BY_NAME)}")
-                jobs.append((op, layer))
+        if op == "gemm":
+            from ..blocking import gemm_shapes
+
+            shapes = sorted(gemm_shapes(layers) + list(GEMM_SHAPES), key=lambda s: s[0] * s[1] * s[2])
+            jobs.extend((op, shape) for shape in dict.fromkeys(shapes))
+        elif op.startswith("conv2d"):
+            jobs.extend((op, layer) for layer in layers)
         else:
             jobs.append((op, None))
     try:
