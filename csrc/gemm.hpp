@@ -173,6 +173,11 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
+// Panels one thread packs in a call where the threads share B's packing:
+// up to eight (rows read front to back), fewer where that would leave a
+// thread without any.
+inline idx pack_group(idx panels, idx threads) { return imax(1, imin(8, (panels + threads - 1) / threads)); }
+
 // The panels of an nc-column block of B. A row-major B is copied eight rows
 // at a time across all whole panels, so each row is read front to back and
 // each panel written in runs of eight rows. Panel by panel, every k started
@@ -517,10 +522,10 @@ void gemm_shared(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, 
         for (idx pc = 0; pc < K; pc += KC) {
             const idx kc = imin(KC, K - pc);
             const bool acc = accumulate || pc > 0;
+            const idx group = pack_group(npanels, nt) * NR;
 #pragma omp for schedule(static)
-            for (idx jp = 0; jp < npanels; ++jp)
-                pack_b_panel(kc, imin(NR, nc - jp * NR), B + pc * rsb + (jc + jp * NR) * csb, rsb, csb,
-                             Bp + jp * NR * kc);
+            for (idx j0 = 0; j0 < nc; j0 += group)
+                pack_b_block(kc, imin(group, nc - j0), B + pc * rsb + (jc + j0) * csb, rsb, csb, Bp + j0 * kc);
             for (idx ic = 0; ic < M; ic += MC) {
                 const idx mc = imin(MC, M - ic), mpanels = (mc + MR - 1) / MR;
                 const T* Ablk = Ap;
@@ -587,14 +592,13 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
         // rows only: every thread reads all of B, so it is packed once, into
         // `pack`'s B block, in groups of panels shared out over the threads
         T* Bfull = pack + MC * KC;
-        constexpr idx kGroup = 8;
-        const idx blocks = (K + KC - 1) / KC, groups = (np + kGroup - 1) / kGroup;
+        const idx per = pack_group(np, nt), blocks = (K + KC - 1) / KC, groups = (np + per - 1) / per;
 #pragma omp parallel num_threads(static_cast<int>(nt))
         {
 #pragma omp for schedule(static)
             for (idx g = 0; g < blocks * groups; ++g) {
-                const idx pc = g / groups * KC, kc = imin(KC, K - pc), j0 = g % groups * kGroup * NR;
-                pack_b_block(kc, imin(kGroup * NR, N - j0), B + pc * rsb + j0 * csb, rsb, csb,
+                const idx pc = g / groups * KC, kc = imin(KC, K - pc), j0 = g % groups * per * NR;
+                pack_b_block(kc, imin(per * NR, N - j0), B + pc * rsb + j0 * csb, rsb, csb,
                              Bfull + pc * np * NR + j0 * kc);
             }
             const idx t = omp_get_thread_num();
