@@ -25,7 +25,7 @@ inline bool conv_winograd_applies(const ConvGeom& s) {
 }
 
 // conv2d algorithms, each a slot in the op table. direct: the direct loops;
-// depthwise: padded planes, one filter each (C == groups, stride 1); im2col: the
+// depthwise: padded (phase) planes, one filter each (C == groups); im2col: the
 // column matrix in bands times the packed GEMM; shifted: an implicit GEMM over
 // a padded copy of the input (or its phase planes when strided); winograd:
 // F(2x2, 3x3) (3x3, stride 1, no dilation); winograd4: F(4x4, 3x3), where the

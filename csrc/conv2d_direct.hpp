@@ -156,9 +156,9 @@ struct DepthwiseLayout {
 };
 
 // The depthwise forward and grad weight kernels run any stride; grad input
-// is a depthwise conv only at stride 1.
+// is a depthwise conv at stride 1, a zero-inserted one (or the direct
+// gather) when strided.
 inline bool conv_is_depthwise(const ConvGeom& s) { return s.C == s.G; }
-inline bool depthwise_grad_input_applies(const ConvGeom& s) { return conv_is_depthwise(s) && s.sh == 1 && s.sw == 1; }
 
 // NV output vectors of one row from wo on; NV is a compile-time count so the
 // accumulators stay in registers (indexed by a run-time count they lived on

@@ -138,8 +138,8 @@ const char* algo_problem(ConvAlgo a, const ConvGeom& s, bool backward) {
     ConvGeom t;
     switch (a) {
         case ConvAlgo::depthwise:
-            if (!conv_is_depthwise(s)) return "depthwise needs groups == input channels";
-            return !backward || depthwise_grad_input_applies(s) ? nullptr : "depthwise backward needs stride 1";
+            // (backward at any stride: strided grad input is the zero-inserted conv or the direct gather)
+            return conv_is_depthwise(s) ? nullptr : "depthwise needs groups == input channels";
         case ConvAlgo::shifted:
             if (!backward)
                 return conv_shifted_applies(s) ? nullptr

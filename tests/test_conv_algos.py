@@ -19,7 +19,10 @@ RUNS = {
                ((2, 6, 9, 9), (6, 1, 3, 3), dict(groups=6, padding=1))],
     "depthwise": [((2, 6, 9, 8), (6, 1, 3, 3), dict(groups=6, padding=1)),
                   ((1, 4, 7, 11), (8, 1, 5, 3), dict(groups=4, padding=(2, 0), dilation=(1, 2))),
-                  ((1, 3, 5, 5), (3, 1, 7, 7), dict(groups=3, padding=3))],
+                  ((1, 3, 5, 5), (3, 1, 7, 7), dict(groups=3, padding=3)),
+                  ((2, 6, 9, 8), (6, 1, 3, 3), dict(groups=6, stride=2, padding=1)),
+                  ((1, 4, 11, 13), (8, 1, 3, 3), dict(groups=4, stride=(1, 2))),
+                  ((1, 3, 14, 17), (3, 1, 5, 3), dict(groups=3, stride=3, padding=(2, 1), dilation=(1, 2)))],
     "im2col": [((2, 5, 8, 7), (6, 5, 3, 3), dict(padding=1)),
                ((1, 4, 9, 9), (6, 2, 3, 2), dict(stride=2, groups=2, dilation=(2, 1))),
                ((3, 8, 5, 5), (4, 8, 1, 1), {})],
@@ -38,16 +41,13 @@ RUNS = {
                   ((1, 300, 6, 9), (7, 300, 3, 3), dict(padding=1))],
 }
 # forward-only problems (the backward needs stride 1 and padding within the kernel's reach)
-FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))],
-                "depthwise": [((2, 6, 9, 8), (6, 1, 3, 3), dict(groups=6, stride=2, padding=1)),
-                              ((1, 4, 11, 13), (8, 1, 3, 3), dict(groups=4, stride=(1, 2))),
-                              ((1, 3, 14, 17), (3, 1, 5, 3), dict(groups=3, stride=3, padding=(2, 1), dilation=(1, 2)))]}
+FORWARD_ONLY = {"shifted": [((1, 4, 15, 13), (3, 4, 5, 5), dict(stride=2, padding=2))]}
+STRIDED_DEPTHWISE = RUNS["depthwise"][3:]
 REFUSED = [
     ("winograd", (1, 2, 8, 8), (3, 2, 5, 5), {}, False, "winograd needs a 3x3 kernel"),
     ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(stride=2), False, "stride 1"),
     ("winograd", (1, 4, 8, 8), (4, 2, 3, 3), dict(groups=2), False, "groups 1"),
     ("depthwise", (1, 2, 8, 8), (3, 2, 3, 3), {}, False, "depthwise needs groups == input channels"),
-    ("depthwise", (1, 2, 8, 8), (2, 1, 3, 3), dict(groups=2, stride=2), True, "depthwise backward needs stride 1"),
     ("shifted", (1, 2, 8, 8), (3, 2, 1, 1), {}, False, "nothing to shift"),
     ("shifted", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2), True, "needs stride 1"),
     ("winograd", (1, 2, 8, 8), (3, 2, 3, 3), dict(padding=3), True, "padding of at most 2"),
@@ -103,6 +103,40 @@ def test_weight_gradients_alone_need_no_grad_input_path(rng):
     for algo in ("shifted", "winograd", "winograd4"):
         _, gw, gb = convkern.conv2d_backward(gy, x, w, stride=2, needs=(False, True, True), algo=algo, backend="cpp")
         assert_close(gw, ref[1], np.float64, algo) and assert_close(gb, ref[2], np.float64, algo)
+
+
+# problems of every kind the algorithms refuse some of: strided, depthwise,
+# strided depthwise, grouped, 1x1, a 5x5 kernel, dilation, wide padding
+ADMISSION = [((1, 4, 9, 9), (4, 1, 3, 3), dict(groups=4, stride=2, padding=1)),
+             ((1, 3, 10, 8), (6, 1, 3, 3), dict(groups=3, stride=(1, 2))),
+             ((1, 4, 8, 8), (4, 1, 3, 3), dict(groups=4, padding=1)),
+             ((1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2)),
+             ((1, 4, 8, 8), (4, 2, 3, 3), dict(groups=2, padding=1)),
+             ((1, 2, 6, 6), (3, 2, 1, 1), {}),
+             ((1, 2, 9, 9), (3, 2, 5, 5), dict(padding=2)),
+             ((1, 2, 9, 9), (3, 2, 3, 3), dict(padding=3, dilation=2))]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kw", ADMISSION)
+def test_what_the_algorithm_filter_admits_runs(x_shape, w_shape, kw, rng):
+    """The autotuner measures the algorithms that algo_problem admits for a
+    backward (asked with or without the input gradient): each must run and
+    give the reference's gradients, so a measurement never meets an error."""
+    x, w = randn(rng, x_shape, np.float64), randn(rng, w_shape, np.float64)
+    gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, np.float64)
+    ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+    g = conv2d_geometry(x_shape, w_shape, **kw)
+    for needs in ((True, True, True), (False, True, False), (False, False, True), (True, False, False)):
+        for algo in convkern.algorithms("cpp")[:-1]:
+            what = f"{algo} x{x_shape} w{w_shape} {kw} needs {needs}"
+            if cpp.algo_problem(g, algo, needs[0]) is not None:
+                continue
+            got = convkern.conv2d_backward(gy, x, w, **kw, needs=needs, algo=algo, backend="cpp")
+            for name, n, a, r in zip(("grad input", "grad weight", "grad bias"), needs, got, ref):
+                if n:
+                    assert_close(a, r, np.float64, f"{what} {name}")
+                else:
+                    assert a is None, f"{what}: {name} not asked for"
 
 
 def test_algorithms_lists_what_each_backend_runs_by_name():
@@ -382,7 +416,7 @@ def test_depthwise_gradients_at_any_stride(dtype, rng):
     """auto's backward of strided depthwise convs: the depthwise grad weight
     kernel reads the forward's phase planes (3x3, 5x5 and 7x7 taps, strides 2
     and 3, dilation, rows longer than a vector)."""
-    cases = FORWARD_ONLY["depthwise"] + [((2, 5, 20, 41), (5, 1, 5, 5), dict(groups=5, stride=2, padding=2)),
+    cases = STRIDED_DEPTHWISE + [((2, 5, 20, 41), (5, 1, 5, 5), dict(groups=5, stride=2, padding=2)),
                                          ((1, 2, 30, 37), (2, 1, 7, 7), dict(groups=2, stride=2, padding=3))]
     for x_shape, w_shape, kw in cases:
         x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)

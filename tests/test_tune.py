@@ -290,3 +290,22 @@ def test_a_blocking_arrives_too_late_once_a_kernel_ran():
     assert cpp._cpu.build_info()["gemm_blocking_f32"] == before
     with pytest.raises(ValueError, match="out of range"):
         cpp._cpu.set_tuned_gemm_blocking(4, 48, 128)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_gradients_alone_of_a_strided_depthwise_conv(tuning, rng, layout):
+    """A strided depthwise conv's weight gradient asked alone (a frozen
+    input, or a network's first layer): every algorithm the tuner measures
+    runs it, and the result is the reference's."""
+    from convkern.layout import to_channels_last
+
+    x, w = randn(rng, (2, 8, 11, 11), np.float32), randn(rng, (8, 1, 3, 3), np.float32)
+    kw = dict(stride=2, padding=1, groups=8)
+    gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, np.float32)
+    ref = convkern.conv2d_backward(gy, x, w, **kw, backend="reference")
+    if layout == "channels_last":
+        x, gy = to_channels_last(x), to_channels_last(gy)
+    for needs in ((False, True, False), (False, True, True)):
+        got = convkern.conv2d_backward(gy, x, w, **kw, needs=needs)
+        assert_close(got[1], ref[1], np.float32, f"{layout} {needs} grad weight")
+        assert got[0] is None
