@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import convkern
 from convkern import tune
@@ -309,3 +311,41 @@ def test_weight_gradients_alone_of_a_strided_depthwise_conv(tuning, rng, layout)
         got = convkern.conv2d_backward(gy, x, w, **kw, needs=needs)
         assert_close(got[1], ref[1], np.float32, f"{layout} {needs} grad weight")
         assert got[0] is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_tuned_convs_of_any_shape_match_the_reference(tuning, data):
+    """With the tuner measuring, random conv problems (groups, depthwise,
+    strides, dilation, padding, any gradients asked, NCHW or channels_last)
+    give the reference's output and gradients: every candidate it times runs."""
+    from convkern.layout import to_channels_last
+
+    draw = data.draw
+    groups = draw(st.sampled_from([1, 2, 0]))  # 0: depthwise
+    per = draw(st.integers(1, 4))
+    C = per * max(groups, 1)
+    G = C if groups == 0 else groups
+    K = G * draw(st.integers(1, 3))
+    R, S = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    H = draw(st.integers(1, 10)) + dilation[0] * (R - 1)
+    W = draw(st.integers(1, 10)) + dilation[1] * (S - 1)
+    needs = draw(st.tuples(st.booleans(), st.booleans(), st.booleans()).filter(any))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = randn(rng, (draw(st.integers(1, 2)), C, H, W), np.float32)
+    w, b = randn(rng, (K, C // G, R, S), np.float32), randn(rng, (K,), np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=G)
+    what = f"x{x.shape} w{w.shape} {kw} needs {needs}"
+    want = convkern.conv2d(x, w, b, **kw, backend="reference")
+    gy = randn(rng, want.shape, np.float32)
+    ref = convkern.conv2d_backward(gy, x, w, **kw, needs=needs, backend="reference")
+    if draw(st.booleans()):
+        x, gy, what = to_channels_last(x), to_channels_last(gy), what + " channels_last"
+    assert_close(convkern.conv2d(x, w, b, **kw), want, np.float32, what)
+    for name, n, got, r in zip(("grad input", "grad weight", "grad bias"), needs,
+                               convkern.conv2d_backward(gy, x, w, **kw, needs=needs), ref):
+        if n:
+            assert_close(got, r, np.float32, f"{what} {name}")
