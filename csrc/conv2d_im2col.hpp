@@ -146,13 +146,21 @@ void for_each_image_group(const ConvGeom& s, idx scratch_elems, Body body) {
 // every image. Whole images go side by side instead, this many at a time
 // (a function of the shape only), so that one GEMM spans at least kMinCols
 // columns where kGroupBytes of scratch for `rows` rows allows.
+// images_groupable: how many images a GEMM may take side by side, 0 where
+// they go one by one (maps of kMinCols pixels or more, bands that cut a map,
+// or a column matrix over kGroupBytes); images_per_gemm: how many it takes.
 template <class T>
-idx images_per_gemm(const ConvGeom& s, idx band, idx rows) {
+idx images_groupable(const ConvGeom& s, idx band, idx rows) {
     constexpr idx kMinCols = 256, kGroupBytes = idx(4) << 20;
     const idx P = s.Ho * s.Wo;
-    if (band < s.Ho || P >= kMinCols) return 1;
+    if (band < s.Ho || P >= kMinCols) return 0;
     const idx by_memory = kGroupBytes / imax(1, rows * P * static_cast<idx>(sizeof(T)));
-    return imax(1, imin(imin(s.N, (kMinCols + P - 1) / P), by_memory));
+    return imin((kMinCols + P - 1) / P, by_memory);
+}
+
+template <class T>
+idx images_per_gemm(const ConvGeom& s, idx band, idx rows) {
+    return imax(1, imin(s.N, images_groupable<T>(s, band, rows)));
 }
 
 // The column matrices of images [n, n + m) of group g side by side: CRS rows of m*P.
@@ -208,16 +216,16 @@ struct InPlaceRows {
 
 // Whether conv2d_forward_im2col reads the weights in place instead of
 // packing them: when all N images fit one group of side-by-side column
-// matrices and the weights (K x CRS) outnumber those columns (CRS x N*P),
-// packing the columns is the smaller copy, and each packed weight would serve
-// only a few column panels. (A function of the shape alone, not of the thread
-// count: the two paths block the reduction differently.)
+// matrices (one image too: a batch of one on a small map) and the weights
+// (K x CRS) outnumber those columns (CRS x N*P), packing the columns is the
+// smaller copy, and each packed weight would serve only a few column panels.
+// (A function of the shape alone, not of the thread count: the two paths
+// block the reduction differently.)
 template <class T>
 bool im2col_weights_in_place(const ConvGeom& s) {
     const idx CRS = s.C / s.G * s.R * s.S;
     const idx band = conv_is_pointwise(s) ? s.Ho : band_rows<T>(s);
-    const idx group = images_per_gemm<T>(s, band, CRS + s.K / s.G);
-    return group > 1 && group >= s.N && s.G == 1 && s.K >= s.N * s.Ho * s.Wo;
+    return images_groupable<T>(s, band, CRS + s.K / s.G) >= s.N && s.G == 1 && s.K >= s.N * s.Ho * s.Wo;
 }
 
 // The column matrix of all N images of a one-group conv (CRS x N*Ho*Wo)

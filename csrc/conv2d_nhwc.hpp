@@ -496,13 +496,17 @@ void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offs
 // (F(4x4, 3x3)), 0 none (a GEMM), -1 the rule's choice; kNhwcPixelRows a
 // GEMM with output pixels as its rows only (below).
 // The rule: F(2x2) once a tile's transforms are shared by enough channels
-// (16 in and 16 out, or 32 in); with fewer, the transforms cost more than
-// the multiplications they save. F(4x4) is faster still on large maps, but
-// its float32 rounding is larger: it runs where named or measured
-// (the autotuner's candidates).
+// (16 in and 16 out, or 32 in), and the call has enough tiles to pay for its
+// filter transform (C*K filters each call, whatever the batch: a batch of
+// one on a 7x7 or 4x4 map, 16 or 4 tiles, ran slower than the GEMM); with
+// fewer, the transforms cost more than the multiplications they save. F(4x4)
+// is faster still on large maps, but its float32 rounding is larger: it runs
+// where named or measured (the autotuner's candidates).
 template <class T>
 int nhwc_winograd_rule(const ConvGeom& s) {
-    return conv_winograd_applies(s) && s.C >= 16 && (s.K >= 16 || s.C >= 32) ? 2 : 0;
+    constexpr idx kMinTiles = 32;
+    const idx tiles = s.N * ((s.Ho + 1) / 2) * ((s.Wo + 1) / 2);
+    return conv_winograd_applies(s) && s.C >= 16 && (s.K >= 16 || s.C >= 32) && tiles >= kMinTiles ? 2 : 0;
 }
 
 // krsc: the weights are (K, R, S, C/G) memory (channels_last weights, the
@@ -528,12 +532,17 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         return;
     note_conv_algo(ConvAlgo::im2col);
     if (wino != kNhwcPixelRows && im2col_weights_in_place<T>(s)) {
-        // A's row k, column j = (c, r, s) of the group's patch
+        // A's row k, column j = (c, r, s) of the group's patch. channels_last
+        // weights go to (K, C/G, R, S) first: read in place, each row's
+        // columns would lie C/G apart, a cache line per FMA step (4-5x
+        // slower on a 512-channel 4x4 map); the copy costs one pass
         const idx RS = s.R * s.S, Cg = s.C / s.G;
-        if (krsc)
-            return nhwc_forward_weight_rows(x, w, Cg * RS, [RS, Cg](idx j) { return j % RS * Cg + j / RS; }, b, y, s,
-                                            relu);
-        return nhwc_forward_weight_rows(x, w, Cg * RS, [](idx j) { return j; }, b, y, s, relu);
+        std::unique_ptr<T[]> wc;
+        if (krsc && RS > 1 && Cg > 1) {
+            wc.reset(new T[static_cast<std::size_t>(s.K * Cg * RS)]);
+            transpose_batched(w, wc.get(), s.K, RS, Cg);
+        }
+        return nhwc_forward_weight_rows(x, wc ? wc.get() : w, Cg * RS, [](idx j) { return j; }, b, y, s, relu);
     }
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;

@@ -138,8 +138,9 @@ def test_nhwc_rule_takes_winograd_where_channels_share_the_transforms(rng):
 
 def test_stride1_grad_input_runs_the_nhwc_winograd(dtype, rng):
     """grad input of a 3x3 stride-1 channels_last conv is the forward conv of
-    grad_output with the flipped filters: on 16+ channels, the NHWC tiles."""
-    for xs, K, pad in (((2, 24, 11, 9), 32, 1), ((1, 40, 7, 8), 16, 0), ((2, 16, 6, 6), 20, 2)):
+    grad_output with the flipped filters: on 16+ channels and 32+ tiles, the
+    NHWC tiles."""
+    for xs, K, pad in (((2, 24, 11, 9), 32, 1), ((2, 40, 9, 8), 16, 0), ((2, 16, 10, 10), 20, 2)):
         x, w = randn(rng, xs, dtype), randn(rng, (K, xs[1], 3, 3), dtype)
         gy = randn(rng, convkern.conv2d(x, w, padding=pad, backend="reference").shape, dtype)
         with tune.forced("off"):
@@ -148,6 +149,30 @@ def test_stride1_grad_input_runs_the_nhwc_winograd(dtype, rng):
         assert layout.is_channels_last(gx)
         want = convkern.conv2d_backward(gy, x, w, padding=pad, needs=(True, False, False), backend="reference")[0]
         assert_close(gx, want, dtype, f"x{xs} K={K} pad {pad}")
+
+
+@pytest.mark.parametrize("weights", ["contiguous", "channels_last"])
+def test_few_tiles_take_the_gemm(weights, dtype, rng):
+    """A batch of one on a small map has too few tiles to pay for the
+    per-call filter transform: the rules take a GEMM, forward and for grad
+    input, where the weights (outnumbering the pixels) are read in place
+    (channels_last ones after one transposing copy), and both weight layouts
+    give the same bits."""
+    for xs, K in (((1, 48, 4, 4), 64), ((1, 32, 7, 7), 40), ((1, 24, 5, 6), 24)):
+        x, w = randn(rng, xs, dtype), randn(rng, (K, xs[1], 3, 3), dtype)
+        wl = _cl(w) if weights == "channels_last" else w
+        g = conv2d_geometry(xs, w.shape, None, padding=1)
+        assert cpp.nhwc_winograd_tile(g) == 0, f"x{xs}: the rule takes Winograd"
+        gy = randn(rng, convkern.conv2d(x, w, padding=1, backend="reference").shape, dtype)
+        with tune.forced("off"):
+            y = convkern.conv2d(_cl(x), wl, padding=1)
+            assert cpp.last_algo() == "im2col", f"x{xs}: forward ran {cpp.last_algo()}"
+            gx = convkern.conv2d_backward(_cl(gy), _cl(x), wl, padding=1, needs=(True, False, False))[0]
+            assert cpp.last_algo() == "im2col", f"x{xs}: grad input ran {cpp.last_algo()}"
+            np.testing.assert_array_equal(y, convkern.conv2d(_cl(x), w, padding=1), err_msg=f"x{xs} weights")
+        assert_close(y, convkern.conv2d(x, w, padding=1, backend="reference"), dtype, f"x{xs}")
+        want = convkern.conv2d_backward(gy, x, w, padding=1, needs=(True, False, False), backend="reference")[0]
+        assert_close(gx, want, dtype, f"x{xs} grad input")
 
 
 def test_the_tuner_chooses_among_the_nhwc_algorithms(tmp_path, monkeypatch, rng):
