@@ -233,9 +233,10 @@ bool im2col_weights_in_place(const ConvGeom& s) {
 // copy of x (xpad: N*C planes of padded_extent) at its pixel's offset plus its
 // tap's: no column matrix written and packed again, and no bounds tests per
 // element (on 4x4 maps im2col's per-row bookkeeping had been 12% of a
-// 512-channel layer's samples). poff: N*Ho*Wo offsets of scratch.
+// 512-channel layer's samples). poff: N*Ho*Wo offsets of scratch. Rows in
+// (c, r, s) order, or with rsc in (r, s, c) order (channels_last weights').
 template <class T>
-void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp) {
+void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp, bool rsc) {
     constexpr int NR = GemmBlocking<T>::NR;
     idx Hp, Wp;
     padded_extent(s, Hp, Wp);
@@ -254,7 +255,8 @@ void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp) {
             const idx* po = poff + jp * NR;
             T* dst = bp + pc * Npad + jp * NR * kc;
             for (idx kk = 0; kk < kc; ++kk, dst += NR) {
-                const idx k = pc + kk, c = k / RS, r = (k / s.S) % s.R, q = k % s.S;
+                const idx k = pc + kk, c = rsc ? k % s.C : k / RS, rs = rsc ? k / s.C : k % RS;
+                const idx r = rs / s.S, q = rs % s.S;
                 const T* src = xpad + c * plane + r * s.dh * Wp + q * s.dw;
                 for (idx j = 0; j < live; ++j) dst[j] = src[po[j]];
                 for (idx j = live; j < NR; ++j) dst[j] = T(0);
@@ -265,10 +267,12 @@ void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp) {
 // All images in one GEMM, out (K x N*P) = A (K x CRS) * col (CRS x N*P): the
 // columns packed, A read in place by the indirect micro-kernel (row k at
 // a + k * ld, its column j at offset_of(j) from there). x is NCHW, one group;
-// store(out) writes the result where the caller wants it.
+// store(out) writes the result where the caller wants it. rsc: the reduction
+// runs over (r, s, c), the order of channels_last weights, so that their
+// rows are read front to back, else over (c, r, s).
 template <class T, class Offset, class Store>
 void forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offset_of, const ConvGeom& s,
-                         const Store& store) {
+                         const Store& store, bool rsc = false) {
     const idx CRS = s.C * s.R * s.S, cols = s.N * s.Ho * s.Wo;
     idx Hp, Wp;
     padded_extent(s, Hp, Wp);
@@ -281,7 +285,7 @@ void forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offset_of
     T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(bp_elems) * sizeof(T) + CRS * sizeof(idx), 1));
     idx* off = reinterpret_cast<idx*>(bp + bp_elems);
     for (idx j = 0; j < CRS; ++j) off[j] = offset_of(j);
-    pack_patches_b(x, s, xpad, poff, bp);
+    pack_patches_b(x, s, xpad, poff, bp, rsc);
     gemm_rows(s.K, cols, CRS, InPlaceRows<T>{a, ld, off}, bp, out, cols, [](idx, idx, idx, idx) {});
     store(static_cast<const T*>(out));
 }

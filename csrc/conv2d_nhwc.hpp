@@ -480,7 +480,7 @@ inline void bias_relu_row(T* row, const T* b, bool relu, idx j0, idx j1) {
 // offset_of as there), and the (K x pixels) result is transposed back.
 template <class T, class Offset>
 void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offset_of, const T* b, T* y,
-                              const ConvGeom& s, bool relu) {
+                              const ConvGeom& s, bool relu, bool rsc = false) {
     T* xc = static_cast<T*>(workspace(static_cast<std::size_t>(s.N * s.C * s.H * s.W) * sizeof(T), 2));
     transpose_batched(x, xc, s.N, s.H * s.W, s.C);
     forward_weight_rows(xc, a, ld, offset_of, s, [&](const T* out) {
@@ -489,7 +489,7 @@ void nhwc_forward_weight_rows(const T* x, const T* a, idx ld, const Offset& offs
         if (!b && !relu) return;
 #pragma omp parallel for num_threads(threads_for(pixels / 64 + 1)) schedule(static)
         for (idx m = 0; m < pixels; ++m) bias_relu_row(y + m * s.K, b, relu, idx(0), s.K);
-    });
+    }, rsc);
 }
 
 // wino: which Winograd tile a 3x3 stride-1 conv takes: 2 (F(2x2, 3x3)), 4
@@ -532,17 +532,13 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         return;
     note_conv_algo(ConvAlgo::im2col);
     if (wino != kNhwcPixelRows && im2col_weights_in_place<T>(s)) {
-        // A's row k, column j = (c, r, s) of the group's patch. channels_last
-        // weights go to (K, C/G, R, S) first: read in place, each row's
-        // columns would lie C/G apart, a cache line per FMA step (4-5x
-        // slower on a 512-channel 4x4 map); the copy costs one pass
+        // A's row k, column j = (c, r, s) of the group's patch, or (r, s, c)
+        // for channels_last weights: each row read front to back (in the
+        // other order its taps lie C/G apart, a cache line per FMA step, 4-5x
+        // slower on a 512-channel 4x4 map). The two orders round differently.
         const idx RS = s.R * s.S, Cg = s.C / s.G;
-        std::unique_ptr<T[]> wc;
-        if (krsc && RS > 1 && Cg > 1) {
-            wc.reset(new T[static_cast<std::size_t>(s.K * Cg * RS)]);
-            transpose_batched(w, wc.get(), s.K, RS, Cg);
-        }
-        return nhwc_forward_weight_rows(x, wc ? wc.get() : w, Cg * RS, [](idx j) { return j; }, b, y, s, relu);
+        return nhwc_forward_weight_rows(x, w, Cg * RS, [](idx j) { return j; }, b, y, s, relu,
+                                        krsc && RS > 1 && Cg > 1);
     }
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
