@@ -535,10 +535,9 @@ void conv2d_forward_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeo
         // A's row k, column j = (c, r, s) of the group's patch, or (r, s, c)
         // for channels_last weights: each row read front to back (in the
         // other order its taps lie C/G apart, a cache line per FMA step, 4-5x
-        // slower on a 512-channel 4x4 map). The two orders round differently.
-        const idx RS = s.R * s.S, Cg = s.C / s.G;
-        return nhwc_forward_weight_rows(x, w, Cg * RS, [](idx j) { return j; }, b, y, s, relu,
-                                        krsc && RS > 1 && Cg > 1);
+        // slower on a 512-channel 4x4 map). The two orders round differently
+        // (and are one where R*S or C/G is 1).
+        return nhwc_forward_weight_rows(x, w, s.C / s.G * s.R * s.S, [](idx j) { return j; }, b, y, s, relu, krsc);
     }
     const idx Cg = s.C / s.G, Kg = s.K / s.G, RSC = s.R * s.S * Cg, M = s.N * s.Ho * s.Wo;
     const idx wr_elems = (s.K * RSC + 15) / 16 * 16;
