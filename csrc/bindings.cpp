@@ -9,7 +9,8 @@ namespace {
 
 // The algorithm named `algo` for s, or a ValueError saying why it cannot run
 // s. Backward without grad input, every algorithm can (the weight and bias
-// gradients of shifted and winograd are im2col's).
+// gradients of shifted and winograd are im2col's); depthwise still needs
+// groups == input channels.
 ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bool grad_input = true) {
     ConvAlgo a;
     if (!conv_algo_from_name(algo, a)) {
@@ -18,7 +19,7 @@ ConvAlgo conv_algo(const std::string& algo, const ConvGeom& s, bool backward, bo
             names += std::string(i ? ", '" : "'") + conv_algo_name(static_cast<ConvAlgo>(i)) + "'";
         throw py::value_error("algo must be one of " + names + "; got '" + algo + "'");
     }
-    if (backward && !grad_input && a != ConvAlgo::depthwise) return a;  // (depthwise: groups == channels)
+    if (backward && !grad_input && a != ConvAlgo::depthwise) return a;
     if (const char* why = active_kernels().conv_algo_problem(a, s, backward)) throw py::value_error(why);
     return a;
 }

@@ -17,6 +17,7 @@ import convkern
 from convkern import tune
 from convkern.backend import cpp
 from convkern.geometry import conv2d_geometry
+from convkern.layout import to_channels_last
 from helpers import assert_close, randn
 
 X, W, KW = (2, 16, 12, 12), (16, 16, 3, 3), dict(padding=1)  # direct, im2col, shifted, winograd(4) all run it
@@ -299,8 +300,6 @@ def test_weight_gradients_alone_of_a_strided_depthwise_conv(tuning, rng, layout)
     """A strided depthwise conv's weight gradient asked alone (a frozen
     input, or a network's first layer): every algorithm the tuner measures
     runs it, and the result is the reference's."""
-    from convkern.layout import to_channels_last
-
     x, w = randn(rng, (2, 8, 11, 11), np.float32), randn(rng, (8, 1, 3, 3), np.float32)
     kw = dict(stride=2, padding=1, groups=8)
     gy = randn(rng, convkern.conv2d(x, w, **kw, backend="reference").shape, np.float32)
@@ -319,8 +318,6 @@ def test_tuned_convs_of_any_shape_match_the_reference(tuning, data):
     """With the tuner measuring, random conv problems (groups, depthwise,
     strides, dilation, padding, any gradients asked, NCHW or channels_last)
     give the reference's output and gradients: every candidate it times runs."""
-    from convkern.layout import to_channels_last
-
     draw = data.draw
     groups = draw(st.sampled_from([1, 2, 0]))  # 0: depthwise
     per = draw(st.integers(1, 4))
