@@ -212,8 +212,10 @@ def test_what_is_left_to_torch_and_why():
                           nn.MaxPool2d(2), nn.AdaptiveAvgPool2d((3, 3)), nn.ReLU())
     ckt.patch(model, ops=("conv2d", "max_pool2d", "adaptive_avg_pool2d", "relu"))
     rep = ckt.report(model)
-    assert rep.swapped == ["2", "3", "4", "5"]
-    assert "reflect" in rep.left["0"] and "subclass" in rep.left["1"]
+    assert rep.swapped == ["0", "2", "3", "4", "5"]
+    assert list(rep.left) == ["1"] and "subclass" in rep.left["1"]
+    half = ckt.patch(nn.Sequential(nn.Conv2d(2, 3, 3).half()))
+    assert "weight dtype torch.float16" in ckt.report(half).left["0"]
     x = torch.randn(1, 2, 8, 8)
     y = model(x)  # 8 -> 4: (3, 3) does not divide it, so torch pools
     assert y.shape == (1, 3, 3, 3)
@@ -225,6 +227,31 @@ def test_what_is_left_to_torch_and_why():
     assert "torch ran 4 1x" in str(rep)
     with pytest.raises(ValueError, match="unknown ops"):
         ckt.patch(model, ops=("conv3d",))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_padding_modes_pad_in_torch_and_convolve_on_convkern(mode, channels_last):
+    """A Conv2d with a padding_mode other than zeros is swapped: torch pads,
+    convkern convolves. Against the unpatched model in float64: "same" with
+    even kernels (padding split unevenly), a strided conv, each alone and as
+    a fused conv+relu pair, outputs and every gradient."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, (4, 3), padding="same", padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(8, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), padding_mode=mode),
+                          nn.Conv2d(6, 4, 2, padding="same", groups=2, padding_mode=mode, bias=False), nn.ReLU())
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    truth = run(model.double(), x)
+    patched = ckt.patch(copy.deepcopy(model).float())
+    rep = ckt.report(patched)
+    assert rep.swapped == ["0", "1", "2", "3", "4"] and rep.fused == ["0+1", "3+4"] and not rep.left
+    ours = run(patched, x.float())
+    theirs = run(copy.deepcopy(model).float(), x.float())
+    assert ours[0].shape == theirs[0].shape and ours[0].stride() == theirs[0].stride()
+    assert_same(_double(ours), truth, torch.float32, mode)
+    assert not ckt.report(patched).fallbacks
 
 
 def test_patched_model_trains_under_ddp(tmp_path):

@@ -11,8 +11,10 @@ and DistributedDataParallel see an ordinary module. ``unpatch`` puts the
 classes back.
 
 Some modules are left to torch, with the reason kept for :func:`report`:
-subclasses with their own ``forward``, ``padding_mode`` other than "zeros",
-parameters of a dtype convkern lacks, and ops not asked for. At call time a
+subclasses with their own ``forward``, parameters of a dtype convkern lacks,
+and ops not asked for. A Conv2d whose ``padding_mode`` is "reflect",
+"replicate" or "circular" is swapped too: torch pads the input in that mode
+(as its own Conv2d does), and the conv, padding nothing more, runs on convkern. At call time a
 swapped module hands the call back to torch (and counts it) when the input's
 dtype or device is one convkern lacks, or, for adaptive pooling, when the
 output size does not divide the input size.
@@ -24,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from . import functional as F
@@ -71,10 +74,21 @@ class _Patched:
         return self._convkern_forward(x)
 
 
+def _padded(conv: nn.Conv2d, x: Tensor):
+    """The input and padding a conv runs with: for a padding_mode other than
+    "zeros", the input padded in that mode by torch, as nn.Conv2d's own
+    forward pads it (asymmetric where "same" asks for an odd total), and no
+    further padding."""
+    if conv.padding_mode == "zeros":
+        return x, conv.padding
+    return torch_F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+
+
 class Conv2d(_Patched, nn.Conv2d):
     def _convkern_forward(self, x: Tensor) -> Tensor:
         s = self._convkern
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        x, padding = _padded(self, x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                         algo=s.algo, backend=s.backend)
 
 
@@ -138,7 +152,8 @@ class Sequential(nn.Sequential):
                     global_hooks = _global_hooks()
                 if not global_hooks and not _hooked(m) and not _hooked(mods[i + 1]) and m._fallback(x) is None:
                     s = m._convkern
-                    x = F.conv2d_relu(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, algo=s.algo,
+                    x, padding = _padded(m, x)
+                    x = F.conv2d_relu(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups, algo=s.algo,
                                       backend=s.backend)
                     i += 2
                     continue
@@ -172,11 +187,8 @@ def _why_not(module: nn.Module, ops: Sequence[str]) -> Optional[str]:
     op = _SWAPS[kind][0]
     if op not in ops:
         return f"{op} not in ops"
-    if kind is nn.Conv2d:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} (convkern pads with zeros)"
-        if module.weight.dtype not in F.SUPPORTED_DTYPES:
-            return f"weight dtype {module.weight.dtype}"
+    if kind is nn.Conv2d and module.weight.dtype not in F.SUPPORTED_DTYPES:
+        return f"weight dtype {module.weight.dtype}"
     if kind is nn.AdaptiveAvgPool2d and not isinstance(module.output_size, (int, tuple, list)):
         return f"output_size {module.output_size!r}"
     return None
