@@ -173,10 +173,6 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
-// Panels one thread packs in a call where the threads share B's packing:
-// up to eight (rows read front to back), fewer where that would leave a
-// thread without any.
-inline idx pack_group(idx panels, idx threads) { return imax(1, imin(8, (panels + threads - 1) / threads)); }
 
 // The panels of an nc-column block of B. A row-major B is copied eight rows
 // at a time across all whole panels, so each row is read front to back and
@@ -475,93 +471,43 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
 // How gemm_blocked shares C among nt threads: a grid of tm x tn blocks.
 struct GemmSplit {
     int tm, tn;
-    double balance;  // the busiest thread's fair share of its tiles (1: even)
 };
 
 // The grid whose busiest thread does least: its multiply-adds (2 FMA ports of
 // L lanes a cycle) plus what it packs, about one element a cycle: the A rows
-// it reads, once per B block, unless A is pre-packed, and its B columns, or
-// its share of B where the threads split only rows and B fits the workspace
-// (b_shared: B is then packed once, by all of them).
+// it reads, once per B block, unless A is pre-packed, and its B columns.
 template <class T>
-GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed, bool b_shared) {
+GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed) {
     typedef GemmBlocking<T> GB;
     const idx mp = (M + GB::MR - 1) / GB::MR, np = (N + GB::NR - 1) / GB::NR;
-    GemmSplit best{1, nt, 0.0};
+    GemmSplit best{1, nt};
     double best_cost = -1;
     for (int tm = 1; tm <= nt; ++tm) {
         if (nt % tm) continue;
         const int tn = nt / tm;
         const idx rows = (mp + tm - 1) / tm * GB::MR, cols = (np + tn - 1) / tn * GB::NR;
-        const double b_cols = tn == 1 && b_shared ? double(cols) / nt : double(cols);
-        const double cost = double(rows) * double(cols) / (2 * GB::L) + b_cols +
+        const double cost = double(rows) * double(cols) / (2 * GB::L) + double(cols) +
                             (a_packed ? 0.0 : double(rows) * double((cols + ncb - 1) / ncb));
         if (best_cost < 0 || cost < best_cost) {
             best_cost = cost;
-            best = GemmSplit{tm, tn, double(mp) * double(np) / (double(nt) * double(rows / GB::MR) * double(cols / GB::NR))};
+            best = GemmSplit{tm, tn};
         }
     }
     return best;
-}
-
-// The threads share each packed block and split its tiles evenly, waiting
-// for each other after every packing step: for GEMMs that blocks of C would
-// share out unevenly (seven column panels between two threads).
-template <class T>
-void gemm_shared(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
-                 bool accumulate, T* pack, int nt, const T* a_packed) {
-    typedef GemmBlocking<T> GB;
-    constexpr int MR = GB::MR, NR = GB::NR;
-    const GemmDims& d = gemm_dims<T>();
-    const idx KC = d.kc, MC = d.mc, NC = d.nc;
-    T* Ap = pack;
-    T* Bp = pack + MC * KC;
-#pragma omp parallel num_threads(nt)
-    for (idx jc = 0; jc < N; jc += NC) {
-        const idx nc = imin(NC, N - jc), npanels = (nc + NR - 1) / NR;
-        for (idx pc = 0; pc < K; pc += KC) {
-            const idx kc = imin(KC, K - pc);
-            const bool acc = accumulate || pc > 0;
-            const idx group = pack_group(npanels, nt) * NR;
-#pragma omp for schedule(static)
-            for (idx j0 = 0; j0 < nc; j0 += group)
-                pack_b_block(kc, imin(group, nc - j0), B + pc * rsb + (jc + j0) * csb, rsb, csb, Bp + j0 * kc);
-            for (idx ic = 0; ic < M; ic += MC) {
-                const idx mc = imin(MC, M - ic), mpanels = (mc + MR - 1) / MR;
-                const T* Ablk = Ap;
-                if (a_packed) {
-                    Ablk = a_packed + pc * ((M + MR - 1) / MR) * MR + ic * kc;
-                } else {
-#pragma omp for schedule(static)
-                    for (idx ip = 0; ip < mpanels; ++ip)
-                        pack_a_panel(kc, imin(MR, mc - ip * MR), A + (ic + ip * MR) * rsa + pc * csa, rsa, csa,
-                                     Ap + ip * MR * kc);
-                }
-#pragma omp for schedule(static)
-                for (idx t = 0; t < npanels * mpanels; ++t) {
-                    const idx jp = t / mpanels, ip = t % mpanels;
-                    gemm_micro(kc, Ablk + ip * MR * kc, Bp + jp * NR * kc, C + (ic + ip * MR) * ldc + jc + jp * NR,
-                               ldc, imin(MR, mc - ip * MR), imin(NR, nc - jp * NR), acc);
-                }
-            }
-        }
-    }
 }
 
 // `pack` must hold gemm_pack_elems<T>() elements, 64-byte aligned.
 // parallel=false when called from inside an OpenMP region. With `a_packed`
 // (from pack_a_full of this A) A is not read or packed again.
 //
-// With several threads each owns a block of C and packs what it reads, so
-// the threads never wait for each other: with shared packed blocks every
-// packing step ends in a barrier, where a thread that waits longer than the
-// OpenMP runtime spins goes to sleep and has to be woken. Thread 0 packs
-// into `pack`; the others' A blocks come from workspace slot 4 and their B
-// blocks share `pack`'s KC x NC. Where the threads split only rows and all of
-// B fits that block, B is packed once by all of them (one barrier) instead
-// of by each. Where no grid of blocks gives each thread within 1/16 of its
-// fair share of tiles, the threads share the packing of every block
-// (gemm_shared), which splits tiles evenly.
+// With several threads each owns a block of C and packs what it reads (B
+// too, where every thread reads all of it), so the threads never wait for
+// each other and never read panels another core has just written. Packing
+// shared out over the threads ends every packing step in a barrier, and each
+// thread then reads the others' panels from their caches, which on a VM
+// whose vCPUs sit apart costs more than packing them twice. Thread 0 packs into
+// `pack`; the others' A blocks come from workspace slot 4 and their B
+// blocks share `pack`'s KC x NC.
 template <class T>
 void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,
                   bool accumulate, T* pack, bool parallel, const T* a_packed = nullptr) {
@@ -581,35 +527,10 @@ void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B,
     if (nt <= 1) return gemm_block(M, K, idx(0), M, idx(0), N, NC, A, rsa, csa, B, rsb, csb, C, ldc, accumulate,
                                    pack, pack + MC * KC, a_packed);
     const idx ncb = NC / nt / NR * NR;
-    const bool b_shared = K * np * NR <= KC * NC;
-    const GemmSplit sp = gemm_split<T>(M, N, static_cast<int>(nt), ncb, a_packed != nullptr, b_shared);
-    if (sp.balance < 15.0 / 16.0)
-        return gemm_shared(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, pack, static_cast<int>(nt), a_packed);
+    const GemmSplit sp = gemm_split<T>(M, N, static_cast<int>(nt), ncb, a_packed != nullptr);
     const idx a_elems = (MC * KC + 15) / 16 * 16;
     T* extra = a_packed ? nullptr
                         : static_cast<T*>(workspace(static_cast<std::size_t>((nt - 1) * a_elems) * sizeof(T), 4));
-    if (sp.tn == 1 && b_shared) {
-        // rows only: every thread reads all of B, so it is packed once, into
-        // `pack`'s B block, in groups of panels shared out over the threads
-        T* Bfull = pack + MC * KC;
-        const idx per = pack_group(np, nt), blocks = (K + KC - 1) / KC, groups = (np + per - 1) / per;
-#pragma omp parallel num_threads(static_cast<int>(nt))
-        {
-#pragma omp for schedule(static)
-            for (idx g = 0; g < blocks * groups; ++g) {
-                const idx pc = g / groups * KC, kc = imin(KC, K - pc), j0 = g % groups * per * NR;
-                pack_b_block(kc, imin(per * NR, N - j0), B + pc * rsb + j0 * csb, rsb, csb,
-                             Bfull + pc * np * NR + j0 * kc);
-            }
-            const idx t = omp_get_thread_num();
-            const idx r0 = imin(M, t * mp / nt * MR), r1 = imin(M, (t + 1) * mp / nt * MR);
-            T* Ap = t == 0 ? pack : extra + (t - 1) * a_elems;
-            if (r0 < r1)
-                gemm_block(M, K, r0, r1, idx(0), N, N, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, Ap,
-                           static_cast<T*>(nullptr), a_packed, static_cast<const T*>(Bfull));
-        }
-        return;
-    }
 #pragma omp parallel num_threads(static_cast<int>(nt))
     {
         const idx t = omp_get_thread_num(), bi = t / sp.tn, bj = t % sp.tn;

@@ -46,8 +46,8 @@ def test_gemm_crosses_cache_blocks(rng, which):
     assert_close(cpp.gemm(a, b), a.astype(np.float64) @ b.astype(np.float64), np.float32, str(shape))
 
 
-# rows only (B packed once for all threads), columns only, a grid of both, a
-# single row or column, uneven blocks (shared packing), and K past one block
+# rows only (each thread packs all of B), columns only, a grid of both, a
+# single row or column, blocks of uneven size, and K past one block
 SPLIT_SHAPES = [(517, 37, 21), (7, 45, 700), (300, 29, 300), (1, 5, 1000), (1000, 5, 1), (64, 700, 97),
                 (130, 700, 40), (12, 700, 500)]
 
