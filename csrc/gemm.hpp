@@ -173,7 +173,6 @@ inline void pack_b_panel(idx kc, idx cols, const T* B, idx rsb, idx csb, T* Bp) 
     }
 }
 
-
 // The panels of an nc-column block of B. A row-major B is copied eight rows
 // at a time across all whole panels, so each row is read front to back and
 // each panel written in runs of eight rows. Panel by panel, every k started
@@ -505,8 +504,8 @@ GemmSplit gemm_split(idx M, idx N, int nt, idx ncb, bool a_packed) {
 // each other and never read panels another core has just written. Packing
 // shared out over the threads ends every packing step in a barrier, and each
 // thread then reads the others' panels from their caches, which on a VM
-// whose vCPUs sit apart costs more than packing them twice. Thread 0 packs into
-// `pack`; the others' A blocks come from workspace slot 4 and their B
+// whose vCPUs sit apart costs more than packing them twice. Thread 0 packs
+// into `pack`; the others' A blocks come from workspace slot 4 and their B
 // blocks share `pack`'s KC x NC.
 template <class T>
 void gemm_blocked(idx M, idx N, idx K, const T* A, idx rsa, idx csa, const T* B, idx rsb, idx csb, T* C, idx ldc,

@@ -14,10 +14,10 @@ Some modules are left to torch, with the reason kept for :func:`report`:
 subclasses with their own ``forward``, parameters of a dtype convkern lacks,
 and ops not asked for. A Conv2d whose ``padding_mode`` is "reflect",
 "replicate" or "circular" is swapped too: torch pads the input in that mode
-(as its own Conv2d does), and the conv, padding nothing more, runs on convkern. At call time a
-swapped module hands the call back to torch (and counts it) when the input's
-dtype or device is one convkern lacks, or, for adaptive pooling, when the
-output size does not divide the input size.
+(as its own Conv2d does), and the conv, padding nothing more, runs on
+convkern. At call time a swapped module hands the call back to torch (and
+counts it) when the input's dtype or device is one convkern lacks, or, for
+adaptive pooling, when the output size does not divide the input size.
 """
 
 from __future__ import annotations
