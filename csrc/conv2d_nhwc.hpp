@@ -706,6 +706,33 @@ void bias_grad_nhwc(const T* gy, T* gb, idx M, idx K) {
     }
 }
 
+// Input row ih of image n (n0 the chunk's first) of grad input from gcol
+// (pixels x R*S*C, one group, undilated rows): for each kernel row r that
+// reaches ih, each output pixel's S taps cover S*C consecutive floats of the
+// row, added as one run. Contributions to an element come in a fixed order
+// (r, then output column), so the result does not depend on the threads.
+template <class T>
+void nhwc_grad_input_row_runs(const T* gcol, T* gx, const ConvGeom& s, idx n0, idx n, idx ih) {
+    const idx C = s.C, RSC = s.R * s.S * C;
+    T* grow = gx + (n * s.H + ih) * s.W * C;
+    for (idx j = 0; j < s.W * C; ++j) grow[j] = T(0);
+    for (idx r = 0; r < s.R; ++r) {
+        const idx num = ih + s.ph - r * s.dh;
+        if (num < 0 || num % s.sh) continue;
+        const idx ho = num / s.sh;
+        if (ho >= s.Ho) continue;
+        const T* src_row = gcol + ((n - n0) * s.Ho + ho) * s.Wo * RSC + r * s.S * C;
+        for (idx wo = 0; wo < s.Wo; ++wo) {
+            const idx iw0 = wo * s.sw - s.pw, q0 = imax(idx(0), -iw0), q1 = imin(s.S, s.W - iw0);
+            if (q0 >= q1) continue;
+            const T* src = src_row + wo * RSC + q0 * C;
+            T* dst = grow + (iw0 + q0) * C;
+#pragma omp simd
+            for (idx j = 0; j < (q1 - q0) * C; ++j) dst[j] += src[j];
+        }
+    }
+}
+
 // krsc: w is (K, R, S, C/G) memory and gw is written so (channels_last
 // weights), else both are (K, C/G, R, S).
 template <class T>
@@ -772,6 +799,11 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         T* gcol = static_cast<T*>(workspace(static_cast<std::size_t>(imgs * per_image) * sizeof(T), 0));
         T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(Kg, RSC)) * sizeof(T), 1));
         const auto no_epilogue = [](idx, idx, idx, idx) {};
+        // A tap's channels fill less than a vector (a network's first layer):
+        // gathering them tap by tap is scalar work, so each output pixel adds
+        // its kernel rows' runs (S*C consecutive floats with one group and
+        // undilated rows) to the input rows instead.
+        const bool row_runs = s.G == 1 && s.dw == 1 && s.C < static_cast<idx>(CK_VEC_BYTES / sizeof(T));
         for (idx g = 0; g < s.G; ++g) {
             pack_b_full(Kg, RSC, wr + g * Kg * RSC, RSC, idx(1), bp);  // B (Kg x RSC) = W_g
             for (idx n0 = 0; n0 < s.N; n0 += imgs) {
@@ -782,6 +814,10 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
 #pragma omp parallel for num_threads(threads_for(prow)) schedule(static)
                 for (idx t = 0; t < prow; ++t) {
                     const idx n = n0 + t / s.H, ih = t % s.H;
+                    if (row_runs) {
+                        nhwc_grad_input_row_runs(gcol, gx, s, n0, n, ih);
+                        continue;
+                    }
                     for (idx iw = 0; iw < s.W; ++iw) {
                         T* out = gx + ((n * s.H + ih) * s.W + iw) * s.C + g * Cg;
                         for (idx c = 0; c < Cg; ++c) out[c] = T(0);
