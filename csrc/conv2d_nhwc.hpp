@@ -799,11 +799,12 @@ void conv2d_backward_nhwc(const T* gy, const T* x, const T* w, T* gx, T* gw, T* 
         T* gcol = static_cast<T*>(workspace(static_cast<std::size_t>(imgs * per_image) * sizeof(T), 0));
         T* bp = static_cast<T*>(workspace(static_cast<std::size_t>(packed_b_elems<T>(Kg, RSC)) * sizeof(T), 1));
         const auto no_epilogue = [](idx, idx, idx, idx) {};
-        // A tap's channels fill less than a vector (a network's first layer):
-        // gathering them tap by tap is scalar work, so each output pixel adds
-        // its kernel rows' runs (S*C consecutive floats with one group and
-        // undilated rows) to the input rows instead.
-        const bool row_runs = s.G == 1 && s.dw == 1 && s.C < static_cast<idx>(CK_VEC_BYTES / sizeof(T));
+        // With one group and undilated rows, each output pixel adds its kernel
+        // rows' runs (S*C consecutive floats of gcol and of an input row) in
+        // place of each input pixel gathering its taps C floats at a time:
+        // long runs vectorize where a first layer's few channels do not, and
+        // gcol is read front to back.
+        const bool row_runs = s.G == 1 && s.dw == 1;
         for (idx g = 0; g < s.G; ++g) {
             pack_b_full(Kg, RSC, wr + g * Kg * RSC, RSC, idx(1), bp);  // B (Kg x RSC) = W_g
             for (idx n0 = 0; n0 < s.N; n0 += imgs) {

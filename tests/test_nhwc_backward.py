@@ -90,6 +90,32 @@ def test_channels_last_weights_at_every_simd_level(level, rng):
             np.testing.assert_array_equal(a, b, err_msg=f"{level} x{xs} w{ws}")
 
 
+# grad input from the column matrix by row runs (one group, undilated rows,
+# stride above 1): a 7x7/2 stem, runs clipped at both borders
+# (padding past the kernel's reach, a map narrower than the kernel), a
+# dilated kernel height, strides of 3, one channel
+ROW_RUNS = [((2, 3, 23, 21), (8, 3, 7, 7), dict(stride=2, padding=3)),
+            ((1, 5, 9, 4), (6, 5, 3, 6), dict(stride=(2, 3), padding=(1, 4))),
+            ((2, 2, 13, 11), (4, 2, 3, 3), dict(stride=2, padding=(2, 1), dilation=(2, 1))),
+            ((1, 1, 10, 12), (3, 1, 5, 4), dict(stride=3, padding=2)),
+            ((2, 7, 8, 9), (5, 7, 2, 3), dict(stride=2, padding=0))]
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("case", ROW_RUNS, ids=_ids)
+def test_grad_input_of_few_channels_by_row_runs(case, level, dtype, rng):
+    xs, ws, kw = case
+    x, w = randn(rng, xs, dtype), randn(rng, ws, dtype)
+    g = conv2d_geometry(xs, ws, None, **kw)
+    gy = randn(rng, g.output_shape, dtype)
+    with at_simd_level(level):
+        got = cpp.conv2d_backward_nhwc(layout.nhwc(_cl(gy)), layout.nhwc(_cl(x)), _cl(w), g, (True, False, False))
+    f64 = np.float64
+    want = convkern.conv2d_backward(gy.astype(f64), x.astype(f64), w.astype(f64), **kw, needs=(True, False, False),
+                                    backend="reference")
+    assert_close(layout.from_nhwc(got[0]), want[0], dtype, f"{level} grad input")
+
+
 def test_a_channels_last_torch_model_gets_channels_last_weight_grads(rng):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed: convkern.torch needs it")
     import convkern.torch as ckt
