@@ -248,7 +248,9 @@ def test_measured_blocking_is_kept_and_applied_by_the_next_process(tuning):
     assert all(set(r["per_shape"]) == {"24x300x70", "12x40x33", "mnist_conv2 channels_last"}
                for r in results.values())
     # whatever won, store a candidate other than the model's, to see it applied
-    results["KC x2"]["gflops"] = 2 * results["model"]["gflops"]
+    # (twice the best rate measured: a 10 ms timing of the model alone can read
+    # under half of another candidate's)
+    results["KC x2"]["gflops"] = 2 * max(r["gflops"] for r in results.values())
     assert blocking.pick(results) == "KC x2"
     path = blocking.save("KC x2", results)
     assert os.path.dirname(path) == os.path.dirname(tune.cache_path())
