@@ -21,6 +21,18 @@ def assert_close(out, ref, dtype, what: str = "", tol: float | None = None) -> N
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}; {max_abs_error_at(out, ref)}"
 
 
+def cancelling_tol(ref, magnitude, dtype) -> float:
+    """The dtype's tolerance on the error relative to ref, widened where ref's
+    sums cancel: rounding is relative to the sum of the terms' magnitudes
+    (`magnitude`: the same sums of absolute values), which for a few
+    products summing to almost nothing (a random 16-tap dot product that came
+    to 0.011) is far above the result itself. A wrong answer is off by the
+    order of `magnitude`, still far past the widened bound."""
+    tol = TOLERANCE[np.dtype(dtype).name]
+    r, m = float(np.linalg.norm(ref)), float(np.linalg.norm(magnitude))
+    return tol * max(1.0, m / r) if r > 0 else tol
+
+
 def randn(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import convkern
 from convkern import backend as backends
-from helpers import TOLERANCE, assert_close, randn, ck
+from helpers import assert_close, cancelling_tol, randn, ck
 
 # "implicit" (the cuda backend's implicit GEMM) is offered by some backends only;
 # the others must refuse it with a ValueError that says so
@@ -36,26 +36,14 @@ def check_conv(backend, algo, dtype, rng, x_shape, w_shape, bias=True, make_view
     out = ck.conv2d(x, w, b, **kw, algo=algo, backend=backend)
     ax, aw = np.abs(x), np.abs(w)
     magnitude = ck.conv2d(ax, aw, None if b is None else np.abs(b), **kw, backend="reference")
-    assert_close(out, ref, dtype, f"forward {x.shape} {w_shape} {kw}", tol=_cancelling_tol(ref, magnitude, dtype))
+    assert_close(out, ref, dtype, f"forward {x.shape} {w_shape} {kw}", tol=cancelling_tol(ref, magnitude, dtype))
     gy = randn(rng, ref.shape, dtype)
     got = ck.conv2d_backward(gy, x, w, **kw, algo=algo, backend=backend)
     want = ck.conv2d_backward(gy, x, w, **kw, backend="reference")
     magnitudes = ck.conv2d_backward(np.abs(gy), ax, aw, **kw, backend="reference")
     for name, o, r, m in zip(("grad_input", "grad_weight", "grad_bias"), got, want, magnitudes):
-        assert_close(o, r, dtype, f"{name} {x.shape} {w_shape} {kw}", tol=_cancelling_tol(r, m, dtype))
+        assert_close(o, r, dtype, f"{name} {x.shape} {w_shape} {kw}", tol=cancelling_tol(r, m, dtype))
     assert got[0].shape == x.shape and got[1].shape == w.shape
-
-
-def _cancelling_tol(ref, magnitude, dtype) -> float:
-    """The dtype's tolerance on the error relative to ref, widened where ref's
-    sums cancel: rounding is relative to the sum of the terms' magnitudes
-    (`magnitude`: the same sums of absolute values), which for a few
-    products summing to almost nothing (a random 16-tap dot product that came
-    to 0.011) is far above the result itself. A wrong answer is off by the
-    order of `magnitude`, still far past the widened bound."""
-    tol = TOLERANCE[np.dtype(dtype).name]
-    r, m = float(np.linalg.norm(ref)), float(np.linalg.norm(magnitude))
-    return tol * max(1.0, m / r) if r > 0 else tol
 
 
 AWKWARD = {
