@@ -203,30 +203,48 @@ inline void pack_b_block(idx kc, idx nc, const T* B, idx rsb, idx csb, T* Bp) {
         pack_b_panel(kc, imin(NR, nc - jp * NR), B + jp * NR * csb, rsb, csb, Bp + jp * NR * kc);
 }
 
-// C (mr x nr of an RT x NV-vector tile) = c (+ C).
+// Lanes [0, n) of C's row segment p = r (+ p), 0 < n < lanes.
+template <class T, class V>
+__attribute__((always_inline)) inline void store_part(T* p, V r, idx n, bool accumulate) {
+#if defined(__AVX512F__)
+    if (accumulate) r += vload_first(p, n);
+    vstore_first(p, r, n);
+#else
+    // (AVX2's masked store is microcoded on some cores: lane by lane instead)
+    constexpr int L = sizeof(V) / sizeof(T);
+    alignas(64) T lanes[L];
+    vstore(lanes, r);
+    for (idx j = 0; j < n; ++j) p[j] = accumulate ? p[j] + lanes[j] : lanes[j];
+#endif
+}
+
+// C (mr x nr of an RT x NV-vector tile) = c (+ C). Every loop over the tile
+// is unrolled whole, edge tiles too: c indexed by a variable would live in
+// memory for the whole micro-kernel (zeroed, spilled and copied each call,
+// which in a short-K GEMM costs as much as the multiply-adds).
 template <class T, int RT, int NV>
 __attribute__((always_inline)) inline void store_tile(const typename GemmBlocking<T>::V (&c)[RT][NV], T* C,
                                                      idx ldc, idx mr, idx nr, bool accumulate) {
     typedef typename GemmBlocking<T>::V V;
     constexpr int L = GemmBlocking<T>::L;
-    if (mr == RT && nr == NV * L) {
-        for (int i = 0; i < RT; ++i) {
-            T* row = C + i * ldc;
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) {
-                V r = c[i][v];
+    const bool whole = nr == NV * L;
+#pragma GCC unroll 12
+    for (int i = 0; i < RT; ++i) {
+        if (i >= mr) break;
+        T* row = C + i * ldc;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            const idx n = whole ? idx(L) : nr - v * L;
+            if (n <= 0) break;
+            V r = c[i][v];
+            if (n >= L) {
                 if (accumulate) r += vload<V>(row + v * L);
                 vstore(row + v * L, r);
+            } else {
+                store_part(row + v * L, r, n, accumulate);
             }
         }
-        return;
     }
-    alignas(64) T tile[RT * NV * L];
-    for (int i = 0; i < RT; ++i)
-        for (int v = 0; v < NV; ++v) vstore(tile + (i * NV + v) * L, c[i][v]);
-    for (idx i = 0; i < mr; ++i)
-        for (idx j = 0; j < nr; ++j)
-            C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NV * L + j] : tile[i * NV * L + j];
 }
 
 // One step along K of an RT x (NV vectors) tile: c += the RT values of A at
