@@ -449,6 +449,8 @@ void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
 // (unused with a_packed), Bp KC x ncb. With b_packed (all of B, packed as
 // pack_a_full packs A: per KC block, every panel; c0 = 0, ncb >= c1 = N),
 // B is not read or packed again.
+constexpr idx kFewRowPanels = 12;
+
 template <class T>
 void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* A, idx rsa, idx csa, const T* B,
                 idx rsb, idx csb, T* C, idx ldc, bool accumulate, T* Ap, T* Bp, const T* a_packed,
@@ -457,6 +459,11 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
     constexpr int MR = GB::MR, NR = GB::NR;
     const GemmDims& d = gemm_dims<T>();
     const idx KC = d.kc, MC = d.mc, Mpad = (M + MR - 1) / MR * MR;
+    // With few rows, each packed B panel feeds few micro-kernel calls, so a
+    // B block past L2 costs a trip through L3 per panel for little reuse: B
+    // goes in blocks that stay in half of L2 (A, repacked per block, is small)
+    if (!b_packed && r1 - r0 <= kFewRowPanels * MR)
+        ncb = imin(ncb, imax(idx(NR), cache_sizes().l2 / 2 / (KC * static_cast<idx>(sizeof(T))) / NR * NR));
     for (idx jc = c0; jc < c1; jc += ncb) {
         const idx nc = imin(ncb, c1 - jc), npanels = (nc + NR - 1) / NR;
         for (idx pc = 0; pc < K; pc += KC) {

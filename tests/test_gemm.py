@@ -120,6 +120,42 @@ FORCED_BLOCKING_CHECK = """
 """
 
 
+FEW_ROWS_CHECK = """
+    import json
+    import numpy as np
+    import convkern
+    from convkern.backend import cpp
+
+    rng = np.random.default_rng(5)
+    results = {}
+    for m, k, n in [(7, 300, 700), (40, 97, 333), (150, 20, 400)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        ref = a.astype(np.float64) @ b.astype(np.float64)
+        outs = []
+        for nt in (1, 2):
+            convkern.set_num_threads(nt)
+            outs.append(cpp.gemm(a, b))
+        err = float(np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref))
+        results[f"{m}x{k}x{n}"] = [err, bool(np.array_equal(outs[0], outs[1]))]
+    info = cpp._cpu.build_info()
+    print(json.dumps({"results": results, "blocking": info["gemm_blocking_f32"]}))
+"""
+
+
+def test_few_rows_pack_b_in_blocks_that_fit_half_of_l2(tmp_path):
+    """With few rows of A (at most 12 panels) B is packed in blocks that fit
+    half of L2; a 64 KiB L2 makes them a panel or two wide, so these GEMMs
+    cross many (150 rows: the ordinary blocks). Same products, same bits at
+    one and two threads."""
+    out = _run(FEW_ROWS_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
+    b = out["blocking"]
+    cap = max(b["NR"], (64 << 10) // 2 // (b["KC"] * 4) // b["NR"] * b["NR"])
+    assert cap < 333, (cap, b)
+    bad = {shape: r for shape, r in out["results"].items() if not (r[0] < 2e-6 and r[1])}
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("blocking", ["16,24,64", "24,30,70", "8,12,32"])
 def test_forced_blocking_gives_the_same_products(tmp_path, blocking):
     """Blocks far smaller than any derived ones: every GEMM and conv path then
