@@ -431,11 +431,27 @@ struct NhwcPatches {
     const ConvGeom& s;
     idx g;
     PatchTable t;
-    const T* patch(idx m, idx& ih0, idx& iw0) const {
-        const idx P = s.Ho * s.Wo, n = m / P, p = m % P, ho = p / s.Wo, wo = p % s.Wo;
-        ih0 = ho * s.sh - s.ph;
-        iw0 = wo * s.sw - s.pw;
-        return x + ((n * s.H + ih0) * s.W + iw0) * s.C + g * (s.C / s.G);
+    // Output pixel m's place, found by division once per panel and then
+    // stepped row by row: with a short patch (a stem's 27 values) two
+    // divisions per row cost as much as its multiply-adds.
+    struct Pixel {
+        idx n, ho, wo;
+    };
+    Pixel pixel(idx m) const {
+        const idx P = s.Ho * s.Wo, p = m % P;
+        return Pixel{m / P, p / s.Wo, p % s.Wo};
+    }
+    void next(Pixel& q) const {
+        if (++q.wo < s.Wo) return;
+        q.wo = 0;
+        if (++q.ho < s.Ho) return;
+        q.ho = 0;
+        ++q.n;
+    }
+    const T* patch(const Pixel& q, idx& ih0, idx& iw0) const {
+        ih0 = q.ho * s.sh - s.ph;
+        iw0 = q.wo * s.sw - s.pw;
+        return x + ((q.n * s.H + ih0) * s.W + iw0) * s.C + g * (s.C / s.G);
     }
     bool inside(idx ih0, idx iw0) const {
         return ih0 >= 0 && ih0 + (s.R - 1) * s.dh < s.H && iw0 >= 0 && iw0 + (s.S - 1) * s.dw < s.W;
@@ -443,9 +459,10 @@ struct NhwcPatches {
     bool indirect(idx i0, idx live, const T** rows) const {
         constexpr int MR = GemmBlocking<T>::MR;
         if (live < MR) return false;
-        for (int i = 0; i < MR; ++i) {
+        Pixel q = pixel(i0);
+        for (int i = 0; i < MR; ++i, next(q)) {
             idx ih0, iw0;
-            rows[i] = patch(i0 + i, ih0, iw0);
+            rows[i] = patch(q, ih0, iw0);
             if (!inside(ih0, iw0)) return false;
         }
         return true;
@@ -456,14 +473,15 @@ struct NhwcPatches {
         const idx* off = t.off + pc;
         const idx* dr = t.dr + pc;
         const idx* dq = t.dq + pc;
-        for (idx i = 0; i < MR; ++i) {
+        Pixel q = pixel(i0);
+        for (idx i = 0; i < MR; ++i, next(q)) {
             T* dst = Ap + i;
             if (i >= live) {
                 for (idx k = 0; k < kc; ++k) dst[k * MR] = T(0);
                 continue;
             }
             idx ih0, iw0;
-            const T* base = patch(i0 + i, ih0, iw0);
+            const T* base = patch(q, ih0, iw0);
             if (inside(ih0, iw0)) {
                 for (idx k = 0; k < kc; ++k) dst[k * MR] = base[off[k]];
                 continue;
