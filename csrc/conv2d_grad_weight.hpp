@@ -169,10 +169,9 @@ void conv2d_grad_weight_implicit(const T* gy, const T* x, T* gw, const ConvGeom&
         const idx j = jp * GemmBlocking<T>::NR, rs = j / s.C;
         panel_off[jp] = ((rs / s.S) * s.dh * ldx + (rs % s.S) * s.dw) * s.C + j % s.C;
     }
-    for (idx m = 0; m < imgs * P; ++m) {
-        const idx n = m / P, p = m % P;
-        off[m] = ((n * hx + p / s.Wo * s.sh) * ldx + p % s.Wo * s.sw) * s.C;
-    }
+    for (idx n = 0, m = 0; n < imgs; ++n)
+        for (idx ho = 0; ho < s.Ho; ++ho)
+            for (idx wo = 0; wo < s.Wo; ++wo, ++m) off[m] = ((n * hx + ho * s.sh) * ldx + wo * s.sw) * s.C;
     for (idx n0 = 0; n0 < s.N; n0 += imgs) {
         const idx m = imin(imgs, s.N - n0);
         const T* xs = x + n0 * s.C * s.H * s.W;

@@ -242,10 +242,9 @@ void pack_patches_b(const T* x, const ConvGeom& s, T* xpad, idx* poff, T* bp, bo
     padded_extent(s, Hp, Wp);
     const idx plane = Hp * Wp, P = s.Ho * s.Wo, cols = s.N * P, RS = s.R * s.S, CRS = s.C * RS;
     pad_nchw_planes(x, s, Hp, Wp, xpad);
-    for (idx p = 0; p < cols; ++p) {
-        const idx n = p / P, ho = (p % P) / s.Wo, wo = p % s.Wo;
-        poff[p] = n * s.C * plane + ho * s.sh * Wp + wo * s.sw;
-    }
+    for (idx n = 0, p = 0; n < s.N; ++n)
+        for (idx ho = 0; ho < s.Ho; ++ho)
+            for (idx wo = 0; wo < s.Wo; ++wo, ++p) poff[p] = n * s.C * plane + ho * s.sh * Wp + wo * s.sw;
     const idx KC = rows_kc<T>();
     const idx panels = (cols + NR - 1) / NR, Npad = panels * NR, blocks = (CRS + KC - 1) / KC;
 #pragma omp parallel for collapse(2) num_threads(threads_for(panels * blocks)) schedule(static)

@@ -31,14 +31,31 @@ inline void zero_run(T* dst, idx n) {
     for (idx i = 0; i < n; ++i) dst[i] = T(0);
 }
 
+// Output pixel m = (n, ho, wo) of an NHWC conv, found by division once and
+// then stepped row by row: with a short patch (a stem's 27 values) two
+// divisions per row cost as much as the row's own work.
+struct PixelWalk {
+    idx n, ho, wo, Ho, Wo;
+    PixelWalk(idx m, const ConvGeom& s)
+        : n(m / (s.Ho * s.Wo)), ho(m % (s.Ho * s.Wo) / s.Wo), wo(m % s.Wo), Ho(s.Ho), Wo(s.Wo) {}
+    void next() {
+        if (++wo < Wo) return;
+        wo = 0;
+        if (++ho < Ho) return;
+        ho = 0;
+        ++n;
+    }
+};
+
 // Rows [m0, m1) of group g's column matrix: row m = (n, ho, wo), columns
 // (r, q, c) with zeros where the tap reads padding.
 template <class T>
 void nhwc_im2col(const T* x, T* col, idx m0, idx m1, idx g, const ConvGeom& s) {
-    const idx Cg = s.C / s.G, P = s.Ho * s.Wo, SC = s.S * Cg, RSC = s.R * SC;
+    const idx Cg = s.C / s.G, SC = s.S * Cg, RSC = s.R * SC;
     const bool runs = s.G == 1 && s.dw == 1;  // a kernel row's S taps are one run of S*C elements
-    for (idx m = m0; m < m1; ++m) {
-        const idx n = m / P, p = m % P, ho = p / s.Wo, wo = p % s.Wo;
+    PixelWalk px(m0, s);
+    for (idx m = m0; m < m1; ++m, px.next()) {
+        const idx n = px.n, ho = px.ho, wo = px.wo;
         T* row = col + (m - m0) * RSC;
         const idx iw0 = wo * s.sw - s.pw;
         for (idx r = 0; r < s.R; ++r) {
@@ -431,24 +448,7 @@ struct NhwcPatches {
     const ConvGeom& s;
     idx g;
     PatchTable t;
-    // Output pixel m's place, found by division once per panel and then
-    // stepped row by row: with a short patch (a stem's 27 values) two
-    // divisions per row cost as much as its multiply-adds.
-    struct Pixel {
-        idx n, ho, wo;
-    };
-    Pixel pixel(idx m) const {
-        const idx P = s.Ho * s.Wo, p = m % P;
-        return Pixel{m / P, p / s.Wo, p % s.Wo};
-    }
-    void next(Pixel& q) const {
-        if (++q.wo < s.Wo) return;
-        q.wo = 0;
-        if (++q.ho < s.Ho) return;
-        q.ho = 0;
-        ++q.n;
-    }
-    const T* patch(const Pixel& q, idx& ih0, idx& iw0) const {
+    const T* patch(const PixelWalk& q, idx& ih0, idx& iw0) const {
         ih0 = q.ho * s.sh - s.ph;
         iw0 = q.wo * s.sw - s.pw;
         return x + ((q.n * s.H + ih0) * s.W + iw0) * s.C + g * (s.C / s.G);
@@ -459,8 +459,8 @@ struct NhwcPatches {
     bool indirect(idx i0, idx live, const T** rows) const {
         constexpr int MR = GemmBlocking<T>::MR;
         if (live < MR) return false;
-        Pixel q = pixel(i0);
-        for (int i = 0; i < MR; ++i, next(q)) {
+        PixelWalk q(i0, s);
+        for (int i = 0; i < MR; ++i, q.next()) {
             idx ih0, iw0;
             rows[i] = patch(q, ih0, iw0);
             if (!inside(ih0, iw0)) return false;
@@ -473,8 +473,8 @@ struct NhwcPatches {
         const idx* off = t.off + pc;
         const idx* dr = t.dr + pc;
         const idx* dq = t.dq + pc;
-        Pixel q = pixel(i0);
-        for (idx i = 0; i < MR; ++i, next(q)) {
+        PixelWalk q(i0, s);
+        for (idx i = 0; i < MR; ++i, q.next()) {
             T* dst = Ap + i;
             if (i >= live) {
                 for (idx k = 0; k < kc; ++k) dst[k * MR] = T(0);
