@@ -444,13 +444,15 @@ void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
         }
 }
 
+// A thread's block of C with at most this many row panels packs B in blocks
+// that fit half of L2 (gemm_block).
+constexpr idx kFewRowPanels = 12;
+
 // One thread's block of C: rows [r0, r1) (whole MR panels, but for M's last
 // one), columns [c0, c1), B packed ncb columns at a time. Ap holds MC x KC
 // (unused with a_packed), Bp KC x ncb. With b_packed (all of B, packed as
 // pack_a_full packs A: per KC block, every panel; c0 = 0, ncb >= c1 = N),
 // B is not read or packed again.
-constexpr idx kFewRowPanels = 12;
-
 template <class T>
 void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* A, idx rsa, idx csa, const T* B,
                 idx rsb, idx csb, T* C, idx ldc, bool accumulate, T* Ap, T* Bp, const T* a_packed,
