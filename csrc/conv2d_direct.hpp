@@ -134,6 +134,31 @@ void conv2d_forward_direct_kb(const T* x, const T* w, const T* b, T* y, const Co
 // chain over the taps. Memory-bound: one read of x, one write of y.
 constexpr int DW_NV = 4;
 
+// The planes a depthwise task will touch next, asked for a row at a time while
+// the current plane is summed: its output with intent to write (a store that
+// misses waits for its line's read; a plane of such misses fills the store
+// buffer) and its input, which the padded copy otherwise reads on demand.
+template <class T>
+struct PlaneAhead {
+    static constexpr idx kLine = 64 / sizeof(T);
+    T* y = nullptr;
+    const T* x = nullptr;
+    idx x_step = 0, x_end = 0;  // input elements asked for per output row, and in all
+    void set(T* y_next, const T* x_next, const ConvGeom& s) {
+        y = y_next;
+        x = x_next;
+        x_end = s.H * s.W;
+        x_step = (x_end + s.Ho * kLine - 1) / (s.Ho * kLine) * kLine;
+    }
+    // the lines of output row ho of the next plane and an Ho-th of its input
+    __attribute__((always_inline)) void row(idx ho, const ConvGeom& s) const {
+        if (y)
+            for (idx i = ho * s.Wo; i < (ho + 1) * s.Wo; i += kLine) __builtin_prefetch(y + i, 1, 3);
+        if (x)
+            for (idx i = ho * x_step, e = imin(x_end, i + x_step); i < e; i += kLine) __builtin_prefetch(x + i, 0, 3);
+    }
+};
+
 template <class T>
 struct DepthwiseLayout {
     // padded rows, row stride of a phase plane (whole vectors + the taps'
@@ -207,15 +232,16 @@ __attribute__((always_inline)) inline void depthwise_run(const T* xrow, idx Ws, 
 // (always inlined, with depthwise_run: once the strided grad input below
 // called it too, GCC kept it out of line and the forward ran 5% more
 // instructions)
-template <class T, int K3>
+template <class T, int K3, bool Ahead>
 __attribute__((always_inline)) inline void depthwise_plane_k(const T* xpad, const DepthwiseLayout<T>& lay, const T* w,
-                                                             T bias, T* y, const ConvGeom& s) {
+                                                             T bias, T* y, const ConvGeom& s, const PlaneAhead<T>& ahead) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T);
     static_assert(DW_NV == 4, "the tail dispatch below covers 1-3 vectors");
     const idx Ws = lay.Ws, ps = lay.pstride;
     for (idx ho = 0; ho < s.Ho; ++ho) {
         const T* xrow = xpad + ho * s.sh * Ws;
         T* yrow = y + ho * s.Wo;
+        if constexpr (Ahead) ahead.row(ho, s);
         for (idx wo = 0; wo < s.Wo; wo += DW_NV * L) {
             switch (imin(DW_NV, (s.Wo - wo + L - 1) / L)) {
                 case 4: depthwise_run<T, 4, K3>(xrow, Ws, ps, w, bias, yrow, wo, s); break;
@@ -228,11 +254,20 @@ __attribute__((always_inline)) inline void depthwise_plane_k(const T* xpad, cons
 }
 
 template <class T>
-void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s) {
-    if (s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1 && s.sw <= 2)
-        return s.sw == 1 ? depthwise_plane_k<T, 1>(xpad, lay, w, bias, y, s)
-                         : depthwise_plane_k<T, 2>(xpad, lay, w, bias, y, s);
-    depthwise_plane_k<T, 0>(xpad, lay, w, bias, y, s);
+void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s,
+                     const PlaneAhead<T>& ahead = PlaneAhead<T>()) {
+    // (a separate copy asks ahead: the plain loops stay as tight as before)
+    const bool k3 = s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1 && s.sw <= 2;
+    if (ahead.y) {
+        if (k3)
+            return s.sw == 1 ? depthwise_plane_k<T, 1, true>(xpad, lay, w, bias, y, s, ahead)
+                             : depthwise_plane_k<T, 2, true>(xpad, lay, w, bias, y, s, ahead);
+        return depthwise_plane_k<T, 0, true>(xpad, lay, w, bias, y, s, ahead);
+    }
+    if (k3)
+        return s.sw == 1 ? depthwise_plane_k<T, 1, false>(xpad, lay, w, bias, y, s, ahead)
+                         : depthwise_plane_k<T, 2, false>(xpad, lay, w, bias, y, s, ahead);
+    depthwise_plane_k<T, 0, false>(xpad, lay, w, bias, y, s, ahead);
 }
 
 template <class T>
@@ -243,13 +278,22 @@ void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const Co
     const idx tasks = s.N * s.G;
     const int nt = threads_for(tasks);
     T* buf = static_cast<T*>(workspace(static_cast<std::size_t>(nt * lay.elems) * sizeof(T), 0));
+    // (a conv whose input and output fit L2 finds them there: asking costs more)
+    const bool ahead_pays = (s.N * s.C * s.H * s.W + s.N * s.K * P) * static_cast<idx>(sizeof(T)) > cache_sizes().l2;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (idx t = 0; t < tasks; ++t) {
         const idx n = t / s.G, g = t % s.G;
         T* xpad = buf + omp_get_thread_num() * lay.elems;
         lay.fill(x + (n * s.C + g) * s.H * s.W, s, xpad);
-        for (idx k = g * Kg; k < (g + 1) * Kg; ++k)
-            depthwise_plane(xpad, lay, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s);
+        for (idx k = g * Kg; k < (g + 1) * Kg; ++k) {
+            // while this plane is summed: the next output plane (the next k, or
+            // the next task's first) and, with the last k, the next task's input
+            PlaneAhead<T> ahead;
+            if (ahead_pays && t + 1 < tasks)
+                ahead.set(y + (n * s.K + k + 1) * P, k + 1 == (g + 1) * Kg ? x + (n * s.C + g + 1) * s.H * s.W : nullptr,
+                          s);
+            depthwise_plane(xpad, lay, w + k * RS, b ? b[k] : T(0), y + (n * s.K + k) * P, s, ahead);
+        }
     }
 }
 

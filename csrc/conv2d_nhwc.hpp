@@ -132,10 +132,13 @@ inline bool nhwc_is_depthwise(const ConvGeom& s) { return s.G == s.C && s.K == s
 // stay in L1 across the channel blocks. Taps are summed in the same (r, q)
 // order as the general loop. `next` (or null): a row to prefetch at the same
 // pixels, the one the next row of output reads first; streamed from memory
-// it otherwise arrives only as the loads ask for it.
+// it otherwise arrives only as the loads ask for it. out_next (or 0): how far
+// the next output row lies, whose lines are asked for with intent to write:
+// a store that misses waits for its line's read, and a row of such misses
+// fills the store buffer.
 template <class T, int NV>
 void depthwise3x3_row_block(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx c0, idx w0, idx w1,
-                            idx pw, idx sw, const T* next = nullptr) {
+                            idx pw, idx sw, const T* next = nullptr, idx out_next = 0) {
     typedef typename Vec<T>::type V;
     constexpr int L = CK_VEC_BYTES / sizeof(T);
     V wr[9][NV], bias[NV];
@@ -153,6 +156,8 @@ void depthwise3x3_row_block(const T* const rows[3], const T* wt, const T* b, T* 
             for (int v = 0; v < NV; ++v) __builtin_prefetch(nx + v * L, 0, 3);
             nx += step;
         }
+        if (out_next)
+            for (int v = 0; v < NV; ++v) __builtin_prefetch(o + out_next + v * L, 1, 3);
         for (int v = 0; v < NV; ++v) acc[v] = bias[v];
         for (int r = 0; r < 3; ++r)
             for (int q = 0; q < 3; ++q)
@@ -168,7 +173,7 @@ void depthwise3x3_row_block(const T* const rows[3], const T* wt, const T* b, T* 
 // the lanes.
 template <class T>
 void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw,
-                      idx sw, const T* next = nullptr) {
+                      idx sw, const T* next = nullptr, idx out_next = 0) {
     constexpr int L = CK_VEC_BYTES / sizeof(T), NV = CK_VEC_BYTES == 64 ? 2 : 1;
     // a chunk's three input rows (at stride 2, twice the pixels) in half of L1
     const idx chunk = imax(4, cache_sizes().l1d / 2 / imax(1, 3 * sw * C * static_cast<idx>(sizeof(T))));
@@ -176,8 +181,8 @@ void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, i
         const idx w1 = imin(wo1, w0 + chunk);
         idx c0 = 0;
         for (; c0 + NV * L <= C; c0 += NV * L)
-            depthwise3x3_row_block<T, NV>(rows, wt, b, out, C, c0, w0, w1, pw, sw, next);
-        for (; c0 < C; c0 += L) depthwise3x3_row_block<T, 1>(rows, wt, b, out, C, c0, w0, w1, pw, sw, next);
+            depthwise3x3_row_block<T, NV>(rows, wt, b, out, C, c0, w0, w1, pw, sw, next, out_next);
+        for (; c0 < C; c0 += L) depthwise3x3_row_block<T, 1>(rows, wt, b, out, C, c0, w0, w1, pw, sw, next, out_next);
     }
 }
 
@@ -221,7 +226,7 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
             // the input row the thread's next output row adds (its rows are
             // consecutive), asked for pixel by pixel while this one is summed
             const T* next = ih0 + 2 + s.sh < s.H ? x + (n * s.H + ih0 + 2 + s.sh) * s.W * C : nullptr;
-            depthwise3x3_row(in_rows, wt, b, yrow, C, wo0, wo1, s.pw, s.sw, next);
+            depthwise3x3_row(in_rows, wt, b, yrow, C, wo0, wo1, s.pw, s.sw, next, t + 1 < rows ? s.Wo * C : 0);
         }
         for (idx wo = 0; wo < s.Wo; ++wo) {
             T* out = yrow + wo * C;
@@ -347,7 +352,7 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
                 for (int r = 0; r < 3; ++r) g_rows[r] = gy + (n * s.Ho + ih - fph + r) * s.Wo * C;
                 const T* next = ih - fph + 3 < s.Ho ? gy + (n * s.Ho + ih - fph + 3) * s.Wo * C : nullptr;
                 depthwise3x3_row(g_rows, wf, static_cast<const T*>(nullptr), gx + (n * s.H + ih) * s.W * C, C, iw0,
-                                 iw1, fpw, idx(1), next);
+                                 iw1, fpw, idx(1), next, t + 1 < rows ? s.W * C : 0);
             }
             for (idx iw = 0; iw < s.W; ++iw) {
                 if (iw == iw0 && iw1 > iw0) {

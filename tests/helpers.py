@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Iterator
 
 import numpy as np
@@ -92,3 +97,13 @@ def at_thread_counts(call, counts=(1, 2, 3)) -> list:
         finally:
             convkern.set_num_threads(0)
     return outs
+
+
+def run_python(code: str, tmp_path, **env) -> dict:
+    """Run code in a fresh interpreter (tuning off) with env added, from
+    tmp_path; its last stdout line is JSON, returned parsed."""
+    full = dict(os.environ, CONVKERN_TUNE="off", **env)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                       env=full, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ import convkern
 from convkern.backend import cpp
 from convkern.geometry import conv2d_geometry
 from convkern.perf.canonical import CANONICAL
-from helpers import SIMD_LEVELS, assert_close, at_simd_level, at_thread_counts, randn
+from helpers import SIMD_LEVELS, assert_close, at_simd_level, at_thread_counts, randn, run_python
 
 # (x shape, w shape, kwargs) that each cpp algorithm runs, awkward ones included
 RUNS = {
@@ -480,3 +480,40 @@ def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     ref = convkern.conv2d(x, w, padding=1, backend="reference")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+
+
+# Depthwise convs of every kernel kind on the NCHW kernel whose planes ask for
+# the next plane's lines ahead: it does so only where input and output exceed
+# L2, so a 64 KiB L2 turns it on for these small problems.
+AHEAD_CHECK = """
+    import json
+    import numpy as np
+    import convkern
+    from convkern.backend import cpp
+
+    rng = np.random.default_rng(7)
+    errors = {}
+    for xs, ws, kw in [((3, 16, 23, 21), (16, 1, 3, 3), dict(groups=16, padding=1)),
+                       ((2, 12, 30, 29), (12, 1, 3, 3), dict(groups=12, stride=2, padding=1)),
+                       ((2, 8, 26, 25), (16, 1, 5, 3), dict(groups=8, padding=(2, 1), dilation=(1, 2)))]:
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        b = rng.standard_normal(ws[0]).astype(np.float32)
+        ref = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw,
+                              backend="reference")
+        outs = []
+        for nt in (1, 2):
+            convkern.set_num_threads(nt)
+            outs.append(convkern.conv2d(x, w, b, **kw, algo="depthwise", backend="cpp"))
+            assert cpp.last_algo() == "depthwise"
+        err = float(np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref))
+        errors[f"x{xs} w{ws}"] = [err, bool(np.array_equal(outs[0], outs[1]))]
+    print(json.dumps({"errors": errors, "l2": cpp._cpu.build_info()["caches"]["l2"]}))
+"""
+
+
+def test_depthwise_planes_beyond_l2_give_the_same_results(tmp_path):
+    out = run_python(AHEAD_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
+    assert out["l2"] == 64 << 10
+    bad = {k: v for k, v in out["errors"].items() if not (v[0] < 2e-6 and v[1])}
+    assert not bad, bad

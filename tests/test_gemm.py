@@ -4,7 +4,6 @@ rows with AVX-512, 6 otherwise; NR=2 vector widths) and its cache blocks
 CONVKERN_GEMM_BLOCKING); edge tiles take the smaller-row and one-vector
 kernels."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 import convkern
 from convkern.backend import cpp
-from helpers import assert_close, at_thread_counts
+from helpers import assert_close, at_thread_counts, run_python
 
 BLOCKING = cpp._cpu.build_info()["gemm_blocking_f32"]
 
@@ -86,15 +85,6 @@ def test_gemm_rejects_mismatched_shapes():
         cpp.gemm(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))
 
 
-def _run(code: str, tmp_path, **env) -> dict:
-    """Run code in a fresh interpreter with env added; its last stdout line is JSON."""
-    full = dict(os.environ, CONVKERN_TUNE="off", **env)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                       env=full, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 FORCED_BLOCKING_CHECK = """
     import json
     import numpy as np
@@ -148,7 +138,7 @@ def test_few_rows_pack_b_in_blocks_that_fit_half_of_l2(tmp_path):
     half of L2; a 64 KiB L2 makes them a panel or two wide, so these GEMMs
     cross many (150 rows: the ordinary blocks). Same products, same bits at
     one and two threads."""
-    out = _run(FEW_ROWS_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
+    out = run_python(FEW_ROWS_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
     b = out["blocking"]
     cap = max(b["NR"], (64 << 10) // 2 // (b["KC"] * 4) // b["NR"] * b["NR"])
     assert cap < 333, (cap, b)
@@ -160,7 +150,7 @@ def test_few_rows_pack_b_in_blocks_that_fit_half_of_l2(tmp_path):
 def test_forced_blocking_gives_the_same_products(tmp_path, blocking):
     """Blocks far smaller than any derived ones: every GEMM and conv path then
     crosses many KC, MC and NC boundaries (MC and NC rounded to whole panels)."""
-    out = _run(FORCED_BLOCKING_CHECK, tmp_path, CONVKERN_GEMM_BLOCKING=blocking)
+    out = run_python(FORCED_BLOCKING_CHECK, tmp_path, CONVKERN_GEMM_BLOCKING=blocking)
     kc, mc, nc = (int(v) for v in blocking.split(","))
     b = out["blocking"]
     assert (b["KC"], b["source"]) == (kc, "CONVKERN_GEMM_BLOCKING")
@@ -179,8 +169,8 @@ def test_blocking_follows_the_caches(tmp_path):
         bi = cpp._cpu.build_info()
         print(json.dumps({"caches": bi["caches"], "blocking": bi["gemm_blocking_f32"]}))
     """
-    small = _run(code, tmp_path, CONVKERN_CACHES="32K/8,512K/8,8M/16")
-    big = _run(code, tmp_path, CONVKERN_CACHES="48k/12,2M/16,100M/16")
+    small = run_python(code, tmp_path, CONVKERN_CACHES="32K/8,512K/8,8M/16")
+    big = run_python(code, tmp_path, CONVKERN_CACHES="48k/12,2M/16,100M/16")
     assert small["caches"]["l1d"] == 32 << 10 and small["caches"]["ways"] == [8, 8, 16]
     assert small["caches"]["source"] == "CONVKERN_CACHES" and big["caches"]["l2"] == 2 << 20
     for run, (l1, ways, l2) in ((small, (32 << 10, 8, 512 << 10)), (big, (48 << 10, 12, 2 << 20))):
