@@ -270,8 +270,14 @@ void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T
     depthwise_plane_k<T, 0, false>(xpad, lay, w, bias, y, s, ahead);
 }
 
+// (conv2d_nhwc.hpp) Runs s where its rows are short on the channels-last
+// kernel instead, and says whether it did.
+template <class T>
+bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
+
 template <class T>
 void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
+    if (depthwise_nchw_via_nhwc(x, w, b, y, s)) return;
     note_conv_algo(ConvAlgo::depthwise);
     const idx Kg = s.K / s.G, P = s.Ho * s.Wo, RS = s.R * s.S;
     const DepthwiseLayout<T> lay(s);

@@ -276,6 +276,37 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
     }
 }
 
+// The NCHW depthwise forward on channels-last copies of its images where
+// the output planes are small (at most kViaNhwcPlane outputs): the plane
+// kernel's fixed cost per plane (the padded copy, rows of one or two partial
+// vectors) then outweighs its sums, while the channels-last rows fill whole
+// vectors with channels. In chunks of images whose two copies fit the
+// threads' L2, so the copies are written and read in cache and the workspace
+// stays bounded.
+constexpr idx kViaNhwcPlane = 64;
+
+template <class T>
+bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
+    constexpr idx L = CK_VEC_BYTES / sizeof(T);
+    if (!(nhwc_is_depthwise(s) && depthwise3x3_fast(s, L) && s.Ho * s.Wo <= kViaNhwcPlane)) return false;
+    note_conv_algo(ConvAlgo::depthwise);
+    const idx in = s.C * s.H * s.W, out = s.C * s.Ho * s.Wo;
+    const idx budget = cache_sizes().l2 * num_threads() / static_cast<idx>(sizeof(T));
+    const idx m = imax(1, imin(s.N, budget / (in + out)));
+    const idx in_elems = (m * in + 15) / 16 * 16;
+    T* xt = static_cast<T*>(workspace(static_cast<std::size_t>(in_elems + m * out) * sizeof(T), 0));
+    T* yt = xt + in_elems;
+    for (idx n0 = 0; n0 < s.N; n0 += m) {
+        const idx mm = imin(m, s.N - n0);
+        transpose_batched(x + n0 * in, xt, mm, s.C, s.H * s.W);
+        ConvGeom t = s;
+        t.N = mm;
+        depthwise_nhwc_forward(xt, w, b, yt, t, false);
+        transpose_batched(yt, y + n0 * out, mm, s.Ho * s.Wo, s.C);
+    }
+    return true;
+}
+
 // grad weight over the interior [wo0, wo1) of one 3x3 output row (stride sw),
 // for the NV channel vectors at c0: the nine taps' sums over the row (9 * NV
 // independent chains) stay in registers, then are added to acc (r, q, c)

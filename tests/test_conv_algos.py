@@ -412,6 +412,29 @@ def test_depthwise_3x3_rows_of_every_length(dtype, rng):
                    rng, backward=False)
 
 
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_depthwise_small_planes_on_channels_last_copies(level, dtype, rng):
+    """NCHW depthwise 3x3 convs with at most 64 outputs a plane run on
+    channels-last copies of their images (channels a whole number of vectors
+    at every level): planes from 1x1 to 8x8, stride 1 and 2, each padding,
+    with bias, the same at 1-3 threads."""
+    cases = [((3, 16, 4, 4), 1, 1), ((2, 48, 7, 7), 1, 1), ((2, 32, 8, 8), 1, 0), ((3, 16, 14, 13), 2, 1),
+             ((1, 32, 5, 3), 1, 2), ((2, 16, 1, 1), 1, 1), ((2, 64, 12, 13), 2, 2)]
+    for x_shape, stride, pad in cases:
+        C = x_shape[1]
+        x, w, b = randn(rng, x_shape, dtype), randn(rng, (C, 1, 3, 3), dtype), randn(rng, (C,), dtype)
+        kw = dict(stride=stride, padding=pad, groups=C)
+        want = convkern.conv2d(x, w, b, **kw, backend="reference")
+        assert want.shape[2] * want.shape[3] <= 64, want.shape
+        with at_simd_level(level):
+            outs = at_thread_counts(lambda: convkern.conv2d(x, w, b, **kw, algo="depthwise", backend="cpp"))
+            assert cpp.last_algo() == "depthwise"
+        what = f"{level} x{x_shape} {kw}"
+        assert_close(outs[0], want, dtype, what)
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0], err_msg=what)
+
+
 def test_depthwise_gradients_at_any_stride(dtype, rng):
     """auto's backward of strided depthwise convs: the depthwise grad weight
     kernel reads the forward's phase planes (3x3, 5x5 and 7x7 taps, strides 2
@@ -482,10 +505,12 @@ def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
 
 
-# Depthwise convs of every kernel kind on the NCHW kernel whose planes ask for
-# the next plane's lines ahead: it does so only where input and output exceed
-# L2, so a 64 KiB L2 turns it on for these small problems.
-AHEAD_CHECK = """
+# NCHW depthwise convs under a 64 KiB L2: the plane kernel asks for the next
+# plane's lines ahead only where input and output exceed L2, which turns it on
+# for the first three small problems; the last, of small planes, runs on
+# channels-last copies in chunks of images that fit the threads' L2 (4 of 9
+# images at one thread, 8 at two).
+SMALL_L2_DEPTHWISE_CHECK = """
     import json
     import numpy as np
     import convkern
@@ -495,7 +520,8 @@ AHEAD_CHECK = """
     errors = {}
     for xs, ws, kw in [((3, 16, 23, 21), (16, 1, 3, 3), dict(groups=16, padding=1)),
                        ((2, 12, 30, 29), (12, 1, 3, 3), dict(groups=12, stride=2, padding=1)),
-                       ((2, 8, 26, 25), (16, 1, 5, 3), dict(groups=8, padding=(2, 1), dilation=(1, 2)))]:
+                       ((2, 8, 26, 25), (16, 1, 5, 3), dict(groups=8, padding=(2, 1), dilation=(1, 2))),
+                       ((9, 48, 7, 6), (48, 1, 3, 3), dict(groups=48, padding=1))]:
         x = rng.standard_normal(xs).astype(np.float32)
         w = rng.standard_normal(ws).astype(np.float32)
         b = rng.standard_normal(ws[0]).astype(np.float32)
@@ -512,8 +538,8 @@ AHEAD_CHECK = """
 """
 
 
-def test_depthwise_planes_beyond_l2_give_the_same_results(tmp_path):
-    out = run_python(AHEAD_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
+def test_depthwise_with_a_small_l2_gives_the_same_results(tmp_path):
+    out = run_python(SMALL_L2_DEPTHWISE_CHECK, tmp_path, CONVKERN_CACHES="32K/8,64K/8,8M/16")
     assert out["l2"] == 64 << 10
     bad = {k: v for k, v in out["errors"].items() if not (v[0] < 2e-6 and v[1])}
     assert not bad, bad
