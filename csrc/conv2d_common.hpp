@@ -69,6 +69,12 @@ void flip_transpose_filters(const T* w, const ConvGeom& s, T* wt, bool krsc = fa
     }
 }
 
+// Lanes 0, 2, 4, ... of two vectors side by side: the shuffle mask.
+template <class M, int... l>
+constexpr M even_lanes_mask(std::integer_sequence<int, l...>) {
+    return M{(2 * l)...};
+}
+
 // Copies plane src (H x W) into dst (`elems` elements, zeroed first, rows
 // `stride` apart) with dst (i, j) = src (i * sh + h0, j * sw + w0) for the i <
 // rows, j < stride that fall inside src. A zero-padded copy is h0 = -ph,
@@ -94,6 +100,18 @@ bool copy_padded_plane(const T* src, idx H, idx W, idx h0, idx w0, idx sh, idx s
             }
         } else if (sw == 1) {
             std::memcpy(row + jlo, in + jlo + w0, static_cast<std::size_t>(jhi - jlo) * sizeof(T));
+        } else if (sw == 2) {
+            // (a stride-2 conv's phase plane: element by element, this copy
+            // took most of a stride-2 depthwise conv's time)
+            typedef typename Vec<T>::type V;
+            typedef typename std::conditional<sizeof(T) == 4, int, long long>::type I;
+            typedef I M __attribute__((vector_size(CK_VEC_BYTES)));
+            constexpr int L = CK_VEC_BYTES / sizeof(T);
+            constexpr M even = even_lanes_mask<M>(std::make_integer_sequence<int, L>());
+            idx j = jlo;
+            for (; j + L <= jhi && 2 * (j + L) + w0 <= W; j += L)  // (both vectors inside the row)
+                vstore(row + j, __builtin_shuffle(vload<V>(in + 2 * j + w0), vload<V>(in + 2 * j + w0 + L), even));
+            for (; j < jhi; ++j) row[j] = in[2 * j + w0];
         } else {
             for (idx j = jlo; j < jhi; ++j) row[j] = in[j * sw + w0];
         }
