@@ -270,10 +270,14 @@ void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T
     depthwise_plane_k<T, 0, false>(xpad, lay, w, bias, y, s, ahead);
 }
 
-// (conv2d_nhwc.hpp) Runs s where its rows are short on the channels-last
-// kernel instead, and says whether it did.
+// (conv2d_nhwc.hpp) Run s where its output planes are small on the
+// channels-last kernels instead, and say whether they did.
 template <class T>
 bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s);
+template <class T>
+bool depthwise_nchw_grad_weight_via_nhwc(const T* gy, const T* x, T* gw, const ConvGeom& s);
+template <class T>
+bool depthwise_nchw_grad_input_via_nhwc(const T* gy, const T* w, T* gx, const ConvGeom& s);
 
 template <class T>
 void conv2d_forward_depthwise(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
@@ -421,6 +425,7 @@ template <class T>
 void conv2d_grad_input_direct(const T* gy, const T* w, T* gx, const ConvGeom& s, bool generic = false) {
     ConvGeom t;
     if (!grad_input_conv_shape(s, t)) {
+        if (!generic && depthwise_nchw_grad_input_via_nhwc(gy, w, gx, s)) return;
         // (finite weights only: the inserted zeros times an inf weight would be NaN where the
         // gather, like torch, adds no product)
         if (!generic && depthwise_grad_input_upsampled_applies<T>(s) && all_finite(w, s.K * s.R * s.S))
@@ -569,6 +574,7 @@ void conv2d_grad_weight_depthwise(const T* gy, const T* x, T* gw, const ConvGeom
 template <class T>
 void conv2d_grad_weight_direct(const T* gy, const T* x, T* gw, const ConvGeom& s, bool generic = false) {
     const idx Kg = s.K / s.G;
+    if (!generic && depthwise_nchw_grad_weight_via_nhwc(gy, x, gw, s)) return;
     if (!generic && conv_is_depthwise(s) && s.K == s.C && s.R <= 8) {
         switch (s.S) {
             case 3: return conv2d_grad_weight_depthwise<T, 3>(gy, x, gw, s);

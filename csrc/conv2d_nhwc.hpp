@@ -286,9 +286,13 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
 constexpr idx kViaNhwcPlane = 64;
 
 template <class T>
+bool depthwise_small_planes(const ConvGeom& s) {
+    return nhwc_is_depthwise(s) && depthwise3x3_fast(s, CK_VEC_BYTES / sizeof(T)) && s.Ho * s.Wo <= kViaNhwcPlane;
+}
+
+template <class T>
 bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const ConvGeom& s) {
-    constexpr idx L = CK_VEC_BYTES / sizeof(T);
-    if (!(nhwc_is_depthwise(s) && depthwise3x3_fast(s, L) && s.Ho * s.Wo <= kViaNhwcPlane)) return false;
+    if (!depthwise_small_planes<T>(s)) return false;
     note_conv_algo(ConvAlgo::depthwise);
     const idx in = s.C * s.H * s.W, out = s.C * s.Ho * s.Wo;
     const idx budget = cache_sizes().l2 * num_threads() / static_cast<idx>(sizeof(T));
@@ -449,6 +453,56 @@ void depthwise_nhwc_backward(const T* gy, const T* x, const T* w, T* gx, T* gw, 
                 gw[c * RS + rs] = v;
             }
     }
+}
+
+// The NCHW depthwise grad weight on channels-last copies where the forward
+// takes them (small output planes; the plane kernel spent most of a
+// MobileNetV2 layer's backward here). Chunks of images sized by L2 alone,
+// their sums added in order: the result does not depend on the thread count.
+template <class T>
+bool depthwise_nchw_grad_weight_via_nhwc(const T* gy, const T* x, T* gw, const ConvGeom& s) {
+    if (!depthwise_small_planes<T>(s)) return false;
+    const idx in = s.C * s.H * s.W, out = s.C * s.Ho * s.Wo, wsize = s.C * s.R * s.S;
+    const idx m = imax(1, imin(s.N, cache_sizes().l2 / static_cast<idx>(sizeof(T)) / (in + out)));
+    const idx in_elems = (m * in + 15) / 16 * 16, out_elems = (m * out + 15) / 16 * 16;
+    T* xt = static_cast<T*>(workspace(static_cast<std::size_t>(in_elems + out_elems + wsize) * sizeof(T), 0));
+    T* gyt = xt + in_elems;
+    T* part = gyt + out_elems;
+    for (idx n0 = 0; n0 < s.N; n0 += m) {
+        const idx mm = imin(m, s.N - n0);
+        transpose_batched(x + n0 * in, xt, mm, s.C, s.H * s.W);
+        transpose_batched(gy + n0 * out, gyt, mm, s.C, s.Ho * s.Wo);
+        ConvGeom t = s;
+        t.N = mm;
+        depthwise_nhwc_backward(gyt, xt, static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
+                                n0 == 0 ? gw : part, t);
+        if (n0 > 0)
+            for (idx i = 0; i < wsize; ++i) gw[i] += part[i];
+    }
+    return true;
+}
+
+// The strided NCHW depthwise grad input likewise (the stride-1 one is a
+// depthwise forward conv, which takes the copies itself): image chunks of
+// grad_output and grad input copies that fit L2.
+template <class T>
+bool depthwise_nchw_grad_input_via_nhwc(const T* gy, const T* w, T* gx, const ConvGeom& s) {
+    if (!depthwise_small_planes<T>(s)) return false;
+    note_conv_algo(ConvAlgo::depthwise);
+    const idx in = s.C * s.H * s.W, out = s.C * s.Ho * s.Wo;
+    const idx m = imax(1, imin(s.N, cache_sizes().l2 * num_threads() / static_cast<idx>(sizeof(T)) / (in + out)));
+    const idx out_elems = (m * out + 15) / 16 * 16;
+    T* gyt = static_cast<T*>(workspace(static_cast<std::size_t>(out_elems + m * in) * sizeof(T), 0));
+    T* gxt = gyt + out_elems;
+    for (idx n0 = 0; n0 < s.N; n0 += m) {
+        const idx mm = imin(m, s.N - n0);
+        transpose_batched(gy + n0 * out, gyt, mm, s.C, s.Ho * s.Wo);
+        ConvGeom t = s;
+        t.N = mm;
+        depthwise_nhwc_backward(gyt, static_cast<const T*>(nullptr), w, gxt, static_cast<T*>(nullptr), t);
+        transpose_batched(gxt, gx + n0 * in, mm, s.H * s.W, s.C);
+    }
+    return true;
 }
 
 // ---- the GEMM forms

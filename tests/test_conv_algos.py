@@ -416,8 +416,8 @@ def test_depthwise_3x3_rows_of_every_length(dtype, rng):
 def test_depthwise_small_planes_on_channels_last_copies(level, dtype, rng):
     """NCHW depthwise 3x3 convs with at most 64 outputs a plane run on
     channels-last copies of their images (channels a whole number of vectors
-    at every level): planes from 1x1 to 8x8, stride 1 and 2, each padding,
-    with bias, the same at 1-3 threads."""
+    at every level), forward and backward: planes from 1x1 to 8x8, stride 1
+    and 2, each padding, with bias, the same at 1-3 threads."""
     cases = [((3, 16, 4, 4), 1, 1), ((2, 48, 7, 7), 1, 1), ((2, 32, 8, 8), 1, 0), ((3, 16, 14, 13), 2, 1),
              ((1, 32, 5, 3), 1, 2), ((2, 16, 1, 1), 1, 1), ((2, 64, 12, 13), 2, 2)]
     for x_shape, stride, pad in cases:
@@ -433,6 +433,15 @@ def test_depthwise_small_planes_on_channels_last_copies(level, dtype, rng):
         assert_close(outs[0], want, dtype, what)
         for other in outs[1:]:
             np.testing.assert_array_equal(other, outs[0], err_msg=what)
+        gy = randn(rng, want.shape, dtype)
+        ref = convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False), backend="reference")
+        with at_simd_level(level):
+            grads = at_thread_counts(lambda: convkern.conv2d_backward(gy, x, w, **kw, needs=(True, True, False),
+                                                                      algo="depthwise", backend="cpp"))
+        for name, i in (("grad input", 0), ("grad weight", 1)):
+            assert_close(grads[0][i], ref[i], dtype, f"{what} {name}")
+            for other in grads[1:]:
+                np.testing.assert_array_equal(other[i], grads[0][i], err_msg=f"{what} {name}")
 
 
 def test_depthwise_gradients_at_any_stride(dtype, rng):
@@ -509,7 +518,7 @@ def test_winograd_hands_non_finite_data_to_im2col(rng, algo):
 # plane's lines ahead only where input and output exceed L2, which turns it on
 # for the first three small problems; the last, of small planes, runs on
 # channels-last copies in chunks of images that fit the threads' L2 (4 of 9
-# images at one thread, 8 at two).
+# images at one thread, 8 at two; its grad weight 4 at any thread count).
 SMALL_L2_DEPTHWISE_CHECK = """
     import json
     import numpy as np
@@ -534,6 +543,18 @@ SMALL_L2_DEPTHWISE_CHECK = """
             assert cpp.last_algo() == "depthwise"
         err = float(np.linalg.norm(outs[0] - ref) / np.linalg.norm(ref))
         errors[f"x{xs} w{ws}"] = [err, bool(np.array_equal(outs[0], outs[1]))]
+        # the small planes' grad weight: sums over chunks of images, the same at any thread count
+        if xs[2] * xs[3] <= 64:
+            gy = rng.standard_normal(ref.shape).astype(np.float32)
+            gw_ref = convkern.conv2d_backward(gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                                              **kw, needs=(False, True, False), backend="reference")[1]
+            gws = []
+            for nt in (1, 2):
+                convkern.set_num_threads(nt)
+                gws.append(convkern.conv2d_backward(gy, x, w, **kw, needs=(False, True, False), algo="depthwise",
+                                                    backend="cpp")[1])
+            err = float(np.linalg.norm(gws[0] - gw_ref) / np.linalg.norm(gw_ref))
+            errors[f"x{xs} w{ws} grad weight"] = [err, bool(np.array_equal(gws[0], gws[1]))]
     print(json.dumps({"errors": errors, "l2": cpp._cpu.build_info()["caches"]["l2"]}))
 """
 
