@@ -276,6 +276,16 @@ void depthwise_nhwc_forward(const T* x, const T* w, const T* b, T* y, const Conv
     }
 }
 
+// run(n0, t) for each chunk of m images from n0, t: s over those images.
+template <class F>
+void over_image_chunks(const ConvGeom& s, idx m, const F& run) {
+    for (idx n0 = 0; n0 < s.N; n0 += m) {
+        ConvGeom t = s;
+        t.N = imin(m, s.N - n0);
+        run(n0, t);
+    }
+}
+
 // The NCHW depthwise forward on channels-last copies of its images where
 // the output planes are small (at most kViaNhwcPlane outputs): the plane
 // kernel's fixed cost per plane (the padded copy, rows of one or two partial
@@ -300,14 +310,11 @@ bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const Con
     const idx in_elems = (m * in + 15) / 16 * 16;
     T* xt = static_cast<T*>(workspace(static_cast<std::size_t>(in_elems + m * out) * sizeof(T), 0));
     T* yt = xt + in_elems;
-    for (idx n0 = 0; n0 < s.N; n0 += m) {
-        const idx mm = imin(m, s.N - n0);
-        transpose_batched(x + n0 * in, xt, mm, s.C, s.H * s.W);
-        ConvGeom t = s;
-        t.N = mm;
+    over_image_chunks(s, m, [&](idx n0, const ConvGeom& t) {
+        transpose_batched(x + n0 * in, xt, t.N, s.C, s.H * s.W);
         depthwise_nhwc_forward(xt, w, b, yt, t, false);
-        transpose_batched(yt, y + n0 * out, mm, s.Ho * s.Wo, s.C);
-    }
+        transpose_batched(yt, y + n0 * out, t.N, s.Ho * s.Wo, s.C);
+    });
     return true;
 }
 
@@ -468,17 +475,14 @@ bool depthwise_nchw_grad_weight_via_nhwc(const T* gy, const T* x, T* gw, const C
     T* xt = static_cast<T*>(workspace(static_cast<std::size_t>(in_elems + out_elems + wsize) * sizeof(T), 0));
     T* gyt = xt + in_elems;
     T* part = gyt + out_elems;
-    for (idx n0 = 0; n0 < s.N; n0 += m) {
-        const idx mm = imin(m, s.N - n0);
-        transpose_batched(x + n0 * in, xt, mm, s.C, s.H * s.W);
-        transpose_batched(gy + n0 * out, gyt, mm, s.C, s.Ho * s.Wo);
-        ConvGeom t = s;
-        t.N = mm;
+    over_image_chunks(s, m, [&](idx n0, const ConvGeom& t) {
+        transpose_batched(x + n0 * in, xt, t.N, s.C, s.H * s.W);
+        transpose_batched(gy + n0 * out, gyt, t.N, s.C, s.Ho * s.Wo);
         depthwise_nhwc_backward(gyt, xt, static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
                                 n0 == 0 ? gw : part, t);
         if (n0 > 0)
             for (idx i = 0; i < wsize; ++i) gw[i] += part[i];
-    }
+    });
     return true;
 }
 
@@ -494,14 +498,11 @@ bool depthwise_nchw_grad_input_via_nhwc(const T* gy, const T* w, T* gx, const Co
     const idx out_elems = (m * out + 15) / 16 * 16;
     T* gyt = static_cast<T*>(workspace(static_cast<std::size_t>(out_elems + m * in) * sizeof(T), 0));
     T* gxt = gyt + out_elems;
-    for (idx n0 = 0; n0 < s.N; n0 += m) {
-        const idx mm = imin(m, s.N - n0);
-        transpose_batched(gy + n0 * out, gyt, mm, s.C, s.Ho * s.Wo);
-        ConvGeom t = s;
-        t.N = mm;
+    over_image_chunks(s, m, [&](idx n0, const ConvGeom& t) {
+        transpose_batched(gy + n0 * out, gyt, t.N, s.C, s.Ho * s.Wo);
         depthwise_nhwc_backward(gyt, static_cast<const T*>(nullptr), w, gxt, static_cast<T*>(nullptr), t);
-        transpose_batched(gxt, gx + n0 * in, mm, s.H * s.W, s.C);
-    }
+        transpose_batched(gxt, gx + n0 * in, t.N, s.H * s.W, s.C);
+    });
     return true;
 }
 
