@@ -444,6 +444,19 @@ def test_depthwise_small_planes_on_channels_last_copies(level, dtype, rng):
                 np.testing.assert_array_equal(other[i], grads[0][i], err_msg=f"{what} {name}")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_depthwise_small_planes_keep_torchs_nan_pattern_at_padding(rng):
+    """The channels-last loops skip padding taps: a NaN or inf weight that
+    meets the padding of a small plane still gives NaN there (the plane
+    kernel multiplies the zeros), as PyTorch's padded input does."""
+    x, w = randn(rng, (2, 16, 5, 5), np.float32), randn(rng, (16, 1, 3, 3), np.float32)
+    w[3, 0, 0, 0], w[7, 0, 2, 1] = np.inf, np.nan
+    out = convkern.conv2d(x, w, padding=1, groups=16, algo="depthwise", backend="cpp")
+    ref = convkern.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, groups=16, backend="reference")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isnan(ref[:, 3, 0, 0]).all() and not np.isnan(ref[:, 3, 2, 2]).any()
+
+
 def test_depthwise_gradients_at_any_stride(dtype, rng):
     """auto's backward of strided depthwise convs: the depthwise grad weight
     kernel reads the forward's phase planes (3x3, 5x5 and 7x7 taps, strides 2
