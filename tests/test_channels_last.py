@@ -15,7 +15,7 @@ import pytest
 import convkern as ck
 from convkern import layout
 from convkern.backend import cpp
-from helpers import SIMD_LEVELS, at_simd_level
+from helpers import SIMD_LEVELS, at_simd_level, at_thread_counts
 
 BACKENDS = ["cpp", "numba", "reference"]
 
@@ -357,3 +357,19 @@ def test_depthwise_3x3_register_blocked_rows_at_every_simd_level(level, dtype):
                 o = o.transpose(0, 3, 1, 2) if name == "grad input" else o
                 np.testing.assert_allclose(o, r, **tol(dtype),
                                            err_msg=f"{level} C={C} {H}x{W} pad {pad} stride {stride} {name}")
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_tiled_transpose_is_numpys(level, dtype):
+    """NCHW <-> NHWC copies: whole tiles, partial ones at both edges, row
+    blocks of one tile up to sixteen and a partial last one, one or many
+    batches, at 1-3 threads."""
+    rng = np.random.default_rng(11)
+    for shape in [(1, 3, 5), (2, 17, 33), (3, 300, 19), (1, 1000, 48), (5, 16, 16), (2, 257, 129),
+                  (1, 4096, 20), (8, 49, 576)]:
+        a = rng.standard_normal(shape).astype(dtype)
+        want = np.ascontiguousarray(a.transpose(0, 2, 1))
+        with at_simd_level(level):
+            for got in at_thread_counts(lambda: cpp._cpu.transpose_batched(a)):
+                np.testing.assert_array_equal(got, want, err_msg=f"{level} {shape}")
