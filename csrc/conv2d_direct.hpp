@@ -253,21 +253,22 @@ __attribute__((always_inline)) inline void depthwise_plane_k(const T* xpad, cons
     }
 }
 
+template <class T, bool Ahead>
+__attribute__((always_inline)) inline void depthwise_plane_of(const T* xpad, const DepthwiseLayout<T>& lay,
+                                                              const T* w, T bias, T* y, const ConvGeom& s,
+                                                              const PlaneAhead<T>& ahead) {
+    if (s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1 && s.sw <= 2)
+        return s.sw == 1 ? depthwise_plane_k<T, 1, Ahead>(xpad, lay, w, bias, y, s, ahead)
+                         : depthwise_plane_k<T, 2, Ahead>(xpad, lay, w, bias, y, s, ahead);
+    depthwise_plane_k<T, 0, Ahead>(xpad, lay, w, bias, y, s, ahead);
+}
+
 template <class T>
 void depthwise_plane(const T* xpad, const DepthwiseLayout<T>& lay, const T* w, T bias, T* y, const ConvGeom& s,
                      const PlaneAhead<T>& ahead = PlaneAhead<T>()) {
     // (a separate copy asks ahead: the plain loops stay as tight as before)
-    const bool k3 = s.R == 3 && s.S == 3 && s.dh == 1 && s.dw == 1 && s.sw <= 2;
-    if (ahead.y) {
-        if (k3)
-            return s.sw == 1 ? depthwise_plane_k<T, 1, true>(xpad, lay, w, bias, y, s, ahead)
-                             : depthwise_plane_k<T, 2, true>(xpad, lay, w, bias, y, s, ahead);
-        return depthwise_plane_k<T, 0, true>(xpad, lay, w, bias, y, s, ahead);
-    }
-    if (k3)
-        return s.sw == 1 ? depthwise_plane_k<T, 1, false>(xpad, lay, w, bias, y, s, ahead)
-                         : depthwise_plane_k<T, 2, false>(xpad, lay, w, bias, y, s, ahead);
-    depthwise_plane_k<T, 0, false>(xpad, lay, w, bias, y, s, ahead);
+    if (ahead.y) return depthwise_plane_of<T, true>(xpad, lay, w, bias, y, s, ahead);
+    depthwise_plane_of<T, false>(xpad, lay, w, bias, y, s, ahead);
 }
 
 // (conv2d_nhwc.hpp) Run s where its output planes are small on the

@@ -63,10 +63,10 @@ template <class T>
 void transpose_batched(const T* src, T* dst, idx batches, idx rows, idx cols) {
     constexpr idx L = CK_VEC_BYTES / sizeof(T), B = L < 16 ? 16 : L;
     // A task takes RB source rows, tile column by tile column: each of the B
-    // destination rows a column of tiles writes gets RB values in a run. With
-    // RB = B (one tile), an NHWC -> NCHW copy of 8 x 144 x 56 x 56 wrote 64
-    // bytes per row and ran at a third of the other direction's speed. Up
-    // to 16 tiles, fewer while that would leave under 4 tasks a thread.
+    // destination rows a column of tiles writes gets RB values in a run (with
+    // one tile a task, a tall NHWC -> NCHW copy wrote one line per row per
+    // task and ran well below the other direction). Up to 16 tiles, fewer
+    // while that would leave under 4 tasks a thread.
     idx RB = B * 16;
     while (RB > B && batches * ((rows + RB - 1) / RB) < 4 * num_threads()) RB /= 2;
     const idx rt = (rows + RB - 1) / RB, ct = (cols + B - 1) / B, tasks = batches * rt;
