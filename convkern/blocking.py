@@ -4,11 +4,14 @@ The C++ kernels derive their GEMM blocking (KC, MC, NC) from the caches they
 read at start-up: the A and B micro-panels in L1's ways, the A block in half
 of L2, the B block in half of L3 (``convkern info`` prints both). That model
 is a starting point, not the optimum: a core whose L2 streams B fast enough
-runs faster with a longer KC (fewer passes over C), and which one wins is a
-property of the core, not of its cache sizes.
+runs faster with a longer KC (fewer passes over C); one whose L2 loses lines
+of a large A block to the B and C streams between their reuses runs faster
+with a smaller MC; and which one wins is a property of the core, not of its
+cache sizes.
 
 ``convkern tune`` therefore times a few candidates around the model's
-(KC as derived, 1.5x, 2x and 3x it, each with its own MC and NC) on the GEMM
+(KC as derived, 1.5x, 2x and 3x it, each with its own MC and NC; the model's
+KC and NC with a half and an eighth of its MC) on the GEMM
 shapes of the canonical layers and 2048^3, and on the canonical layers as
 channels_last convs (whose GEMM over output pixels takes the same KC), in
 child processes (a process's blocking is fixed at its first kernel call),
@@ -62,8 +65,8 @@ def _cpu():
 
 
 def candidates() -> Dict[str, Blocking]:
-    """The model's blocking for this machine's caches and the longer-KC
-    candidates, by name."""
+    """The model's blocking for this machine's caches and the longer-KC and
+    larger-MC candidates, by name."""
     c = _cpu().build_info()["caches"]
     args = (c["l1d"], c["l2"], c["l3"], c["ways"][0], c["ways"][1])
     rule = _cpu().gemm_blocking_for(*args)
@@ -72,6 +75,10 @@ def candidates() -> Dict[str, Blocking]:
         kc = int(rule["KC"] * factor) // 16 * 16
         b = _cpu().gemm_blocking_for(*args, kc=kc)
         out[name] = (b["KC"], b["MC"], b["NC"])
+    mr = _cpu().build_info()["gemm_blocking_f32"]["MR"]
+    for name, share in (("MC /2", 2), ("MC /8", 8)):
+        mc = max(mr, rule["MC"] // share // mr * mr)  # whole register panels
+        out[name] = (rule["KC"], mc, rule["NC"])
     return out
 
 

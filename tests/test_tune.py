@@ -242,6 +242,11 @@ def test_measured_blocking_is_kept_and_applied_by_the_next_process(tuning):
 
     cands = blocking.candidates()
     assert cands["model"][0] < cands["KC x1.5"][0] < cands["KC x2"][0] < cands["KC x3"][0]
+    kc, mc, nc = cands["model"]
+    mr = blocking._cpu().build_info()["gemm_blocking_f32"]["MR"]
+    # the model's KC and NC with its MC cut to whole register panels
+    assert cands["MC /8"][0::2] == cands["MC /2"][0::2] == (kc, nc)
+    assert cands["MC /2"][1] == max(mr, mc // 2 // mr * mr) and cands["MC /8"][1] == max(mr, mc // 8 // mr * mr)
     results = blocking.measure(cands, shapes=[(24, 300, 70), (12, 40, 33)], rounds=1, min_time=0.01,
                                layers=["mnist_conv2"])
     assert set(results) == set(cands) and all(r["gflops"] > 0 for r in results.values())
