@@ -28,7 +28,7 @@ struct GemmBlocking {
 //   multiple of 16 for which the A and B micro-panels fill separate ways of
 //   L1 with one way to spare (C's tile and the stack);
 // - MC: the packed A block (MC x KC), reread for every B micro-panel, stays
-//   in half of L2;
+//   in half of L2 (gemm_block takes fewer rows where C is wide);
 // - NC: the packed B block (KC x NC), reread for every A block, stays in half
 //   of L3 (and at most 4 MiB: it is per-thread workspace in the conv drivers).
 struct GemmDims {
@@ -448,6 +448,20 @@ void pack_a_full(idx M, idx K, const T* A, idx rsa, idx csa, T* out) {
 // that fit half of L2 (gemm_block).
 constexpr idx kFewRowPanels = 12;
 
+// Rows of A per block for a B block nc columns wide. A line of the A block is
+// reused only after the whole block, a B micro-panel and the block's column
+// of C tiles have passed through L2, and the C tiles of the whole B block
+// (MC x nc, read and written on every KC pass) stream through L2 between the
+// block's first and last use: the A block and those C tiles take half of L2
+// together. MC stays the upper bound, and at least 8 register panels, so
+// that each B micro-panel brought into L1 serves that many A micro-panels.
+template <class T>
+idx a_block_rows(const GemmDims& d, idx nc) {
+    constexpr int MR = GemmBlocking<T>::MR;
+    const idx fit = cache_sizes().l2 / 2 / ((d.kc + nc) * static_cast<idx>(sizeof(T))) / MR * MR;
+    return imin(d.mc, imax(idx(8 * MR), fit));
+}
+
 // One thread's block of C: rows [r0, r1) (whole MR panels, but for M's last
 // one), columns [c0, c1), B packed ncb columns at a time. Ap holds MC x KC
 // (unused with a_packed), Bp KC x ncb. With b_packed (all of B, packed as
@@ -460,14 +474,14 @@ void gemm_block(idx M, idx K, idx r0, idx r1, idx c0, idx c1, idx ncb, const T* 
     typedef GemmBlocking<T> GB;
     constexpr int MR = GB::MR, NR = GB::NR;
     const GemmDims& d = gemm_dims<T>();
-    const idx KC = d.kc, MC = d.mc, Mpad = (M + MR - 1) / MR * MR;
+    const idx KC = d.kc, Mpad = (M + MR - 1) / MR * MR;
     // With few rows, each packed B panel feeds few micro-kernel calls, so a
     // B block past L2 costs a trip through L3 per panel for little reuse: B
     // goes in blocks that stay in half of L2 (A, repacked per block, is small)
     if (!b_packed && r1 - r0 <= kFewRowPanels * MR)
         ncb = imin(ncb, imax(idx(NR), cache_sizes().l2 / 2 / (KC * static_cast<idx>(sizeof(T))) / NR * NR));
     for (idx jc = c0; jc < c1; jc += ncb) {
-        const idx nc = imin(ncb, c1 - jc), npanels = (nc + NR - 1) / NR;
+        const idx nc = imin(ncb, c1 - jc), npanels = (nc + NR - 1) / NR, MC = a_block_rows<T>(d, nc);
         for (idx pc = 0; pc < K; pc += KC) {
             const idx kc = imin(KC, K - pc);
             const bool acc = accumulate || pc > 0;

@@ -160,6 +160,34 @@ def test_forced_blocking_gives_the_same_products(tmp_path, blocking):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_c_blocks_split_a_into_row_blocks_without_changing_a_bit(tmp_path, threads):
+    """Where C is wide, the A block takes fewer rows so that it and its C
+    tiles fit L2 together. Under a 256 KiB L2 (the same L1 and L3, so the
+    same KC and NC) the rows of these GEMMs go in blocks of 8 register panels,
+    several per thread with a partial last one; the result must match the
+    reference and the one-block run bit for bit (row blocks do not reorder
+    any sum)."""
+    code = """
+        import numpy as np
+        from convkern.backend import cpp
+        rng = np.random.default_rng(7)
+        out = []
+        for m, k, n in ((301, 700, 1500), (97, 530, 2100)):
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            c = cpp.gemm(a, b)
+            ref = a.astype(np.float64) @ b.astype(np.float64)
+            out.append([float(np.abs(c - ref).max() / np.abs(ref).max()), hashlib.sha256(c.tobytes()).hexdigest()])
+        print(json.dumps(out))
+    """.replace("import numpy", "import hashlib, json, numpy")
+    runs = {l2: run_python(code, tmp_path, CONVKERN_CACHES=f"48K/12,{l2},64M/16", OMP_NUM_THREADS=str(threads))
+            for l2 in ("256K/16", "8M/16")}
+    for (err_small, small), (err_big, big) in zip(runs["256K/16"], runs["8M/16"]):
+        assert err_small < 1e-5 and err_big < 1e-5
+        assert small == big
+
+
 def test_blocking_follows_the_caches(tmp_path):
     """CONVKERN_CACHES stands in for another machine's caches: the blocking
     derived from them is what the kernels use and what info reports."""
