@@ -66,7 +66,7 @@ def _cpu():
 
 def candidates() -> Dict[str, Blocking]:
     """The model's blocking for this machine's caches and the longer-KC and
-    larger-MC candidates, by name."""
+    smaller-MC candidates, by name."""
     c = _cpu().build_info()["caches"]
     args = (c["l1d"], c["l2"], c["l3"], c["ways"][0], c["ways"][1])
     rule = _cpu().gemm_blocking_for(*args)
