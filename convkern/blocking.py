@@ -67,7 +67,8 @@ def _cpu():
 def candidates() -> Dict[str, Blocking]:
     """The model's blocking for this machine's caches and the longer-KC and
     smaller-MC candidates, by name."""
-    c = _cpu().build_info()["caches"]
+    info = _cpu().build_info()
+    c = info["caches"]
     args = (c["l1d"], c["l2"], c["l3"], c["ways"][0], c["ways"][1])
     rule = _cpu().gemm_blocking_for(*args)
     out = {"model": (rule["KC"], rule["MC"], rule["NC"])}
@@ -75,7 +76,7 @@ def candidates() -> Dict[str, Blocking]:
         kc = int(rule["KC"] * factor) // 16 * 16
         b = _cpu().gemm_blocking_for(*args, kc=kc)
         out[name] = (b["KC"], b["MC"], b["NC"])
-    mr = _cpu().build_info()["gemm_blocking_f32"]["MR"]
+    mr = info["gemm_blocking_f32"]["MR"]
     for name, share in (("MC /2", 2), ("MC /8", 8)):
         mc = max(mr, rule["MC"] // share // mr * mr)  # whole register panels
         out[name] = (rule["KC"], mc, rule["NC"])

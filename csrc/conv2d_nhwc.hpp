@@ -305,7 +305,7 @@ bool depthwise_nchw_via_nhwc(const T* x, const T* w, const T* b, T* y, const Con
     if (!depthwise_small_planes<T>(s)) return false;
     // (the channels-last loops skip padding taps; the plane kernel multiplies
     // the zeros, as torch does: a NaN or inf weight meeting padding is NaN)
-    if ((s.ph > 0 || s.pw > 0) && !all_finite(w, s.C * 9)) return false;
+    if ((s.ph > 0 || s.pw > 0) && !all_finite(w, s.C * s.R * s.S)) return false;
     note_conv_algo(ConvAlgo::depthwise);
     const idx in = s.C * s.H * s.W, out = s.C * s.Ho * s.Wo;
     const idx budget = cache_sizes().l2 * num_threads() / static_cast<idx>(sizeof(T));
