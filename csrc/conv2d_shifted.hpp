@@ -23,8 +23,10 @@
 // KC blocks of the reduction (weights packed once per call by pack_a_full),
 // MC-row blocks of the weights, then NR-wide position tiles x MR-row weight
 // panels. The band's padded output accumulates across KC blocks and is
-// compacted into y, with the bias, at the end of the band. The reduction order
-// per output is fixed: deterministic for any thread count.
+// compacted into y, with the bias, at the end of the band; with a single KC
+// block the tiles are stored straight into y instead, their padding lanes
+// squeezed out. The reduction order per output is fixed: deterministic for any
+// thread count.
 
 inline bool conv_shifted_applies(const ConvGeom& s) {
     return !(s.R == 1 && s.S == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0);
@@ -77,16 +79,14 @@ struct ShiftedLayout {
     }
 };
 
-// rt x (2 vectors) tile of the padded output; Ap is a pack_a_full panel
-// (MR-strided), B rows are xb + off[k]. Stores whole vectors: a band's padded
-// output rows are ldy (whole tiles) long.
+// The rt x (2 vectors) sums of a tile; Ap is a pack_a_full panel
+// (MR-strided), B rows are xb + off[k].
 template <class T, int RT>
-inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const idx* __restrict off, T* C, idx ldc,
-                            idx mr, bool accumulate) {
-    typedef GemmBlocking<T> GB;
-    typedef typename GB::V V;
-    constexpr int MR = GB::MR, L = GB::L;
-    V c[RT][2] = {};
+__attribute__((always_inline)) inline void shifted_sums(idx kc, const T* __restrict Ap, const T* xb,
+                                                        const idx* __restrict off,
+                                                        typename GemmBlocking<T>::V (&c)[RT][2]) {
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int MR = GemmBlocking<T>::MR, L = GemmBlocking<T>::L;
     for (idx k = 0; k < kc; ++k) {
         const T* b = xb + off[k];
         const V b0 = vload<V>(b), b1 = vload<V>(b + L);
@@ -98,6 +98,17 @@ inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const i
         }
         Ap += MR;
     }
+}
+
+// rt x (2 vectors) tile of the padded output. Stores whole vectors: a band's
+// padded output rows are ldy (whole tiles) long.
+template <class T, int RT>
+inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const idx* __restrict off, T* C, idx ldc,
+                            idx mr, bool accumulate) {
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int L = GemmBlocking<T>::L;
+    V c[RT][2] = {};
+    shifted_sums<T, RT>(kc, Ap, xb, off, c);
     // a constant row count for the full tile keeps c in registers (a run-time
     // count sends all of it through the stack)
     const int rows = mr == RT ? RT : static_cast<int>(mr);
@@ -115,6 +126,74 @@ inline void shifted_micro_t(idx kc, const T* __restrict Ap, const T* xb, const i
     }
 }
 
+// Where a tile of a band's padded output lands in y: per vector, the lanes
+// that are outputs (wo < Wo, inside the band) and the y index of the first.
+// The outputs of one padded row and of the next are neighbours in y, so a
+// vector's outputs are one run there, whatever padding lanes lie between.
+struct TileLanes {
+    std::uint32_t mask[2];
+    idx y0[2];
+};
+
+template <class T>
+void band_tile_lanes(idx tiles, idx rows, idx Wp, idx Wo, idx ho0, TileLanes* out) {
+    constexpr int L = GemmBlocking<T>::L;
+    idx r = 0, wo = 0;  // of position q, walked in order
+    for (idx t = 0; t < tiles; ++t)
+        for (int v = 0; v < 2; ++v) {
+            std::uint32_t mask = 0;
+            idx first = -1;
+            for (int l = 0; l < L; ++l) {
+                if (r < rows && wo < Wo) {
+                    mask |= 1u << l;
+                    if (first < 0) first = (ho0 + r) * Wo + wo;
+                }
+                if (++wo == Wp) {
+                    wo = 0;
+                    ++r;
+                }
+            }
+            out[t].mask[v] = mask;
+            out[t].y0[v] = first < 0 ? 0 : first;
+        }
+}
+
+// rt x (2 vectors) tile straight into y (output rows P apart), with the bias
+// (or null): a vector with padding lanes has its outputs packed together and
+// stored as the run they are in y. For a reduction of one KC block only.
+template <class T, int RT>
+inline void shifted_micro_direct_t(idx kc, const T* __restrict Ap, const T* xb, const idx* __restrict off, T* Y,
+                                   idx P, const TileLanes& lanes, idx mr, const T* bias) {
+    typedef typename GemmBlocking<T>::V V;
+    constexpr int L = GemmBlocking<T>::L;
+    constexpr std::uint32_t full = (1u << L) - 1;
+    const int rows = mr == RT ? RT : static_cast<int>(mr);
+    // each output row is its own line, often its own page: asked for now,
+    // its lines arrive while the sums run, not at the store
+    if (lanes.mask[0] | lanes.mask[1])
+        for (int i = 0; i < rows; ++i) {
+            __builtin_prefetch(Y + i * P + lanes.y0[0], 1, 3);
+            __builtin_prefetch(Y + i * P + lanes.y0[1] + L - 1, 1, 3);
+        }
+    V c[RT][2] = {};
+    shifted_sums<T, RT>(kc, Ap, xb, off, c);
+#pragma GCC unroll 12
+    for (int i = 0; i < RT; ++i) {
+        if (i >= rows) break;
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; ++v) {
+            const std::uint32_t m = lanes.mask[v];
+            T* p = Y + i * P + lanes.y0[v];
+            V r = c[i][v];
+            if (bias) r += bias[i];
+            if (m == full)
+                vstore(p, r);
+            else if (m)
+                vstore_first(p, vcompress(r, m), __builtin_popcount(m));
+        }
+    }
+}
+
 template <class T>
 inline void shifted_micro(idx kc, const T* Ap, const T* xb, const idx* off, T* C, idx ldc, idx mr, bool accumulate) {
     if constexpr (GemmBlocking<T>::MR == 12) {
@@ -124,6 +203,19 @@ inline void shifted_micro(idx kc, const T* Ap, const T* xb, const idx* off, T* C
     } else {
         if (mr > 3) return shifted_micro_t<T, GemmBlocking<T>::MR>(kc, Ap, xb, off, C, ldc, mr, accumulate);
         return shifted_micro_t<T, 3>(kc, Ap, xb, off, C, ldc, mr, accumulate);
+    }
+}
+
+template <class T>
+inline void shifted_micro_direct(idx kc, const T* Ap, const T* xb, const idx* off, T* Y, idx P,
+                                 const TileLanes& lanes, idx mr, const T* bias) {
+    if constexpr (GemmBlocking<T>::MR == 12) {
+        if (mr > 8) return shifted_micro_direct_t<T, 12>(kc, Ap, xb, off, Y, P, lanes, mr, bias);
+        if (mr > 4) return shifted_micro_direct_t<T, 8>(kc, Ap, xb, off, Y, P, lanes, mr, bias);
+        return shifted_micro_direct_t<T, 4>(kc, Ap, xb, off, Y, P, lanes, mr, bias);
+    } else {
+        if (mr > 3) return shifted_micro_direct_t<T, GemmBlocking<T>::MR>(kc, Ap, xb, off, Y, P, lanes, mr, bias);
+        return shifted_micro_direct_t<T, 3>(kc, Ap, xb, off, Y, P, lanes, mr, bias);
     }
 }
 
@@ -148,7 +240,14 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
     const idx wpk_elems = packed_a_elems<T>(Kg, CRS), Mpad = wpk_elems / imax(CRS, 1);
     T* wpk = static_cast<T*>(workspace(static_cast<std::size_t>(s.G * wpk_elems) * sizeof(T), 1));
     for (idx g = 0; g < s.G; ++g) pack_a_full(Kg, CRS, w + g * Kg * CRS, CRS, idx(1), wpk + g * wpk_elems);
-    for_each_image_group<T>(s, lay.x_elems + lay.y_elems, [&](idx n, idx g, T* scratch, bool inner) {
+    // With one KC block there is nothing to accumulate, and compacting the
+    // padded output was a second pass over all of y: tiles go straight there,
+    // where a vector's padding lanes are squeezed out by one instruction
+    // (AVX-512; without it, per lane, the small layers ran slower). With more
+    // blocks, the band's padded output keeps the partial sums in L2 (sent to
+    // y, they would travel to memory and back once a block).
+    const bool direct = kVcompressNative && CRS <= dims.kc;
+    for_each_image_group<T>(s, lay.x_elems + (direct ? 0 : lay.y_elems), [&](idx n, idx g, T* scratch, bool inner) {
         const T* xg = x + (n * s.C + g * Cg) * s.H * s.W;
         T* xp = scratch;
         T* yp = scratch + lay.x_elems;
@@ -165,11 +264,13 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
         std::memset(xp + used, 0, static_cast<std::size_t>(lay.x_elems - used) * sizeof(T));
         const T* wg_packed = wpk + g * wpk_elems;
         T* yg = y + (n * s.K + g * Kg) * P;
+        std::vector<TileLanes> lanes(direct ? static_cast<std::size_t>(lay.ldy / NR) : 0);
         for (idx ho0 = 0; ho0 < s.Ho; ho0 += lay.band) {
             const idx ho1 = imin(s.Ho, ho0 + lay.band), tiles = ((ho1 - ho0) * lay.Wp + NR - 1) / NR;
             const T* xb = xp + ho0 * lay.Wp;
             // weight panels in MC-row blocks, each swept across the band's
             // tiles from L2 (down_3x3_s2's 256 x 512 block is 512 KB)
+            if (direct) band_tile_lanes<T>(tiles, ho1 - ho0, lay.Wp, s.Wo, ho0, lanes.data());
             for (idx pc = 0; pc < CRS; pc += dims.kc) {
                 const idx kc = imin(dims.kc, CRS - pc);
                 const T* Ablk = wg_packed + pc * Mpad;
@@ -177,12 +278,18 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
                     const idx p0 = ic / MR, np = (imin(dims.mc, Kg - ic) + MR - 1) / MR;
 #pragma omp parallel for num_threads(threads_for(tiles * np)) if (inner) schedule(static)
                     for (idx t = 0; t < tiles * np; ++t) {
-                        const idx tile = t / np, ip = p0 + t % np;
-                        shifted_micro(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data() + pc,
-                                      yp + ip * MR * lay.ldy + tile * NR, lay.ldy, imin(MR, Kg - ip * MR), pc > 0);
+                        const idx tile = t / np, ip = p0 + t % np, mr = imin(MR, Kg - ip * MR);
+                        if (direct)
+                            shifted_micro_direct(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data(), yg + ip * MR * P,
+                                                 P, lanes[static_cast<std::size_t>(tile)], mr,
+                                                 b ? b + g * Kg + ip * MR : nullptr);
+                        else
+                            shifted_micro(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data() + pc,
+                                          yp + ip * MR * lay.ldy + tile * NR, lay.ldy, mr, pc > 0);
                     }
                 }
             }
+            if (direct) continue;
 #pragma omp parallel for num_threads(threads_for(Kg)) if (inner) schedule(static)
             for (idx k = 0; k < Kg; ++k) {
                 for (idx ho = ho0; ho < ho1; ++ho) {

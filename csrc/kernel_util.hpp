@@ -167,6 +167,30 @@ template <class T, class V> inline void vstore_first(T* p, V v, idx n) {
 }
 #endif
 
+// The lanes of v whose bits are set in mask, packed into the lowest lanes in
+// order (the rest zero). One instruction with AVX-512 (kVcompressNative);
+// elsewhere a loop over the lanes, for callers that take another road there.
+#if defined(__AVX512F__)
+constexpr bool kVcompressNative = true;
+inline vfloat vcompress(vfloat v, std::uint32_t mask) {
+    return (vfloat)_mm512_maskz_compress_ps(static_cast<__mmask16>(mask), (__m512)v);
+}
+inline vdouble vcompress(vdouble v, std::uint32_t mask) {
+    return (vdouble)_mm512_maskz_compress_pd(static_cast<__mmask8>(mask), (__m512d)v);
+}
+#else
+constexpr bool kVcompressNative = false;
+template <class V>
+inline V vcompress(V v, std::uint32_t mask) {
+    constexpr int L = sizeof(V) / sizeof(v[0]);
+    V out = {};
+    int j = 0;
+    for (int l = 0; l < L; ++l)
+        if (mask >> l & 1u) out[j++] = v[l];
+    return out;
+}
+#endif
+
 // Lanes [0, n) of a vector from p, the rest zero, 0 < n <= lanes; p[n..] is not read.
 #if defined(__AVX512F__)
 inline vfloat vload_first(const float* p, idx n) { return (vfloat)_mm512_maskz_loadu_ps(lane_mask16(0, n), p); }

@@ -97,6 +97,8 @@ AWKWARD = {
     "shifted_wide": ((1, 8, 3, 70), (4, 8, 3, 3), dict(padding=1)),
     # strided: the same over the phase planes (rows, columns = tap * dilation mod stride)
     "shifted_stride_2_stem_like": ((2, 3, 23, 21), (8, 3, 7, 7), dict(stride=2, padding=3)),
+    # one reduction block: tiles stored straight into y, over several bands of rows
+    "shifted_stem_several_bands": ((1, 3, 60, 230), (64, 3, 7, 7), dict(stride=2, padding=3)),
     "shifted_stride_per_axis_dilated": ((1, 8, 17, 19), (5, 8, 3, 3), dict(stride=(2, 3), dilation=(2, 1),
                                                                              padding=(1, 2))),
     "shifted_stride_gt_kernel": ((2, 16, 13, 11), (5, 16, 2, 2), dict(stride=3)),
