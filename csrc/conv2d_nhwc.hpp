@@ -175,8 +175,11 @@ template <class T>
 void depthwise3x3_row(const T* const rows[3], const T* wt, const T* b, T* out, idx C, idx wo0, idx wo1, idx pw,
                       idx sw, const T* next = nullptr, idx out_next = 0) {
     constexpr int L = CK_VEC_BYTES / sizeof(T), NV = CK_VEC_BYTES == 64 ? 2 : 1;
-    // a chunk's three input rows (at stride 2, twice the pixels) in half of L1
-    const idx chunk = imax(4, cache_sizes().l1d / 2 / imax(1, 3 * sw * C * static_cast<idx>(sizeof(T))));
+    // the rows a chunk touches in half of L1: its three input rows (at stride
+    // 2, twice the pixels), the next input row asked for ahead, its output row
+    // and the next one's (sized by the three input rows alone, the chunks of
+    // 144 channels at 56x56 ran slower)
+    const idx chunk = imax(4, cache_sizes().l1d / 2 / imax(1, (4 * sw + 2) * C * static_cast<idx>(sizeof(T))));
     for (idx w0 = wo0; w0 < wo1; w0 += chunk) {
         const idx w1 = imin(wo1, w0 + chunk);
         idx c0 = 0;
