@@ -279,13 +279,16 @@ void conv2d_forward_shifted(const T* x, const T* w, const T* b, T* y, const Conv
 #pragma omp parallel for num_threads(threads_for(tiles * np)) if (inner) schedule(static)
                     for (idx t = 0; t < tiles * np; ++t) {
                         const idx tile = t / np, ip = p0 + t % np, mr = imin(MR, Kg - ip * MR);
-                        if (direct)
-                            shifted_micro_direct(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data(), yg + ip * MR * P,
-                                                 P, lanes[static_cast<std::size_t>(tile)], mr,
-                                                 b ? b + g * Kg + ip * MR : nullptr);
-                        else
-                            shifted_micro(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data() + pc,
-                                          yp + ip * MR * lay.ldy + tile * NR, lay.ldy, mr, pc > 0);
+                        if constexpr (kVcompressNative) {
+                            if (direct) {
+                                shifted_micro_direct(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data(),
+                                                     yg + ip * MR * P, P, lanes[static_cast<std::size_t>(tile)], mr,
+                                                     b ? b + g * Kg + ip * MR : nullptr);
+                                continue;
+                            }
+                        }
+                        shifted_micro(kc, Ablk + ip * MR * kc, xb + tile * NR, off.data() + pc,
+                                      yp + ip * MR * lay.ldy + tile * NR, lay.ldy, mr, pc > 0);
                     }
                 }
             }

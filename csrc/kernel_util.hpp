@@ -168,8 +168,8 @@ template <class T, class V> inline void vstore_first(T* p, V v, idx n) {
 #endif
 
 // The lanes of v whose bits are set in mask, packed into the lowest lanes in
-// order (the rest zero). One instruction with AVX-512 (kVcompressNative);
-// elsewhere a loop over the lanes, for callers that take another road there.
+// order (the rest zero): one instruction with AVX-512. Other ISAs have no such
+// instruction, and their callers (kVcompressNative false) take another road.
 #if defined(__AVX512F__)
 constexpr bool kVcompressNative = true;
 inline vfloat vcompress(vfloat v, std::uint32_t mask) {
@@ -180,15 +180,6 @@ inline vdouble vcompress(vdouble v, std::uint32_t mask) {
 }
 #else
 constexpr bool kVcompressNative = false;
-template <class V>
-inline V vcompress(V v, std::uint32_t mask) {
-    constexpr int L = sizeof(V) / sizeof(v[0]);
-    V out = {};
-    int j = 0;
-    for (int l = 0; l < L; ++l)
-        if (mask >> l & 1u) out[j++] = v[l];
-    return out;
-}
 #endif
 
 // Lanes [0, n) of a vector from p, the rest zero, 0 < n <= lanes; p[n..] is not read.
